@@ -1,0 +1,186 @@
+//! Diagnostics: what is wrong, where (`file:line:col`), and a hint.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::locate::{DocPath, LineCol, SourceMap};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem found in a source file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub severity: Severity,
+    /// Stable machine-readable rule name, e.g. `unknown-state`.
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// Path of the offending value inside the document, e.g. `states[2].to`.
+    pub path: String,
+}
+
+impl Diagnostic {
+    pub fn at(file: &Path, at: LineCol, code: &'static str, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: file.display().to_string(),
+            line: at.line,
+            col: at.col,
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            hint: None,
+            path: String::new(),
+        }
+    }
+
+    pub fn with_hint(mut self, hint: Option<String>) -> Self {
+        self.hint = hint;
+        self
+    }
+
+    pub fn warning(mut self) -> Self {
+        self.severity = Severity::Warning;
+        self
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(
+            f,
+            "{}:{}:{}: {severity}[{}]: {}",
+            self.file, self.line, self.col, self.code, self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects diagnostics for one source file, locating each by document path.
+pub struct Reporter<'a> {
+    file: &'a Path,
+    map: &'a SourceMap,
+    out: &'a mut Vec<Diagnostic>,
+}
+
+impl<'a> Reporter<'a> {
+    pub fn new(file: &'a Path, map: &'a SourceMap, out: &'a mut Vec<Diagnostic>) -> Self {
+        Reporter { file, map, out }
+    }
+
+    pub fn map(&self) -> &SourceMap {
+        self.map
+    }
+
+    /// Reports an error at the value `path` names.
+    pub fn error(
+        &mut self,
+        code: &'static str,
+        path: &DocPath,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        let at = self.map.locate(path);
+        self.push_at(at, code, path, message, hint);
+    }
+
+    /// Reports an error at an exact position (inside a CEL expression).
+    pub fn push_at(
+        &mut self,
+        at: LineCol,
+        code: &'static str,
+        path: &DocPath,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        let mut d = Diagnostic::at(self.file, at, code, message).with_hint(hint);
+        d.path = path.to_string();
+        self.out.push(d);
+    }
+}
+
+/// "did you mean `x`?" for the closest of `candidates`, when one is close enough.
+pub fn did_you_mean<'c>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'c str>,
+) -> Option<String> {
+    let best = candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))?;
+    Some(format!("did you mean `{}`?", best.1))
+}
+
+/// A hint listing what is allowed, for when nothing is close.
+pub fn one_of<'c>(what: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<String> {
+    let list: Vec<&str> = candidates.into_iter().collect();
+    if list.is_empty() {
+        return Some(format!("there are no {what}"));
+    }
+    Some(format!("declared {what}: {}", list.join(", ")))
+}
+
+/// The best hint for an unknown name: a close match, else the list of names.
+pub fn hint_for<'c>(
+    name: &str,
+    what: &str,
+    candidates: impl IntoIterator<Item = &'c str> + Clone,
+) -> Option<String> {
+    did_you_mean(name, candidates.clone()).or_else(|| one_of(what, candidates))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_names_are_suggested() {
+        let names = ["county_handling", "city_handling", "closed"];
+        assert_eq!(
+            did_you_mean("county_handlin", names),
+            Some("did you mean `county_handling`?".into())
+        );
+        assert_eq!(did_you_mean("zzz", names), None);
+        assert_eq!(
+            hint_for("zzz", "states", names),
+            Some("declared states: county_handling, city_handling, closed".into())
+        );
+    }
+
+    #[test]
+    fn display_is_file_line_col_code_message_hint() {
+        let d = Diagnostic::at(
+            Path::new("a.ron"),
+            LineCol { line: 3, col: 7 },
+            "unknown-state",
+            "no state `x`",
+        )
+        .with_hint(Some("did you mean `y`?".into()));
+        assert_eq!(
+            d.to_string(),
+            "a.ron:3:7: error[unknown-state]: no state `x`\n  hint: did you mean `y`?"
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! Reading workflow sources from disk: files and folders, each RON file
+//! classified by the name of its top-level value.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ron::extensions::Extensions;
+use serde::de::DeserializeOwned;
+
+use super::diag::{Diagnostic, did_you_mean};
+use super::locate::{LineCol, SourceMap};
+use super::model::{Agencies, Catalogue, Workflow};
+use crate::calendar::Calendar;
+use crate::scenario::Scenario;
+
+/// Errors that stop loading altogether (as opposed to diagnostics in a file).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not a .ron file or a folder")]
+    NotRon(PathBuf),
+}
+
+/// One source file, with its text and positioned tree.
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+    pub map: SourceMap,
+}
+
+/// What a RON file holds.
+pub enum Document {
+    Workflow(Workflow),
+    Agencies(Agencies),
+    Catalogue(Catalogue),
+    Scenario(Scenario),
+}
+
+const KINDS: [&str; 4] = ["Workflow", "Agencies", "Catalogue", "Scenario"];
+
+/// Everything loaded from a set of paths.
+#[derive(Default)]
+pub struct Sources {
+    pub files: Vec<SourceFile>,
+    /// Documents that parsed, with the index of their file.
+    pub documents: Vec<(usize, Document)>,
+    pub calendar: Option<(PathBuf, Calendar)>,
+    /// Problems found while reading: syntax and type errors.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Sources {
+    pub fn workflows(&self) -> impl Iterator<Item = (&SourceFile, &Workflow)> {
+        self.documents.iter().filter_map(|(f, d)| match d {
+            Document::Workflow(w) => Some((&self.files[*f], w)),
+            _ => None,
+        })
+    }
+
+    pub fn agencies(&self) -> Option<(&SourceFile, &Agencies)> {
+        self.documents.iter().find_map(|(f, d)| match d {
+            Document::Agencies(a) => Some((&self.files[*f], a)),
+            _ => None,
+        })
+    }
+
+    pub fn catalogues(&self) -> impl Iterator<Item = (&SourceFile, &Catalogue)> {
+        self.documents.iter().filter_map(|(f, d)| match d {
+            Document::Catalogue(c) => Some((&self.files[*f], c)),
+            _ => None,
+        })
+    }
+
+    pub fn scenarios(&self) -> impl Iterator<Item = (&SourceFile, &Scenario)> {
+        self.documents.iter().filter_map(|(f, d)| match d {
+            Document::Scenario(s) => Some((&self.files[*f], s)),
+            _ => None,
+        })
+    }
+}
+
+/// The options every govflow RON file is read with: `Some(…)` may be left out.
+pub fn ron_options() -> ron::Options {
+    ron::Options::default().with_default_extension(Extensions::IMPLICIT_SOME)
+}
+
+/// Loads the given files and folders (recursively), plus the shared data that
+/// sits beside them: `agencies.ron`, `catalogues/*.ron` and `calendar/*.csv`
+/// of each named folder, or of a named file's folder or its parent, so that a
+/// single workflow file is checked against the directory it will run with.
+pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
+    let mut ron_files = Vec::new();
+    let mut shared_dirs = Vec::new();
+    for path in paths {
+        let meta = fs::metadata(path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            collect_ron(path, &mut ron_files)?;
+            shared_dirs.push(path.clone());
+        } else if path.extension().is_some_and(|e| e == "ron") {
+            ron_files.push(path.clone());
+            if let Some(dir) = path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                shared_dirs.push(dir.to_path_buf());
+                shared_dirs.extend(dir.parent().map(Path::to_path_buf));
+            }
+        } else {
+            return Err(LoadError::NotRon(path.clone()));
+        }
+    }
+    let mut sources = Sources::default();
+    let mut calendar_files = Vec::new();
+    for dir in &shared_dirs {
+        let agencies = dir.join("agencies.ron");
+        if agencies.is_file() {
+            ron_files.push(agencies);
+        }
+        let catalogues = dir.join("catalogues");
+        if catalogues.is_dir() {
+            collect_ron(&catalogues, &mut ron_files)?;
+        }
+        let calendar = dir.join("calendar");
+        if calendar.is_dir() {
+            collect_ext(&calendar, "csv", &mut calendar_files)?;
+        }
+    }
+    dedup(&mut ron_files);
+    dedup(&mut calendar_files);
+    // Only the first agency directory found counts: the nearest to what was named.
+    let mut have_agencies = false;
+    for path in ron_files {
+        let text = fs::read_to_string(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let map = SourceMap::new(&text);
+        let index = sources.files.len();
+        let document = parse_document(&path, &text, &map, &mut sources.diagnostics);
+        if let Some(Document::Agencies(_)) = &document {
+            if have_agencies {
+                continue;
+            }
+            have_agencies = true;
+        }
+        sources.files.push(SourceFile { path, text, map });
+        if let Some(document) = document {
+            sources.documents.push((index, document));
+        }
+    }
+    if let Some(path) = calendar_files.into_iter().next() {
+        match Calendar::load(&path) {
+            Ok(calendar) => sources.calendar = Some((path, calendar)),
+            Err(e) => sources.diagnostics.push(Diagnostic::at(
+                &path,
+                LineCol { line: 1, col: 1 },
+                "calendar",
+                e.to_string(),
+            )),
+        }
+    }
+    Ok(sources)
+}
+
+/// Parses one RON text, classified by its top-level name.
+pub fn parse_document(
+    path: &Path,
+    text: &str,
+    map: &SourceMap,
+    out: &mut Vec<Diagnostic>,
+) -> Option<Document> {
+    let kind = map.root_name().unwrap_or("");
+    match kind {
+        "Workflow" => parse::<Workflow>(path, text, out).map(Document::Workflow),
+        "Agencies" => parse::<Agencies>(path, text, out).map(Document::Agencies),
+        "Catalogue" => parse::<Catalogue>(path, text, out).map(Document::Catalogue),
+        "Scenario" => parse::<Scenario>(path, text, out).map(Document::Scenario),
+        _ => {
+            let message = if kind.is_empty() {
+                "cannot tell what this file holds".to_owned()
+            } else {
+                format!("`{kind}` is not a kind of govflow file")
+            };
+            let hint = did_you_mean(kind, KINDS).or_else(|| {
+                Some(format!(
+                    "start the file with one of {}",
+                    KINDS.map(|k| format!("`{k}(`")).join(", ")
+                ))
+            });
+            out.push(
+                Diagnostic::at(
+                    path,
+                    map.locate(&Default::default()),
+                    "unknown-kind",
+                    message,
+                )
+                .with_hint(hint),
+            );
+            None
+        }
+    }
+}
+
+/// Reads one RON value; a syntax or type error becomes a located diagnostic.
+pub fn parse<T: DeserializeOwned>(path: &Path, text: &str, out: &mut Vec<Diagnostic>) -> Option<T> {
+    match ron_options().from_str::<T>(text) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            out.push(syntax_diagnostic(path, &e));
+            None
+        }
+    }
+}
+
+/// A `ron` error as a diagnostic; unknown fields and variants get a "did you mean".
+pub fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError) -> Diagnostic {
+    use ron::error::Error;
+    let at = LineCol {
+        line: e.span.start.line,
+        col: e.span.start.col,
+    };
+    let hint = match &e.code {
+        Error::NoSuchStructField {
+            expected, found, ..
+        } => did_you_mean(found, expected.iter().copied())
+            .or_else(|| Some(format!("expected one of: {}", expected.join(", ")))),
+        Error::NoSuchEnumVariant {
+            expected, found, ..
+        } => did_you_mean(found, expected.iter().copied())
+            .or_else(|| Some(format!("expected one of: {}", expected.join(", ")))),
+        _ => None,
+    };
+    Diagnostic::at(path, at, "syntax", e.code.to_string()).with_hint(hint)
+}
+
+fn collect_ron(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    collect_ext(dir, "ron", out)
+}
+
+fn collect_ext(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_ext(&path, ext, out)?;
+        } else if path.extension().is_some_and(|e| e == ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Removes repeated paths, keeping the first of each (paths may be spelt differently).
+fn dedup(paths: &mut Vec<PathBuf>) {
+    let mut seen = std::collections::HashSet::new();
+    paths.retain(|p| seen.insert(fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
+}

@@ -1,0 +1,9 @@
+//! The workflow language: model, loading, location of diagnostics, validation.
+
+pub mod diag;
+pub mod expr;
+pub mod load;
+pub mod locate;
+pub mod model;
+pub mod validate;
+pub mod value;

@@ -1,0 +1,1042 @@
+//! Validation: every problem in a set of sources at once, each located, and —
+//! when there is none — the compiled [`Library`] the engine runs.
+//!
+//! Checking and compiling are one pass, so an expression that validated is
+//! exactly the program that runs: CEL is parsed here, once, never at run time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use cel::Program;
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::{Dfs, Reversed};
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use super::diag::{Diagnostic, Reporter, hint_for};
+use super::expr::{self, Scope, Ty};
+use super::load::{SourceFile, Sources};
+use super::locate::DocPath;
+use super::model::{Amount, Binding, Catalogue, Effect, Period, Quorum, Type, Workflow};
+use super::value::{self, Directory, ron_to_json};
+use crate::calendar::Calendar;
+
+/// A workflow ready to run: its definition and every CEL program it uses.
+#[derive(Debug)]
+pub struct CompiledWorkflow {
+    pub def: Workflow,
+    /// SHA-256 of the source text: identifies exactly which rules a case ran under.
+    pub digest: String,
+    /// Programs keyed by their source text (the same text compiles to the same program).
+    programs: HashMap<String, Arc<Program>>,
+    state_index: HashMap<String, usize>,
+}
+
+impl CompiledWorkflow {
+    /// The program compiled from `source` at load time.
+    pub fn program(&self, source: &str) -> Option<&Arc<Program>> {
+        self.programs.get(source)
+    }
+
+    pub fn state(&self, name: &str) -> Option<&super::model::State> {
+        self.state_index.get(name).map(|&i| &self.def.states[i])
+    }
+
+    pub fn variable(&self, name: &str) -> Option<&super::model::Variable> {
+        self.def.variables.iter().find(|v| v.name == name)
+    }
+}
+
+/// A catalogue as data: rows by key, and the same as a CEL value.
+#[derive(Debug)]
+pub struct CatalogueTable {
+    pub def: Catalogue,
+    pub rows: BTreeMap<String, Json>,
+    pub cel: cel::Value,
+}
+
+/// Everything validated and compiled: what the engine runs.
+#[derive(Debug, Default)]
+pub struct Library {
+    pub workflows: BTreeMap<String, Arc<CompiledWorkflow>>,
+    pub directory: Directory,
+    pub catalogues: BTreeMap<String, Arc<CatalogueTable>>,
+    pub calendar: Option<Calendar>,
+}
+
+/// The outcome of validating a set of sources.
+pub struct Validated {
+    pub diagnostics: Vec<Diagnostic>,
+    /// Present when no diagnostic is an error.
+    pub library: Option<Library>,
+}
+
+/// Validates everything loaded and compiles it.
+pub fn validate(sources: &Sources) -> Validated {
+    let mut diagnostics = sources.diagnostics.clone();
+    let directory = check_agencies(sources, &mut diagnostics);
+    let catalogues = check_catalogues(sources, directory.as_ref(), &mut diagnostics);
+    let mut workflows = BTreeMap::new();
+    let mut seen: HashMap<&str, &SourceFile> = HashMap::new();
+    let all_names: BTreeSet<&str> = sources.workflows().map(|(_, w)| w.name.as_str()).collect();
+    for (file, workflow) in sources.workflows() {
+        let mut r = Reporter::new(&file.path, &file.map, &mut diagnostics);
+        if let Some(first) = seen.insert(&workflow.name, file) {
+            r.error(
+                "duplicate-name",
+                &DocPath::root().field("name"),
+                format!(
+                    "workflow `{}` is also defined in {}",
+                    workflow.name,
+                    first.path.display()
+                ),
+                None,
+            );
+            continue;
+        }
+        let checker = WorkflowChecker {
+            w: workflow,
+            directory: directory.as_ref(),
+            catalogues: &catalogues,
+            workflow_names: &all_names,
+            programs: HashMap::new(),
+        };
+        let programs = checker.check(&mut r);
+        let state_index = workflow
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        workflows.insert(
+            workflow.name.clone(),
+            Arc::new(CompiledWorkflow {
+                def: workflow.clone(),
+                digest: hex::encode(Sha256::digest(file.text.as_bytes())),
+                programs,
+                state_index,
+            }),
+        );
+    }
+    diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+    diagnostics.dedup();
+    let library = (!diagnostics.iter().any(Diagnostic::is_error)).then(|| Library {
+        workflows,
+        directory: directory.unwrap_or_default(),
+        catalogues: catalogues
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect(),
+        calendar: sources.calendar.as_ref().map(|(_, c)| c.clone()),
+    });
+    Validated {
+        diagnostics,
+        library,
+    }
+}
+
+fn check_agencies(sources: &Sources, out: &mut Vec<Diagnostic>) -> Option<Directory> {
+    let (file, agencies) = sources.agencies()?;
+    let mut r = Reporter::new(&file.path, &file.map, out);
+    let list = DocPath::root().field("agencies");
+    let mut ids = HashMap::new();
+    for (i, a) in agencies.agencies.iter().enumerate() {
+        if ids.insert(a.id.as_str(), i).is_some() {
+            r.error(
+                "duplicate-name",
+                &list.index(i).field("id"),
+                format!("agency `{}` is listed twice", a.id),
+                None,
+            );
+        }
+    }
+    let directory = Directory::new(agencies);
+    for (i, a) in agencies.agencies.iter().enumerate() {
+        let Some(parent) = &a.parent else { continue };
+        let path = list.index(i).field("parent");
+        match directory.get(parent) {
+            None => r.error(
+                "unknown-agency",
+                &path,
+                format!("agency `{}` has unknown parent `{parent}`", a.id),
+                super::diag::did_you_mean(parent, directory.ids()),
+            ),
+            Some(p) if p.level > a.level => r.error(
+                "agency-level",
+                &path,
+                format!(
+                    "agency `{}` ({}) cannot have `{parent}` ({}) as parent: a parent is at the same level or above",
+                    a.id,
+                    a.level.as_str(),
+                    p.level.as_str()
+                ),
+                None,
+            ),
+            Some(_) => {
+                // Walk up: a cycle would make every binding through it loop.
+                let mut current = a.id.as_str();
+                for _ in 0..=agencies.agencies.len() {
+                    match directory.parent(current) {
+                        Some(p) if p.id == a.id => {
+                            r.error("agency-cycle", &path, format!("agency `{}` is its own ancestor", a.id), None);
+                            break;
+                        }
+                        Some(p) => current = &p.id,
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+    Some(directory)
+}
+
+fn check_catalogues(
+    sources: &Sources,
+    directory: Option<&Directory>,
+    out: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, CatalogueTable> {
+    let mut tables = BTreeMap::new();
+    for (file, c) in sources.catalogues() {
+        let mut r = Reporter::new(&file.path, &file.map, out);
+        if tables.contains_key(&c.name) {
+            r.error(
+                "duplicate-name",
+                &DocPath::root().field("name"),
+                format!("catalogue `{}` is defined twice", c.name),
+                None,
+            );
+            continue;
+        }
+        let cols = DocPath::root().field("columns");
+        let mut names = BTreeSet::new();
+        for (i, col) in c.columns.iter().enumerate() {
+            if !names.insert(col.name.as_str()) {
+                r.error(
+                    "duplicate-name",
+                    &cols.index(i).field("name"),
+                    format!("column `{}` is declared twice", col.name),
+                    None,
+                );
+            }
+        }
+        let mut rows = BTreeMap::new();
+        let rows_path = DocPath::root().field("rows");
+        for (i, row) in c.rows.iter().enumerate() {
+            let path = rows_path.index(i);
+            if row.len() != c.columns.len() {
+                r.error(
+                    "catalogue-row",
+                    &path,
+                    format!(
+                        "row {} has {} values, the catalogue has {} columns",
+                        i + 1,
+                        row.len(),
+                        c.columns.len()
+                    ),
+                    Some(format!(
+                        "columns: {}",
+                        c.columns
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                );
+                continue;
+            }
+            let mut object = serde_json::Map::new();
+            for (j, (cell, col)) in row.iter().zip(&c.columns).enumerate() {
+                match value::check(&ron_to_json(cell), &col.ty, directory) {
+                    Ok(v) => {
+                        object.insert(col.name.clone(), v);
+                    }
+                    Err(e) => r.error(
+                        "type-mismatch",
+                        &path.index(j),
+                        format!("column `{}`: {e}", col.name),
+                        None,
+                    ),
+                }
+            }
+            let key = object
+                .get(&c.columns[0].name)
+                .map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_owned));
+            if let Some(key) = key
+                && rows.insert(key.clone(), Json::Object(object)).is_some()
+            {
+                r.error(
+                    "duplicate-name",
+                    &path.index(0),
+                    format!("key `{key}` appears in two rows"),
+                    None,
+                );
+            }
+        }
+        if let Some(totals) = &c.totals {
+            if totals.rows != c.rows.len() {
+                r.error(
+                    "catalogue-count",
+                    &DocPath::root().field("totals").field("rows"),
+                    format!(
+                        "catalogue `{}` declares {} rows, found {}",
+                        c.name,
+                        totals.rows,
+                        c.rows.len()
+                    ),
+                    None,
+                );
+            }
+            for (i, by) in totals.by.iter().enumerate() {
+                let by_path = DocPath::root().field("totals").field("by").index(i);
+                let Some(col) = c.columns.iter().position(|col| col.name == by.column) else {
+                    r.error(
+                        "unknown-name",
+                        &by_path.field("column"),
+                        format!("catalogue `{}` has no column `{}`", c.name, by.column),
+                        hint_for(
+                            &by.column,
+                            "columns",
+                            c.columns.iter().map(|c| c.name.as_str()),
+                        ),
+                    );
+                    continue;
+                };
+                let mut found: BTreeMap<String, usize> = BTreeMap::new();
+                for row in c.rows.iter().filter(|row| row.len() == c.columns.len()) {
+                    let cell = ron_to_json(&row[col]);
+                    *found
+                        .entry(
+                            cell.as_str()
+                                .map_or_else(|| cell.to_string(), str::to_owned),
+                        )
+                        .or_default() += 1;
+                }
+                let values: BTreeSet<&String> = by.counts.keys().chain(found.keys()).collect();
+                for v in values {
+                    let declared = by.counts.get(v).copied().unwrap_or(0);
+                    let actual = found.get(v).copied().unwrap_or(0);
+                    if declared != actual {
+                        let at = if by.counts.contains_key(v) {
+                            by_path.field("counts").key(v)
+                        } else {
+                            by_path.field("counts")
+                        };
+                        r.error(
+                            "catalogue-count",
+                            &at,
+                            format!(
+                                "catalogue `{}` declares {declared} rows with {} = `{v}`, found {actual}",
+                                c.name, by.column
+                            ),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        let cel_rows: HashMap<String, cel::Value> = rows
+            .iter()
+            .map(|(k, v)| (k.clone(), row_to_cel(v, c)))
+            .collect();
+        tables.insert(
+            c.name.clone(),
+            CatalogueTable {
+                def: Catalogue {
+                    rows: Vec::new(),
+                    ..c.clone()
+                },
+                rows,
+                cel: cel::Value::from(cel_rows),
+            },
+        );
+    }
+    tables
+}
+
+fn row_to_cel(row: &Json, c: &Catalogue) -> cel::Value {
+    let map: HashMap<String, cel::Value> = c
+        .columns
+        .iter()
+        .map(|col| {
+            (
+                col.name.clone(),
+                value::to_cel(row.get(&col.name).unwrap_or(&Json::Null), Some(&col.ty)),
+            )
+        })
+        .collect();
+    cel::Value::from(map)
+}
+
+/// The CEL type of an agency record in `agencies[...]`.
+fn agency_ty() -> Ty {
+    Ty::record(["id", "name", "level", "parent"].map(|k| (k.to_owned(), Ty::String)))
+}
+
+struct WorkflowChecker<'a> {
+    w: &'a Workflow,
+    directory: Option<&'a Directory>,
+    catalogues: &'a BTreeMap<String, CatalogueTable>,
+    workflow_names: &'a BTreeSet<&'a str>,
+    programs: HashMap<String, Arc<Program>>,
+}
+
+impl WorkflowChecker<'_> {
+    fn check(mut self, r: &mut Reporter) -> HashMap<String, Arc<Program>> {
+        let root = DocPath::root();
+        self.check_catalogue_names(r);
+        self.check_roles(r);
+        self.check_variables(r);
+        let states: Vec<&str> = self.w.states.iter().map(|s| s.name.as_str()).collect();
+        self.check_state_ref(r, &root.field("start"), &self.w.start);
+        let mut seen = BTreeSet::new();
+        for (i, state) in self.w.states.iter().enumerate() {
+            let sp = root.field("states").index(i);
+            if !seen.insert(state.name.as_str()) {
+                r.error(
+                    "duplicate-name",
+                    &sp.field("name"),
+                    format!("state `{}` is declared twice", state.name),
+                    None,
+                );
+            }
+            self.check_state(r, i, &sp);
+        }
+        if !states.is_empty() {
+            self.check_graph(r);
+        }
+        self.programs
+    }
+
+    fn role_names(&self) -> impl Iterator<Item = &str> + Clone {
+        self.w.roles.iter().map(|r| r.name.as_str())
+    }
+
+    fn has_role(&self, name: &str) -> bool {
+        self.w.roles.iter().any(|r| r.name == name)
+    }
+
+    fn check_catalogue_names(&self, r: &mut Reporter) {
+        for (i, name) in self.w.catalogues.iter().enumerate() {
+            if !self.catalogues.contains_key(name) {
+                r.error(
+                    "unknown-catalogue",
+                    &DocPath::root().field("catalogues").index(i),
+                    format!("no catalogue `{name}` is loaded"),
+                    hint_for(
+                        name,
+                        "catalogues",
+                        self.catalogues.keys().map(String::as_str),
+                    ),
+                );
+            }
+        }
+    }
+
+    fn check_roles(&mut self, r: &mut Reporter) {
+        let mut seen = BTreeSet::new();
+        for (i, role) in self.w.roles.iter().enumerate() {
+            let path = DocPath::root().field("roles").index(i);
+            if !seen.insert(role.name.as_str()) {
+                r.error(
+                    "duplicate-name",
+                    &path.field("name"),
+                    format!("role `{}` is declared twice", role.name),
+                    None,
+                );
+            }
+            let scope = self.base_scope();
+            self.check_binding(r, &path.field("binding"), &role.binding, &scope);
+            // A derived binding must not lead back to itself.
+            let mut current = &role.binding;
+            for _ in 0..=self.w.roles.len() {
+                let next = match current {
+                    Binding::ParentOf(other) | Binding::AncestorOf { role: other, .. } => other,
+                    _ => break,
+                };
+                if *next == role.name {
+                    r.error(
+                        "binding-cycle",
+                        &path.field("binding"),
+                        format!("role `{}` is derived from itself", role.name),
+                        Some(
+                            "derive it from a role bound at start, a variable or a fixed agency"
+                                .into(),
+                        ),
+                    );
+                    break;
+                }
+                match self.w.roles.iter().find(|r| r.name == *next) {
+                    Some(other) => current = &other.binding,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn check_binding(
+        &mut self,
+        r: &mut Reporter,
+        path: &DocPath,
+        binding: &Binding,
+        scope: &Scope,
+    ) {
+        match binding {
+            Binding::Given | Binding::Starter => {}
+            Binding::Fixed(id) => {
+                if let Some(dir) = self.directory
+                    && !dir.contains(id)
+                {
+                    r.error(
+                        "unknown-agency",
+                        path,
+                        format!("no agency `{id}` in the directory"),
+                        super::diag::did_you_mean(id, dir.ids()),
+                    );
+                }
+            }
+            Binding::Variable(var) => match self.w.variables.iter().find(|v| v.name == *var) {
+                None => self.unknown_variable(r, path, var),
+                Some(v) if v.ty != Type::Agency => r.error(
+                    "type-mismatch",
+                    path,
+                    format!(
+                        "a role is bound from variable `{var}`, which is {} and not an agency",
+                        value::type_name(&v.ty)
+                    ),
+                    Some(format!("declare `{var}` with `type: Agency`")),
+                ),
+                Some(_) => {}
+            },
+            Binding::ParentOf(role) | Binding::AncestorOf { role, .. } => {
+                if !self.has_role(role) {
+                    r.error(
+                        "unknown-role",
+                        path,
+                        format!("binding refers to unknown role `{role}`"),
+                        hint_for(role, "roles", self.role_names()),
+                    );
+                }
+            }
+            Binding::Expr(source) => {
+                self.compile_expr(r, path, source, scope, Some(&Ty::String));
+            }
+        }
+    }
+
+    fn unknown_variable(&self, r: &mut Reporter, path: &DocPath, var: &str) {
+        r.error(
+            "unknown-variable",
+            path,
+            format!("unknown variable `{var}`"),
+            hint_for(
+                var,
+                "variables",
+                self.w.variables.iter().map(|v| v.name.as_str()),
+            ),
+        );
+    }
+
+    fn check_variables(&self, r: &mut Reporter) {
+        let mut seen = BTreeSet::new();
+        for (i, v) in self.w.variables.iter().enumerate() {
+            let path = DocPath::root().field("variables").index(i);
+            if !seen.insert(v.name.as_str()) {
+                r.error(
+                    "duplicate-name",
+                    &path.field("name"),
+                    format!("variable `{}` is declared twice", v.name),
+                    None,
+                );
+            }
+            if let Some(default) = &v.default
+                && let Err(e) = value::check(&ron_to_json(default), &v.ty, self.directory)
+            {
+                r.error(
+                    "type-mismatch",
+                    &path.field("default"),
+                    format!("default of `{}`: {e}", v.name),
+                    None,
+                );
+            }
+        }
+    }
+
+    fn check_state_ref(&self, r: &mut Reporter, path: &DocPath, name: &str) {
+        if !self.w.states.iter().any(|s| s.name == name) {
+            r.error(
+                "unknown-state",
+                path,
+                format!("unknown state `{name}`"),
+                hint_for(
+                    name,
+                    "states",
+                    self.w.states.iter().map(|s| s.name.as_str()),
+                ),
+            );
+        }
+    }
+
+    fn check_amount(&self, r: &mut Reporter, path: &DocPath, period: &Period) {
+        if let Amount::Variable(var) = period.amount() {
+            match self.w.variables.iter().find(|v| v.name == *var) {
+                None => self.unknown_variable(r, path, var),
+                Some(v) if v.ty != Type::Integer => r.error(
+                    "type-mismatch",
+                    path,
+                    format!(
+                        "a period is counted from `{var}`, which is {} and not an integer",
+                        value::type_name(&v.ty)
+                    ),
+                    None,
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn check_state(&mut self, r: &mut Reporter, i: usize, sp: &DocPath) {
+        let state = &self.w.states[i];
+        if state.is_terminal() {
+            for (what, present, field) in [
+                ("transitions", !state.transitions.is_empty(), "transitions"),
+                ("a deadline", state.deadline.is_some(), "deadline"),
+                ("a countersign", state.countersign.is_some(), "countersign"),
+                ("children to wait for", state.children.is_some(), "children"),
+            ] {
+                if present {
+                    r.error(
+                        "terminal-with-transitions",
+                        &sp.field(field),
+                        format!("terminal state `{}` (outcome `{}`) has {what}", state.name, state.outcome.as_deref().unwrap_or("")),
+                        Some("a terminal state ends the case: remove its `outcome` or what leaves it".into()),
+                    );
+                }
+            }
+        }
+        if state.countersign.is_some() && state.children.is_some() {
+            r.error(
+                "conflicting-kinds",
+                &sp.field("children"),
+                format!(
+                    "state `{}` is both a countersign and a wait for children",
+                    state.name
+                ),
+                Some("split it into two states".into()),
+            );
+        }
+        let mut events: Vec<&str> = state.transitions.iter().map(|t| t.event.as_str()).collect();
+        if let Some(cs) = &state.countersign {
+            let cp = sp.field("countersign");
+            let mut seen = BTreeSet::new();
+            for (j, role) in cs.roles.iter().enumerate() {
+                if !self.has_role(role) {
+                    r.error(
+                        "unknown-role",
+                        &cp.field("roles").index(j),
+                        format!("countersign role `{role}` is not declared by the workflow"),
+                        hint_for(role, "roles", self.role_names()),
+                    );
+                }
+                if !seen.insert(role.as_str()) {
+                    r.error(
+                        "duplicate-name",
+                        &cp.field("roles").index(j),
+                        format!("countersign role `{role}` is listed twice"),
+                        None,
+                    );
+                }
+            }
+            if let Quorum::AtLeast(n) = cs.quorum
+                && (n == 0 || n as usize > cs.roles.len())
+            {
+                r.error(
+                    "quorum",
+                    &cp.field("quorum"),
+                    format!(
+                        "quorum of {n} cannot be met by {} countersign roles",
+                        cs.roles.len()
+                    ),
+                    Some(format!("use a number from 1 to {}", cs.roles.len())),
+                );
+            }
+            if cs.sign_event == cs.reject_event {
+                r.error(
+                    "duplicate-name",
+                    &cp.field("reject_event"),
+                    format!("sign and reject are both `{}`", cs.sign_event),
+                    None,
+                );
+            }
+            self.check_state_ref(r, &cp.field("approved"), &cs.approved);
+            self.check_state_ref(r, &cp.field("rejected"), &cs.rejected);
+            for (j, t) in state.transitions.iter().enumerate() {
+                if t.event == cs.sign_event || t.event == cs.reject_event {
+                    r.error(
+                        "ambiguous-transition",
+                        &sp.field("transitions").index(j).field("event"),
+                        format!(
+                            "event `{}` is already the countersign's own in state `{}`",
+                            t.event, state.name
+                        ),
+                        None,
+                    );
+                }
+            }
+            events.push(&cs.sign_event);
+            events.push(&cs.reject_event);
+        }
+        if let Some(children) = &state.children {
+            self.check_state_ref(r, &sp.field("children").field("to"), &children.to);
+        }
+        if let Some(deadline) = &state.deadline {
+            let dp = sp.field("deadline");
+            self.check_amount(r, &dp.field("within"), &deadline.within);
+            for (j, reminder) in deadline.reminders.iter().enumerate() {
+                self.check_amount(r, &dp.field("reminders").index(j), reminder);
+            }
+            match &deadline.on_expiry {
+                None => r.error(
+                    "deadline-without-expiry",
+                    &dp,
+                    format!("deadline of state `{}` fires no event on expiry", state.name),
+                    Some("add `on_expiry: \"<event>\"` and a transition on that event".into()),
+                ),
+                Some(event) if !events.contains(&event.as_str()) => r.error(
+                    "unknown-event",
+                    &dp.field("on_expiry"),
+                    format!("deadline of state `{}` fires `{event}`, but the state has no transition on it", state.name),
+                    hint_for(event, "events of this state", events.iter().copied()),
+                ),
+                Some(_) => {}
+            }
+        }
+        let expiry = state.deadline.as_ref().and_then(|d| d.on_expiry.as_deref());
+        let mut unguarded: HashMap<&str, usize> = HashMap::new();
+        for (j, t) in state.transitions.iter().enumerate() {
+            let tp = sp.field("transitions").index(j);
+            self.check_state_ref(r, &tp.field("to"), &t.to);
+            for (k, role) in t.roles.iter().enumerate() {
+                if !self.has_role(role) {
+                    r.error(
+                        "unknown-role",
+                        &tp.field("roles").index(k),
+                        format!("unknown role `{role}`"),
+                        hint_for(role, "roles", self.role_names()),
+                    );
+                }
+            }
+            if t.roles.is_empty() && expiry != Some(t.event.as_str()) {
+                r.error(
+                    "unfireable-transition",
+                    &tp.field("event"),
+                    format!(
+                        "no role may fire `{}` and it is not the deadline's expiry event",
+                        t.event
+                    ),
+                    Some("list the roles allowed to fire it in `roles`".into()),
+                );
+            }
+            if t.guard.is_none()
+                && let Some(first) = unguarded.insert(&t.event, j)
+            {
+                {
+                    r.error(
+                        "ambiguous-transition",
+                        &tp.field("event"),
+                        format!(
+                            "state `{}` has two unguarded transitions on `{}` (to `{}` and to `{}`)",
+                            state.name, t.event, state.transitions[first].to, t.to
+                        ),
+                        Some("give one of them a guard, or merge them".into()),
+                    );
+                }
+            }
+            let mut fields = BTreeSet::new();
+            for (k, f) in t.payload.iter().enumerate() {
+                if !fields.insert(f.name.as_str()) {
+                    r.error(
+                        "duplicate-name",
+                        &tp.field("payload").index(k).field("name"),
+                        format!("payload field `{}` is declared twice", f.name),
+                        None,
+                    );
+                }
+            }
+            let scope = self.transition_scope(t);
+            if let Some(guard) = &t.guard {
+                self.compile_expr(r, &tp.field("guard"), guard, &scope, Some(&Ty::Bool));
+            }
+            for (k, effect) in t.effects.iter().enumerate() {
+                let ep = tp.field("effects").index(k);
+                match effect {
+                    Effect::Set { var, value } => {
+                        match self.w.variables.iter().find(|v| v.name == *var).cloned() {
+                            None => self.unknown_variable(r, &ep.field("var"), var),
+                            Some(v) => {
+                                self.compile_expr(
+                                    r,
+                                    &ep.field("value"),
+                                    value,
+                                    &scope,
+                                    Some(&Ty::of(&v.ty)),
+                                );
+                                if let Type::Enum(allowed) = &v.ty
+                                    && let Some(literal) = string_literal(value)
+                                    && !allowed.contains(&literal)
+                                {
+                                    r.error(
+                                        "type-mismatch",
+                                        &ep.field("value"),
+                                        format!("`{literal}` is not one of {}", allowed.join(", ")),
+                                        super::diag::did_you_mean(
+                                            &literal,
+                                            allowed.iter().map(String::as_str),
+                                        ),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    Effect::Bind { role, to } => {
+                        if !self.has_role(role) {
+                            r.error(
+                                "unknown-role",
+                                &ep.field("role"),
+                                format!("unknown role `{role}`"),
+                                hint_for(role, "roles", self.role_names()),
+                            );
+                        }
+                        self.check_binding(r, &ep.field("to"), to, &scope);
+                    }
+                }
+            }
+            if let Some(spawn) = &t.spawn {
+                let spp = tp.field("spawn");
+                let list = self.compile_expr(
+                    r,
+                    &spp.field("for_each"),
+                    &spawn.for_each,
+                    &scope,
+                    Some(&Ty::List(Box::new(Ty::Dyn))),
+                );
+                let item = match list {
+                    Some(Ty::List(elem)) => *elem,
+                    _ => Ty::Dyn,
+                };
+                let item_scope = scope.clone().with("item", item);
+                self.compile_expr(
+                    r,
+                    &spp.field("workflow"),
+                    &spawn.workflow,
+                    &item_scope,
+                    Some(&Ty::String),
+                );
+                if let Some(name) = string_literal(&spawn.workflow)
+                    && !self.workflow_names.contains(name.as_str())
+                {
+                    r.error(
+                        "unknown-workflow",
+                        &spp.field("workflow"),
+                        format!("no workflow `{name}` is loaded"),
+                        hint_for(&name, "workflows", self.workflow_names.iter().copied()),
+                    );
+                }
+                for (name, source) in &spawn.variables {
+                    self.compile_expr(
+                        r,
+                        &spp.field("variables").key(name),
+                        source,
+                        &item_scope,
+                        None,
+                    );
+                }
+                for (name, binding) in &spawn.bindings {
+                    self.check_binding(r, &spp.field("bindings").key(name), binding, &item_scope);
+                }
+            }
+        }
+    }
+
+    /// Compiles an expression, reporting its problems inside the RON string.
+    fn compile_expr(
+        &mut self,
+        r: &mut Reporter,
+        path: &DocPath,
+        source: &str,
+        scope: &Scope,
+        want: Option<&Ty>,
+    ) -> Option<Ty> {
+        match expr::compile(source, scope) {
+            Ok(compiled) => {
+                if let Some(want) = want
+                    && !want.accepts(&compiled.ty)
+                {
+                    r.error(
+                        "type-mismatch",
+                        path,
+                        format!("expression yields {} where {want} is needed", compiled.ty),
+                        None,
+                    );
+                }
+                self.programs.insert(source.to_owned(), compiled.program);
+                Some(compiled.ty)
+            }
+            Err(issues) => {
+                for issue in issues {
+                    let at = r.map().locate_in_string(path, issue.line, issue.col);
+                    r.push_at(at, issue.code, path, issue.message, issue.hint);
+                }
+                None
+            }
+        }
+    }
+
+    fn base_scope(&self) -> Scope {
+        let vars = Ty::record(
+            self.w
+                .variables
+                .iter()
+                .map(|v| (v.name.clone(), Ty::of(&v.ty))),
+        );
+        let catalogues = Ty::record(self.w.catalogues.iter().map(|name| {
+            let row = match self.catalogues.get(name) {
+                Some(t) => Ty::record(
+                    t.def
+                        .columns
+                        .iter()
+                        .map(|c| (c.name.clone(), Ty::of(&c.ty))),
+                ),
+                None => Ty::Dyn,
+            };
+            (name.clone(), Ty::Map(Box::new(row)))
+        }));
+        Scope::default()
+            .with("vars", vars)
+            .with(
+                "roles",
+                Ty::record(self.role_names().map(|r| (r.to_owned(), Ty::String))),
+            )
+            .with("catalogues", catalogues)
+            .with("agencies", Ty::Map(Box::new(agency_ty())))
+            .with("now", Ty::Timestamp)
+            .with(
+                "actor",
+                Ty::record([
+                    ("agency".to_owned(), Ty::String),
+                    ("level".to_owned(), Ty::String),
+                    ("roles".to_owned(), Ty::List(Box::new(Ty::String))),
+                ]),
+            )
+    }
+
+    fn transition_scope(&self, t: &super::model::Transition) -> Scope {
+        self.base_scope().with(
+            "payload",
+            Ty::record(t.payload.iter().map(|f| (f.name.clone(), Ty::of(&f.ty)))),
+        )
+    }
+
+    fn check_graph(&self, r: &mut Reporter) {
+        let mut graph: DiGraph<usize, ()> = DiGraph::new();
+        let nodes: Vec<NodeIndex> = (0..self.w.states.len())
+            .map(|i| graph.add_node(i))
+            .collect();
+        let mut index: HashMap<&str, NodeIndex> = HashMap::new();
+        for (s, n) in self.w.states.iter().zip(&nodes) {
+            index.entry(s.name.as_str()).or_insert(*n);
+        }
+        for (i, state) in self.w.states.iter().enumerate() {
+            let targets = state
+                .transitions
+                .iter()
+                .map(|t| t.to.as_str())
+                .chain(
+                    state
+                        .countersign
+                        .iter()
+                        .flat_map(|c| [c.approved.as_str(), c.rejected.as_str()]),
+                )
+                .chain(state.children.iter().map(|c| c.to.as_str()));
+            for target in targets {
+                if let Some(&to) = index.get(target) {
+                    graph.add_edge(nodes[i], to, ());
+                }
+            }
+        }
+        let Some(&start) = index.get(self.w.start.as_str()) else {
+            return;
+        };
+        // An edge to an unknown state is already reported; reachability
+        // through a broken graph would only echo it.
+        if self
+            .w
+            .states
+            .iter()
+            .flat_map(|s| s.transitions.iter().map(|t| t.to.as_str()))
+            .any(|to| !index.contains_key(to))
+        {
+            return;
+        }
+        let mut reachable = vec![false; nodes.len()];
+        let mut dfs = Dfs::new(&graph, start);
+        while let Some(n) = dfs.next(&graph) {
+            reachable[graph[n]] = true;
+        }
+        let terminals: Vec<NodeIndex> = nodes
+            .iter()
+            .copied()
+            .filter(|n| self.w.states[graph[*n]].is_terminal())
+            .collect();
+        if terminals.is_empty() {
+            r.error(
+                "no-terminal-reachable",
+                &DocPath::root().field("states"),
+                format!("workflow `{}` has no terminal state", self.w.name),
+                Some("give at least one state an `outcome`".into()),
+            );
+            return;
+        }
+        let mut finishes = vec![false; nodes.len()];
+        let reversed = Reversed(&graph);
+        for &t in &terminals {
+            let mut dfs = Dfs::new(reversed, t);
+            while let Some(n) = dfs.next(reversed) {
+                finishes[graph[n]] = true;
+            }
+        }
+        for (i, state) in self.w.states.iter().enumerate() {
+            let path = DocPath::root().field("states").index(i).field("name");
+            if index.get(state.name.as_str()) != Some(&nodes[i]) {
+                continue; // a duplicate, reported as such
+            }
+            if !reachable[i] {
+                r.error(
+                    "unreachable-state",
+                    &path,
+                    format!(
+                        "state `{}` cannot be reached from the start state `{}`",
+                        state.name, self.w.start
+                    ),
+                    Some("add a transition into it, or remove it".into()),
+                );
+            }
+            if !finishes[i] {
+                r.error(
+                    "no-terminal-reachable",
+                    &path,
+                    format!("no terminal state can be reached from state `{}`: a case there could never end", state.name),
+                    Some("add a transition that leads towards a state with an `outcome`".into()),
+                );
+            }
+        }
+    }
+}
+
+/// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
+fn string_literal(source: &str) -> Option<String> {
+    let s = source.trim();
+    let quote = s.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let inner = s.strip_prefix(quote)?.strip_suffix(quote)?;
+    (!inner.contains(quote) && !inner.contains('\\')).then(|| inner.to_owned())
+}

@@ -1,0 +1,355 @@
+//! Values of case variables and payload fields: checked against their declared
+//! type, normalised, and seen by CEL.
+//!
+//! Values are JSON (`serde_json::Value`) everywhere in the engine, so that
+//! what a gRPC client sends, what a scenario writes in RON and what is stored
+//! all take one path through [`check`].
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate};
+use serde_json::Value as Json;
+
+use super::model::{Agencies, Agency, Level, Type};
+
+/// The agency directory, indexed.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    by_id: HashMap<String, Agency>,
+}
+
+impl Directory {
+    pub fn new(agencies: &Agencies) -> Self {
+        Directory {
+            by_id: agencies
+                .agencies
+                .iter()
+                .map(|a| (a.id.clone(), a.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Agency> {
+        self.by_id.get(id)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.by_id.keys().map(String::as_str)
+    }
+
+    pub fn parent(&self, id: &str) -> Option<&Agency> {
+        self.get(id)?.parent.as_deref().and_then(|p| self.get(p))
+    }
+
+    /// The agency itself if it is at `level`, else its nearest ancestor at that level.
+    pub fn ancestor_at(&self, id: &str, level: Level) -> Option<&Agency> {
+        let mut current = self.get(id)?;
+        for _ in 0..=self.by_id.len() {
+            if current.level == level {
+                return Some(current);
+            }
+            current = self.parent(&current.id)?;
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// A RON value as JSON (maps keep their keys as strings).
+pub fn ron_to_json(value: &ron::Value) -> Json {
+    use ron::Value as R;
+    match value {
+        R::Bool(b) => Json::Bool(*b),
+        R::Char(c) => Json::String(c.to_string()),
+        R::String(s) => Json::String(s.clone()),
+        R::Bytes(b) => Json::String(String::from_utf8_lossy(b).into_owned()),
+        R::Number(n) => number_to_json(n),
+        R::Option(None) | R::Unit => Json::Null,
+        R::Option(Some(v)) => ron_to_json(v),
+        R::Seq(items) => Json::Array(items.iter().map(ron_to_json).collect()),
+        R::Map(map) => Json::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        R::String(s) => s.clone(),
+                        other => ron_to_json(other).to_string(),
+                    };
+                    (key, ron_to_json(v))
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn number_to_json(n: &ron::Number) -> Json {
+    use ron::Number as N;
+    match *n {
+        N::I8(v) => v.into(),
+        N::I16(v) => v.into(),
+        N::I32(v) => v.into(),
+        N::I64(v) => v.into(),
+        N::U8(v) => v.into(),
+        N::U16(v) => v.into(),
+        N::U32(v) => v.into(),
+        N::U64(v) => v.into(),
+        N::F32(v) => {
+            serde_json::Number::from_f64(f64::from(v.get())).map_or(Json::Null, Json::Number)
+        }
+        N::F64(v) => serde_json::Number::from_f64(v.get()).map_or(Json::Null, Json::Number),
+        #[allow(unreachable_patterns)]
+        _ => Json::Null,
+    }
+}
+
+/// Checks `value` against `ty` and returns it in normal form: decimals as
+/// canonical strings, times as RFC 3339 in UTC. The error says what was
+/// expected and what was found.
+pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<Json, String> {
+    let found = || describe(value);
+    match (ty, value) {
+        (Type::String, Json::String(_)) | (Type::Boolean, Json::Bool(_)) => Ok(value.clone()),
+        (Type::Integer, Json::Number(n)) if n.is_i64() || n.is_u64() => n
+            .as_i64()
+            .map(Json::from)
+            .ok_or_else(|| format!("integer {n} is too large")),
+        (Type::Integer, Json::String(s)) if s.parse::<i64>().is_ok() => {
+            Ok(Json::from(s.parse::<i64>().unwrap_or_default()))
+        }
+        (Type::Decimal, Json::Number(n)) => decimal(&n.to_string()),
+        (Type::Decimal, Json::String(s)) => decimal(s),
+        (Type::Date, Json::String(s)) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map(|d| Json::String(d.to_string()))
+            .map_err(|_| format!("expected a date YYYY-MM-DD, found `{s}`")),
+        (Type::Time, Json::String(s)) => DateTime::parse_from_rfc3339(s)
+            .map(|t| {
+                Json::String(
+                    t.to_utc()
+                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                )
+            })
+            .map_err(|_| {
+                format!("expected a time in RFC 3339 (2020-06-01T09:00:00+08:00), found `{s}`")
+            }),
+        (Type::Enum(allowed), Json::String(s)) => {
+            if allowed.iter().any(|a| a == s) {
+                Ok(value.clone())
+            } else {
+                Err(format!("`{s}` is not one of {}", allowed.join(", ")))
+            }
+        }
+        (Type::Agency, Json::String(s)) => match directory {
+            Some(dir) if !dir.contains(s) => {
+                Err(format!("`{s}` is not an agency of the directory"))
+            }
+            _ => Ok(value.clone()),
+        },
+        (Type::List(inner), Json::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| check(item, inner, directory).map_err(|e| format!("item {i}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Json::Array),
+        _ => Err(format!("expected {}, found {}", type_name(ty), found())),
+    }
+}
+
+fn decimal(s: &str) -> Result<Json, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let ok = !int.is_empty()
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && !(digits.contains('.') && frac.is_empty());
+    if !ok {
+        return Err(format!("expected a decimal like \"12.50\", found `{s}`"));
+    }
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let sign = if t.starts_with('-') && (int != "0" || !frac.is_empty()) {
+        "-"
+    } else {
+        ""
+    };
+    Ok(Json::String(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }))
+}
+
+/// How a type is named in messages.
+pub fn type_name(ty: &Type) -> String {
+    match ty {
+        Type::String => "a string".into(),
+        Type::Integer => "an integer".into(),
+        Type::Decimal => "a decimal".into(),
+        Type::Boolean => "a boolean".into(),
+        Type::Date => "a date".into(),
+        Type::Time => "a time".into(),
+        Type::Agency => "an agency id".into(),
+        Type::Enum(values) => format!("one of {}", values.join(", ")),
+        Type::List(inner) => format!(
+            "a list of {}",
+            type_name(inner)
+                .trim_start_matches("a ")
+                .trim_start_matches("an ")
+        ),
+    }
+}
+
+fn describe(value: &Json) -> String {
+    match value {
+        Json::Null => "nothing".into(),
+        Json::Bool(b) => format!("boolean {b}"),
+        Json::Number(n) => format!("number {n}"),
+        Json::String(s) => format!("string \"{s}\""),
+        Json::Array(_) => "a list".into(),
+        Json::Object(_) => "a map".into(),
+    }
+}
+
+/// A normalised value as CEL sees it (decimals as doubles, times as timestamps).
+pub fn to_cel(value: &Json, ty: Option<&Type>) -> cel::Value {
+    match (ty, value) {
+        (Some(Type::Decimal), Json::String(s)) => {
+            s.parse::<f64>().map_or(cel::Value::Null, cel::Value::Float)
+        }
+        (Some(Type::Time), Json::String(s)) => {
+            DateTime::parse_from_rfc3339(s).map_or(cel::Value::Null, cel::Value::Timestamp)
+        }
+        (Some(Type::List(inner)), Json::Array(items)) => cel::Value::List(
+            items
+                .iter()
+                .map(|i| to_cel(i, Some(inner)))
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        (_, Json::Null) => cel::Value::Null,
+        (_, Json::Bool(b)) => cel::Value::Bool(*b),
+        (_, Json::Number(n)) => match n.as_i64() {
+            Some(i) => cel::Value::Int(i),
+            None => cel::Value::Float(n.as_f64().unwrap_or_default()),
+        },
+        (_, Json::String(s)) => cel::Value::String(s.clone().into()),
+        (_, Json::Array(items)) => cel::Value::List(
+            items
+                .iter()
+                .map(|i| to_cel(i, None))
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        (_, Json::Object(map)) => {
+            let entries: HashMap<String, cel::Value> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), to_cel(v, None)))
+                .collect();
+            cel::Value::from(entries)
+        }
+    }
+}
+
+/// A CEL result as a value of `ty`, checked.
+pub fn from_cel(
+    value: &cel::Value,
+    ty: &Type,
+    directory: Option<&Directory>,
+) -> Result<Json, String> {
+    let json = match value {
+        cel::Value::Null => return Ok(Json::Null),
+        cel::Value::Bool(b) => Json::Bool(*b),
+        cel::Value::Int(i) => Json::from(*i),
+        cel::Value::UInt(u) => Json::from(*u),
+        cel::Value::Float(f) => match ty {
+            Type::Decimal => Json::String(format!("{f}")),
+            _ => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        },
+        cel::Value::String(s) => Json::String(s.to_string()),
+        cel::Value::Timestamp(t) => Json::String(t.to_rfc3339()),
+        cel::Value::List(items) => {
+            let inner = match ty {
+                Type::List(inner) => inner.as_ref(),
+                _ => return Err(format!("expected {}, found a list", type_name(ty))),
+            };
+            Json::Array(
+                items
+                    .iter()
+                    .map(|i| from_cel(i, inner, directory))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        other => return Err(format!("expected {}, found {other:?}", type_name(ty))),
+    };
+    check(&json, ty, directory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_are_checked_and_normalised() {
+        assert_eq!(
+            check(&json!("12.500"), &Type::Decimal, None),
+            Ok(json!("12.5"))
+        );
+        assert_eq!(check(&json!(3), &Type::Decimal, None), Ok(json!("3")));
+        assert!(check(&json!("1,000"), &Type::Decimal, None).is_err());
+        assert_eq!(
+            check(&json!("2020-06-01T09:00:00+08:00"), &Type::Time, None),
+            Ok(json!("2020-06-01T01:00:00Z"))
+        );
+        assert!(check(&json!("2020-13-01"), &Type::Date, None).is_err());
+        let level = Type::Enum(vec!["county".into(), "city".into()]);
+        assert_eq!(
+            check(&json!("town"), &level, None),
+            Err("`town` is not one of county, city".into())
+        );
+        assert_eq!(
+            check(&json!([1, "x"]), &Type::List(Box::new(Type::Integer)), None),
+            Err("item 1: expected an integer, found string \"x\"".into())
+        );
+        assert_eq!(
+            check(&json!(true), &Type::String, None),
+            Err("expected a string, found boolean true".into())
+        );
+    }
+
+    #[test]
+    fn directory_walks_up_to_a_level() {
+        let agencies: Agencies = crate::lang::load::ron_options()
+            .from_str(
+                r#"Agencies(agencies: [
+                Agency(id: "p", name: "省", level: Province),
+                Agency(id: "c", name: "市", level: City, parent: "p"),
+                Agency(id: "k", name: "县", level: County, parent: "c"),
+            ])"#,
+            )
+            .expect("parses");
+        let dir = Directory::new(&agencies);
+        assert_eq!(dir.parent("k").map(|a| a.id.as_str()), Some("c"));
+        assert_eq!(
+            dir.ancestor_at("k", Level::Province).map(|a| a.id.as_str()),
+            Some("p")
+        );
+        assert_eq!(
+            dir.ancestor_at("k", Level::County).map(|a| a.id.as_str()),
+            Some("k")
+        );
+        assert!(dir.ancestor_at("p", Level::County).is_none());
+        assert!(check(&json!("x"), &Type::Agency, Some(&dir)).is_err());
+    }
+}

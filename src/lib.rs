@@ -1,0 +1,9 @@
+//! govflow: cross-department workflows as RON state-machine graphs.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
+
+pub mod calendar;
+pub mod catalogue;
+pub mod lang;
+pub mod render;
+pub mod scenario;

@@ -1,0 +1,174 @@
+//! The `govflow` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use govflow::lang::load::{self, Document};
+use govflow::lang::validate::validate;
+use govflow::render;
+
+#[derive(Parser)]
+#[command(
+    name = "govflow",
+    version,
+    about = "Cross-department government workflows as RON state-machine graphs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check workflow files and folders; report every problem with file:line:col.
+    Validate {
+        /// Files or folders (folders are searched for .ron files).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+        /// Also draw every workflow into this folder (`NAME.dot`, `NAME.mmd`, `NAME.svg`).
+        #[arg(long, value_name = "DIR")]
+        draw: Option<PathBuf>,
+    },
+    /// Draw a workflow as a picture.
+    Graph {
+        /// The workflow file.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = render::Format::Dot)]
+        format: render::Format,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("govflow: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate { paths, format, draw } => {
+            let code = validate_command(&paths, format)?;
+            if let Some(dir) = draw {
+                draw_all(&paths, &dir)?;
+            }
+            Ok(code)
+        }
+        Command::Graph {
+            file,
+            format,
+            output,
+        } => graph_command(&file, format, output),
+    }
+}
+
+fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode> {
+    let sources = load::load(paths)?;
+    let validated = validate(&sources);
+    let errors = validated
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .count();
+    let warnings = validated.diagnostics.len() - errors;
+    let mut out = std::io::stdout().lock();
+    match format {
+        OutputFormat::Text => {
+            for d in &validated.diagnostics {
+                writeln!(out, "{d}")?;
+            }
+            let workflows = sources.workflows().count();
+            if validated.diagnostics.is_empty() {
+                writeln!(
+                    out,
+                    "ok: {} files, {workflows} workflows, no problems",
+                    sources.files.len()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "{errors} errors, {warnings} warnings in {} files",
+                    sources.files.len()
+                )?;
+            }
+        }
+        OutputFormat::Json => {
+            let report = serde_json::json!({
+                "files": sources.files.len(),
+                "errors": errors,
+                "warnings": warnings,
+                "diagnostics": validated.diagnostics,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        }
+    }
+    Ok(if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Writes every workflow found under `paths` in every picture format.
+fn draw_all(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
+    let sources = load::load(paths)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut count = 0;
+    for (_, workflow) in sources.workflows() {
+        for (format, ext) in [(render::Format::Dot, "dot"), (render::Format::Mermaid, "mmd"), (render::Format::Svg, "svg")] {
+            let path = dir.join(format!("{}.{ext}", workflow.name));
+            std::fs::write(&path, render::render(workflow, format)).with_context(|| format!("writing {}", path.display()))?;
+        }
+        count += 1;
+    }
+    eprintln!("drew {count} workflows into {}", dir.display());
+    Ok(())
+}
+
+fn graph_command(
+    file: &PathBuf,
+    format: render::Format,
+    output: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let map = govflow::lang::locate::SourceMap::new(&text);
+    let mut diagnostics = Vec::new();
+    let workflow = match load::parse_document(file, &text, &map, &mut diagnostics) {
+        Some(Document::Workflow(w)) => w,
+        Some(_) => anyhow::bail!("{} is not a workflow file", file.display()),
+        None => {
+            for d in &diagnostics {
+                eprintln!("{d}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let picture = render::render(&workflow, format);
+    match output {
+        Some(path) => {
+            std::fs::write(&path, picture).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => std::io::stdout().lock().write_all(picture.as_bytes())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

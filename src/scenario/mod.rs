@@ -1,0 +1,5 @@
+//! Scenario files: a workflow author's tests, written in RON, run on virtual time.
+
+pub mod model;
+
+pub use model::Scenario;

@@ -1,0 +1,5 @@
+//! govflow's integration tests: one binary, one module per area.
+
+mod cli;
+mod invalid_files;
+mod shipped_workflows;
