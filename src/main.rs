@@ -45,6 +45,43 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Catalogues: import the official permit list.
+    #[command(subcommand)]
+    Catalogue(CatalogueCommand),
+}
+
+#[derive(Subcommand)]
+enum CatalogueCommand {
+    /// Load the official 证照分离 list (one annex, as CSV) into a catalogue file.
+    Import {
+        /// CSV with the official columns 事项名称, 设定依据, 审批层级和部门, 改革方式, 具体改革举措, 事中事后监管措施.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Which annex this is: the centrally set items or Hebei's own.
+        #[arg(long, value_enum)]
+        level: Level,
+        /// The catalogue file to update (rewritten in place).
+        #[arg(long, default_value = "workflows/catalogues/permits.ron")]
+        catalogue: PathBuf,
+        /// The agency directory used to map departments to agency ids.
+        #[arg(long, default_value = "workflows/agencies.ron")]
+        agencies: PathBuf,
+        /// Agency id for rows whose department cannot be matched.
+        #[arg(long, default_value = govflow::catalogue::DEFAULT_DEPARTMENT)]
+        default_department: String,
+        /// Agency id for rows whose supervising department cannot be matched.
+        #[arg(long, default_value = govflow::catalogue::DEFAULT_SUPERVISOR)]
+        default_supervisor: String,
+        /// Prefix of the generated row ids (default ZZFL-C- or ZZFL-H-).
+        #[arg(long)]
+        id_prefix: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Level {
+    Central,
+    Hebei,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,7 +103,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Validate { paths, format, draw } => {
+        Command::Validate {
+            paths,
+            format,
+            draw,
+        } => {
             let code = validate_command(&paths, format)?;
             if let Some(dir) = draw {
                 draw_all(&paths, &dir)?;
@@ -78,7 +119,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
             format,
             output,
         } => graph_command(&file, format, output),
+        Command::Catalogue(command) => catalogue_command(command),
     }
+}
+
+fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
+    let CatalogueCommand::Import {
+        csv,
+        level,
+        catalogue,
+        agencies,
+        default_department,
+        default_supervisor,
+        id_prefix,
+    } = command;
+    use govflow::catalogue::{ImportLevel, ImportOptions, import_csv, merge, to_ron};
+    let level = match level {
+        Level::Central => ImportLevel::Central,
+        Level::Hebei => ImportLevel::Hebei,
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut diagnostics = Vec::new();
+    let directory = load::parse(&agencies, &read(&agencies)?, &mut diagnostics);
+    let target = load::parse(&catalogue, &read(&catalogue)?, &mut diagnostics);
+    let (Some(directory), Some(mut target)) = (directory, target) else {
+        for d in &diagnostics {
+            eprintln!("{d}");
+        }
+        return Ok(ExitCode::from(1));
+    };
+    let options = ImportOptions {
+        id_prefix,
+        default_department,
+        default_supervisor,
+        ..ImportOptions::new(level)
+    };
+    let rows = import_csv(
+        &csv.display().to_string(),
+        &read(&csv)?,
+        &directory,
+        &options,
+    )?;
+    let count = rows.len();
+    merge(&mut target, level, rows);
+    std::fs::write(&catalogue, to_ron(&target))
+        .with_context(|| format!("writing {}", catalogue.display()))?;
+    println!(
+        "imported {count} {} rows into {} (status {:?}); run `govflow validate` to check the declared totals",
+        level.as_str(),
+        catalogue.display(),
+        target.status
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode> {
@@ -134,9 +228,14 @@ fn draw_all(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut count = 0;
     for (_, workflow) in sources.workflows() {
-        for (format, ext) in [(render::Format::Dot, "dot"), (render::Format::Mermaid, "mmd"), (render::Format::Svg, "svg")] {
+        for (format, ext) in [
+            (render::Format::Dot, "dot"),
+            (render::Format::Mermaid, "mmd"),
+            (render::Format::Svg, "svg"),
+        ] {
             let path = dir.join(format!("{}.{ext}", workflow.name));
-            std::fs::write(&path, render::render(workflow, format)).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, render::render(workflow, format))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         count += 1;
     }

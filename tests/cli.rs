@@ -64,3 +64,65 @@ fn usage_errors_exit_2() {
     let no_args = govflow().arg("validate").output().expect("runs");
     assert_eq!(no_args.status.code(), Some(2));
 }
+
+#[test]
+fn catalogue_import_rewrites_the_catalogue_and_validation_checks_its_totals() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalogue = dir.path().join("permits.ron");
+    std::fs::copy(root().join("workflows/catalogues/permits.ron"), &catalogue).expect("copy");
+    std::fs::copy(
+        root().join("workflows/agencies.ron"),
+        dir.path().join("agencies.ron"),
+    )
+    .expect("copy");
+    let out = govflow()
+        .args(["catalogue", "import", "--level", "hebei", "--csv"])
+        .arg(root().join("tests/data/catalogue/official_sample.csv"))
+        .arg("--catalogue")
+        .arg(&catalogue)
+        .arg("--agencies")
+        .arg(dir.path().join("agencies.ron"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 6 hebei rows"));
+    // Six official rows replaced seventeen placeholders: the declared totals no longer hold.
+    let check = govflow()
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert_eq!(check.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("declares 17 rows with level = `hebei`, found 6"),
+        "{text}"
+    );
+}
+
+#[test]
+fn catalogue_import_of_a_bad_csv_names_the_line_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalogue = dir.path().join("permits.ron");
+    std::fs::copy(root().join("workflows/catalogues/permits.ron"), &catalogue).expect("copy");
+    let before = std::fs::read(&catalogue).expect("read");
+    let csv = dir.path().join("bad.csv");
+    std::fs::write(&csv, "事项名称,设定依据,审批层级和部门,改革方式,具体改革举措,事中事后监管措施\n食品经营许可,《食品安全法》,市场监管部门,取消,当场发证,双随机\n").expect("write");
+    let out = govflow()
+        .args(["catalogue", "import", "--level", "central", "--csv"])
+        .arg(&csv)
+        .arg("--catalogue")
+        .arg(&catalogue)
+        .arg("--agencies")
+        .arg(root().join("workflows/agencies.ron"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.csv:2") && err.contains("取消"), "{err}");
+    assert_eq!(std::fs::read(&catalogue).expect("read"), before);
+}

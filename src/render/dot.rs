@@ -142,7 +142,6 @@ mod tests {
     #[test]
     fn sample_dot() {
         let dot = render_any(&sample(), Format::Dot);
-        std::fs::write("/tmp/render_check.dot", &dot).ok();
         assert!(dot.starts_with("digraph \"permit_flow\" {\n"));
         assert!(dot.trim_end().ends_with('}'));
         assert!(dot.contains("charset=\"UTF-8\""));

@@ -227,7 +227,6 @@ mod tests {
     #[test]
     fn sample_mermaid() {
         let m = render_any(&sample(), Format::Mermaid);
-        std::fs::write("/tmp/render_check.mmd", &m).ok();
         assert!(m.starts_with("stateDiagram-v2\n"));
         assert!(m.contains("    state \"县级办理\" as county_handling\n"));
         assert!(m.contains("    county_handling : county_handling\n"));

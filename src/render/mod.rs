@@ -110,7 +110,7 @@ impl Node {
         if !self.title.is_empty() && self.title != self.name {
             lines.push(self.title.clone());
         }
-        lines.push(self.name.clone());
+        lines.push(one_line(&self.name));
         lines.extend(self.details.iter().cloned());
         lines
     }
@@ -548,9 +548,9 @@ pub(crate) mod tests {
         let n = (next() % 7) as usize;
         let name = |k: u8| NAMES[k as usize % NAMES.len()].to_string();
         wf.start = name(next());
-        for i in 0..n {
+        for (i, state_name) in NAMES.iter().enumerate().take(n) {
             let mut st = State {
-                name: NAMES[i].to_string(),
+                name: state_name.to_string(),
                 title: format!("状态{i}"),
                 outcome: None,
                 deadline: None,

@@ -8,12 +8,14 @@
 //!   countersign states,
 //! - tracks the true bounding box (SVGWriter measures text in bytes, which
 //!   makes CJK pictures far too tall),
+//! - draws edge labels last, on a light backing, so that no line crosses them,
 //! - and, after rendering, swaps SVGWriter's `<svg>` tag and `<style>` block
 //!   (a `HashMap` in SVGWriter makes its order unstable; its font is
 //!   `Times`) for deterministic ones that name CJK fonts.
 //!
-//! Label text is escaped by SVGWriter; the only text we write ourselves (the
-//! caption and `<title>`) is escaped here. Either way, exactly once.
+//! Label text is escaped by SVGWriter (`&`, `<`, `>`, quotes), so we hand it
+//! raw text; the only text we write ourselves (the caption, `<title>` and the
+//! no-layout fallback) is escaped here. Either way, exactly once.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -426,7 +428,13 @@ fn head(d: &Diagram, bounds: &Bounds) -> String {
 
 impl Canvas {
     fn finish(mut self, d: &Diagram) -> String {
-        let backing = StyleAttr::new(Color::transparent(), 0, Some(color("#ffffff")), 3, EDGE_FONT);
+        let backing = StyleAttr::new(
+            Color::transparent(),
+            0,
+            Some(color("#ffffff")),
+            3,
+            EDGE_FONT,
+        );
         for (xy, text, look) in std::mem::take(&mut self.labels) {
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
             let size = text_size(&lines, EDGE_FONT).add(Point::new(6., 4.));
@@ -574,7 +582,6 @@ mod tests {
     #[test]
     fn sample_svg() {
         let svg = render_any(&sample(), Format::Svg);
-        std::fs::write("/tmp/render_check.svg", &svg).ok();
         check_well_formed(&svg);
         for title in [
             "已提交",
