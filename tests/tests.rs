@@ -2,4 +2,5 @@
 
 mod cli;
 mod invalid_files;
+mod language;
 mod shipped_workflows;

@@ -1,0 +1,138 @@
+//! Every construct of the language parses from RON and validates
+//! (`tests/data/valid/all_constructs.ron` uses each one).
+
+use std::path::Path;
+
+use govflow::lang::load::load;
+use govflow::lang::model::{
+    Amount, Binding, Effect, Level, Period, Quorum, RejectRule, Type, WaitFor,
+};
+use govflow::lang::validate::validate;
+
+#[test]
+fn every_construct_parses_validates_and_compiles() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/valid");
+    let sources = load(&[dir]).expect("loads");
+    let validated = validate(&sources);
+    assert_eq!(validated.diagnostics, vec![]);
+    let library = validated
+        .library
+        .expect("a library when there are no errors");
+    assert!(library.catalogues.contains_key("items"));
+    assert_eq!(library.directory.len(), 4);
+    let compiled = &library.workflows["all_constructs"];
+    let w = &compiled.def;
+
+    // Role bindings: every kind.
+    let bindings: Vec<&Binding> = w.roles.iter().map(|r| &r.binding).collect();
+    assert!(bindings.contains(&&Binding::Fixed("hebei.sjz.platform".into())));
+    assert!(bindings.contains(&&Binding::Starter));
+    assert!(bindings.contains(&&Binding::Variable("county".into())));
+    assert!(bindings.contains(&&Binding::ParentOf("county_gov".into())));
+    assert!(bindings.contains(&&Binding::AncestorOf {
+        role: "county_gov".into(),
+        level: Level::Province
+    }));
+    assert!(bindings.contains(&&Binding::Given));
+    assert!(bindings.contains(&&Binding::Expr("roles.city_gov".into())));
+
+    // Typed variables with defaults, one searchable.
+    let types: Vec<&Type> = w.variables.iter().map(|v| &v.ty).collect();
+    for ty in [
+        Type::Agency,
+        Type::String,
+        Type::Integer,
+        Type::Decimal,
+        Type::Boolean,
+        Type::Date,
+        Type::Time,
+    ] {
+        assert!(types.contains(&&ty), "{ty:?}");
+    }
+    assert!(
+        types
+            .iter()
+            .any(|t| matches!(t, Type::Enum(v) if v.len() == 3))
+    );
+    assert!(types.contains(&&Type::List(Box::new(Type::String))));
+    assert!(w.variables.iter().any(|v| v.searchable));
+    assert!(w.variables.iter().filter(|v| v.default.is_some()).count() >= 5);
+
+    // States: titles in Chinese, terminal outcomes.
+    assert!(w.states.iter().all(|s| !s.title.is_ascii()));
+    let outcomes: Vec<&str> = w
+        .states
+        .iter()
+        .filter_map(|s| s.outcome.as_deref())
+        .collect();
+    assert_eq!(outcomes, ["resolved", "refused"]);
+
+    // Deadlines in every unit, a count held in a variable, reminders.
+    let periods: Vec<&Period> = w
+        .states
+        .iter()
+        .filter_map(|s| s.deadline.as_ref())
+        .map(|d| &d.within)
+        .collect();
+    assert!(periods.contains(&&Period::Hours(Amount::Fixed(48))));
+    assert!(periods.contains(&&Period::WorkingDays(Amount::Fixed(5))));
+    assert!(periods.contains(&&Period::Days(Amount::Variable("commit_days".into()))));
+    let handling = compiled.state("handling").expect("state");
+    assert_eq!(
+        handling.deadline.as_ref().map(|d| d.reminders.len()),
+        Some(2)
+    );
+
+    // Countersign with quorum n-of-m and a rejection rule.
+    let cs = compiled
+        .state("joint_review")
+        .and_then(|s| s.countersign.as_ref())
+        .expect("countersign");
+    assert_eq!(
+        (cs.quorum, cs.on_reject, cs.roles.len()),
+        (Quorum::AtLeast(2), RejectRule::CountAgainst, 3)
+    );
+    assert_eq!(
+        (cs.sign_event.as_str(), cs.reject_event.as_str()),
+        ("sign", "object")
+    );
+
+    // Child spawning routed through a catalogue, and the wait for children.
+    let spawn = handling
+        .transitions
+        .iter()
+        .find_map(|t| t.spawn.as_ref())
+        .expect("spawn");
+    assert_eq!(spawn.workflow, "'item_' + catalogues.items[item].way");
+    assert_eq!(spawn.bindings.len(), 2);
+    let wait = compiled
+        .state("permits")
+        .and_then(|s| s.children.as_ref())
+        .expect("wait");
+    assert_eq!(wait.wait, WaitFor::All);
+
+    // Payload schema with optional fields; effects of both kinds; guards.
+    let accept = &compiled.state("reported").expect("state").transitions[0];
+    assert_eq!(accept.payload.iter().filter(|f| !f.required).count(), 4);
+    let effects: Vec<&Effect> = handling
+        .transitions
+        .iter()
+        .flat_map(|t| &t.effects)
+        .collect();
+    assert!(effects.iter().any(|e| matches!(e, Effect::Bind { .. })));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Set { .. })));
+
+    // Every CEL expression was compiled once, at load time.
+    for source in [
+        "payload.permits.all(p, p in catalogues.items)",
+        "vars.level == 'county' ? 'city' : 'province'",
+        "'item_' + catalogues.items[item].way",
+        "roles.city_gov",
+        "vars.permits",
+    ] {
+        assert!(
+            compiled.program(source).is_some(),
+            "{source} was not compiled"
+        );
+    }
+}
