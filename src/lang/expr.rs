@@ -32,6 +32,8 @@ pub enum Ty {
     Map(Box<Ty>),
     /// A map whose keys are known names (case variables, payload fields, …).
     Record(Arc<BTreeMap<String, Ty>>),
+    /// A string restricted to declared values.
+    Enum(Arc<[String]>),
     Dyn,
 }
 
@@ -43,7 +45,8 @@ impl Ty {
     /// The CEL type a declared variable or field type is seen as.
     pub fn of(ty: &Type) -> Ty {
         match ty {
-            Type::String | Type::Enum(_) | Type::Agency | Type::Date => Ty::String,
+            Type::Enum(values) => Ty::Enum(values.iter().cloned().collect()),
+            Type::String | Type::Agency | Type::Date => Ty::String,
             Type::Integer => Ty::Int,
             Type::Decimal => Ty::Double,
             Type::Boolean => Ty::Bool,
@@ -59,6 +62,14 @@ impl Ty {
         format!("{} {name}", if an { "an" } else { "a" })
     }
 
+    /// The type with enumerations seen as plain strings.
+    fn plain(&self) -> Ty {
+        match self {
+            Ty::Enum(_) => Ty::String,
+            other => other.clone(),
+        }
+    }
+
     fn is_numeric(&self) -> bool {
         matches!(self, Ty::Int | Ty::Uint | Ty::Double)
     }
@@ -71,6 +82,7 @@ impl Ty {
             (Ty::List(a), Ty::List(b)) | (Ty::Map(a), Ty::Map(b)) => a.accepts(b),
             (Ty::Map(_), Ty::Record(_)) | (Ty::Record(_), Ty::Map(_)) => true,
             (Ty::Record(_), Ty::Record(_)) => true,
+            (Ty::Enum(_) | Ty::String, Ty::Enum(_) | Ty::String) => true,
             (a, b) => a == b,
         }
     }
@@ -83,7 +95,7 @@ impl fmt::Display for Ty {
             Ty::Int => write!(f, "int"),
             Ty::Uint => write!(f, "uint"),
             Ty::Double => write!(f, "double"),
-            Ty::String => write!(f, "string"),
+            Ty::String | Ty::Enum(_) => write!(f, "string"),
             Ty::Bytes => write!(f, "bytes"),
             Ty::Null => write!(f, "null"),
             Ty::Timestamp => write!(f, "timestamp"),
@@ -330,18 +342,20 @@ impl Checker<'_> {
             }
             operators::NOT_STRICTLY_FALSE | operators::IN | "has" => Ty::Bool,
             operators::EQUALS | operators::NOT_EQUALS => {
-                if let [a, b] = args.as_slice()
-                    && !comparable(a, b)
-                {
-                    self.mismatch(
-                        node,
-                        format!(
-                            "`{}` compares {} with {}",
-                            symbol(name),
-                            a.article(),
-                            b.article()
-                        ),
-                    );
+                if let [a, b] = args.as_slice() {
+                    if !comparable(a, b) {
+                        self.mismatch(
+                            node,
+                            format!(
+                                "`{}` compares {} with {}",
+                                symbol(name),
+                                a.article(),
+                                b.article()
+                            ),
+                        );
+                    }
+                    self.check_enum_literal(a, &call.args[1]);
+                    self.check_enum_literal(b, &call.args[0]);
                 }
                 Ty::Bool
             }
@@ -350,6 +364,7 @@ impl Checker<'_> {
             | operators::GREATER
             | operators::GREATER_EQUALS => {
                 if let [a, b] = args.as_slice() {
+                    let (a, b) = (&a.plain(), &b.plain());
                     let ordered = matches!(a, Ty::Dyn | Ty::Null)
                         || matches!(b, Ty::Dyn | Ty::Null)
                         || (a.is_numeric() && b.is_numeric())
@@ -446,8 +461,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A string literal compared with an enumeration must be one of its values.
+    fn check_enum_literal(&mut self, ty: &Ty, other: &IdedExpr) {
+        if let (Ty::Enum(values), Expr::Literal(LiteralValue::String(lit))) = (ty, &other.expr)
+            && !values.iter().any(|v| v == lit.inner())
+        {
+            let hint = super::diag::did_you_mean(lit.inner(), values.iter().map(String::as_str));
+            self.report(
+                other,
+                "type-mismatch",
+                format!("`{}` is not one of {}", lit.inner(), values.join(", ")),
+                hint,
+            );
+        }
+    }
+
     fn arithmetic(&mut self, node: &IdedExpr, op: &str, a: &Ty, b: &Ty) -> Ty {
         use Ty::*;
+        let (a, b) = (&a.plain(), &b.plain());
         match (op, a, b) {
             (_, Dyn | Null, _) | (_, _, Dyn | Null) => Dyn,
             (_, Int, Int) => Int,
@@ -553,6 +584,9 @@ fn describe(node: &IdedExpr) -> String {
     match &node.expr {
         Expr::Ident(name) => name.clone(),
         Expr::Select(s) => format!("{}.{}", describe(&s.operand), s.field),
+        Expr::Call(c) if c.func_name == operators::INDEX && !c.args.is_empty() => {
+            format!("{}[…]", describe(&c.args[0]))
+        }
         _ => "value".to_owned(),
     }
 }
@@ -569,6 +603,10 @@ mod tests {
                     ("level".to_owned(), Ty::String),
                     ("count".to_owned(), Ty::Int),
                     ("amount".to_owned(), Ty::Double),
+                    (
+                        "phase".to_owned(),
+                        Ty::of(&Type::Enum(vec!["open".into(), "closed".into()])),
+                    ),
                 ]),
             )
             .with("payload", Ty::record([("ok".to_owned(), Ty::Bool)]))
@@ -626,6 +664,12 @@ mod tests {
         assert_eq!(issues("vars.count + vars.amount")[0].1, "type-mismatch");
         assert_eq!(issues("vars.level && true")[0].1, "type-mismatch");
         assert_eq!(issues("vars.count == 'x'")[0].1, "type-mismatch");
+        assert_eq!(
+            issues("vars.phase == 'clsoed'")[0].0,
+            "`clsoed` is not one of open, closed"
+        );
+        assert_eq!(issues("'opne' != vars.phase")[0].2, 1);
+        assert_eq!(issues("vars.phase == 'closed' && vars.phase > 'a'"), vec![]);
     }
 
     #[test]
