@@ -4,6 +4,8 @@
 
 pub mod calendar;
 pub mod catalogue;
+pub mod engine;
 pub mod lang;
 pub mod render;
 pub mod scenario;
+pub mod store;

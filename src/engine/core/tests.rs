@@ -1,0 +1,1005 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use proptest::prelude::*;
+use serde_json::{Value as Json, json};
+
+use super::*;
+use crate::engine::testkit::{self, at};
+use crate::lang::validate::Library;
+
+fn t0() -> DateTime<Utc> {
+    // Monday 2020-09-21, 09:00 in Shanghai.
+    at("2020-09-21T09:00:00+08:00")
+}
+
+fn obj(v: Json) -> JsonMap<String, Json> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn given(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn start_permit(lib: &Library, vars: Json) -> Step {
+    start(
+        lib,
+        "permit",
+        "c1",
+        "ent",
+        &given(&[("tax", "tax")]),
+        &obj(vars),
+        t0(),
+    )
+    .expect("starts")
+}
+
+fn fire(
+    lib: &Library,
+    case: &Case,
+    event: &str,
+    agency: &str,
+    payload: Json,
+    now: DateTime<Utc>,
+) -> Result<Step, Rejection> {
+    apply(
+        lib,
+        case,
+        &Input::Fire {
+            event: event.into(),
+            agency: agency.into(),
+            payload: obj(payload),
+        },
+        now,
+    )
+}
+
+fn ok(r: Result<Step, Rejection>) -> Step {
+    r.unwrap_or_else(|e| panic!("rejected: {e}"))
+}
+
+fn err(r: Result<Step, Rejection>) -> Rejection {
+    match r {
+        Ok(s) => panic!("accepted: {} → {}", s.entry.from, s.entry.to),
+        Err(e) => e,
+    }
+}
+
+fn hours(n: i64) -> TimeDelta {
+    TimeDelta::hours(n)
+}
+
+/// A permit case submitted with `amount`, now in `review`.
+fn in_review(lib: &Library, amount: i64) -> Case {
+    let case = start_permit(lib, json!({"county": "k"})).case;
+    ok(fire(
+        lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": amount}),
+        t0() + hours(1),
+    ))
+    .case
+}
+
+#[test]
+fn reject_codes_have_kebab_names() {
+    assert_eq!(RejectCode::GuardFalse.as_str(), "guard-false");
+    assert_eq!(RejectCode::RoleNotAllowed.to_string(), "role-not-allowed");
+    for code in RejectCode::ALL {
+        assert_eq!(RejectCode::parse(code.as_str()), Some(code));
+        assert_eq!(
+            serde_json::to_value(code).ok(),
+            Some(Json::String(code.as_str().into()))
+        );
+    }
+    assert_eq!(RejectCode::parse("nope"), None);
+}
+
+#[test]
+fn start_binds_roles_in_dependency_order_and_fills_defaults() {
+    let lib = testkit::library();
+    let step = start_permit(&lib, json!({"county": "k", "fee": "12.50"}));
+    let case = &step.case;
+    assert_eq!(case.state, "draft");
+    assert_eq!(case.seq, 1);
+    assert_eq!(case.digest, lib.workflows["permit"].digest);
+    let b = |r: &str| case.bindings.get(r).map(String::as_str);
+    assert_eq!(b("applicant"), Some("ent"));
+    assert_eq!(b("county"), Some("k"));
+    assert_eq!(b("city"), Some("c"));
+    assert_eq!(b("province"), Some("p"));
+    assert_eq!(b("overseer"), Some("c"), "Expr derived from a derived role");
+    assert_eq!(b("amr"), Some("amr"));
+    assert_eq!(b("tax"), Some("tax"));
+    assert_eq!(case.vars["fee"], json!("12.5"), "normalised");
+    assert_eq!(case.vars["amount"], json!(0), "default");
+    assert_eq!(case.vars["level"], json!("county"));
+    assert_eq!(case.vars["note"], Json::Null, "unset");
+    let e = &step.entry;
+    assert_eq!((e.seq, e.event.as_str()), (1, "start"));
+    assert_eq!((e.from.as_str(), e.to.as_str()), ("", "draft"));
+    assert_eq!(e.actor, Actor::Agency("ent".into()));
+    assert_eq!(e.vars_changed, case.vars);
+    assert_eq!(e.bindings_changed, case.bindings);
+    assert!(case.timers.is_empty() && step.settled.is_none());
+    let args = e.start_args().expect("start entry");
+    assert_eq!(args.starter, "ent");
+    assert_eq!(args.bindings, given(&[("tax", "tax")]));
+    assert_eq!(args.variables["fee"], json!("12.50"));
+    assert_eq!(e.input(), None);
+}
+
+#[test]
+fn start_rejects_bad_variables_and_bindings() {
+    let lib = testkit::library();
+    let go = |g: &[(&str, &str)], vars: Json, starter: &str| {
+        err(start(
+            &lib,
+            "permit",
+            "c1",
+            starter,
+            &given(g),
+            &obj(vars),
+            t0(),
+        ))
+    };
+    let tax = [("tax", "tax")];
+    let e = go(&tax, json!({"county": "k", "amout": 3}), "ent");
+    assert_eq!(e.code, RejectCode::InvalidStart);
+    assert!(
+        e.message.contains("`amout`") && e.message.contains("amount"),
+        "{e}"
+    );
+    let e = go(&tax, json!({"county": "k", "amount": "many"}), "ent");
+    assert!(
+        e.message.contains("variable `amount`: expected an integer"),
+        "{e}"
+    );
+    let e = go(&tax, json!({"county": "nowhere"}), "ent");
+    assert!(e.message.contains("nowhere"), "{e}");
+    let e = go(&[], json!({"county": "k"}), "ent");
+    assert!(e.message.contains("role `tax` (税务) must be given"), "{e}");
+    let e = go(
+        &[("tax", "tax"), ("amr", "c")],
+        json!({"county": "k"}),
+        "ent",
+    );
+    assert!(e.message.contains("cannot be given"), "{e}");
+    let e = go(&[("tax", "mars")], json!({"county": "k"}), "ent");
+    assert!(e.message.contains("`mars`"), "{e}");
+    let e = go(&tax, json!({}), "ent");
+    assert!(
+        e.message.contains("variable `county`, which is unset"),
+        "{e}"
+    );
+    let e = go(&tax, json!({"county": "k"}), "martian");
+    assert!(e.message.contains("starter"), "{e}");
+    let e = go(&tax, json!({"county": "k"}), "");
+    assert!(e.message.contains("role `applicant`"), "{e}");
+    let e = err(start(
+        &lib,
+        "permitt",
+        "c1",
+        "ent",
+        &given(&tax),
+        &obj(json!({})),
+        t0(),
+    ));
+    assert_eq!(e.code, RejectCode::UnknownWorkflow);
+    assert!(e.message.contains("did you mean `permit`?"), "{e}");
+}
+
+#[test]
+fn fire_moves_sets_variables_and_deadline_timers() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let now = t0() + hours(1);
+    let step = ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": "70", "note": "急", "fee": 3}),
+        now,
+    ));
+    let new = &step.case;
+    assert_eq!(new.state, "review");
+    assert_eq!(new.seq, 2);
+    assert_eq!(new.vars["amount"], json!(70));
+    assert_eq!(new.vars["note"], json!("急"));
+    assert_eq!(new.vars["fee"], json!("3"));
+    assert_eq!(new.updated_at, now);
+    let e = &step.entry;
+    assert_eq!(e.payload, json!({"amount": 70, "note": "急", "fee": "3"}));
+    assert_eq!(
+        e.vars_changed.keys().collect::<Vec<_>>(),
+        ["amount", "fee", "note"]
+    );
+    // 48 hours, one reminder 24 hours before; the 60-hour reminder is already past.
+    let ids: Vec<(&str, TimerKind, DateTime<Utc>)> = new
+        .timers
+        .iter()
+        .map(|t| (t.id.as_str(), t.kind, t.due))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("2:reminder:0", TimerKind::Reminder, now + hours(24)),
+            ("2:expiry", TimerKind::Expiry, now + hours(48)),
+        ]
+    );
+    assert_eq!(e.timers_set, new.timers);
+    assert_eq!(
+        e.calendar_version.as_deref(),
+        lib.calendar.as_ref().map(|c| c.version())
+    );
+    assert!(
+        new.timers
+            .iter()
+            .all(|t| t.event == "escalate" && t.state == "review")
+    );
+    assert_eq!(
+        e.input(),
+        Some(Input::Fire {
+            event: "submit".into(),
+            agency: "ent".into(),
+            payload: obj(json!({"amount": 70, "note": "急", "fee": "3"}))
+        })
+    );
+}
+
+#[test]
+fn events_in_the_wrong_state_or_unknown_are_rejected() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let e = err(fire(&lib, &case, "approve", "k", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::WrongState);
+    assert_eq!(
+        e.message,
+        "`approve` cannot happen in state `draft` (待提交); it can in: review"
+    );
+    let e = err(fire(&lib, &case, "sign", "amr", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::WrongState);
+    assert!(e.message.ends_with("it can in: joint"), "{e}");
+    let e = err(fire(&lib, &case, "aprove", "k", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::UnknownEvent);
+    assert!(e.message.contains("did you mean `approve`?"), "{e}");
+    assert!(e.message.contains("submit, withdraw"), "{e}");
+}
+
+#[test]
+fn only_the_roles_of_a_transition_may_fire_it() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let e = err(fire(&lib, &case, "submit", "k", json!({"amount": 1}), t0()));
+    assert_eq!(e.code, RejectCode::RoleNotAllowed);
+    assert!(
+        e.message.contains("only applicant (bound to ent) may"),
+        "{e}"
+    );
+    assert!(e.message.contains("`k` holds county"), "{e}");
+    let e = err(fire(&lib, &case, "submit", "p", json!({"amount": 1}), t0()));
+    assert!(e.message.contains("`p` holds province"), "{e}");
+    let review = in_review(&lib, 10);
+    let e = err(fire(&lib, &review, "escalate", "k", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::RoleNotAllowed);
+    assert!(e.message.contains("only by the state's deadline"), "{e}");
+}
+
+#[test]
+fn payloads_are_checked_against_the_transition_fields() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let go = |payload: Json| err(fire(&lib, &case, "submit", "ent", payload, t0()));
+    let e = go(json!({}));
+    assert_eq!(e.code, RejectCode::InvalidPayload);
+    assert!(e.message.contains("missing required field `amount`"), "{e}");
+    let e = go(json!({"amount": 1, "colour": "red"}));
+    assert!(e.message.contains("unknown field `colour`"), "{e}");
+    let e = go(json!({"amount": true}));
+    assert!(
+        e.message
+            .contains("field `amount`: expected an integer, found boolean true"),
+        "{e}"
+    );
+    let e = go(json!({"amount": 1, "fee": "1,5"}));
+    assert!(e.message.contains("field `fee`"), "{e}");
+    // An optional field may be left out or null.
+    ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": 1, "note": null}),
+        t0(),
+    ));
+}
+
+#[test]
+fn the_first_transition_whose_guard_holds_is_taken() {
+    let lib = testkit::library();
+    let review = in_review(&lib, 50);
+    let step = ok(fire(
+        &lib,
+        &review,
+        "approve",
+        "k",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(step.case.state, "approved");
+    assert_eq!(step.case.outcome.as_deref(), Some("approved"));
+    assert_eq!(step.settled.as_deref(), Some("approved"));
+    assert!(step.case.timers.is_empty());
+    assert_eq!(step.entry.timers_cancelled, ["2:reminder:0", "2:expiry"]);
+    // The city (bound to `city`) may approve as well.
+    let step = ok(fire(
+        &lib,
+        &review,
+        "approve",
+        "c",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(step.case.state, "approved");
+    // Closed.
+    let e = err(fire(&lib, &step.case, "withdraw", "ent", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::CaseClosed);
+    let e = err(apply(
+        &lib,
+        &step.case,
+        &Input::Timer {
+            timer_id: "2:expiry".into(),
+        },
+        t0() + hours(100),
+    ));
+    assert_eq!(e.code, RejectCode::CaseClosed);
+}
+
+#[test]
+fn guards_see_the_actor_the_directory_and_the_time() {
+    let lib = testkit::library();
+    let review = in_review(&lib, 1);
+    let step = ok(fire(
+        &lib,
+        &review,
+        "withdraw",
+        "ent",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(step.case.outcome.as_deref(), Some("withdrawn"));
+    // `c` (a city) bound as applicant fails the level test.
+    let mut city = review.clone();
+    city.bindings.insert("applicant".into(), "c".into());
+    let e = err(fire(
+        &lib,
+        &city,
+        "withdraw",
+        "c",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(e.code, RejectCode::GuardFalse);
+    assert!(e.message.contains("agencies[actor.agency].level"), "{e}");
+}
+
+#[test]
+fn all_guards_false_is_guard_false_quoting_them() {
+    let lib = testkit::library();
+    let review = in_review(&lib, 150);
+    let e = err(fire(
+        &lib,
+        &review,
+        "approve",
+        "k",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(e.code, RejectCode::GuardFalse);
+    assert!(e.message.contains("`vars.amount < 100` is false"), "{e}");
+    assert!(
+        e.message
+            .contains("`vars.amount >= 100 && vars.level != 'county'` is false"),
+        "{e}"
+    );
+}
+
+#[test]
+fn timers_remind_expire_and_restart_on_re_entry() {
+    let lib = testkit::library();
+    let review = in_review(&lib, 150);
+    let submitted = t0() + hours(1);
+    let timer = |id: &str| Input::Timer {
+        timer_id: id.into(),
+    };
+    let e = err(apply(
+        &lib,
+        &review,
+        &timer("2:expiry"),
+        submitted + hours(47),
+    ));
+    assert_eq!(e.code, RejectCode::TimerNotDue);
+    let e = err(apply(
+        &lib,
+        &review,
+        &timer("9:expiry"),
+        submitted + hours(99),
+    ));
+    assert_eq!(e.code, RejectCode::UnknownTimer);
+
+    let reminded = ok(apply(
+        &lib,
+        &review,
+        &timer("2:reminder:0"),
+        submitted + hours(24),
+    ));
+    assert_eq!(reminded.entry.event, "reminder:escalate");
+    assert_eq!(reminded.entry.actor, Actor::Timer("2:reminder:0".into()));
+    assert_eq!(reminded.entry.from, reminded.entry.to);
+    assert_eq!(reminded.entry.timers_cancelled, ["2:reminder:0"]);
+    assert_eq!(reminded.case.timers.len(), 1);
+    assert_eq!(reminded.case.seq, 3);
+
+    let expired = ok(apply(
+        &lib,
+        &reminded.case,
+        &timer("2:expiry"),
+        submitted + hours(48),
+    ));
+    let case = &expired.case;
+    assert_eq!(expired.entry.event, "escalate");
+    assert_eq!(
+        (expired.entry.from.as_str(), case.state.as_str()),
+        ("review", "review")
+    );
+    assert_eq!(case.vars["level"], json!("city"));
+    assert_eq!(case.bindings["county"], "c", "re-bound to the parent");
+    assert_eq!(expired.entry.bindings_changed, given(&[("county", "c")]));
+    assert_eq!(expired.entry.timers_cancelled, ["2:expiry"]);
+    let ids: Vec<&str> = case.timers.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["4:reminder:0", "4:expiry"], "restarted");
+    assert_eq!(case.timers[1].due, submitted + hours(96));
+    assert_eq!(expired.entry.input(), Some(timer("2:expiry")));
+    // A cancelled timer never fires.
+    let e = err(apply(
+        &lib,
+        case,
+        &timer("2:expiry"),
+        submitted + hours(200),
+    ));
+    assert_eq!(e.code, RejectCode::UnknownTimer);
+    // Now at city level: the amount over 100 goes to the countersign.
+    let step = ok(fire(
+        &lib,
+        case,
+        "approve",
+        "c",
+        json!({}),
+        submitted + hours(50),
+    ));
+    assert_eq!(step.case.state, "joint");
+}
+
+/// A case in the countersign state `joint`, entered at `now`.
+fn in_joint(lib: &Library) -> (Case, DateTime<Utc>) {
+    let review = in_review(lib, 150);
+    let escalated = ok(apply(
+        lib,
+        &review,
+        &Input::Timer {
+            timer_id: "2:expiry".into(),
+        },
+        t0() + hours(49),
+    ))
+    .case;
+    let now = t0() + hours(50);
+    (
+        ok(fire(lib, &escalated, "approve", "c", json!({}), now)).case,
+        now,
+    )
+}
+
+#[test]
+fn countersign_collects_signatures_until_the_quorum() {
+    let lib = testkit::library();
+    let (joint, entered) = in_joint(&lib);
+    // Entered Wednesday 2020-09-23 11:00 Shanghai: two working days → end of Friday 25th.
+    let expiry = joint.timers.iter().find(|t| t.kind == TimerKind::Expiry);
+    assert_eq!(expiry.map(|t| t.due), Some(at("2020-09-26T00:00:00+08:00")));
+    let reminder = joint.timers.iter().find(|t| t.kind == TimerKind::Reminder);
+    assert_eq!(
+        reminder.map(|t| t.due),
+        Some(at("2020-09-25T00:00:00+08:00"))
+    );
+    let now = entered + hours(1);
+    let signed = ok(fire(
+        &lib,
+        &joint,
+        "sign",
+        "amr",
+        json!({"comment": "同意"}),
+        now,
+    ));
+    assert_eq!(signed.case.state, "joint");
+    assert_eq!(signed.entry.from, signed.entry.to);
+    assert!(signed.entry.timers_cancelled.is_empty(), "no restart");
+    assert_eq!(signed.case.timers, joint.timers);
+    assert_eq!(
+        signed.case.signatures.get("amr"),
+        Some(&Signature {
+            agency: "amr".into(),
+            approved: true,
+            at: now
+        })
+    );
+    let e = err(fire(&lib, &signed.case, "sign", "amr", json!({}), now));
+    assert_eq!(e.code, RejectCode::WrongState);
+    assert!(e.message.contains("role `amr` has already signed"), "{e}");
+    let e = err(fire(&lib, &signed.case, "sign", "k", json!({}), now));
+    assert_eq!(e.code, RejectCode::RoleNotAllowed);
+    assert!(
+        e.message.contains("amr (bound to amr), tax (bound to tax)"),
+        "{e}"
+    );
+    let e = err(fire(
+        &lib,
+        &signed.case,
+        "sign",
+        "tax",
+        json!({"x": 1}),
+        now,
+    ));
+    assert_eq!(e.code, RejectCode::InvalidPayload);
+    let done = ok(fire(&lib, &signed.case, "sign", "tax", json!({}), now));
+    assert_eq!(done.case.state, "approved");
+    assert_eq!(done.settled.as_deref(), Some("approved"));
+    assert!(done.case.signatures.is_empty(), "cleared on leaving");
+    // Veto: one rejection decides.
+    let vetoed = ok(fire(&lib, &joint, "reject", "tax", json!({}), now));
+    assert_eq!(vetoed.case.state, "refused");
+    assert_eq!(vetoed.settled.as_deref(), Some("refused"));
+}
+
+#[test]
+fn count_against_rejects_once_the_quorum_cannot_be_met() {
+    let lib = testkit::library();
+    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
+    let case = ok(start(
+        &lib,
+        "vote",
+        "v1",
+        "p",
+        &voters,
+        &obj(json!({})),
+        t0(),
+    ))
+    .case;
+    let s1 = ok(fire(&lib, &case, "disagree", "k", json!({}), t0()));
+    assert_eq!(s1.case.state, "voting");
+    let s2 = ok(fire(&lib, &s1.case, "agree", "k2", json!({}), t0()));
+    assert_eq!(s2.case.state, "voting");
+    let failed = ok(fire(&lib, &s2.case, "disagree", "amr", json!({}), t0()));
+    assert_eq!(failed.case.state, "failed");
+    let passed = ok(fire(&lib, &s2.case, "agree", "amr", json!({}), t0()));
+    assert_eq!(passed.case.state, "passed");
+    let quick = ok(fire(&lib, &case, "agree", "k", json!({}), t0()));
+    let quick = ok(fire(&lib, &quick.case, "agree", "amr", json!({}), t0()));
+    assert_eq!(quick.case.state, "passed", "two of three suffice");
+}
+
+#[test]
+fn an_expiry_goes_through_guards() {
+    let lib = testkit::library();
+    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
+    let lenient = ok(start(
+        &lib,
+        "vote",
+        "v1",
+        "p",
+        &voters,
+        &obj(json!({"strict": false})),
+        t0(),
+    ))
+    .case;
+    // Days(1) from Monday 09:00: the end of Tuesday.
+    assert_eq!(lenient.timers[0].due, at("2020-09-23T00:00:00+08:00"));
+    let lapse = Input::Timer {
+        timer_id: "1:expiry".into(),
+    };
+    let e = err(apply(&lib, &lenient, &lapse, t0() + hours(48)));
+    assert_eq!(e.code, RejectCode::GuardFalse);
+    assert!(e.message.contains("`vars.strict` is false"), "{e}");
+    let strict = ok(start(
+        &lib,
+        "vote",
+        "v2",
+        "p",
+        &voters,
+        &obj(json!({})),
+        t0(),
+    ))
+    .case;
+    let step = ok(apply(&lib, &strict, &lapse, t0() + hours(48)));
+    assert_eq!(step.case.state, "failed");
+    assert_eq!(step.entry.actor, Actor::Timer("1:expiry".into()));
+}
+
+#[test]
+fn working_days_without_a_calendar_are_a_calendar_rejection() {
+    let lib = testkit::library_without_calendar();
+    let review = in_review(&lib, 150);
+    assert_eq!(review.timers.len(), 2, "hours need no calendar");
+    assert_eq!(review.timers[0].calendar_version, "");
+    let escalated = ok(apply(
+        &lib,
+        &review,
+        &Input::Timer {
+            timer_id: "2:expiry".into(),
+        },
+        t0() + hours(49),
+    ))
+    .case;
+    let e = err(fire(
+        &lib,
+        &escalated,
+        "approve",
+        "c",
+        json!({}),
+        t0() + hours(50),
+    ));
+    assert_eq!(e.code, RejectCode::Calendar);
+    assert!(e.message.contains("deadline of state `joint`"), "{e}");
+}
+
+#[test]
+fn a_deadline_counted_from_an_unset_variable_is_a_calendar_rejection() {
+    let lib = testkit::library();
+    let mut broken = in_review(&lib, 150);
+    broken.vars.insert("days".into(), Json::Null);
+    broken.vars.insert("level".into(), json!("city"));
+    let e = err(fire(
+        &lib,
+        &broken,
+        "approve",
+        "k",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert_eq!(e.code, RejectCode::Calendar);
+    assert!(e.message.contains("`days`, which is unset"), "{e}");
+}
+
+#[test]
+fn spawn_starts_children_and_the_parent_waits_for_all() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k", "permits": ["P1", "P2"]})).case;
+    let review = ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": 1}),
+        t0(),
+    ))
+    .case;
+    let routed = ok(fire(
+        &lib,
+        &review,
+        "route",
+        "k",
+        json!({}),
+        t0() + hours(1),
+    ));
+    assert_eq!(routed.case.state, "waiting");
+    let workflows: Vec<(&str, &str)> = routed
+        .spawn
+        .iter()
+        .map(|s| (s.child_id.as_str(), s.workflow.as_str()))
+        .collect();
+    assert_eq!(workflows, [("c1/0", "child"), ("c1/1", "filing")]);
+    assert_eq!(routed.spawn[0].bindings, given(&[("dept", "amr")]));
+    assert_eq!(routed.spawn[1].bindings, given(&[("dept", "tax")]));
+    assert_eq!(routed.spawn[0].vars["permit"], json!("P1"));
+    assert_eq!(routed.case.children.len(), 2);
+    let parent = routed.case;
+
+    let child0 = ok(start_child(&lib, &parent, &routed.spawn[0], "k", t0())).case;
+    assert_eq!(child0.parent.as_deref(), Some("c1"));
+    assert_eq!(
+        child0.bindings["applicant"], "k",
+        "started by the parent's actor"
+    );
+    let filing = ok(start_child(&lib, &parent, &routed.spawn[1], "k", t0()));
+    assert_eq!(
+        filing.settled.as_deref(),
+        Some("filed"),
+        "terminal at start"
+    );
+
+    let settled = |child: &str, outcome: &str| Input::ChildSettled {
+        child_id: child.into(),
+        outcome: outcome.into(),
+    };
+    let p1 = ok(apply(&lib, &parent, &settled("c1/1", "filed"), t0()));
+    assert_eq!(p1.case.state, "waiting");
+    assert_eq!(p1.entry.event, "child-settled");
+    assert_eq!(p1.entry.actor, Actor::Engine);
+    assert_eq!(p1.entry.input(), Some(settled("c1/1", "filed")));
+    let e = err(apply(&lib, &p1.case, &settled("c1/1", "filed"), t0()));
+    assert_eq!(e.code, RejectCode::WrongState);
+    let e = err(apply(&lib, &p1.case, &settled("c1/7", "filed"), t0()));
+    assert_eq!(e.code, RejectCode::UnknownChild);
+
+    let issued = ok(fire(&lib, &child0, "issue", "amr", json!({}), t0()));
+    assert_eq!(issued.settled.as_deref(), Some("issued"));
+    let p2 = ok(apply(&lib, &p1.case, &settled("c1/0", "issued"), t0()));
+    assert_eq!(p2.case.state, "approved");
+    assert_eq!(p2.settled.as_deref(), Some("approved"));
+    assert_eq!(
+        p2.case
+            .children
+            .iter()
+            .map(|c| c.outcome.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("issued"), Some("filed")]
+    );
+}
+
+#[test]
+fn a_wait_with_nothing_to_wait_for_is_passed_through() {
+    let lib = testkit::library();
+    let review = in_review(&lib, 1);
+    let routed = ok(fire(
+        &lib,
+        &review,
+        "route",
+        "k",
+        json!({}),
+        t0() + hours(2),
+    ));
+    assert!(routed.spawn.is_empty());
+    assert_eq!(routed.entry.to, "approved");
+    assert_eq!(routed.settled.as_deref(), Some("approved"));
+}
+
+#[test]
+fn a_spawn_that_cannot_be_computed_refuses_the_step() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k", "permits": ["P9"]})).case;
+    let review = ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": 1}),
+        t0(),
+    ))
+    .case;
+    let e = err(fire(&lib, &review, "route", "k", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::EffectFailed);
+    assert!(e.message.contains("child c1/0"), "{e}");
+}
+
+#[test]
+fn any_child_settling_ends_a_wait_for_any() {
+    let lib = testkit::library();
+    let case = ok(start(
+        &lib,
+        "race",
+        "r",
+        "c",
+        &given(&[("boss", "c")]),
+        &obj(json!({})),
+        t0(),
+    ))
+    .case;
+    let go = ok(fire(&lib, &case, "go", "c", json!({}), t0()));
+    assert_eq!(go.spawn.len(), 2);
+    assert_eq!(go.case.state, "wait");
+    let done = ok(apply(
+        &lib,
+        &go.case,
+        &Input::ChildSettled {
+            child_id: "r/1".into(),
+            outcome: "denied".into(),
+        },
+        t0(),
+    ));
+    assert_eq!(done.case.state, "done");
+    // The other child settling later finds the case closed.
+    let e = err(apply(
+        &lib,
+        &done.case,
+        &Input::ChildSettled {
+            child_id: "r/0".into(),
+            outcome: "issued".into(),
+        },
+        t0(),
+    ));
+    assert_eq!(e.code, RejectCode::CaseClosed);
+}
+
+#[test]
+fn steps_round_trip_through_json() {
+    let lib = testkit::library();
+    let (joint, now) = in_joint(&lib);
+    let step = ok(fire(&lib, &joint, "sign", "amr", json!({}), now));
+    let text = serde_json::to_string(&step).expect("serialises");
+    let back: Step = serde_json::from_str(&text).expect("deserialises");
+    assert_eq!(back, step);
+}
+
+#[test]
+fn replaying_the_history_reproduces_every_step() {
+    let lib = testkit::library();
+    let first = start_permit(&lib, json!({"county": "k"}));
+    let mut history = vec![first.entry.clone()];
+    let mut case = first.case.clone();
+    let mut now = t0();
+    let inputs = [
+        Input::Fire {
+            event: "submit".into(),
+            agency: "ent".into(),
+            payload: obj(json!({"amount": 500})),
+        },
+        Input::Timer {
+            timer_id: "2:reminder:0".into(),
+        },
+        Input::Timer {
+            timer_id: "2:expiry".into(),
+        },
+        Input::Fire {
+            event: "approve".into(),
+            agency: "c".into(),
+            payload: obj(json!({})),
+        },
+        Input::Fire {
+            event: "sign".into(),
+            agency: "tax".into(),
+            payload: obj(json!({"comment": "可"})),
+        },
+    ];
+    for input in &inputs {
+        now += hours(30);
+        let step = ok(apply(&lib, &case, input, now));
+        history.push(step.entry);
+        case = step.case;
+    }
+    // Replay from the entries alone.
+    let args = history[0].start_args().expect("start");
+    let mut replayed = ok(start(
+        &lib,
+        "permit",
+        "c1",
+        &args.starter,
+        &args.bindings,
+        &args.variables,
+        history[0].at,
+    ));
+    assert_eq!(replayed.entry, history[0]);
+    for entry in &history[1..] {
+        let input = entry.input().expect("input");
+        replayed = ok(apply(&lib, &replayed.case, &input, entry.at));
+        assert_eq!(&replayed.entry, entry);
+    }
+    assert_eq!(replayed.case, case);
+}
+
+// ───────────────────────────── properties ─────────────────────────────
+
+const EVENTS: [&str; 10] = [
+    "submit", "approve", "withdraw", "route", "sign", "reject", "escalate", "timeout", "nope",
+    "issue",
+];
+const AGENCIES: [&str; 7] = ["ent", "k", "c", "p", "amr", "tax", "zz"];
+
+fn payload_for(choice: u8) -> Json {
+    match choice % 6 {
+        0 => json!({}),
+        1 => json!({"amount": 50}),
+        2 => json!({"amount": 500, "note": "x"}),
+        3 => json!({"amount": "abc"}),
+        4 => json!({"comment": "ok"}),
+        _ => json!({"bogus": 1}),
+    }
+}
+
+/// One abstract input: kind, event/timer choice, agency, payload, minutes later.
+type Op = (u8, u8, u8, u8, u16);
+
+fn input_for(case: &Case, op: Op) -> Input {
+    let (kind, which, agency, payload, _) = op;
+    match kind % 4 {
+        0 | 1 => Input::Fire {
+            event: EVENTS[which as usize % EVENTS.len()].into(),
+            agency: AGENCIES[agency as usize % AGENCIES.len()].into(),
+            payload: obj(payload_for(payload)),
+        },
+        2 => Input::Timer {
+            timer_id: case
+                .timers
+                .get(which as usize % (case.timers.len() + 1))
+                .map(|t| t.id.clone())
+                .unwrap_or_else(|| format!("{which}:expiry")),
+        },
+        _ => Input::ChildSettled {
+            child_id: case
+                .children
+                .get(which as usize % (case.children.len() + 1))
+                .map(|c| c.id.clone())
+                .unwrap_or_else(|| "nobody".into()),
+            outcome: "issued".into(),
+        },
+    }
+}
+
+/// Runs the ops; returns every result as JSON.
+fn run(lib: &Library, permits: &[&str], ops: &[Op]) -> Vec<String> {
+    let first = start_permit(lib, json!({"county": "k", "permits": permits}));
+    let mut out = vec![serde_json::to_string(&first).unwrap_or_default()];
+    let mut case = first.case;
+    let mut now = t0();
+    for &op in ops {
+        now += TimeDelta::minutes(i64::from(op.4) * 10);
+        let input = input_for(&case, op);
+        let result = apply(lib, &case, &input, now);
+        out.push(serde_json::to_string(&result).unwrap_or_default());
+        if let Ok(step) = result {
+            case = step.case;
+        }
+    }
+    out
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        0u16..600,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_core_is_deterministic(ops in prop::collection::vec(op(), 0..25), two in any::<bool>()) {
+        let lib = testkit::library();
+        let permits: &[&str] = if two { &["P1", "P2"] } else { &[] };
+        let a = run(&lib, permits, &ops);
+        let b = run(&lib, permits, &ops);
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_rejected_input_changes_nothing(ops in prop::collection::vec(op(), 1..25)) {
+        let lib = testkit::library();
+        let mut case = start_permit(&lib, json!({"county": "k", "permits": ["P1"]})).case;
+        let mut now = t0();
+        for op in ops {
+            now += TimeDelta::minutes(i64::from(op.4) * 10);
+            let input = input_for(&case, op);
+            let before = serde_json::to_string(&case).unwrap_or_default();
+            match apply(&lib, &case, &input, now) {
+                Ok(step) => {
+                    prop_assert_eq!(step.case.seq, case.seq + 1);
+                    prop_assert_eq!(step.entry.seq, step.case.seq);
+                    case = step.case;
+                }
+                Err(rejection) => {
+                    prop_assert_eq!(serde_json::to_string(&case).unwrap_or_default(), before);
+                    // The same input on the same case is rejected the same way.
+                    prop_assert_eq!(apply(&lib, &case, &input, now).err(), Some(rejection));
+                }
+            }
+        }
+    }
+}
