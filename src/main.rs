@@ -35,6 +35,15 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         draw: Option<PathBuf>,
     },
+    /// Run scenario files against their workflows on virtual time; report transition coverage.
+    Test {
+        /// Files or folders holding workflows and scenarios.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Fail unless every workflow that has scenarios reaches this coverage (percent).
+        #[arg(long, value_name = "PERCENT")]
+        min_coverage: Option<f64>,
+    },
     /// Draw a workflow as a picture.
     Graph {
         /// The workflow file.
@@ -120,7 +129,76 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => graph_command(&file, format, output),
         Command::Catalogue(command) => catalogue_command(command),
+        Command::Test {
+            paths,
+            min_coverage,
+        } => test_command(&paths, min_coverage),
     }
+}
+
+fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode> {
+    let sources = load::load(paths)?;
+    let validated = validate(&sources);
+    let Some(library) = validated.library else {
+        for d in &validated.diagnostics {
+            println!("{d}");
+        }
+        println!("the workflows do not validate: no scenario was run");
+        return Ok(ExitCode::from(1));
+    };
+    let run = govflow::scenario::run::run(&sources, &library);
+    let mut out = std::io::stdout().lock();
+    for report in &run.scenarios {
+        match &report.failure {
+            None => writeln!(out, "ok   {} — {}", report.file.display(), report.name)?,
+            Some(why) => writeln!(
+                out,
+                "FAIL {} — {}\n     {why}",
+                report.file.display(),
+                report.name
+            )?,
+        }
+    }
+    let tested: std::collections::BTreeSet<&str> =
+        run.scenarios.iter().map(|r| r.workflow.as_str()).collect();
+    writeln!(out, "\ntransition coverage:")?;
+    let mut below = 0;
+    for coverage in &run.coverage {
+        let percent = coverage.percent();
+        let has_scenarios = tested.contains(coverage.workflow.as_str());
+        writeln!(
+            out,
+            "  {:<24} {:>5.1}%  ({}/{}){}",
+            coverage.workflow,
+            percent,
+            coverage.covered.len(),
+            coverage.all.len(),
+            if has_scenarios { "" } else { "  (no scenario)" }
+        )?;
+        for missing in coverage.missing() {
+            writeln!(out, "      not exercised: {missing}")?;
+        }
+        if let Some(min) = min_coverage
+            && percent + f64::EPSILON < min
+        {
+            below += 1;
+        }
+    }
+    let passed = run.scenarios.iter().filter(|r| r.passed()).count();
+    let failed = run.scenarios.len() - passed;
+    writeln!(out, "\n{passed} passed, {failed} failed")?;
+    if below > 0 {
+        writeln!(
+            out,
+            "{below} workflows below the required coverage of {:.1}%",
+            min_coverage.unwrap_or(0.0)
+        )?;
+    }
+    Ok(if failed == 0 && below == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {

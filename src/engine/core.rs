@@ -35,6 +35,9 @@ pub const START_EVENT: &str = "start";
 pub const CHILD_SETTLED_EVENT: &str = "child-settled";
 /// Prefix of the event name of a reminder entry: `reminder:<deadline event>`.
 pub const REMINDER_PREFIX: &str = "reminder:";
+/// Payload key of the entry recording a deadline that came due when no
+/// transition applied: the rejection that stopped it.
+pub const SPENT_KEY: &str = "no_transition";
 
 /// One running instance of a workflow, pinned to the version it started on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1034,21 +1037,53 @@ fn timer(
                 .iter()
                 .filter(|t| t.event == timer.event)
                 .collect();
-            if candidates.is_empty() {
-                return Err(no_transition(wf, state, &timer.event));
-            }
-            transition_path(
-                lib,
-                wf,
-                case,
-                state,
-                &candidates,
-                actor,
-                &timer.event,
-                &JsonMap::new(),
-                &[],
-                now,
-            )
+            let taken = if candidates.is_empty() {
+                Err(no_transition(wf, state, &timer.event))
+            } else {
+                transition_path(
+                    lib,
+                    wf,
+                    case,
+                    state,
+                    &candidates,
+                    actor.clone(),
+                    &timer.event,
+                    &JsonMap::new(),
+                    &[],
+                    now,
+                )
+            };
+            // A deadline that comes due when no transition applies is still
+            // spent, and the history says why: otherwise it would stay due
+            // and fire again forever.
+            taken.or_else(|rejection| {
+                let mut new = case.clone();
+                new.timers.retain(|t| t.id != timer.id);
+                let fx = Effects {
+                    timers_cancelled: vec![timer.id.clone()],
+                    ..Effects::default()
+                };
+                let mut payload = JsonMap::new();
+                payload.insert(
+                    SPENT_KEY.to_owned(),
+                    Json::String(format!(
+                        "{}: {}",
+                        rejection.code.as_str(),
+                        rejection.message
+                    )),
+                );
+                Ok(finish(
+                    wf,
+                    case,
+                    new,
+                    fx,
+                    actor,
+                    &timer.event,
+                    Json::Object(payload),
+                    Vec::new(),
+                    now,
+                ))
+            })
         }
     }
 }

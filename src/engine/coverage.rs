@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use super::core::{Actor, CHILD_SETTLED_EVENT, Entry, REMINDER_PREFIX};
+use super::core::{Actor, CHILD_SETTLED_EVENT, Entry, REMINDER_PREFIX, SPENT_KEY};
 use crate::lang::model::{State, Workflow};
 
 pub fn transition_item(from: &str, event: &str, to: &str) -> String {
@@ -50,7 +50,8 @@ pub fn taken(w: &Workflow, entry: &Entry) -> Vec<String> {
     let Some(from) = state(w, &entry.from) else {
         return out;
     };
-    if entry.event.starts_with(REMINDER_PREFIX) {
+    // Reminders change nothing, and a spent deadline took no transition.
+    if entry.event.starts_with(REMINDER_PREFIX) || entry.payload.get(SPENT_KEY).is_some() {
         return out;
     }
     let expiry = from.deadline.as_ref().and_then(|d| d.on_expiry.as_deref());

@@ -163,7 +163,6 @@ fn run_scenario(
         cases: BTreeMap::new(),
         clock,
         fired: Vec::new(),
-        spent: BTreeSet::new(),
         taken,
     };
     driver
@@ -209,8 +208,6 @@ struct Driver<'a> {
     clock: DateTime<Utc>,
     /// (case id, event) fired by the engine itself since the last acting step.
     fired: Vec<(String, String)>,
-    /// Timers whose firing was rejected: never tried again.
-    spent: BTreeSet<(String, String)>,
     taken: &'a mut BTreeMap<String, BTreeSet<String>>,
 }
 
@@ -325,7 +322,14 @@ impl Driver<'_> {
                 .extend(coverage::taken(&wf.def, &entry));
         }
         if entry.seq > 1 && matches!(entry.actor, Actor::Timer(_) | Actor::Engine) {
-            self.fired.push((case.id.clone(), entry.event.clone()));
+            let shown = match entry.payload.get(core::SPENT_KEY).and_then(|v| v.as_str()) {
+                Some(why) => {
+                    let code = why.split(':').next().unwrap_or(why);
+                    format!("{} (no transition: {code})", entry.event)
+                }
+                None => entry.event.clone(),
+            };
+            self.fired.push((case.id.clone(), shown));
         }
         let id = case.id.clone();
         let parent = case.parent.clone();
@@ -394,9 +398,7 @@ impl Driver<'_> {
                 .cases
                 .iter()
                 .flat_map(|(id, c)| c.timers.iter().map(move |t| (t.due, id, t)))
-                .filter(|(due, id, t)| {
-                    *due <= target && !self.spent.contains(&((*id).clone(), t.id.clone()))
-                })
+                .filter(|(due, _, _)| *due <= target)
                 .min_by(|a, b| (a.0, a.1, &a.2.id).cmp(&(b.0, b.1, &b.2.id)))
                 .map(|(due, id, t)| (due, id.clone(), t.id.clone(), t.event.clone()));
             let Some((due, case_id, timer_id, event)) = next else {
@@ -407,16 +409,11 @@ impl Driver<'_> {
             let input = Input::Timer {
                 timer_id: timer_id.clone(),
             };
-            match core::apply(self.lib, self.case(&case_id)?, &input, self.clock) {
-                Ok(step) => self.commit(step)?,
-                Err(r) => {
-                    // A rejected expiry (e.g. its guard is false) changes
-                    // nothing; it is shown in `fired` and not tried again.
-                    self.fired
-                        .push((case_id.clone(), format!("{event} (rejected: {})", r.code)));
-                    self.spent.insert((case_id, timer_id));
-                }
-            }
+            let step =
+                core::apply(self.lib, self.case(&case_id)?, &input, self.clock).map_err(|r| {
+                    format!("timer `{timer_id}` ({event}) of case `{case_id}`: rejected: {r}")
+                })?;
+            self.commit(step)?;
         }
         Err(format!(
             "more than {MAX_FIRINGS_PER_ADVANCE} timers came due: does a deadline keep re-entering its state at once?"
@@ -776,7 +773,7 @@ mod tests {
         )"#;
         let steps = r#"
             Advance(Days(3)),
-            Expect(Expect(state: "voting", fired: ["lapse (rejected: guard-false)"])),
+            Expect(Expect(state: "voting", fired: ["lapse (no transition: guard-false)"])),
             Advance(Days(3)),
             Expect(Expect(state: "voting", fired: [])),
             Fire(event: "agree", by: "k"),

@@ -612,9 +612,24 @@ fn an_expiry_goes_through_guards() {
     let lapse = Input::Timer {
         timer_id: "1:expiry".into(),
     };
-    let e = err(apply(&lib, &lenient, &lapse, t0() + hours(48)));
-    assert_eq!(e.code, RejectCode::GuardFalse);
-    assert!(e.message.contains("`vars.strict` is false"), "{e}");
+    // No transition applies: the deadline is spent and the history says why,
+    // so it can never fire again.
+    let spent = ok(apply(&lib, &lenient, &lapse, t0() + hours(48)));
+    assert_eq!(
+        (spent.entry.from.as_str(), spent.entry.to.as_str()),
+        ("voting", "voting")
+    );
+    assert_eq!(spent.entry.timers_cancelled, vec!["1:expiry".to_owned()]);
+    let why = spent.entry.payload[SPENT_KEY].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("guard-false") && why.contains("`vars.strict` is false"),
+        "{why}"
+    );
+    assert!(spent.case.timers.iter().all(|t| t.id != "1:expiry"));
+    assert_eq!(
+        err(apply(&lib, &spent.case, &lapse, t0() + hours(49))).code,
+        RejectCode::UnknownTimer
+    );
     let strict = ok(start(
         &lib,
         "vote",
