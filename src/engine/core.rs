@@ -569,7 +569,10 @@ pub fn apply(
     input: &Input,
     now: DateTime<Utc>,
 ) -> Result<Step, Rejection> {
-    let wf = compiled(lib, &case.workflow)?;
+    let wf = match lib.pinned(&case.workflow, &case.digest) {
+        Some(wf) => wf,
+        None => compiled(lib, &case.workflow)?,
+    };
     if let Some(outcome) = &case.outcome {
         return Err(reject(
             RejectCode::CaseClosed,

@@ -58,10 +58,23 @@ pub struct CatalogueTable {
 /// Everything validated and compiled: what the engine runs.
 #[derive(Debug, Default)]
 pub struct Library {
+    /// The current version of each workflow, by name: what new cases start on.
     pub workflows: BTreeMap<String, Arc<CompiledWorkflow>>,
+    /// Every version known, by digest: running cases stay on the one they started on.
+    pub versions: BTreeMap<String, Arc<CompiledWorkflow>>,
     pub directory: Directory,
     pub catalogues: BTreeMap<String, Arc<CatalogueTable>>,
     pub calendar: Option<Calendar>,
+}
+
+impl Library {
+    /// The version a case is pinned to (by its digest), else the current one.
+    pub fn pinned(&self, name: &str, digest: &str) -> Option<&Arc<CompiledWorkflow>> {
+        self.versions
+            .get(digest)
+            .filter(|w| w.def.name == name)
+            .or_else(|| self.workflows.get(name))
+    }
 }
 
 /// The outcome of validating a set of sources.
@@ -121,6 +134,10 @@ pub fn validate(sources: &Sources) -> Validated {
     diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
     diagnostics.dedup();
     let library = (!diagnostics.iter().any(Diagnostic::is_error)).then(|| Library {
+        versions: workflows
+            .values()
+            .map(|w| (w.digest.clone(), Arc::clone(w)))
+            .collect(),
         workflows,
         directory: directory.unwrap_or_default(),
         catalogues: catalogues

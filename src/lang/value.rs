@@ -12,6 +12,10 @@ use serde_json::Value as Json;
 
 use super::model::{Agencies, Agency, Level, Type};
 
+/// Largest integer a variable may hold: what JSON numbers (and protobuf
+/// `Struct`, which every client library maps them to) carry exactly.
+pub const MAX_EXACT_INTEGER: i64 = (1 << 53) - 1;
+
 /// The agency directory, indexed.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
@@ -119,13 +123,21 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
     let found = || describe(value);
     match (ty, value) {
         (Type::String, Json::String(_)) | (Type::Boolean, Json::Bool(_)) => Ok(value.clone()),
-        (Type::Integer, Json::Number(n)) if n.is_i64() || n.is_u64() => n
-            .as_i64()
-            .map(Json::from)
-            .ok_or_else(|| format!("integer {n} is too large")),
-        (Type::Integer, Json::String(s)) if s.parse::<i64>().is_ok() => {
-            Ok(Json::from(s.parse::<i64>().unwrap_or_default()))
-        }
+        (Type::Integer, Json::Number(n)) => match n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_EXACT_INTEGER as f64)
+                .map(|f| f as i64)
+        }) {
+            Some(i) if i.abs() <= MAX_EXACT_INTEGER => Ok(Json::from(i)),
+            Some(_) => Err(format!(
+                "integer {n} is outside ±{MAX_EXACT_INTEGER}, the range JSON carries exactly"
+            )),
+            None => Err(format!("expected an integer, found number {n}")),
+        },
+        (Type::Integer, Json::String(s)) => match s.parse::<i64>() {
+            Ok(i) if i.abs() <= MAX_EXACT_INTEGER => Ok(Json::from(i)),
+            _ => Err(format!("expected an integer, found string \"{s}\"")),
+        },
         (Type::Decimal, Json::Number(n)) => decimal(&n.to_string()),
         (Type::Decimal, Json::String(s)) => decimal(s),
         (Type::Date, Json::String(s)) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
@@ -318,6 +330,9 @@ mod tests {
             check(&json!("town"), &level, None),
             Err("`town` is not one of county, city".into())
         );
+        assert_eq!(check(&json!(5.0), &Type::Integer, None), Ok(json!(5)));
+        assert!(check(&json!(5.5), &Type::Integer, None).is_err());
+        assert!(check(&json!(1_i64 << 60), &Type::Integer, None).is_err());
         assert_eq!(
             check(&json!([1, "x"]), &Type::List(Box::new(Type::Integer)), None),
             Err("item 1: expected an integer, found string \"x\"".into())

@@ -1,6 +1,133 @@
 //! Durable storage of workflows, cases, histories, timers and indexes.
+//!
+//! The engine talks to a [`Store`]; [`SledStore`] is the embedded default. A
+//! store never interprets workflows: the engine hands it records and the
+//! index entries each case should have, and the store keeps them.
+
+pub mod records;
+mod sled_store;
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+
+pub use sled_store::{MAX_RECORD_BYTES, SledStore, SyncObserver, SyncStep};
 
 /// The prost messages of `proto/govflow/v1`: the records on disk and on the wire.
+#[allow(clippy::all, missing_docs)]
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/govflow.v1.rs"));
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage holds a record that does not decode ({what}): {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("a record of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An index a case appears in, so that lists and inboxes cost what they return.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IndexKey {
+    /// Cases of a workflow.
+    Workflow(String),
+    /// Cases of a workflow in a state.
+    State { workflow: String, state: String },
+    /// Cases in which an agency holds a role.
+    Agency(String),
+    /// Cases in which an agency can act now (its inbox).
+    Inbox(String),
+    /// Cases of a workflow whose searchable variable has a value.
+    Variable {
+        workflow: String,
+        name: String,
+        value: String,
+    },
+}
+
+/// One case written by a commit: its record after, the history entries the
+/// commit appends, and its index entries before and after.
+#[derive(Debug, Clone)]
+pub struct CaseWrite {
+    pub before: Option<proto::Case>,
+    pub after: proto::Case,
+    pub entries: Vec<proto::HistoryEntry>,
+    pub index_before: BTreeSet<IndexKey>,
+    pub index_after: BTreeSet<IndexKey>,
+}
+
+/// Everything one commit writes, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub cases: Vec<CaseWrite>,
+    /// Request id → encoded outcome, so retries get the first answer.
+    pub idempotency: Vec<(String, Vec<u8>)>,
+    pub workflows: Vec<proto::WorkflowVersion>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.cases.is_empty() && self.idempotency.is_empty() && self.workflows.is_empty()
+    }
+}
+
+/// A timer that has come due.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DueTimer {
+    pub due: DateTime<Utc>,
+    pub case_id: String,
+    pub timer_id: String,
+}
+
+/// Which cases to list.
+#[derive(Debug, Clone, Default)]
+pub struct CaseFilter {
+    pub workflow: Option<String>,
+    pub state: Option<String>,
+    /// Only cases in which this agency holds a role.
+    pub agency: Option<String>,
+    /// A searchable variable and the value it must have.
+    pub variable: Option<(String, String)>,
+}
+
+/// A page of case ids and the token for the next one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    pub cases: Vec<proto::Case>,
+    /// Empty when there is no further page.
+    pub next_page_token: String,
+}
+
+/// Storage for the engine. A commit is atomic (all of it or none of it is
+/// there after a crash) and durable when it returns.
+pub trait Store: Send + Sync + 'static {
+    fn commit(&self, commit: &Commit) -> Result<()>;
+    fn case(&self, id: &str) -> Result<Option<proto::Case>>;
+    /// History entries of a case from `from_sequence` on, in order.
+    fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>>;
+    fn idempotency(&self, request_id: &str) -> Result<Option<Vec<u8>>>;
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
+    /// Timers due at or before `until`, earliest first.
+    fn due_timers(&self, until: DateTime<Utc>, limit: usize) -> Result<Vec<DueTimer>>;
+    /// Cases matching `filter`, by id, from after `page_token`.
+    fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page>;
+    /// Cases in which `agency` can act now, by id.
+    fn inbox(&self, agency: &str, page_token: &str, page_size: usize) -> Result<Page>;
+    /// Every case id, in order (for audits and migration checks).
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>>;
 }

@@ -1,0 +1,688 @@
+//! The embedded store: one sled tree, key prefixes per kind of record.
+//!
+//! Everything lives in sled's default tree so that a commit is a single
+//! `apply_batch` — atomic across cases, histories, timers, indexes and
+//! idempotency records without sled's multi-tree transactions. After the
+//! batch, `flush()` writes it to the log file and, because sled's flush ends
+//! with `sync_file_range` (which reaches neither the drive's cache nor the
+//! file's metadata), the store calls `fdatasync` on that file itself before
+//! `commit` returns.
+//!
+//! Keys (`·` is a 0 byte; numbers are fixed-width big-endian, so byte order
+//! is numeric order):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `C·{case}` | `Case` |
+//! | `H·{case}·{sequence u64}` | `HistoryEntry` |
+//! | `T·{due ns i64 as ordered u64}{case}·{timer}` | empty |
+//! | `R·{request id}` | encoded outcome |
+//! | `W·{workflow}·{version u32}` | `WorkflowVersion` |
+//! | `I·w·{workflow}·{case}` … | empty: index entries (see [`IndexKey`]) |
+
+use std::fs::File;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+
+use super::{
+    CaseFilter, Commit, DueTimer, IndexKey, Page, Result, Store, StoreError, proto, records,
+};
+
+/// Records above this size are refused: sled stores larger values as
+/// separate blob files, which it writes without syncing them.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// Told about each durability step, in order: for tests that check that an
+/// acknowledgement never precedes the sync of its data.
+pub type SyncObserver = Arc<dyn Fn(SyncStep) + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncStep {
+    /// The batch is applied in memory.
+    Applied,
+    /// sled's flush returned.
+    Flushed,
+    /// `fdatasync` of the log file returned: the batch is durable.
+    Synced,
+}
+
+pub struct SledStore {
+    db: sled::Db,
+    log_file: File,
+    observer: Option<SyncObserver>,
+}
+
+const SEP: u8 = 0;
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![prefix];
+    for part in parts {
+        k.push(SEP);
+        k.extend_from_slice(part);
+    }
+    k
+}
+
+fn case_key(id: &str) -> Vec<u8> {
+    key(b'C', &[id.as_bytes()])
+}
+
+fn history_prefix(id: &str) -> Vec<u8> {
+    let mut k = key(b'H', &[id.as_bytes()]);
+    k.push(SEP);
+    k
+}
+
+fn history_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut k = history_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Nanoseconds since the epoch, flipped so that unsigned byte order is time order.
+fn ordered_time(t: DateTime<Utc>) -> [u8; 8] {
+    let nanos = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    ((nanos as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_from_ordered(bytes: &[u8]) -> DateTime<Utc> {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    DateTime::from_timestamp_nanos((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+}
+
+fn timer_key(due: DateTime<Utc>, case: &str, timer: &str) -> Vec<u8> {
+    let mut k = vec![b'T', SEP];
+    k.extend_from_slice(&ordered_time(due));
+    k.extend_from_slice(case.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(timer.as_bytes());
+    k
+}
+
+fn index_prefix(index: &IndexKey) -> Vec<u8> {
+    let mut k = match index {
+        IndexKey::Workflow(w) => key(b'I', &[b"w", w.as_bytes()]),
+        IndexKey::State { workflow, state } => {
+            key(b'I', &[b"s", workflow.as_bytes(), state.as_bytes()])
+        }
+        IndexKey::Agency(a) => key(b'I', &[b"a", a.as_bytes()]),
+        IndexKey::Inbox(a) => key(b'I', &[b"x", a.as_bytes()]),
+        IndexKey::Variable {
+            workflow,
+            name,
+            value,
+        } => key(
+            b'I',
+            &[b"v", workflow.as_bytes(), name.as_bytes(), value.as_bytes()],
+        ),
+    };
+    k.push(SEP);
+    k
+}
+
+fn index_key(index: &IndexKey, case: &str) -> Vec<u8> {
+    let mut k = index_prefix(index);
+    k.extend_from_slice(case.as_bytes());
+    k
+}
+
+fn encode(message: &impl Message) -> Result<Vec<u8>> {
+    let bytes = message.encode_to_vec();
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(StoreError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_RECORD_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: impl Fn() -> String) -> Result<M> {
+    M::decode(bytes).map_err(|source| StoreError::Decode {
+        what: what(),
+        source,
+    })
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let io = |source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let db = sled::Config::new()
+            .path(dir)
+            // Durability is ours: no background flusher racing the writer.
+            .flush_every_ms(None)
+            .open()?;
+        let log_path = dir.join("db");
+        let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
+            path: log_path.display().to_string(),
+            source,
+        })?;
+        // Make the files' directory entries durable too.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(SledStore {
+            db,
+            log_file,
+            observer: None,
+        })
+    }
+
+    /// Watches each durability step (a test hook).
+    pub fn with_observer(mut self, observer: SyncObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, step: SyncStep) {
+        if let Some(observer) = &self.observer {
+            observer(step);
+        }
+    }
+
+    fn scan_ids(&self, prefix: &[u8], after: &str, limit: usize) -> Result<Vec<String>> {
+        let start = if after.is_empty() {
+            Bound::Included(prefix.to_vec())
+        } else {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(after.as_bytes());
+            Bound::Excluded(k)
+        };
+        let mut ids = Vec::new();
+        for item in self
+            .db
+            .range::<Vec<u8>, _>((start, Bound::Excluded(prefix_end(prefix))))
+        {
+            let (k, _) = item?;
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+            if ids.len() >= limit {
+                break;
+            }
+        }
+        Ok(ids)
+    }
+
+    fn page(
+        &self,
+        prefix: &[u8],
+        token: &str,
+        size: usize,
+        keep: impl Fn(&proto::Case) -> bool,
+    ) -> Result<Page> {
+        let size = size.clamp(1, 1000);
+        let mut page = Page::default();
+        let mut after = token.to_owned();
+        // Scan in chunks; stop once a page is full and one more match is seen.
+        loop {
+            let ids = self.scan_ids(prefix, &after, size.max(64))?;
+            let exhausted = ids.len() < size.max(64);
+            for id in ids {
+                after.clone_from(&id);
+                let Some(case) = self.case(&id)? else {
+                    continue;
+                };
+                if !keep(&case) {
+                    continue;
+                }
+                if page.cases.len() == size {
+                    page.next_page_token =
+                        page.cases.last().map(|c| c.id.clone()).unwrap_or_default();
+                    return Ok(page);
+                }
+                page.cases.push(case);
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, commit: &Commit) -> Result<()> {
+        if commit.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for w in &commit.workflows {
+            batch.insert(
+                key(b'W', &[w.name.as_bytes(), &w.version.to_be_bytes()]),
+                encode(w)?,
+            );
+        }
+        for write in &commit.cases {
+            let id = write.after.id.as_str();
+            batch.insert(case_key(id), encode(&write.after)?);
+            for entry in &write.entries {
+                batch.insert(history_key(id, entry.sequence), encode(entry)?);
+            }
+            let timers = |c: &proto::Case| -> Vec<Vec<u8>> {
+                c.timers
+                    .iter()
+                    .map(|t| timer_key(records::from_timestamp(t.due_time.as_ref()), id, &t.id))
+                    .collect()
+            };
+            let before_timers = write.before.as_ref().map(timers).unwrap_or_default();
+            let after_timers = timers(&write.after);
+            for k in before_timers.iter().filter(|k| !after_timers.contains(k)) {
+                batch.remove(k.clone());
+            }
+            for k in after_timers {
+                batch.insert(k, &[] as &[u8]);
+            }
+            for index in write.index_before.difference(&write.index_after) {
+                batch.remove(index_key(index, id));
+            }
+            for index in write.index_after.difference(&write.index_before) {
+                batch.insert(index_key(index, id), &[] as &[u8]);
+            }
+        }
+        for (request_id, outcome) in &commit.idempotency {
+            if outcome.len() > MAX_RECORD_BYTES {
+                return Err(StoreError::TooLarge {
+                    size: outcome.len(),
+                    limit: MAX_RECORD_BYTES,
+                });
+            }
+            batch.insert(key(b'R', &[request_id.as_bytes()]), outcome.as_slice());
+        }
+        self.db.apply_batch(batch)?;
+        self.observe(SyncStep::Applied);
+        self.db.flush()?;
+        self.observe(SyncStep::Flushed);
+        self.log_file.sync_data().map_err(|source| StoreError::Io {
+            path: "db".into(),
+            source,
+        })?;
+        self.observe(SyncStep::Synced);
+        Ok(())
+    }
+
+    fn case(&self, id: &str) -> Result<Option<proto::Case>> {
+        self.db
+            .get(case_key(id))?
+            .map(|bytes| decode(&bytes, || format!("case {id}")))
+            .transpose()
+    }
+
+    fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>> {
+        let prefix = history_prefix(id);
+        self.db
+            .range(history_key(id, from_sequence)..prefix_end(&prefix))
+            .map(|item| {
+                let (k, v) = item?;
+                decode(&v, || {
+                    format!("history entry {}", String::from_utf8_lossy(&k[1..]))
+                })
+            })
+            .collect()
+    }
+
+    fn idempotency(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(key(b'R', &[request_id.as_bytes()]))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+        self.db
+            .scan_prefix([b'W', SEP])
+            .map(|item| {
+                let (_, v) = item?;
+                decode(&v, || "workflow version".to_owned())
+            })
+            .collect()
+    }
+
+    fn due_timers(&self, until: DateTime<Utc>, limit: usize) -> Result<Vec<DueTimer>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([b'T', SEP]) {
+            let (k, _) = item?;
+            let due = time_from_ordered(&k[2..10]);
+            if due > until || out.len() >= limit {
+                break;
+            }
+            let rest = &k[10..];
+            let split = rest.iter().position(|b| *b == SEP).unwrap_or(rest.len());
+            out.push(DueTimer {
+                due,
+                case_id: String::from_utf8_lossy(&rest[..split]).into_owned(),
+                timer_id: String::from_utf8_lossy(rest.get(split + 1..).unwrap_or_default())
+                    .into_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page> {
+        let prefix = match (filter, &filter.variable) {
+            (
+                CaseFilter {
+                    workflow: Some(w), ..
+                },
+                Some((name, value)),
+            ) => index_prefix(&IndexKey::Variable {
+                workflow: w.clone(),
+                name: name.clone(),
+                value: value.clone(),
+            }),
+            (
+                CaseFilter {
+                    workflow: Some(w),
+                    state: Some(s),
+                    ..
+                },
+                _,
+            ) => index_prefix(&IndexKey::State {
+                workflow: w.clone(),
+                state: s.clone(),
+            }),
+            (
+                CaseFilter {
+                    workflow: Some(w), ..
+                },
+                _,
+            ) => index_prefix(&IndexKey::Workflow(w.clone())),
+            (
+                CaseFilter {
+                    agency: Some(a), ..
+                },
+                _,
+            ) => index_prefix(&IndexKey::Agency(a.clone())),
+            _ => vec![b'C', SEP],
+        };
+        self.page(&prefix, page_token, page_size, |case| {
+            filter.workflow.as_ref().is_none_or(|w| case.workflow == *w)
+                && filter.state.as_ref().is_none_or(|s| case.state == *s)
+                && filter
+                    .agency
+                    .as_ref()
+                    .is_none_or(|a| case.bindings.values().any(|b| b == a))
+                && filter.variable.as_ref().is_none_or(|(name, value)| {
+                    case.variables
+                        .as_ref()
+                        .and_then(|v| v.fields.get(name))
+                        .map(records::from_value)
+                        .is_some_and(|v| {
+                            v.as_str().map_or_else(|| v.to_string(), str::to_owned) == *value
+                        })
+                })
+        })
+    }
+
+    fn inbox(&self, agency: &str, page_token: &str, page_size: usize) -> Result<Page> {
+        self.page(
+            &index_prefix(&IndexKey::Inbox(agency.to_owned())),
+            page_token,
+            page_size,
+            |_| true,
+        )
+    }
+
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        self.scan_ids(&[b'C', SEP], after, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::CaseWrite;
+
+    fn case(id: &str, state: &str, due: Option<DateTime<Utc>>) -> proto::Case {
+        proto::Case {
+            id: id.into(),
+            workflow: "w".into(),
+            state: state.into(),
+            bindings: [("handler".to_owned(), "county".to_owned())].into(),
+            timers: due
+                .map(|d| proto::Timer {
+                    id: "1:expiry".into(),
+                    due_time: Some(records::timestamp(d)),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A write of `after`; `before` had the state index and `before_extra`.
+    fn write_from(
+        before: Option<proto::Case>,
+        before_extra: &[IndexKey],
+        after: proto::Case,
+        index: &[IndexKey],
+    ) -> CaseWrite {
+        let mut index_before: BTreeSet<IndexKey> = before_extra.iter().cloned().collect();
+        if let Some(b) = &before {
+            index_before.insert(IndexKey::State {
+                workflow: "w".into(),
+                state: b.state.clone(),
+            });
+        }
+        let mut index_after: BTreeSet<IndexKey> = index.iter().cloned().collect();
+        index_after.insert(IndexKey::State {
+            workflow: "w".into(),
+            state: after.state.clone(),
+        });
+        CaseWrite {
+            entries: vec![proto::HistoryEntry {
+                case_id: after.id.clone(),
+                sequence: after.sequence,
+                ..Default::default()
+            }],
+            before,
+            after,
+            index_before,
+            index_after,
+        }
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+    }
+
+    fn write(before: Option<proto::Case>, after: proto::Case, index: &[IndexKey]) -> CaseWrite {
+        write_from(before, &[], after, index)
+    }
+
+    #[test]
+    fn commits_survive_reopening_and_indexes_follow_the_case() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = case("a", "open", Some(at("2020-06-02T00:00:00Z")));
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let commit = Commit {
+                cases: vec![
+                    write(None, first.clone(), &[IndexKey::Inbox("county".into())]),
+                    write(
+                        None,
+                        case("b", "open", Some(at("2020-06-01T00:00:00Z"))),
+                        &[],
+                    ),
+                ],
+                idempotency: vec![("req-1".into(), b"outcome".to_vec())],
+                workflows: vec![proto::WorkflowVersion {
+                    name: "w".into(),
+                    version: 1,
+                    ..Default::default()
+                }],
+            };
+            store.commit(&commit).expect("commit");
+            let mut moved = first.clone();
+            moved.state = "closed".into();
+            moved.sequence = 2;
+            moved.timers.clear();
+            store
+                .commit(&Commit {
+                    cases: vec![write_from(
+                        Some(first.clone()),
+                        &[IndexKey::Inbox("county".into())],
+                        moved,
+                        &[],
+                    )],
+                    ..Default::default()
+                })
+                .expect("commit");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.case("a").expect("read").map(|c| c.state),
+            Some("closed".into())
+        );
+        assert_eq!(store.history("a", 0).expect("read").len(), 2);
+        assert_eq!(store.history("a", 2).expect("read").len(), 1);
+        assert_eq!(
+            store.idempotency("req-1").expect("read"),
+            Some(b"outcome".to_vec())
+        );
+        assert_eq!(store.workflow_versions().expect("read").len(), 1);
+        // a's timer left with its state; b's is still due.
+        let due = store
+            .due_timers(at("2030-01-01T00:00:00Z"), 10)
+            .expect("read");
+        assert_eq!(
+            due.iter().map(|d| d.case_id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(due[0].due, at("2020-06-01T00:00:00Z"));
+        assert!(
+            store
+                .due_timers(at("2020-05-31T00:00:00Z"), 10)
+                .expect("read")
+                .is_empty()
+        );
+        // Index entries were moved, not copied.
+        let open = CaseFilter {
+            workflow: Some("w".into()),
+            state: Some("open".into()),
+            ..Default::default()
+        };
+        assert_eq!(store.list(&open, "", 10).expect("list").cases.len(), 1);
+        assert!(
+            store
+                .inbox("county", "", 10)
+                .expect("inbox")
+                .cases
+                .is_empty()
+        );
+        assert_eq!(store.case_ids("", 10).expect("ids"), ["a", "b"]);
+    }
+
+    #[test]
+    fn pages_are_token_continued_without_gaps_or_repeats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let cases: Vec<CaseWrite> = (0..25)
+            .map(|i| {
+                write(
+                    None,
+                    case(&format!("c{i:02}"), "open", None),
+                    &[IndexKey::Inbox("county".into())],
+                )
+            })
+            .collect();
+        store
+            .commit(&Commit {
+                cases,
+                ..Default::default()
+            })
+            .expect("commit");
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = store.inbox("county", &token, 10).expect("page");
+            seen.extend(page.cases.iter().map(|c| c.id.clone()));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(
+            seen,
+            (0..25).map(|i| format!("c{i:02}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn every_commit_is_synced_before_it_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&steps);
+        let store = SledStore::open(dir.path())
+            .expect("open")
+            .with_observer(Arc::new(move |s| log.lock().expect("lock").push(s)));
+        store
+            .commit(&Commit {
+                cases: vec![write(None, case("a", "open", None), &[])],
+                ..Default::default()
+            })
+            .expect("commit");
+        assert_eq!(
+            *steps.lock().expect("lock"),
+            [SyncStep::Applied, SyncStep::Flushed, SyncStep::Synced]
+        );
+    }
+
+    #[test]
+    fn oversized_records_are_refused_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let mut big = case("big", "open", None);
+        big.outcome = "x".repeat(MAX_RECORD_BYTES);
+        let commit = Commit {
+            cases: vec![
+                write(None, case("small", "open", None), &[]),
+                write(None, big, &[]),
+            ],
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.commit(&commit),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert_eq!(
+            store.case("small").expect("read"),
+            None,
+            "nothing of a refused commit is written"
+        );
+    }
+
+    #[test]
+    fn ordered_time_keeps_order_across_the_epoch() {
+        let times = [
+            "1960-01-01T00:00:00Z",
+            "1970-01-01T00:00:00Z",
+            "2020-06-01T00:00:00Z",
+            "2020-06-01T00:00:00.000000001Z",
+        ];
+        let keys: Vec<[u8; 8]> = times.iter().map(|t| ordered_time(at(t))).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(time_from_ordered(&keys[2]), at(times[2]));
+    }
+}
