@@ -1,11 +1,13 @@
 //! The engine: a pure core that turns (workflow, case, input, time) into an
-//! accepted step or a rejection, and the coverage of the paths steps take.
+//! accepted step or a rejection, the coverage of the paths steps take, and
+//! the durable engine that runs the core against a store.
 //!
-//! Everything here is deterministic and free of I/O; storage, clocks and the
-//! network are the callers' business.
+//! `core` and `coverage` are deterministic and free of I/O; `durable` is
+//! where storage, clocks and threads come in.
 
 pub mod core;
 pub mod coverage;
+pub mod durable;
 
 #[cfg(test)]
 pub(crate) mod testkit;

@@ -119,7 +119,6 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
             return Err(LoadError::NotRon(path.clone()));
         }
     }
-    let mut sources = Sources::default();
     let mut calendar_files = Vec::new();
     for dir in &shared_dirs {
         let agencies = dir.join("agencies.ron");
@@ -137,13 +136,44 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     }
     dedup(&mut ron_files);
     dedup(&mut calendar_files);
-    // Only the first agency directory found counts: the nearest to what was named.
-    let mut have_agencies = false;
+    let mut texts = Vec::new();
     for path in ron_files {
         let text = fs::read_to_string(&path).map_err(|source| LoadError::Io {
             path: path.clone(),
             source,
         })?;
+        texts.push((path, text));
+    }
+    let mut calendar_diagnostics = Vec::new();
+    let calendar = calendar_files
+        .into_iter()
+        .next()
+        .and_then(|path| match Calendar::load(&path) {
+            Ok(calendar) => Some((path, calendar)),
+            Err(e) => {
+                calendar_diagnostics.push(Diagnostic::at(
+                    &path,
+                    LineCol { line: 1, col: 1 },
+                    "calendar",
+                    e.to_string(),
+                ));
+                None
+            }
+        });
+    let mut sources = from_texts(texts, calendar);
+    sources.diagnostics.extend(calendar_diagnostics);
+    Ok(sources)
+}
+
+/// Sources from texts already in memory (a deploy, or files read by [`load`]).
+/// Only the first agency directory counts: the nearest to what was named.
+pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Calendar)>) -> Sources {
+    let mut sources = Sources {
+        calendar,
+        ..Sources::default()
+    };
+    let mut have_agencies = false;
+    for (path, text) in files {
         let map = SourceMap::new(&text);
         let index = sources.files.len();
         let document = parse_document(&path, &text, &map, &mut sources.diagnostics);
@@ -158,18 +188,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
             sources.documents.push((index, document));
         }
     }
-    if let Some(path) = calendar_files.into_iter().next() {
-        match Calendar::load(&path) {
-            Ok(calendar) => sources.calendar = Some((path, calendar)),
-            Err(e) => sources.diagnostics.push(Diagnostic::at(
-                &path,
-                LineCol { line: 1, col: 1 },
-                "calendar",
-                e.to_string(),
-            )),
-        }
-    }
-    Ok(sources)
+    sources
 }
 
 /// Parses one RON text, classified by its top-level name.

@@ -169,11 +169,25 @@ impl SledStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // Durability is ours: no background flusher racing the writer.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // sled closes its files from background threads after the last handle
+        // drops, so a quick reopen (a restart, a test) may find the lock held
+        // for a moment.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),

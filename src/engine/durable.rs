@@ -1,0 +1,989 @@
+//! The durable engine: one writer thread owns every change, runs the pure
+//! core, and commits whole batches of steps at once (group commit).
+//!
+//! A caller's request goes over a channel to the writer. The writer takes
+//! every request waiting, applies each through [`core`] (later requests in a
+//! batch see earlier ones' results), starts spawned children and tells
+//! parents about settled children in the same batch, commits the batch as
+//! one atomic, synced store write, and only then answers the callers. Reads
+//! go straight to the store, which holds only committed data.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::thread;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use serde_json::{Map as JsonMap, Value as Json};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::core::{self, Input, Rejection, Step};
+use crate::calendar::Calendar;
+use crate::lang::diag::Diagnostic;
+use crate::lang::load::{self, Document};
+use crate::lang::validate::{Library, validate};
+use crate::store::{
+    CaseFilter, CaseWrite, Commit, IndexKey, Page, Store, StoreError, proto, records,
+};
+
+/// Where time comes from: the system clock, or a manual one in tests.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that moves only when told to (virtual time).
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(at: DateTime<Utc>) -> Self {
+        ManualClock(Mutex::new(at))
+    }
+
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The rules refused the input (wrong state, role, guard, payload, …).
+    #[error("{0}")]
+    Rejected(#[from] Rejection),
+    #[error("no case `{0}`")]
+    NotFound(String),
+    #[error("case `{id}` is at sequence {current}, not the expected {expected}")]
+    SequenceMismatch {
+        id: String,
+        expected: u64,
+        current: u64,
+    },
+    #[error("request id `{0}` was already used for a different request")]
+    RequestIdReused(String),
+    #[error("case `{0}` already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the workflow does not validate ({} problems)", .0.len())]
+    Invalid(Vec<Diagnostic>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Start a case.
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest {
+    /// Makes retries idempotent; required.
+    pub request_id: String,
+    /// The new case's id; derived from the request id when empty.
+    pub case_id: String,
+    pub workflow: String,
+    /// The agency starting it.
+    pub agency: String,
+    /// Agencies for the roles the workflow binds `Given`.
+    pub bindings: BTreeMap<String, String>,
+    pub variables: JsonMap<String, Json>,
+}
+
+/// Fire an event on a case.
+#[derive(Debug, Clone, Default)]
+pub struct FireRequest {
+    pub request_id: String,
+    pub case_id: String,
+    pub event: String,
+    pub agency: String,
+    pub payload: JsonMap<String, Json>,
+    /// Refuse unless the case is at this sequence (optimistic concurrency).
+    pub expected_sequence: Option<u64>,
+}
+
+/// A deployed workflow version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployed {
+    pub name: String,
+    pub version: u32,
+    pub digest: String,
+    /// False when the same source was already the current version.
+    pub created: bool,
+}
+
+enum Command {
+    Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
+    Fire(FireRequest, oneshot::Sender<Result<proto::Case>>),
+    Tick(oneshot::Sender<Result<usize>>),
+    Deploy(String, oneshot::Sender<Result<Deployed>>),
+}
+
+/// The rules in force: the compiled library, version numbers, and the
+/// sources needed to validate a new deploy.
+struct Rules {
+    library: Arc<Library>,
+    /// digest → version number.
+    versions: HashMap<String, u32>,
+    /// workflow name → (version, source text) of its current version.
+    current: BTreeMap<String, (u32, String)>,
+    /// Agency directory and catalogue files, as text.
+    shared: Vec<(PathBuf, String)>,
+    calendar: Option<(PathBuf, Calendar)>,
+}
+
+impl Rules {
+    fn sources_with(&self, name: &str, text: &str) -> load::Sources {
+        let mut files = self.shared.clone();
+        for (other, (_, source)) in &self.current {
+            if other != name {
+                files.push((
+                    PathBuf::from(format!("deployed/{other}.ron")),
+                    source.clone(),
+                ));
+            }
+        }
+        files.push((
+            PathBuf::from(format!("deployed/{name}.ron")),
+            text.to_owned(),
+        ));
+        load::from_texts(files, self.calendar.clone())
+    }
+}
+
+/// The durable engine. Cheap to clone; every clone talks to one writer.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    rules: Arc<RwLock<Arc<Rules>>>,
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Largest number of requests committed together.
+const MAX_BATCH: usize = 1024;
+
+impl Engine {
+    /// Opens the engine on `store` with the workflows, agency directory,
+    /// catalogues and calendar of `sources`. Every workflow whose source
+    /// differs from its last deployed version becomes a new version; older
+    /// versions are compiled too, so that their running cases go on.
+    pub fn open(
+        store: Arc<dyn Store>,
+        sources: &load::Sources,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine> {
+        let validated = validate(sources);
+        let Some(library) = validated.library else {
+            return Err(EngineError::Invalid(validated.diagnostics));
+        };
+        let mut shared = Vec::new();
+        let mut texts: BTreeMap<String, String> = BTreeMap::new();
+        for (index, document) in &sources.documents {
+            let file = &sources.files[*index];
+            match document {
+                Document::Workflow(w) => {
+                    texts.insert(w.name.clone(), file.text.clone());
+                }
+                Document::Agencies(_) | Document::Catalogue(_) => {
+                    shared.push((file.path.clone(), file.text.clone()))
+                }
+                Document::Scenario(_) => {}
+            }
+        }
+        let stored = store.workflow_versions()?;
+        let mut latest: BTreeMap<&str, &proto::WorkflowVersion> = BTreeMap::new();
+        for v in &stored {
+            let entry = latest.entry(v.name.as_str()).or_insert(v);
+            if v.version > entry.version {
+                *entry = v;
+            }
+        }
+        let now = clock.now();
+        let mut rules = Rules {
+            library: Arc::new(Library::default()),
+            versions: stored
+                .iter()
+                .map(|v| (v.digest.clone(), v.version))
+                .collect(),
+            current: BTreeMap::new(),
+            shared,
+            calendar: sources.calendar.clone(),
+        };
+        let mut new_versions = Vec::new();
+        for (name, compiled) in &library.workflows {
+            let version = match latest.get(name.as_str()) {
+                Some(v) if v.digest == compiled.digest => v.version,
+                other => {
+                    let version = other.map_or(1, |v| v.version + 1);
+                    new_versions.push(proto::WorkflowVersion {
+                        name: name.clone(),
+                        version,
+                        source: texts[name].clone(),
+                        digest: compiled.digest.clone(),
+                        deploy_time: Some(records::timestamp(now)),
+                    });
+                    rules.versions.insert(compiled.digest.clone(), version);
+                    version
+                }
+            };
+            rules
+                .current
+                .insert(name.clone(), (version, texts[name].clone()));
+        }
+        let mut library = library;
+        // Older versions: compiled against today's directory and catalogues.
+        for old in &stored {
+            if library.versions.contains_key(&old.digest) {
+                continue;
+            }
+            if let Some(compiled) = validate(&rules.sources_with(&old.name, &old.source))
+                .library
+                .and_then(|l| l.workflows.get(&old.name).cloned())
+            {
+                library.versions.insert(compiled.digest.clone(), compiled);
+            } else {
+                tracing::warn!(workflow = %old.name, version = old.version, "an old workflow version no longer validates; its running cases cannot move");
+            }
+        }
+        rules.library = Arc::new(library);
+        store.commit(&Commit {
+            workflows: new_versions,
+            ..Commit::default()
+        })?;
+        let (tx, rx) = mpsc::channel();
+        let rules = Arc::new(RwLock::new(Arc::new(rules)));
+        let writer = Writer {
+            store: Arc::clone(&store),
+            clock: Arc::clone(&clock),
+            rules: Arc::clone(&rules),
+        };
+        let handle = thread::Builder::new()
+            .name("govflow-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| {
+                EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))
+            })?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                rules,
+                commands: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let commands = self
+                .inner
+                .commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let sender = commands.as_ref().ok_or(EngineError::Stopped)?;
+            sender.send(make(tx)).map_err(|_| EngineError::Stopped)?;
+        }
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Starts a case; answers once it is durable.
+    pub async fn start(&self, request: StartRequest) -> Result<proto::Case> {
+        self.send(|tx| Command::Start(request, tx)).await
+    }
+
+    /// Fires an event; answers once the step is durable.
+    pub async fn fire(&self, request: FireRequest) -> Result<proto::Case> {
+        self.send(|tx| Command::Fire(request, tx)).await
+    }
+
+    /// Fires every timer due by now, in due order; returns how many fired.
+    pub async fn tick(&self) -> Result<usize> {
+        self.send(Command::Tick).await
+    }
+
+    /// Deploys a workflow source as a new version. A source that does not
+    /// validate changes nothing.
+    pub async fn deploy(&self, source: String) -> Result<Deployed> {
+        self.send(|tx| Command::Deploy(source, tx)).await
+    }
+
+    /// Stops taking requests, finishes those under way, and waits for the writer.
+    pub fn shutdown(&self) {
+        self.inner
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = writer.join();
+        }
+    }
+
+    pub fn case(&self, id: &str) -> Result<proto::Case> {
+        self.inner
+            .store
+            .case(id)?
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+    }
+
+    pub fn history(&self, id: &str) -> Result<Vec<proto::HistoryEntry>> {
+        self.case(id)?;
+        Ok(self.inner.store.history(id, 0)?)
+    }
+
+    pub fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page> {
+        Ok(self.inner.store.list(filter, page_token, page_size)?)
+    }
+
+    /// Cases in which `agency` can act now.
+    pub fn inbox(&self, agency: &str, page_token: &str, page_size: usize) -> Result<Page> {
+        Ok(self.inner.store.inbox(agency, page_token, page_size)?)
+    }
+
+    /// The rules in force now.
+    pub fn library(&self) -> Arc<Library> {
+        Arc::clone(
+            &self
+                .inner
+                .rules
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .library,
+        )
+    }
+
+    /// Every deployed version of every workflow.
+    pub fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+        Ok(self.inner.store.workflow_versions()?)
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+}
+
+/// A case id may be used in keys and resource names.
+fn check_case_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidArgument(format!(
+            "case id `{id}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : /"
+        )))
+    }
+}
+
+fn check_request_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(EngineError::InvalidArgument(
+            "a request id (1 to 256 characters) is required, so that retries are safe".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Index entries of a case under the rules it runs on.
+pub fn index_keys(library: &Library, case: &proto::Case) -> BTreeSet<IndexKey> {
+    let mut keys = BTreeSet::new();
+    keys.insert(IndexKey::Workflow(case.workflow.clone()));
+    keys.insert(IndexKey::State {
+        workflow: case.workflow.clone(),
+        state: case.state.clone(),
+    });
+    for agency in case.bindings.values() {
+        keys.insert(IndexKey::Agency(agency.clone()));
+    }
+    let Some(wf) = library.pinned(&case.workflow, &case.workflow_digest) else {
+        return keys;
+    };
+    for var in wf.def.variables.iter().filter(|v| v.searchable) {
+        let value = case
+            .variables
+            .as_ref()
+            .and_then(|v| v.fields.get(&var.name))
+            .map(records::from_value)
+            .unwrap_or(Json::Null);
+        let text = match value {
+            Json::Null => continue,
+            Json::String(s) => s,
+            other => other.to_string(),
+        };
+        keys.insert(IndexKey::Variable {
+            workflow: case.workflow.clone(),
+            name: var.name.clone(),
+            value: text,
+        });
+    }
+    if case.outcome.is_empty()
+        && let Some(state) = wf.state(&case.state)
+    {
+        let mut roles: BTreeSet<&str> = state
+            .transitions
+            .iter()
+            .flat_map(|t| t.roles.iter().map(String::as_str))
+            .collect();
+        if let Some(cs) = &state.countersign {
+            let signed: BTreeSet<&str> = case.signatures.iter().map(|s| s.role.as_str()).collect();
+            roles.extend(
+                cs.roles
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|r| !signed.contains(r)),
+            );
+        }
+        for role in roles {
+            if let Some(agency) = case.bindings.get(role) {
+                keys.insert(IndexKey::Inbox(agency.clone()));
+            }
+        }
+    }
+    keys
+}
+
+fn fingerprint(parts: &[&str]) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.finalize().to_vec()
+}
+
+fn start_fingerprint(r: &StartRequest) -> Vec<u8> {
+    let bindings = serde_json::to_string(&r.bindings).unwrap_or_default();
+    let variables = serde_json::to_string(&r.variables).unwrap_or_default();
+    fingerprint(&[
+        "start",
+        &r.case_id,
+        &r.workflow,
+        &r.agency,
+        &bindings,
+        &variables,
+    ])
+}
+
+fn fire_fingerprint(r: &FireRequest) -> Vec<u8> {
+    let payload = serde_json::to_string(&r.payload).unwrap_or_default();
+    let expected = r
+        .expected_sequence
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    fingerprint(&["fire", &r.case_id, &r.event, &r.agency, &payload, &expected])
+}
+
+/// A case as it stands within the batch being built.
+struct Pending {
+    before: Option<proto::Case>,
+    after: proto::Case,
+    entries: Vec<proto::HistoryEntry>,
+}
+
+/// One batch: the cases it touched and the request outcomes it records.
+struct Batch<'w> {
+    writer: &'w Writer,
+    rules: Arc<Rules>,
+    now: DateTime<Utc>,
+    cases: BTreeMap<String, Pending>,
+    outcomes: BTreeMap<String, Vec<u8>>,
+    workflows: Vec<proto::WorkflowVersion>,
+}
+
+impl Batch<'_> {
+    fn case(&self, id: &str) -> Result<Option<proto::Case>> {
+        match self.cases.get(id) {
+            Some(p) => Ok(Some(p.after.clone())),
+            None => Ok(self.writer.store.case(id)?),
+        }
+    }
+
+    fn outcome(&self, request_id: &str) -> Result<Option<proto::RequestOutcome>> {
+        let bytes = match self.outcomes.get(request_id) {
+            Some(b) => Some(b.clone()),
+            None => self.writer.store.idempotency(request_id)?,
+        };
+        bytes
+            .map(|b| {
+                proto::RequestOutcome::decode(b.as_slice()).map_err(|source| {
+                    EngineError::Store(StoreError::Decode {
+                        what: format!("outcome of request {request_id}"),
+                        source,
+                    })
+                })
+            })
+            .transpose()
+    }
+
+    /// The first answer to a request id, if it was seen before.
+    fn replay(&self, request_id: &str, fingerprint: &[u8]) -> Result<Option<Result<proto::Case>>> {
+        let Some(stored) = self.outcome(request_id)? else {
+            return Ok(None);
+        };
+        if stored.fingerprint != fingerprint {
+            return Err(EngineError::RequestIdReused(request_id.to_owned()));
+        }
+        Ok(Some(match stored.result {
+            Some(proto::request_outcome::Result::Case(case)) => Ok(case),
+            Some(proto::request_outcome::Result::Rejection(r)) => {
+                Err(EngineError::Rejected(Rejection {
+                    code: core::RejectCode::parse(&r.code)
+                        .unwrap_or(core::RejectCode::InvalidStart),
+                    message: r.message,
+                }))
+            }
+            None => Err(EngineError::InvalidArgument("empty stored outcome".into())),
+        }))
+    }
+
+    fn remember(&mut self, request_id: &str, fingerprint: Vec<u8>, result: &Result<proto::Case>) {
+        let result = match result {
+            Ok(case) => proto::request_outcome::Result::Case(case.clone()),
+            Err(EngineError::Rejected(r)) => {
+                proto::request_outcome::Result::Rejection(proto::Rejection {
+                    code: r.code.as_str().to_owned(),
+                    message: r.message.clone(),
+                })
+            }
+            // Transient or caller-side errors are not the request's answer.
+            Err(_) => return,
+        };
+        let outcome = proto::RequestOutcome {
+            fingerprint,
+            result: Some(result),
+        };
+        self.outcomes
+            .insert(request_id.to_owned(), outcome.encode_to_vec());
+    }
+
+    /// Records a step of a case, chaining its history entry.
+    fn record(&mut self, step: &Step, request_id: &str) -> proto::Case {
+        let id = step.case.id.clone();
+        let version = self
+            .rules
+            .versions
+            .get(&step.case.digest)
+            .copied()
+            .unwrap_or(0);
+        let (before, previous_hash, mut entries) = match self.cases.remove(&id) {
+            Some(p) => (p.before, p.after.head_hash.clone(), p.entries),
+            None => {
+                let before = self.writer.store.case(&id).ok().flatten();
+                let head = before
+                    .as_ref()
+                    .map(|c| c.head_hash.clone())
+                    .unwrap_or_default();
+                (before, head, Vec::new())
+            }
+        };
+        let entry = records::entry(&id, &step.entry, request_id, previous_hash);
+        let after = records::case(&step.case, version, entry.hash.clone());
+        entries.push(entry);
+        self.cases.insert(
+            id,
+            Pending {
+                before,
+                after: after.clone(),
+                entries,
+            },
+        );
+        after
+    }
+
+    /// Records a step and everything it sets off: children started, parents told.
+    fn cascade(&mut self, step: Step, request_id: &str) -> Result<proto::Case, Rejection> {
+        let library = Arc::clone(&self.rules.library);
+        let record = self.record(&step, request_id);
+        let starter = core::spawn_starter(&step.entry.actor).to_owned();
+        for request in &step.spawn {
+            let child = core::start_child(&library, &step.case, request, &starter, self.now)?;
+            self.cascade(child, request_id)?;
+        }
+        if let (Some(outcome), Some(parent_id)) = (&step.settled, &step.case.parent) {
+            let parent = self.case(parent_id).ok().flatten();
+            if let Some(parent) = parent {
+                let input = Input::ChildSettled {
+                    child_id: step.case.id.clone(),
+                    outcome: outcome.clone(),
+                };
+                match core::apply(&library, &records::from_case(&parent), &input, self.now) {
+                    Ok(parent_step) => {
+                        self.cascade(parent_step, request_id)?;
+                    }
+                    Err(r) => {
+                        tracing::warn!(parent = %parent_id, child = %step.case.id, "parent not told of settled child: {r}")
+                    }
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
+        check_request_id(&r.request_id)?;
+        if r.case_id.is_empty() {
+            let digest = hex::encode(Sha256::digest(r.request_id.as_bytes()));
+            r.case_id = format!("{}-{}", r.workflow, &digest[..12]);
+        }
+        check_case_id(&r.case_id)?;
+        let fp = start_fingerprint(&r);
+        if let Some(first) = self.replay(&r.request_id, &fp)? {
+            return first;
+        }
+        if self.case(&r.case_id)?.is_some() {
+            return Err(EngineError::AlreadyExists(r.case_id));
+        }
+        let library = Arc::clone(&self.rules.library);
+        let result = core::start(
+            &library,
+            &r.workflow,
+            &r.case_id,
+            &r.agency,
+            &r.bindings,
+            &r.variables,
+            self.now,
+        )
+        .and_then(|step| self.cascade(step, &r.request_id))
+        .map_err(EngineError::from);
+        self.remember(&r.request_id, fp, &result);
+        result
+    }
+
+    fn fire(&mut self, r: FireRequest) -> Result<proto::Case> {
+        check_request_id(&r.request_id)?;
+        let fp = fire_fingerprint(&r);
+        if let Some(first) = self.replay(&r.request_id, &fp)? {
+            return first;
+        }
+        let case = self
+            .case(&r.case_id)?
+            .ok_or_else(|| EngineError::NotFound(r.case_id.clone()))?;
+        if let Some(expected) = r.expected_sequence
+            && expected != case.sequence
+        {
+            return Err(EngineError::SequenceMismatch {
+                id: r.case_id,
+                expected,
+                current: case.sequence,
+            });
+        }
+        let library = Arc::clone(&self.rules.library);
+        let input = Input::Fire {
+            event: r.event.clone(),
+            agency: r.agency.clone(),
+            payload: r.payload.clone(),
+        };
+        let result = core::apply(&library, &records::from_case(&case), &input, self.now)
+            .and_then(|step| self.cascade(step, &r.request_id))
+            .map_err(EngineError::from);
+        self.remember(&r.request_id, fp, &result);
+        result
+    }
+
+    /// Fires due timers in due order; a timer that fires sets off its cascade.
+    fn tick(&mut self) -> Result<usize> {
+        let library = Arc::clone(&self.rules.library);
+        let mut fired = 0;
+        let mut seen = BTreeSet::new();
+        loop {
+            let due = self.writer.store.due_timers(self.now, 256)?;
+            // Timers of cases changed in this batch are read from the batch.
+            let mut candidates: Vec<(DateTime<Utc>, String, String)> = due
+                .into_iter()
+                .filter(|d| !self.cases.contains_key(&d.case_id))
+                .map(|d| (d.due, d.case_id, d.timer_id))
+                .collect();
+            for p in self.cases.values() {
+                for t in &p.after.timers {
+                    let at = records::from_timestamp(t.due_time.as_ref());
+                    if at <= self.now {
+                        candidates.push((at, p.after.id.clone(), t.id.clone()));
+                    }
+                }
+            }
+            candidates.sort();
+            candidates.retain(|c| !seen.contains(c));
+            let Some(next) = candidates.into_iter().next() else {
+                return Ok(fired);
+            };
+            seen.insert(next.clone());
+            let (_, case_id, timer_id) = next;
+            let Some(case) = self.case(&case_id)? else {
+                continue;
+            };
+            let input = Input::Timer { timer_id };
+            match core::apply(&library, &records::from_case(&case), &input, self.now) {
+                Ok(step) => {
+                    if let Err(r) = self.cascade(step, "") {
+                        tracing::warn!(case = %case_id, "a timer's consequences were refused: {r}");
+                    }
+                    fired += 1;
+                }
+                Err(r) => tracing::warn!(case = %case_id, "timer not fired: {r}"),
+            }
+            if fired >= MAX_BATCH * 4 {
+                return Ok(fired);
+            }
+        }
+    }
+
+    fn deploy(&mut self, source: String) -> Result<Deployed> {
+        let map = crate::lang::locate::SourceMap::new(&source);
+        let mut diagnostics = Vec::new();
+        let path = PathBuf::from("deploy.ron");
+        let Some(Document::Workflow(workflow)) =
+            load::parse_document(&path, &source, &map, &mut diagnostics)
+        else {
+            if diagnostics.is_empty() {
+                diagnostics.push(Diagnostic::at(
+                    &path,
+                    map.line_col(0),
+                    "unknown-kind",
+                    "a deploy takes a `Workflow(` file",
+                ));
+            }
+            return Err(EngineError::Invalid(diagnostics));
+        };
+        let name = workflow.name.clone();
+        let validated = validate(&self.rules.sources_with(&name, &source));
+        let Some(mut library) = validated.library else {
+            return Err(EngineError::Invalid(validated.diagnostics));
+        };
+        let compiled = Arc::clone(&library.workflows[&name]);
+        if let Some(&version) = self.rules.versions.get(&compiled.digest)
+            && self
+                .rules
+                .current
+                .get(&name)
+                .is_some_and(|(v, _)| *v == version)
+        {
+            return Ok(Deployed {
+                name,
+                version,
+                digest: compiled.digest.clone(),
+                created: false,
+            });
+        }
+        let version = self
+            .rules
+            .versions
+            .iter()
+            .filter(|(digest, _)| {
+                self.rules
+                    .library
+                    .versions
+                    .get(*digest)
+                    .is_some_and(|w| w.def.name == name)
+            })
+            .map(|(_, v)| *v)
+            .chain(
+                self.writer
+                    .store
+                    .workflow_versions()?
+                    .iter()
+                    .filter(|v| v.name == name)
+                    .map(|v| v.version),
+            )
+            .max()
+            .unwrap_or(0)
+            + 1;
+        // Keep every older version so that running cases stay on theirs.
+        for (digest, old) in &self.rules.library.versions {
+            library
+                .versions
+                .entry(digest.clone())
+                .or_insert_with(|| Arc::clone(old));
+        }
+        let mut rules = Rules {
+            library: Arc::new(library),
+            versions: self.rules.versions.clone(),
+            current: self.rules.current.clone(),
+            shared: self.rules.shared.clone(),
+            calendar: self.rules.calendar.clone(),
+        };
+        rules.versions.insert(compiled.digest.clone(), version);
+        rules
+            .current
+            .insert(name.clone(), (version, source.clone()));
+        self.workflows.push(proto::WorkflowVersion {
+            name: name.clone(),
+            version,
+            source,
+            digest: compiled.digest.clone(),
+            deploy_time: Some(records::timestamp(self.now)),
+        });
+        self.rules = Arc::new(rules);
+        Ok(Deployed {
+            name,
+            version,
+            digest: compiled.digest.clone(),
+            created: true,
+        })
+    }
+
+    fn into_commit(self) -> (Commit, Arc<Rules>) {
+        let library = Arc::clone(&self.rules.library);
+        let cases = self
+            .cases
+            .into_values()
+            .map(|p| CaseWrite {
+                index_before: p
+                    .before
+                    .as_ref()
+                    .map(|b| index_keys(&library, b))
+                    .unwrap_or_default(),
+                index_after: index_keys(&library, &p.after),
+                before: p.before,
+                after: p.after,
+                entries: p.entries,
+            })
+            .collect();
+        (
+            Commit {
+                cases,
+                idempotency: self.outcomes.into_iter().collect(),
+                workflows: self.workflows,
+            },
+            self.rules,
+        )
+    }
+}
+
+enum Reply {
+    Case(
+        oneshot::Sender<Result<proto::Case>>,
+        Box<Result<proto::Case>>,
+    ),
+    Count(oneshot::Sender<Result<usize>>, Result<usize>),
+    Deployed(oneshot::Sender<Result<Deployed>>, Result<Deployed>),
+}
+
+impl Reply {
+    /// Answers the caller; when the commit failed, nothing it did is acknowledged.
+    fn send(self, commit_error: Option<&str>) {
+        let failed = || {
+            EngineError::Store(StoreError::Io {
+                path: "commit".into(),
+                source: std::io::Error::other(commit_error.unwrap_or_default().to_owned()),
+            })
+        };
+        match self {
+            Reply::Case(tx, r) => {
+                let _ = tx.send(if commit_error.is_some() && r.is_ok() {
+                    Err(failed())
+                } else {
+                    *r
+                });
+            }
+            Reply::Count(tx, r) => {
+                let _ = tx.send(if commit_error.is_some() {
+                    Err(failed())
+                } else {
+                    r
+                });
+            }
+            Reply::Deployed(tx, r) => {
+                let _ = tx.send(if commit_error.is_some() && r.is_ok() {
+                    Err(failed())
+                } else {
+                    r
+                });
+            }
+        }
+    }
+}
+
+struct Writer {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    rules: Arc<RwLock<Arc<Rules>>>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Command>) {
+        while let Ok(first) = rx.recv() {
+            let mut commands = vec![first];
+            while commands.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => commands.push(c),
+                    Err(_) => break,
+                }
+            }
+            let rules = Arc::clone(&self.rules.read().unwrap_or_else(|e| e.into_inner()));
+            let mut batch = Batch {
+                writer: &self,
+                rules,
+                now: self.clock.now(),
+                cases: BTreeMap::new(),
+                outcomes: BTreeMap::new(),
+                workflows: Vec::new(),
+            };
+            let mut replies = Vec::with_capacity(commands.len());
+            for command in commands {
+                replies.push(match command {
+                    Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
+                    Command::Fire(r, tx) => Reply::Case(tx, Box::new(batch.fire(r))),
+                    Command::Tick(tx) => Reply::Count(tx, batch.tick()),
+                    Command::Deploy(source, tx) => Reply::Deployed(tx, batch.deploy(source)),
+                });
+            }
+            let (commit, rules) = batch.into_commit();
+            let error = self.store.commit(&commit).err().map(|e| e.to_string());
+            if error.is_none() {
+                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
+            } else {
+                tracing::error!("commit failed, nothing in the batch is acknowledged: {error:?}");
+            }
+            for reply in replies {
+                reply.send(error.as_deref());
+            }
+        }
+    }
+}

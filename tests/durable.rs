@@ -1,0 +1,590 @@
+//! The durable engine on sled: atomic, synced, idempotent, concurrent, with
+//! timers and children that survive restarts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Map, Value as Json, json};
+
+use govflow::engine::RejectCode;
+use govflow::engine::durable::{Engine, EngineError, FireRequest, ManualClock, StartRequest};
+use govflow::lang::load::load;
+use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engine")
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+}
+
+fn t0() -> DateTime<Utc> {
+    at("2020-06-01T09:00:00+08:00")
+}
+
+fn open_with(dir: &Path, clock: &Arc<ManualClock>, workflows: &Path) -> Engine {
+    let sources = load(&[workflows.to_path_buf()]).expect("loads");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).expect("store opens"));
+    Engine::open(store, &sources, clock.clone()).expect("engine opens")
+}
+
+fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
+    open_with(dir, clock, &data())
+}
+
+fn obj(v: Json) -> Map<String, Json> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn start_ledger(id: &str) -> StartRequest {
+    StartRequest {
+        request_id: format!("start-{id}"),
+        case_id: id.into(),
+        workflow: "ledger".into(),
+        agency: "hebei.sjz.zhengding".into(),
+        bindings: [("handler".to_owned(), "hebei.sjz.zhengding".to_owned())].into(),
+        variables: obj(json!({"enterprise": "石家庄某制造有限公司"})),
+    }
+}
+
+fn note(id: &str, request: &str) -> FireRequest {
+    FireRequest {
+        request_id: request.into(),
+        case_id: id.into(),
+        event: "note".into(),
+        agency: "hebei.sjz.zhengding".into(),
+        payload: obj(json!({"text": "进展"})),
+        expected_sequence: None,
+    }
+}
+
+/// Everything the store holds about its cases, for before/after comparisons.
+fn snapshot(engine: &Engine) -> BTreeMap<String, (proto::Case, Vec<proto::HistoryEntry>)> {
+    let store = engine.store();
+    store
+        .case_ids("", 10_000)
+        .expect("ids")
+        .into_iter()
+        .map(|id| {
+            let case = store.case(&id).expect("read").expect("present");
+            let history = store.history(&id, 0).expect("history");
+            (id, (case, history))
+        })
+        .collect()
+}
+
+fn chain_intact(history: &[proto::HistoryEntry]) -> bool {
+    let mut previous = Vec::new();
+    history.iter().enumerate().all(|(i, e)| {
+        let ok = e.sequence == i as u64 + 1
+            && e.previous_hash == previous
+            && e.hash == records::entry_hash(e).to_vec();
+        previous.clone_from(&e.hash);
+        ok
+    })
+}
+
+#[tokio::test]
+async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let mut engine = open(dir.path(), &clock);
+    type Op = Box<dyn Fn(Engine) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "start",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    e.start(start_ledger("a")).await.expect("start");
+                })
+            }),
+        ),
+        (
+            "fire",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    e.fire(note("a", "n1")).await.expect("fire");
+                })
+            }),
+        ),
+        (
+            "spawn",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    e.start(StartRequest {
+                        request_id: "b".into(),
+                        case_id: "b".into(),
+                        workflow: "batch".into(),
+                        agency: "hebei.sjz".into(),
+                        bindings: [("handler".to_owned(), "hebei.sjz".to_owned())].into(),
+                        variables: Map::new(),
+                    })
+                    .await
+                    .expect("start");
+                    e.fire(FireRequest {
+                        request_id: "d".into(),
+                        case_id: "b".into(),
+                        event: "dispatch".into(),
+                        agency: "hebei.sjz".into(),
+                        payload: obj(json!({"items": ["x", "y"]})),
+                        expected_sequence: None,
+                    })
+                    .await
+                    .expect("dispatch");
+                })
+            }),
+        ),
+        (
+            "child settles",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    e.fire(FireRequest {
+                        request_id: "f0".into(),
+                        case_id: "b/0".into(),
+                        event: "finish".into(),
+                        agency: "hebei.sjz".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("finish");
+                })
+            }),
+        ),
+        (
+            "timer",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    e.tick().await.expect("tick");
+                })
+            }),
+        ),
+        (
+            "deploy",
+            Box::new(|e: Engine| {
+                Box::pin(async move {
+                    let source = std::fs::read_to_string(data().join("ledger.ron"))
+                        .expect("read")
+                        .replace("台账", "台账（第二版）");
+                    assert!(e.deploy(source).await.expect("deploy").created);
+                })
+            }),
+        ),
+    ];
+    for (name, op) in ops {
+        if name == "timer" {
+            clock.set(t0() + TimeDelta::days(5));
+        }
+        op(engine.clone()).await;
+        let before = snapshot(&engine);
+        let versions = engine.workflow_versions().expect("versions");
+        engine.shutdown();
+        drop(engine);
+        engine = open(dir.path(), &clock);
+        assert_eq!(snapshot(&engine), before, "after {name}");
+        if name != "deploy" {
+            assert_eq!(
+                engine.workflow_versions().expect("versions"),
+                versions,
+                "after {name}"
+            );
+        }
+        for (id, (_, history)) in &before {
+            assert!(chain_intact(history), "chain of {id} after {name}");
+        }
+    }
+    // The deploy is remembered: reopening with the old file on disk makes it a third version.
+    let ledger: Vec<u32> = engine
+        .workflow_versions()
+        .expect("versions")
+        .iter()
+        .filter(|v| v.name == "ledger")
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(ledger, [1, 2, 3]);
+    let a = engine.case("a").expect("a");
+    assert_eq!(
+        (a.state.as_str(), a.sequence),
+        ("escalated", 4),
+        "start, note, reminder, escalation"
+    );
+    let b = engine.case("b").expect("b");
+    assert_eq!(b.children.iter().filter(|c| c.outcome == "done").count(), 1);
+    let mine = engine
+        .list(
+            &CaseFilter {
+                workflow: Some("ledger".into()),
+                variable: Some(("enterprise".into(), "石家庄某制造有限公司".into())),
+                ..Default::default()
+            },
+            "",
+            10,
+        )
+        .expect("list");
+    assert_eq!(mine.cases.len(), 1);
+}
+
+#[tokio::test]
+async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let log: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let sink = Arc::clone(&log);
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(dir.path())
+            .expect("store")
+            .with_observer(Arc::new(move |step| {
+                sink.lock().expect("lock").push(match step {
+                    SyncStep::Applied => "applied",
+                    SyncStep::Flushed => "flushed",
+                    SyncStep::Synced => "synced",
+                })
+            })),
+    );
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open(store, &sources, clock).expect("opens");
+    engine.start(start_ledger("a")).await.expect("start");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (engine, log) = (engine.clone(), Arc::clone(&log));
+        tasks.push(tokio::spawn(async move {
+            engine
+                .fire(note("a", &format!("r{i}")))
+                .await
+                .expect("fire");
+            log.lock().expect("lock").push("ack");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let log = log.lock().expect("lock");
+    let mut unsynced = false;
+    for event in log.iter() {
+        match *event {
+            "applied" => unsynced = true,
+            "synced" => unsynced = false,
+            "ack" => assert!(
+                !unsynced,
+                "an acknowledgement came between a batch's apply and its fdatasync: {log:?}"
+            ),
+            _ => {}
+        }
+    }
+    let batches = log.iter().filter(|e| **e == "synced").count();
+    assert!(
+        batches < 201,
+        "concurrent callers share flushes ({batches} syncs for 201 commits)"
+    );
+}
+
+#[tokio::test]
+async fn many_callers_on_one_case_lose_no_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    engine.start(start_ledger("a")).await.expect("start");
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.fire(note("a", &format!("n{i}"))).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("fire");
+    }
+    let case = engine.case("a").expect("case");
+    assert_eq!(case.sequence, 101);
+    let notes = records::from_struct(case.variables.as_ref())["notes"].clone();
+    assert_eq!(notes, json!(100));
+    assert!(chain_intact(&engine.history("a").expect("history")));
+
+    // With an expected sequence, exactly one of those racing for it wins.
+    let racers: Vec<_> = (0..20)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .fire(FireRequest {
+                        expected_sequence: Some(101),
+                        ..note("a", &format!("race{i}"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for r in racers {
+        match r.await.expect("task") {
+            Ok(_) => won += 1,
+            Err(EngineError::SequenceMismatch {
+                current,
+                expected: 101,
+                ..
+            }) => assert_eq!(current, 102),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+#[tokio::test]
+async fn many_callers_on_many_cases_finish_without_deadlock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    let tasks: Vec<_> = (0..40)
+        .map(|c| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let id = format!("case-{c}");
+                engine.start(start_ledger(&id)).await.expect("start");
+                for n in 0..10 {
+                    engine
+                        .fire(note(&id, &format!("{id}-{n}")))
+                        .await
+                        .expect("fire");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        tokio::time::timeout(std::time::Duration::from_secs(60), t)
+            .await
+            .expect("no deadlock")
+            .expect("task");
+    }
+    for c in 0..40 {
+        assert_eq!(
+            engine.case(&format!("case-{c}")).expect("case").sequence,
+            11
+        );
+    }
+    let inbox = engine
+        .inbox("hebei.sjz.zhengding", "", 1000)
+        .expect("inbox");
+    assert_eq!(inbox.cases.len(), 40);
+}
+
+#[tokio::test]
+async fn retries_get_the_first_answer_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    engine.start(start_ledger("a")).await.expect("start");
+    let first = engine.fire(note("a", "same")).await.expect("fire");
+    let refused = engine
+        .fire(FireRequest {
+            event: "close".into(),
+            agency: "hebei.sjz".into(),
+            ..note("a", "refused")
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(EngineError::Rejected(r)) if r.code == RejectCode::RoleNotAllowed)
+    );
+    engine.fire(note("a", "later")).await.expect("fire");
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), &clock);
+    assert_eq!(engine.fire(note("a", "same")).await.expect("retry"), first);
+    let again = engine
+        .fire(FireRequest {
+            event: "close".into(),
+            agency: "hebei.sjz".into(),
+            ..note("a", "refused")
+        })
+        .await;
+    assert!(matches!(again, Err(EngineError::Rejected(r)) if r.code == RejectCode::RoleNotAllowed));
+    assert_eq!(
+        engine.case("a").expect("case").sequence,
+        3,
+        "retries appended nothing"
+    );
+    assert_eq!(
+        engine
+            .start(start_ledger("a"))
+            .await
+            .expect("retried start")
+            .id,
+        "a"
+    );
+    let reused = engine
+        .fire(FireRequest {
+            payload: obj(json!({"text": "不同"})),
+            ..note("a", "same")
+        })
+        .await;
+    assert!(matches!(reused, Err(EngineError::RequestIdReused(_))));
+}
+
+#[tokio::test]
+async fn a_running_case_stays_on_its_version_and_a_bad_deploy_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    engine.start(start_ledger("old")).await.expect("start");
+    let v1 = engine.case("old").expect("case").workflow_digest;
+    // Version 2 drops the `note` transition.
+    let source = std::fs::read_to_string(data().join("ledger.ron")).expect("read");
+    let start = source
+        .find("Transition(event: \"note\"")
+        .expect("note transition");
+    let end = source[start..]
+        .find("Transition(event: \"close\"")
+        .expect("close")
+        + start;
+    let v2_source = format!("{}{}", &source[..start], &source[end..]);
+    let deployed = engine.deploy(v2_source).await.expect("deploy");
+    assert_eq!((deployed.version, deployed.created), (2, true));
+    engine
+        .fire(note("old", "n-old"))
+        .await
+        .expect("the old case still has `note`");
+    engine.start(start_ledger("new")).await.expect("start");
+    assert_ne!(engine.case("new").expect("case").workflow_digest, v1);
+    let refused = engine.fire(note("new", "n-new")).await;
+    assert!(matches!(refused, Err(EngineError::Rejected(r)) if r.code == RejectCode::UnknownEvent));
+
+    let broken = source.replace(
+        "to: \"closed\", roles: [\"handler\"]",
+        "to: \"clsoed\", roles: [\"handler\"]",
+    );
+    let versions = engine.workflow_versions().expect("versions");
+    match engine.deploy(broken).await {
+        Err(EngineError::Invalid(diagnostics)) => {
+            assert!(diagnostics.iter().any(|d| d.code == "unknown-state"))
+        }
+        other => panic!("expected invalid, got {other:?}"),
+    }
+    assert_eq!(engine.workflow_versions().expect("versions"), versions);
+    engine.start(start_ledger("newer")).await.expect("start");
+    assert_eq!(engine.case("newer").expect("case").workflow_version, 2);
+}
+
+#[tokio::test]
+async fn timers_fire_once_in_due_order_also_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    for (i, id) in ["late", "early", "closed"].iter().enumerate() {
+        clock.set(t0() + TimeDelta::hours(i as i64));
+        engine
+            .start(StartRequest {
+                request_id: id.to_string(),
+                ..start_ledger(id)
+            })
+            .await
+            .expect("start");
+    }
+    // Started first but with a later deadline: re-entering `open` restarts it.
+    clock.set(t0() + TimeDelta::hours(3));
+    engine.fire(note("late", "push")).await.expect("note");
+    // Leaving the state cancels the deadline: it must never fire.
+    engine
+        .fire(FireRequest {
+            event: "close".into(),
+            payload: Map::new(),
+            ..note("closed", "close")
+        })
+        .await
+        .expect("close");
+    engine.shutdown();
+    drop(engine);
+
+    // The engine is down while everything comes due.
+    clock.set(t0() + TimeDelta::days(30));
+    let engine = open(dir.path(), &clock);
+    assert_eq!(
+        engine.tick().await.expect("tick"),
+        4,
+        "two reminders and two expiries"
+    );
+    assert_eq!(engine.tick().await.expect("tick"), 0, "each fires once");
+    assert_eq!(engine.case("early").expect("case").state, "escalated");
+    assert_eq!(engine.case("late").expect("case").state, "escalated");
+    let closed = engine.history("closed").expect("history");
+    assert!(
+        closed
+            .iter()
+            .all(|e| e.event != "escalate" && !e.event.starts_with("reminder")),
+        "a cancelled deadline fired"
+    );
+    // In due order: had an expiry fired before its own reminder, leaving the
+    // state would have cancelled the reminder and only two timers would fire.
+    for id in ["early", "late"] {
+        let events: Vec<String> = engine
+            .history(id)
+            .expect("history")
+            .into_iter()
+            .skip(1)
+            .map(|e| e.event)
+            .filter(|e| e != "note")
+            .collect();
+        assert_eq!(events, ["reminder:escalate", "escalate"], "{id}");
+    }
+}
+
+#[tokio::test]
+async fn children_start_and_settle_their_parent_in_the_same_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    engine
+        .start(StartRequest {
+            request_id: "p".into(),
+            case_id: "p".into(),
+            workflow: "batch".into(),
+            agency: "hebei.sjz".into(),
+            bindings: [("handler".to_owned(), "hebei.sjz".to_owned())].into(),
+            variables: Map::new(),
+        })
+        .await
+        .expect("start");
+    let parent = engine
+        .fire(FireRequest {
+            request_id: "d".into(),
+            case_id: "p".into(),
+            event: "dispatch".into(),
+            agency: "hebei.sjz".into(),
+            payload: obj(json!({"items": ["甲", "乙", "丙"]})),
+            expected_sequence: None,
+        })
+        .await
+        .expect("dispatch");
+    assert_eq!(parent.children.len(), 3);
+    for i in 0..3 {
+        let child = engine
+            .case(&format!("p/{i}"))
+            .expect("child started with its parent");
+        assert_eq!(child.parent, "p");
+    }
+    for i in 0..3 {
+        engine
+            .fire(FireRequest {
+                request_id: format!("f{i}"),
+                case_id: format!("p/{i}"),
+                event: "finish".into(),
+                agency: "hebei.sjz".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("finish");
+    }
+    let parent = engine.case("p").expect("parent");
+    assert_eq!(
+        (parent.state.as_str(), parent.outcome.as_str()),
+        ("done", "done")
+    );
+    assert_eq!(
+        engine
+            .history("p")
+            .expect("history")
+            .iter()
+            .filter(|e| e.event == "child-settled")
+            .count(),
+        3
+    );
+}
