@@ -588,3 +588,28 @@ async fn children_start_and_settle_their_parent_in_the_same_commit() {
         3
     );
 }
+
+#[tokio::test]
+async fn a_progress_report_keeps_the_running_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open(dir.path(), &clock);
+    let started = engine.start(start_ledger("a")).await.expect("start");
+    clock.set(t0() + TimeDelta::days(1));
+    let reported = engine
+        .fire(FireRequest {
+            event: "report".into(),
+            ..note("a", "report")
+        })
+        .await
+        .expect("report");
+    assert_eq!(
+        reported.timers, started.timers,
+        "the deadline was not restarted"
+    );
+    let entry = engine.history("a").expect("history").pop().expect("entry");
+    assert!(entry.timers_set.is_empty() && entry.timers_cancelled.is_empty());
+    // A note (without keep_deadline) re-enters the state and restarts it.
+    let noted = engine.fire(note("a", "note")).await.expect("note");
+    assert_ne!(noted.timers, started.timers);
+}

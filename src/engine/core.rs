@@ -845,8 +845,12 @@ fn transition_path(
             spawn.push(request);
         }
     }
-    leave(&mut new, &mut fx);
-    enter(lib, wf, &mut new, &t.to, now, seq, &mut fx)?;
+    // A transition that keeps its deadline stays in the state without
+    // re-entering it: its timers and signatures run on.
+    if !t.keep_deadline {
+        leave(&mut new, &mut fx);
+        enter(lib, wf, &mut new, &t.to, now, seq, &mut fx)?;
+    }
     Ok(finish(
         wf,
         case,

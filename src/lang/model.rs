@@ -303,6 +303,10 @@ pub struct Transition {
     /// Child cases to start when the transition is taken.
     #[serde(default)]
     pub spawn: Option<Spawn>,
+    /// For a transition back to its own state (a progress report, a note):
+    /// stay without re-entering it, so its running deadline is not restarted.
+    #[serde(default)]
+    pub keep_deadline: bool,
 }
 
 /// What a transition changes besides the state.

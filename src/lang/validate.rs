@@ -743,6 +743,14 @@ impl WorkflowChecker<'_> {
                     );
                 }
             }
+            if t.keep_deadline && t.to != state.name {
+                r.error(
+                    "keep-deadline",
+                    &tp.field("keep_deadline"),
+                    format!("`keep_deadline` keeps the deadline of state `{}`, but this transition leaves it for `{}`", state.name, t.to),
+                    Some("only a transition back to its own state can keep the deadline".into()),
+                );
+            }
             if t.roles.is_empty() && expiry != Some(t.event.as_str()) {
                 r.error(
                     "unfireable-transition",

@@ -601,6 +601,7 @@ pub(crate) mod tests {
                         variables: Default::default(),
                         bindings: Default::default(),
                     }),
+                    keep_deadline: false,
                 });
             }
             wf.states.push(st);
