@@ -11,6 +11,8 @@ use govflow::lang::load::{self, Document};
 use govflow::lang::validate::validate;
 use govflow::render;
 
+mod workload;
+
 #[derive(Parser)]
 #[command(
     name = "govflow",
@@ -53,6 +55,18 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Commits steps from many tasks until killed (the crash test's worker).
+    #[command(hide = true)]
+    CrashWorker {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        workflows: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        run: u32,
+        #[arg(long, default_value_t = 16)]
+        tasks: usize,
     },
     /// Catalogues: import the official permit list.
     #[command(subcommand)]
@@ -129,6 +143,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => graph_command(&file, format, output),
         Command::Catalogue(command) => catalogue_command(command),
+        Command::CrashWorker {
+            data,
+            workflows,
+            run,
+            tasks,
+        } => {
+            tokio::runtime::Runtime::new()?
+                .block_on(workload::crash_worker(&data, &workflows, run, tasks))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Test {
             paths,
             min_coverage,

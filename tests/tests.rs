@@ -1,6 +1,7 @@
 //! govflow's integration tests: one binary, one module per area.
 
 mod cli;
+mod crash;
 mod durable;
 mod invalid_files;
 mod language;
