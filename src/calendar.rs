@@ -36,7 +36,9 @@
 //!
 //! # Deadlines: [`Calendar::add`]
 //!
-//! With `S` the Shanghai date of `start`:
+//! With `S` the Shanghai date of `start` — where a `start` exactly at midnight counts as the end
+//! (24:00) of the day before, the same convention as deadlines, so that a deadline counted from
+//! another deadline's expiry loses no day, and `add` and `subtract` agree:
 //!
 //! * [`Unit::Hours`]`(n)`: exactly `start + n` hours.
 //! * [`Unit::Days`]`(n)`: the end of the n-th calendar day after `S` (`S` itself does not
@@ -318,12 +320,12 @@ impl Calendar {
             Unit::Hours => TimeDelta::try_hours(i64::from(n))
                 .and_then(|delta| start.checked_add_signed(delta))
                 .ok_or_else(overflow),
-            Unit::Days => shanghai_date(start)
+            Unit::Days => day_of(start)
                 .and_then(|day| day.checked_add_days(chrono::Days::new(u64::from(n) + 1)))
                 .and_then(start_of_day)
                 .ok_or_else(overflow),
             Unit::WorkingDays => {
-                let mut day = shanghai_date(start).ok_or_else(overflow)?;
+                let mut day = day_of(start).ok_or_else(overflow)?;
                 if n == 0 {
                     while !self.is_working_day(day)? {
                         day = day.succ_opt().ok_or_else(overflow)?;
@@ -395,6 +397,14 @@ fn parse_date(text: &str) -> Option<NaiveDate> {
 }
 
 /// The Asia/Shanghai local date of an instant (`None` only at the very end of chrono's range).
+/// The Shanghai day a moment belongs to for counting: a moment exactly at
+/// midnight is the end of the day before (24:00), the same convention deadlines
+/// use, so that a deadline counted from another deadline's expiry loses no day
+/// and `add` and `subtract` agree.
+fn day_of(t: DateTime<Utc>) -> Option<NaiveDate> {
+    shanghai_date(t.checked_sub_signed(TimeDelta::nanoseconds(1))?)
+}
+
 fn shanghai_date(t: DateTime<Utc>) -> Option<NaiveDate> {
     t.naive_utc()
         .checked_add_offset(SHANGHAI)
@@ -601,9 +611,14 @@ mod tests {
             cal.add(utc("2020-01-23T15:59:59Z"), Unit::Days, 0),
             Ok(end_of(2020, 1, 23))
         );
-        // ... and one second later it is the 24th.
+        // ... and exactly midnight is its end (24:00), not yet the 24th ...
         assert_eq!(
             cal.add(utc("2020-01-23T16:00:00Z"), Unit::Days, 0),
+            Ok(end_of(2020, 1, 23))
+        );
+        // ... which the 24th is a nanosecond later.
+        assert_eq!(
+            cal.add(utc("2020-01-23T16:00:00.000000001Z"), Unit::Days, 0),
             Ok(end_of(2020, 1, 24))
         );
     }
@@ -949,6 +964,12 @@ mod tests {
             let start = sh(start_day.year(), start_day.month(), start_day.day(), h, m);
             // Independent Shanghai date: UTC + 8 hours.
             assert_eq!((start.naive_utc() + Duration::hours(8)).date(), start_day);
+            // Midnight is the end of the day before (24:00): counting starts from that day.
+            let count_day = if (h, m) == (0, 0) {
+                start_day.pred_opt().expect("previous day")
+            } else {
+                start_day
+            };
 
             let mut dues = Vec::new();
             for n in 0..=30u32 {
@@ -969,8 +990,8 @@ mod tests {
                     is_working(due_day),
                     "{start} +{n}: {due_day} is not a working day"
                 );
-                assert!(due_day >= start_day);
-                let counted = start_day
+                assert!(due_day >= count_day);
+                let counted = count_day
                     .iter_days()
                     .skip(1)
                     .take_while(|d| *d <= due_day)
@@ -978,7 +999,7 @@ mod tests {
                     .count();
                 if n == 0 {
                     // First working day on or after the start date.
-                    let before = start_day
+                    let before = count_day
                         .iter_days()
                         .take_while(|d| *d < due_day)
                         .filter(|d| is_working(*d))
@@ -1009,5 +1030,28 @@ mod tests {
             start_day = start_day.succ_opt().expect("next day");
         }
         assert_eq!(cases, 2192 * 31);
+    }
+
+    /// Regression: a count starting exactly at midnight (typically another
+    /// deadline's expiry) skipped the working day that midnight begins.
+    #[test]
+    fn a_count_from_midnight_loses_no_working_day() {
+        let cal = cn();
+        let midnight = sh(2020, 9, 30, 0, 0);
+        assert_eq!(
+            cal.add(midnight, Unit::WorkingDays, 1),
+            Ok(end_of(2020, 9, 30))
+        );
+        // Chained counts equal one count: 7 then 1 working days is 8.
+        let seven = cal
+            .add(sh(2020, 9, 21, 9, 0), Unit::WorkingDays, 7)
+            .expect("covered");
+        assert_eq!(
+            cal.add(seven, Unit::WorkingDays, 1),
+            cal.add(sh(2020, 9, 21, 9, 0), Unit::WorkingDays, 8)
+        );
+        // And add and subtract agree on a midnight.
+        let due = cal.add(midnight, Unit::WorkingDays, 3).expect("covered");
+        assert_eq!(cal.subtract(due, Unit::WorkingDays, 3), Ok(midnight));
     }
 }

@@ -11,6 +11,7 @@ use govflow::lang::load::{self, Document};
 use govflow::lang::validate::validate;
 use govflow::render;
 
+mod bench;
 mod workload;
 
 #[derive(Parser)]
@@ -55,6 +56,31 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Measure durable transitions per second (and scaling with the number of cases).
+    Bench {
+        /// Run the engine inside this process (the gRPC mode comes with the server).
+        #[arg(long, required = true)]
+        in_process: bool,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// How long to measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Cases to spread the load over.
+        #[arg(long, default_value_t = 10_000)]
+        cases: usize,
+        /// Instead: grow the store through these case counts and measure list,
+        /// inbox and transition costs at each (e.g. `--scale 10000,1000000`).
+        #[arg(long, value_delimiter = ',')]
+        scale: Vec<usize>,
+        /// The workflows folder.
+        #[arg(long, default_value = "workflows")]
+        workflows: PathBuf,
+        /// Keep the store here instead of a temporary folder.
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
     /// Commits steps from many tasks until killed (the crash test's worker).
     #[command(hide = true)]
@@ -143,6 +169,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => graph_command(&file, format, output),
         Command::Catalogue(command) => catalogue_command(command),
+        Command::Bench {
+            in_process: _,
+            clients,
+            seconds,
+            cases,
+            scale,
+            workflows,
+            data,
+        } => {
+            let options = bench::BenchOptions {
+                workflows,
+                data,
+                clients,
+                seconds,
+                cases,
+                scale,
+            };
+            tokio::runtime::Runtime::new()?.block_on(bench::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CrashWorker {
             data,
             workflows,

@@ -45,3 +45,15 @@ fn every_shipped_workflow_draws_in_every_format() {
     }
     assert!(drawn >= 1, "no workflows were drawn");
 }
+
+#[test]
+fn every_seed_scenario_passes_with_full_transition_coverage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_govflow"))
+        .args(["test", "--min-coverage", "100"])
+        .arg(workflows())
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" 0 failed"), "{text}");
+}

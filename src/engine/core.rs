@@ -1808,13 +1808,12 @@ impl<'l> Cel<'l> {
 
     /// The payload; declared fields left out are `null`.
     fn set_payload(&mut self, payload: &JsonMap<String, Json>, fields: &[Field]) {
+        // An optional field left out is absent, so that `has(payload.x)` tells.
         let map: HashMap<String, cel::Value> = fields
             .iter()
-            .map(|f| {
-                (
-                    f.name.clone(),
-                    value::to_cel(payload.get(&f.name).unwrap_or(&Json::Null), Some(&f.ty)),
-                )
+            .filter_map(|f| {
+                let value = payload.get(&f.name).filter(|v| !v.is_null())?;
+                Some((f.name.clone(), value::to_cel(value, Some(&f.ty))))
             })
             .collect();
         self.ctx.add_variable_from_value("payload", map);

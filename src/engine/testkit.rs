@@ -67,8 +67,8 @@ pub const PERMIT: &str = r#"Workflow(
                 ],
                 effects: [
                     Set(var: "amount", value: "payload.amount"),
-                    Set(var: "note", value: "payload.note"),
-                    Set(var: "fee", value: "payload.fee == null ? 0.0 : payload.fee"),
+                    Set(var: "note", value: "has(payload.note) ? payload.note : null"),
+                    Set(var: "fee", value: "has(payload.fee) ? payload.fee : 0.0"),
                 ]),
             Transition(event: "withdraw", to: "withdrawn", roles: ["applicant"]),
         ]),

@@ -1018,3 +1018,33 @@ proptest! {
         }
     }
 }
+
+/// Regression: an optional payload field left out used to be present as null,
+/// so `has(payload.x)` was always true.
+#[test]
+fn an_optional_field_left_out_is_absent_to_guards_and_effects() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let without = ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": 1}),
+        t0(),
+    ))
+    .case;
+    assert_eq!(without.vars["note"], Json::Null);
+    assert_eq!(without.vars["fee"], json!("0"));
+    let with = ok(fire(
+        &lib,
+        &case,
+        "submit",
+        "ent",
+        json!({"amount": 1, "note": "急", "fee": "12.5"}),
+        t0(),
+    ))
+    .case;
+    assert_eq!(with.vars["note"], json!("急"));
+    assert_eq!(with.vars["fee"], json!("12.5"));
+}
