@@ -11,6 +11,11 @@ use govflow::lang::load::{self, Document};
 use govflow::lang::validate::validate;
 use govflow::render;
 
+/// glibc's allocator spends half the engine's time consolidating small
+/// chunks freed across threads; mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod workload;
 
@@ -140,6 +145,13 @@ enum OutputFormat {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GOVFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

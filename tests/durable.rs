@@ -226,57 +226,76 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
     assert_eq!(mine.cases.len(), 1);
 }
 
+#[derive(Debug)]
+enum Event {
+    Applied(Vec<(String, u64)>),
+    Synced,
+    Ack(String, u64),
+}
+
 #[tokio::test]
 async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(t0()));
-    let log: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Event>>> = Arc::default();
     let sink = Arc::clone(&log);
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(dir.path())
             .expect("store")
-            .with_observer(Arc::new(move |step| {
-                sink.lock().expect("lock").push(match step {
-                    SyncStep::Applied => "applied",
-                    SyncStep::Flushed => "flushed",
-                    SyncStep::Synced => "synced",
-                })
+            .with_observer(Arc::new(move |step| match step {
+                SyncStep::Applied(written) => {
+                    sink.lock().expect("lock").push(Event::Applied(written))
+                }
+                SyncStep::Synced => sink.lock().expect("lock").push(Event::Synced),
+                SyncStep::Flushed => {}
             })),
     );
     let sources = load(&[data()]).expect("loads");
     let engine = Engine::open(store, &sources, clock).expect("opens");
-    engine.start(start_ledger("a")).await.expect("start");
     let mut tasks = Vec::new();
-    for i in 0..200 {
+    for c in 0..8 {
         let (engine, log) = (engine.clone(), Arc::clone(&log));
         tasks.push(tokio::spawn(async move {
-            engine
-                .fire(note("a", &format!("r{i}")))
-                .await
-                .expect("fire");
-            log.lock().expect("lock").push("ack");
+            let id = format!("case-{c}");
+            let started = engine.start(start_ledger(&id)).await.expect("start");
+            log.lock()
+                .expect("lock")
+                .push(Event::Ack(id.clone(), started.sequence));
+            for i in 0..25 {
+                let case = engine
+                    .fire(note(&id, &format!("{id}-{i}")))
+                    .await
+                    .expect("fire");
+                log.lock()
+                    .expect("lock")
+                    .push(Event::Ack(id.clone(), case.sequence));
+            }
         }));
     }
     for t in tasks {
         t.await.expect("task");
     }
     let log = log.lock().expect("lock");
-    let mut unsynced = false;
-    for event in log.iter() {
-        match *event {
-            "applied" => unsynced = true,
-            "synced" => unsynced = false,
-            "ack" => assert!(
-                !unsynced,
-                "an acknowledgement came between a batch's apply and its fdatasync: {log:?}"
-            ),
-            _ => {}
-        }
+    let mut acks = 0;
+    for (at, event) in log.iter().enumerate() {
+        let Event::Ack(id, seq) = event else { continue };
+        acks += 1;
+        let applied = log[..at]
+            .iter()
+            .rposition(
+                |e| matches!(e, Event::Applied(w) if w.iter().any(|(c, s)| c == id && s == seq)),
+            )
+            .unwrap_or_else(|| panic!("{id}@{seq} was acknowledged before it was even applied"));
+        assert!(
+            log[applied..at].iter().any(|e| matches!(e, Event::Synced)),
+            "{id}@{seq} was acknowledged before a sync covered it"
+        );
     }
-    let batches = log.iter().filter(|e| **e == "synced").count();
+    assert_eq!(acks, 8 * 26);
+    let syncs = log.iter().filter(|e| matches!(e, Event::Synced)).count();
     assert!(
-        batches < 201,
-        "concurrent callers share flushes ({batches} syncs for 201 commits)"
+        syncs < acks,
+        "concurrent callers share syncs ({syncs} syncs for {acks} commits)"
     );
 }
 

@@ -355,8 +355,22 @@ pub fn start(
     vars: &JsonMap<String, Json>,
     now: DateTime<Utc>,
 ) -> Result<Step, Rejection> {
-    let wf = compiled(lib, workflow)?;
+    start_version(lib, compiled(lib, workflow)?, case_id, starter, given, vars, now)
+}
+
+/// [`start`] on a given version of a workflow (replay uses the one a case
+/// was pinned to, not the current one).
+pub fn start_version(
+    lib: &Library,
+    wf: &Arc<CompiledWorkflow>,
+    case_id: &str,
+    starter: &str,
+    given: &BTreeMap<String, String>,
+    vars: &JsonMap<String, Json>,
+    now: DateTime<Utc>,
+) -> Result<Step, Rejection> {
     let def = &wf.def;
+    let workflow = def.name.as_str();
     let dir = directory(lib);
     let invalid = |m: String| reject(RejectCode::InvalidStart, m);
     if !starter.is_empty() && !known_agency(lib, starter) {
@@ -1766,11 +1780,14 @@ impl<'l> Cel<'l> {
     }
 
     fn set_vars(&mut self, vars: &BTreeMap<String, Json>) {
+        // Only what the workflow's expressions read is converted.
+        let reads = &self.wf.reads;
         let map: HashMap<String, cel::Value> = self
             .wf
             .def
             .variables
             .iter()
+            .filter(|v| reads.field("vars", &v.name))
             .map(|v| {
                 (
                     v.name.clone(),
@@ -1782,14 +1799,19 @@ impl<'l> Cel<'l> {
     }
 
     fn set_roles(&mut self, bindings: &BTreeMap<String, String>) {
+        let reads = &self.wf.reads;
         let map: HashMap<String, cel::Value> = bindings
             .iter()
+            .filter(|(k, _)| reads.field("roles", k))
             .map(|(k, v)| (k.clone(), cel::Value::from(v.clone())))
             .collect();
         self.ctx.add_variable_from_value("roles", map);
     }
 
     fn set_actor(&mut self, agency: &str, roles: &[String]) {
+        if !self.wf.reads.name("actor") {
+            return;
+        }
         let level = self
             .lib
             .directory
@@ -1806,11 +1828,13 @@ impl<'l> Cel<'l> {
         self.ctx.add_variable_from_value("actor", map);
     }
 
-    /// The payload; declared fields left out are `null`.
+    /// The payload; an optional field left out is absent, so that
+    /// `has(payload.x)` tells.
     fn set_payload(&mut self, payload: &JsonMap<String, Json>, fields: &[Field]) {
-        // An optional field left out is absent, so that `has(payload.x)` tells.
+        let reads = &self.wf.reads;
         let map: HashMap<String, cel::Value> = fields
             .iter()
+            .filter(|f| reads.field("payload", &f.name))
             .filter_map(|f| {
                 let value = payload.get(&f.name).filter(|v| !v.is_null())?;
                 Some((f.name.clone(), value::to_cel(value, Some(&f.ty))))

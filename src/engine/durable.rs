@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::thread;
 
 use chrono::{DateTime, Utc};
@@ -288,10 +289,15 @@ impl Engine {
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
             rules: Arc::clone(&rules),
+            cache: RefCell::default(),
+            pending_outcomes: RefCell::default(),
+            sent: Cell::new(0),
+            progress: Arc::default(),
         };
+        let failure: Failure = Arc::default();
         let handle = thread::Builder::new()
             .name("govflow-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, failure))
             .map_err(|e| {
                 EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))
             })?;
@@ -522,14 +528,15 @@ fn fire_fingerprint(r: &FireRequest) -> Vec<u8> {
 
 /// A case as it stands within the batch being built.
 struct Pending {
-    before: Option<proto::Case>,
-    after: proto::Case,
+    before: Option<Arc<proto::Case>>,
+    after: Arc<proto::Case>,
     entries: Vec<proto::HistoryEntry>,
 }
 
 /// One batch: the cases it touched and the request outcomes it records.
 struct Batch<'w> {
     writer: &'w Writer,
+    failure: &'w Failure,
     rules: Arc<Rules>,
     now: DateTime<Utc>,
     cases: BTreeMap<String, Pending>,
@@ -538,17 +545,49 @@ struct Batch<'w> {
 }
 
 impl Batch<'_> {
-    fn case(&self, id: &str) -> Result<Option<proto::Case>> {
+    fn case(&self, id: &str) -> Result<Option<Arc<proto::Case>>> {
         match self.cases.get(id) {
-            Some(p) => Ok(Some(p.after.clone())),
-            None => Ok(self.writer.store.case(id)?),
+            Some(p) => Ok(Some(Arc::clone(&p.after))),
+            None => self.writer.case(id),
         }
+    }
+
+    /// The case as it was right after step `sequence`, rebuilt by replaying
+    /// its history through the rules it is pinned to.
+    fn case_as_of(&self, id: &str, sequence: u64) -> Result<proto::Case> {
+        let current = self.case(id)?.ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+        if current.sequence == sequence {
+            return Ok((*current).clone());
+        }
+        // The history may still be on its way to the store.
+        self.writer.settle(self.failure);
+        let mut history = self.writer.store.history(id, 1)?;
+        if let Some(pending) = self.cases.get(id) {
+            let known = history.len() as u64;
+            history.extend(pending.entries.iter().filter(|e| e.sequence > known).cloned());
+        }
+        history.truncate(usize::try_from(sequence).unwrap_or(usize::MAX));
+        let entries: Vec<core::Entry> = history.iter().map(records::from_entry).collect();
+        let parent = (!current.parent.is_empty()).then_some(current.parent.as_str());
+        let cases = super::replay::replay(
+            &self.rules.library,
+            &current.workflow,
+            &current.workflow_digest,
+            id,
+            parent,
+            &entries,
+        )
+        .map_err(|d| EngineError::InvalidArgument(format!("the first answer cannot be rebuilt: {d}")))?;
+        let (Some(case), Some(last)) = (cases.last(), history.last()) else {
+            return Err(EngineError::NotFound(format!("{id}@{sequence}")));
+        };
+        Ok(records::case(case, current.workflow_version, last.hash.clone()))
     }
 
     fn outcome(&self, request_id: &str) -> Result<Option<proto::RequestOutcome>> {
         let bytes = match self.outcomes.get(request_id) {
             Some(b) => Some(b.clone()),
-            None => self.writer.store.idempotency(request_id)?,
+            None => self.writer.outcome_bytes(request_id)?,
         };
         bytes
             .map(|b| {
@@ -572,6 +611,7 @@ impl Batch<'_> {
         }
         Ok(Some(match stored.result {
             Some(proto::request_outcome::Result::Case(case)) => Ok(case),
+            Some(proto::request_outcome::Result::Step(step)) => self.case_as_of(&step.case_id, step.sequence),
             Some(proto::request_outcome::Result::Rejection(r)) => {
                 Err(EngineError::Rejected(Rejection {
                     code: core::RejectCode::parse(&r.code)
@@ -585,7 +625,12 @@ impl Batch<'_> {
 
     fn remember(&mut self, request_id: &str, fingerprint: Vec<u8>, result: &Result<proto::Case>) {
         let result = match result {
-            Ok(case) => proto::request_outcome::Result::Case(case.clone()),
+            // The step, not a copy of the case: the case as of that step is
+            // rebuilt from the history if a retry ever needs it.
+            Ok(case) => proto::request_outcome::Result::Step(proto::CaseStep {
+                case_id: case.id.clone(),
+                sequence: case.sequence,
+            }),
             Err(EngineError::Rejected(r)) => {
                 proto::request_outcome::Result::Rejection(proto::Rejection {
                     code: r.code.as_str().to_owned(),
@@ -604,7 +649,7 @@ impl Batch<'_> {
     }
 
     /// Records a step of a case, chaining its history entry.
-    fn record(&mut self, step: &Step, request_id: &str) -> proto::Case {
+    fn record(&mut self, step: &Step, request_id: &str) -> Arc<proto::Case> {
         let id = step.case.id.clone();
         let version = self
             .rules
@@ -615,7 +660,7 @@ impl Batch<'_> {
         let (before, previous_hash, mut entries) = match self.cases.remove(&id) {
             Some(p) => (p.before, p.after.head_hash.clone(), p.entries),
             None => {
-                let before = self.writer.store.case(&id).ok().flatten();
+                let before = self.writer.case(&id).ok().flatten();
                 let head = before
                     .as_ref()
                     .map(|c| c.head_hash.clone())
@@ -624,13 +669,13 @@ impl Batch<'_> {
             }
         };
         let entry = records::entry(&id, &step.entry, request_id, previous_hash);
-        let after = records::case(&step.case, version, entry.hash.clone());
+        let after = Arc::new(records::case(&step.case, version, entry.hash.clone()));
         entries.push(entry);
         self.cases.insert(
             id,
             Pending {
                 before,
-                after: after.clone(),
+                after: Arc::clone(&after),
                 entries,
             },
         );
@@ -638,7 +683,7 @@ impl Batch<'_> {
     }
 
     /// Records a step and everything it sets off: children started, parents told.
-    fn cascade(&mut self, step: Step, request_id: &str) -> Result<proto::Case, Rejection> {
+    fn cascade(&mut self, step: Step, request_id: &str) -> Result<Arc<proto::Case>, Rejection> {
         let library = Arc::clone(&self.rules.library);
         let record = self.record(&step, request_id);
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
@@ -691,6 +736,7 @@ impl Batch<'_> {
             self.now,
         )
         .and_then(|step| self.cascade(step, &r.request_id))
+        .map(|case| (*case).clone())
         .map_err(EngineError::from);
         self.remember(&r.request_id, fp, &result);
         result
@@ -722,6 +768,7 @@ impl Batch<'_> {
         };
         let result = core::apply(&library, &records::from_case(&case), &input, self.now)
             .and_then(|step| self.cascade(step, &r.request_id))
+            .map(|case| (*case).clone())
             .map_err(EngineError::from);
         self.remember(&r.request_id, fp, &result);
         result
@@ -758,6 +805,10 @@ impl Batch<'_> {
             let Some(case) = self.case(&case_id)? else {
                 continue;
             };
+            // The store's timer index may lag a batch behind the writer.
+            if !case.timers.iter().any(|t| t.id == timer_id) {
+                continue;
+            }
             let input = Input::Timer { timer_id };
             match core::apply(&library, &records::from_case(&case), &input, self.now) {
                 Ok(step) => {
@@ -944,10 +995,119 @@ struct Writer {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     rules: Arc<RwLock<Arc<Rules>>>,
+    /// Cases as the writer last wrote them. Only the writer changes cases, so
+    /// this is never stale; it saves reading and decoding hot cases, and it is
+    /// how the writer sees batches the syncer has not applied yet.
+    cache: RefCell<HashMap<String, Arc<proto::Case>>>,
+    /// Request outcomes of batches not yet applied, with their batch number.
+    pending_outcomes: RefCell<HashMap<String, (u64, Vec<u8>)>>,
+    /// Batches handed to the syncer so far.
+    sent: Cell<u64>,
+    progress: Arc<Progress>,
+}
+
+/// How far the syncer has got; the writer waits on it before it may read
+/// from the store something an unapplied batch wrote.
+#[derive(Default)]
+struct Progress {
+    applied: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn set(&self, batch: u64) {
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = batch;
+        self.changed.notify_all();
+    }
+
+    fn applied(&self) -> u64 {
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_for(&self, batch: u64, failure: &Failure) {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        while *applied < batch && failure.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            applied = self
+                .changed
+                .wait_timeout(applied, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Cases the writer keeps decoded; past this it starts afresh.
+const CACHE_CASES: usize = 100_000;
+
+/// A storage failure stops all writing: what sled holds in memory may no
+/// longer be what is on disk, so nothing more may be acknowledged.
+type Failure = Arc<Mutex<Option<String>>>;
+
+/// A batch on its way to disk.
+struct Outgoing {
+    number: u64,
+    commit: Commit,
+    replies: Vec<Reply>,
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Command>) {
+    fn case(&self, id: &str) -> Result<Option<Arc<proto::Case>>> {
+        if let Some(case) = self.cache.borrow().get(id) {
+            return Ok(Some(Arc::clone(case)));
+        }
+        Ok(self.store.case(id)?.map(Arc::new))
+    }
+
+    fn outcome_bytes(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
+        if let Some((_, bytes)) = self.pending_outcomes.borrow().get(request_id) {
+            return Ok(Some(bytes.clone()));
+        }
+        Ok(self.store.idempotency(request_id)?)
+    }
+
+    /// Waits until every batch handed to the syncer is applied to the store.
+    fn settle(&self, failure: &Failure) {
+        self.progress.wait_for(self.sent.get(), failure);
+    }
+
+    fn hand_over(&self, commit: &Commit, failure: &Failure) -> u64 {
+        let number = self.sent.get() + 1;
+        {
+            let mut cache = self.cache.borrow_mut();
+            if cache.len() + commit.cases.len() > CACHE_CASES {
+                // Forget only what the store already holds.
+                self.settle(failure);
+                cache.clear();
+            }
+            for write in &commit.cases {
+                cache.insert(write.after.id.clone(), Arc::clone(&write.after));
+            }
+        }
+        let applied = self.progress.applied();
+        let mut outcomes = self.pending_outcomes.borrow_mut();
+        outcomes.retain(|_, (batch, _)| *batch > applied);
+        for (request_id, bytes) in &commit.idempotency {
+            outcomes.insert(request_id.clone(), (number, bytes.clone()));
+        }
+        self.sent.set(number);
+        number
+    }
+
+    /// Computes batches and hands them to the syncer, which applies, syncs
+    /// and answers them: while one batch goes to disk, the next one is
+    /// already being computed.
+    fn run(self, rx: mpsc::Receiver<Command>, failure: Failure) {
+        let (to_syncer, syncer_rx) = mpsc::channel::<Outgoing>();
+        let syncer = {
+            let (store, failure, progress) = (Arc::clone(&self.store), Arc::clone(&failure), Arc::clone(&self.progress));
+            thread::Builder::new()
+                .name("govflow-syncer".into())
+                .spawn(move || sync_loop(&*store, &failure, &progress, &syncer_rx))
+        };
+        let Ok(syncer) = syncer else {
+            tracing::error!("cannot start the syncer thread");
+            return;
+        };
         while let Ok(first) = rx.recv() {
             let mut commands = vec![first];
             while commands.len() < MAX_BATCH {
@@ -956,9 +1116,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(error) = failed {
+                for command in commands {
+                    command.refuse(&error);
+                }
+                continue;
+            }
+            let started = std::time::Instant::now();
             let rules = Arc::clone(&self.rules.read().unwrap_or_else(|e| e.into_inner()));
             let mut batch = Batch {
                 writer: &self,
+                failure: &failure,
                 rules,
                 now: self.clock.now(),
                 cases: BTreeMap::new(),
@@ -975,15 +1144,73 @@ impl Writer {
                 });
             }
             let (commit, rules) = batch.into_commit();
-            let error = self.store.commit(&commit).err().map(|e| e.to_string());
-            if error.is_none() {
-                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
-            } else {
-                tracing::error!("commit failed, nothing in the batch is acknowledged: {error:?}");
-            }
-            for reply in replies {
-                reply.send(error.as_deref());
+            // Later batches build on this one, so they see its rules.
+            *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
+            let number = self.hand_over(&commit, &failure);
+            tracing::debug!(
+                batch = number,
+                requests = replies.len(),
+                steps = commit.cases.iter().map(|c| c.entries.len()).sum::<usize>(),
+                process_us = started.elapsed().as_micros() as u64,
+                "batch computed"
+            );
+            if to_syncer.send(Outgoing { number, commit, replies }).is_err() {
+                return;
             }
         }
+        drop(to_syncer);
+        let _ = syncer.join();
+    }
+}
+
+/// Applies the batches waiting, makes them durable with one flush and
+/// fdatasync, then answers their callers.
+fn sync_loop(store: &dyn Store, failure: &Failure, progress: &Progress, batches: &mpsc::Receiver<Outgoing>) {
+    while let Ok(first) = batches.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = batches.try_recv() {
+            waiting.push(more);
+        }
+        let started = std::time::Instant::now();
+        let fail = |e: StoreError| {
+            let error = e.to_string();
+            tracing::error!("storage failed; writing stops: {error}");
+            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        };
+        for batch in &waiting {
+            if failure.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+                && let Err(e) = store.apply(&batch.commit)
+            {
+                fail(e);
+            }
+        }
+        let applied_us = started.elapsed().as_micros() as u64;
+        if failure.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+            && let Err(e) = store.sync()
+        {
+            fail(e);
+        }
+        let error = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(last) = waiting.last() {
+            progress.set(last.number);
+        }
+        tracing::debug!(batches = waiting.len(), applied_us, synced_us = started.elapsed().as_micros() as u64, "synced");
+        for reply in waiting.into_iter().flat_map(|b| b.replies) {
+            reply.send(error.as_deref());
+        }
+    }
+}
+
+impl Command {
+    /// Refuses a command because storage has failed.
+    fn refuse(self, error: &str) {
+        let reply = match self {
+            Command::Start(_, tx) | Command::Fire(_, tx) => {
+                Reply::Case(tx, Box::new(Ok(proto::Case::default())))
+            }
+            Command::Tick(tx) => Reply::Count(tx, Ok(0)),
+            Command::Deploy(_, tx) => Reply::Deployed(tx, Err(EngineError::Stopped)),
+        };
+        reply.send(Some(error));
     }
 }

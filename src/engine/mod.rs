@@ -8,6 +8,7 @@
 pub mod core;
 pub mod coverage;
 pub mod durable;
+pub mod replay;
 
 #[cfg(test)]
 pub(crate) mod testkit;

@@ -6,7 +6,7 @@
 //! `catalogues`, …). Where a type cannot be known it is `Dyn` and nothing is
 //! reported: the checker never rejects an expression that could be right.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -140,6 +140,10 @@ pub struct ExprIssue {
 pub struct Compiled {
     pub program: Arc<Program>,
     pub ty: Ty,
+    /// The names it reads: `(root, Some(field))` for `root.field`, `(root,
+    /// None)` where the whole of `root` is used. The engine converts only
+    /// what expressions read.
+    pub uses: BTreeSet<(String, Option<String>)>,
 }
 
 /// Compiles `source` and checks it against `scope`.
@@ -162,15 +166,18 @@ pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> 
     let mut checker = Checker {
         program: &program,
         issues: Vec::new(),
+        uses: BTreeSet::new(),
     };
     let ty = checker.infer(program.expression(), scope);
-    if checker.issues.is_empty() {
+    let Checker { issues, uses, .. } = checker;
+    if issues.is_empty() {
         Ok(Compiled {
             program: Arc::new(program),
             ty,
+            uses,
         })
     } else {
-        Err(checker.issues)
+        Err(issues)
     }
 }
 
@@ -198,6 +205,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 struct Checker<'p> {
     program: &'p Program,
     issues: Vec<ExprIssue>,
+    uses: BTreeSet<(String, Option<String>)>,
 }
 
 impl Checker<'_> {
@@ -244,7 +252,10 @@ impl Checker<'_> {
                 LiteralValue::UInt(_) => Ty::Uint,
             },
             Expr::Ident(name) => match scope.get(name) {
-                Some(ty) => ty.clone(),
+                Some(ty) => {
+                    self.uses.insert((name.clone(), None));
+                    ty.clone()
+                }
                 None => {
                     let hint = hint_for(name, "names", scope.names.keys().map(String::as_str));
                     self.report(node, "unknown-name", format!("unknown name `{name}`"), hint);
@@ -252,7 +263,14 @@ impl Checker<'_> {
                 }
             },
             Expr::Select(select) => {
-                let operand = self.infer(&select.operand, scope);
+                // `root.field` reads one field of a top-level name, not all of it.
+                let operand = match &select.operand.expr {
+                    Expr::Ident(root) if scope.get(root).is_some() => {
+                        self.uses.insert((root.clone(), Some(select.field.clone())));
+                        scope.get(root).cloned().unwrap_or(Ty::Dyn)
+                    }
+                    _ => self.infer(&select.operand, scope),
+                };
                 let field_ty = self.field(node, &select.operand, &operand, &select.field);
                 if select.test { Ty::Bool } else { field_ty }
             }

@@ -30,6 +30,42 @@ pub struct CompiledWorkflow {
     /// Programs keyed by their source text (the same text compiles to the same program).
     programs: HashMap<String, Arc<Program>>,
     state_index: HashMap<String, usize>,
+    /// What its expressions read, so the engine converts nothing else.
+    pub reads: Reads,
+}
+
+/// The names a workflow's expressions read: whole top-level names (`vars`)
+/// and single fields of them (`vars.level`).
+#[derive(Debug, Default, Clone)]
+pub struct Reads {
+    whole: BTreeSet<String>,
+    /// root → the fields of it read.
+    fields: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Reads {
+    fn add(&mut self, uses: impl IntoIterator<Item = (String, Option<String>)>) {
+        for (root, field) in uses {
+            match field {
+                Some(field) => {
+                    self.fields.entry(root).or_default().insert(field);
+                }
+                None => {
+                    self.whole.insert(root);
+                }
+            }
+        }
+    }
+
+    /// Whether any expression reads `root` or a field of it.
+    pub fn name(&self, root: &str) -> bool {
+        self.whole.contains(root) || self.fields.contains_key(root)
+    }
+
+    /// Whether any expression may read `root.field`.
+    pub fn field(&self, root: &str, field: &str) -> bool {
+        self.whole.contains(root) || self.fields.get(root).is_some_and(|f| f.contains(field))
+    }
 }
 
 impl CompiledWorkflow {
@@ -113,8 +149,9 @@ pub fn validate(sources: &Sources) -> Validated {
             catalogues: &catalogues,
             workflow_names: &all_names,
             programs: HashMap::new(),
+            reads: Reads::default(),
         };
-        let programs = checker.check(&mut r);
+        let (programs, reads) = checker.check(&mut r);
         let state_index = workflow
             .states
             .iter()
@@ -128,6 +165,7 @@ pub fn validate(sources: &Sources) -> Validated {
                 digest: hex::encode(Sha256::digest(file.text.as_bytes())),
                 programs,
                 state_index,
+                reads,
             }),
         );
     }
@@ -396,10 +434,11 @@ struct WorkflowChecker<'a> {
     catalogues: &'a BTreeMap<String, CatalogueTable>,
     workflow_names: &'a BTreeSet<&'a str>,
     programs: HashMap<String, Arc<Program>>,
+    reads: Reads,
 }
 
 impl WorkflowChecker<'_> {
-    fn check(mut self, r: &mut Reporter) -> HashMap<String, Arc<Program>> {
+    fn check(mut self, r: &mut Reporter) -> (HashMap<String, Arc<Program>>, Reads) {
         let root = DocPath::root();
         self.check_catalogue_names(r);
         self.check_roles(r);
@@ -422,7 +461,7 @@ impl WorkflowChecker<'_> {
         if !states.is_empty() {
             self.check_graph(r);
         }
-        self.programs
+        (self.programs, self.reads)
     }
 
     fn role_names(&self) -> impl Iterator<Item = &str> + Clone {
@@ -905,6 +944,7 @@ impl WorkflowChecker<'_> {
                     );
                 }
                 self.programs.insert(source.to_owned(), compiled.program);
+                self.reads.add(compiled.uses);
                 Some(compiled.ty)
             }
             Err(issues) => {

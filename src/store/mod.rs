@@ -8,6 +8,7 @@ pub mod records;
 mod sled_store;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -64,8 +65,8 @@ pub enum IndexKey {
 /// commit appends, and its index entries before and after.
 #[derive(Debug, Clone)]
 pub struct CaseWrite {
-    pub before: Option<proto::Case>,
-    pub after: proto::Case,
+    pub before: Option<Arc<proto::Case>>,
+    pub after: Arc<proto::Case>,
     pub entries: Vec<proto::HistoryEntry>,
     pub index_before: BTreeSet<IndexKey>,
     pub index_after: BTreeSet<IndexKey>,
@@ -113,10 +114,19 @@ pub struct Page {
     pub next_page_token: String,
 }
 
-/// Storage for the engine. A commit is atomic (all of it or none of it is
-/// there after a crash) and durable when it returns.
+/// Storage for the engine. Applying a commit is atomic (all of it or none of
+/// it is there after a crash); it is durable once a later `sync` returns.
 pub trait Store: Send + Sync + 'static {
-    fn commit(&self, commit: &Commit) -> Result<()>;
+    /// Writes a commit atomically; readers see it at once, a crash may lose
+    /// it until [`Store::sync`] returns.
+    fn apply(&self, commit: &Commit) -> Result<()>;
+    /// Makes every commit applied so far durable.
+    fn sync(&self) -> Result<()>;
+    /// Applies and syncs.
+    fn commit(&self, commit: &Commit) -> Result<()> {
+        self.apply(commit)?;
+        self.sync()
+    }
     fn case(&self, id: &str) -> Result<Option<proto::Case>>;
     /// History entries of a case from `from_sequence` on, in order.
     fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>>;

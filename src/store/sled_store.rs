@@ -40,10 +40,11 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 /// acknowledgement never precedes the sync of its data.
 pub type SyncObserver = Arc<dyn Fn(SyncStep) + Send + Sync>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncStep {
-    /// The batch is applied in memory.
-    Applied,
+    /// A commit is applied (readable, not yet durable): the (case, sequence)
+    /// of every history entry it appends.
+    Applied(Vec<(String, u64)>),
     /// sled's flush returned.
     Flushed,
     /// `fdatasync` of the log file returned: the batch is durable.
@@ -273,7 +274,7 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn commit(&self, commit: &Commit) -> Result<()> {
+    fn apply(&self, commit: &Commit) -> Result<()> {
         if commit.is_empty() {
             return Ok(());
         }
@@ -286,7 +287,7 @@ impl Store for SledStore {
         }
         for write in &commit.cases {
             let id = write.after.id.as_str();
-            batch.insert(case_key(id), encode(&write.after)?);
+            batch.insert(case_key(id), encode(&*write.after)?);
             for entry in &write.entries {
                 batch.insert(history_key(id, entry.sequence), encode(entry)?);
             }
@@ -296,7 +297,7 @@ impl Store for SledStore {
                     .map(|t| timer_key(records::from_timestamp(t.due_time.as_ref()), id, &t.id))
                     .collect()
             };
-            let before_timers = write.before.as_ref().map(timers).unwrap_or_default();
+            let before_timers = write.before.as_deref().map(timers).unwrap_or_default();
             let after_timers = timers(&write.after);
             for k in before_timers.iter().filter(|k| !after_timers.contains(k)) {
                 batch.remove(k.clone());
@@ -321,7 +322,18 @@ impl Store for SledStore {
             batch.insert(key(b'R', &[request_id.as_bytes()]), outcome.as_slice());
         }
         self.db.apply_batch(batch)?;
-        self.observe(SyncStep::Applied);
+        if self.observer.is_some() {
+            let written = commit
+                .cases
+                .iter()
+                .flat_map(|w| w.entries.iter().map(|e| (e.case_id.clone(), e.sequence)))
+                .collect();
+            self.observe(SyncStep::Applied(written));
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
         self.db.flush()?;
         self.observe(SyncStep::Flushed);
         self.log_file.sync_data().map_err(|source| StoreError::Io {
@@ -510,8 +522,8 @@ mod tests {
                 sequence: after.sequence,
                 ..Default::default()
             }],
-            before,
-            after,
+            before: before.map(Arc::new),
+            after: Arc::new(after),
             index_before,
             index_after,
         }
@@ -659,7 +671,11 @@ mod tests {
             .expect("commit");
         assert_eq!(
             *steps.lock().expect("lock"),
-            [SyncStep::Applied, SyncStep::Flushed, SyncStep::Synced]
+            [
+                SyncStep::Applied(vec![("a".to_owned(), 0)]),
+                SyncStep::Flushed,
+                SyncStep::Synced
+            ]
         );
     }
 
