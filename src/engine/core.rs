@@ -355,7 +355,15 @@ pub fn start(
     vars: &JsonMap<String, Json>,
     now: DateTime<Utc>,
 ) -> Result<Step, Rejection> {
-    start_version(lib, compiled(lib, workflow)?, case_id, starter, given, vars, now)
+    start_version(
+        lib,
+        compiled(lib, workflow)?,
+        case_id,
+        starter,
+        given,
+        vars,
+        now,
+    )
 }
 
 /// [`start`] on a given version of a workflow (replay uses the one a case

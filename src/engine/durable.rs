@@ -8,9 +8,9 @@
 //! one atomic, synced store write, and only then answers the callers. Reads
 //! go straight to the store, which holds only committed data.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::thread;
 
@@ -555,7 +555,9 @@ impl Batch<'_> {
     /// The case as it was right after step `sequence`, rebuilt by replaying
     /// its history through the rules it is pinned to.
     fn case_as_of(&self, id: &str, sequence: u64) -> Result<proto::Case> {
-        let current = self.case(id)?.ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+        let current = self
+            .case(id)?
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
         if current.sequence == sequence {
             return Ok((*current).clone());
         }
@@ -564,7 +566,13 @@ impl Batch<'_> {
         let mut history = self.writer.store.history(id, 1)?;
         if let Some(pending) = self.cases.get(id) {
             let known = history.len() as u64;
-            history.extend(pending.entries.iter().filter(|e| e.sequence > known).cloned());
+            history.extend(
+                pending
+                    .entries
+                    .iter()
+                    .filter(|e| e.sequence > known)
+                    .cloned(),
+            );
         }
         history.truncate(usize::try_from(sequence).unwrap_or(usize::MAX));
         let entries: Vec<core::Entry> = history.iter().map(records::from_entry).collect();
@@ -577,11 +585,17 @@ impl Batch<'_> {
             parent,
             &entries,
         )
-        .map_err(|d| EngineError::InvalidArgument(format!("the first answer cannot be rebuilt: {d}")))?;
+        .map_err(|d| {
+            EngineError::InvalidArgument(format!("the first answer cannot be rebuilt: {d}"))
+        })?;
         let (Some(case), Some(last)) = (cases.last(), history.last()) else {
             return Err(EngineError::NotFound(format!("{id}@{sequence}")));
         };
-        Ok(records::case(case, current.workflow_version, last.hash.clone()))
+        Ok(records::case(
+            case,
+            current.workflow_version,
+            last.hash.clone(),
+        ))
     }
 
     fn outcome(&self, request_id: &str) -> Result<Option<proto::RequestOutcome>> {
@@ -611,7 +625,9 @@ impl Batch<'_> {
         }
         Ok(Some(match stored.result {
             Some(proto::request_outcome::Result::Case(case)) => Ok(case),
-            Some(proto::request_outcome::Result::Step(step)) => self.case_as_of(&step.case_id, step.sequence),
+            Some(proto::request_outcome::Result::Step(step)) => {
+                self.case_as_of(&step.case_id, step.sequence)
+            }
             Some(proto::request_outcome::Result::Rejection(r)) => {
                 Err(EngineError::Rejected(Rejection {
                     code: core::RejectCode::parse(&r.code)
@@ -1099,7 +1115,11 @@ impl Writer {
     fn run(self, rx: mpsc::Receiver<Command>, failure: Failure) {
         let (to_syncer, syncer_rx) = mpsc::channel::<Outgoing>();
         let syncer = {
-            let (store, failure, progress) = (Arc::clone(&self.store), Arc::clone(&failure), Arc::clone(&self.progress));
+            let (store, failure, progress) = (
+                Arc::clone(&self.store),
+                Arc::clone(&failure),
+                Arc::clone(&self.progress),
+            );
             thread::Builder::new()
                 .name("govflow-syncer".into())
                 .spawn(move || sync_loop(&*store, &failure, &progress, &syncer_rx))
@@ -1154,7 +1174,14 @@ impl Writer {
                 process_us = started.elapsed().as_micros() as u64,
                 "batch computed"
             );
-            if to_syncer.send(Outgoing { number, commit, replies }).is_err() {
+            if to_syncer
+                .send(Outgoing {
+                    number,
+                    commit,
+                    replies,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -1165,7 +1192,12 @@ impl Writer {
 
 /// Applies the batches waiting, makes them durable with one flush and
 /// fdatasync, then answers their callers.
-fn sync_loop(store: &dyn Store, failure: &Failure, progress: &Progress, batches: &mpsc::Receiver<Outgoing>) {
+fn sync_loop(
+    store: &dyn Store,
+    failure: &Failure,
+    progress: &Progress,
+    batches: &mpsc::Receiver<Outgoing>,
+) {
     while let Ok(first) = batches.recv() {
         let mut waiting = vec![first];
         while let Ok(more) = batches.try_recv() {
@@ -1194,7 +1226,12 @@ fn sync_loop(store: &dyn Store, failure: &Failure, progress: &Progress, batches:
         if let Some(last) = waiting.last() {
             progress.set(last.number);
         }
-        tracing::debug!(batches = waiting.len(), applied_us, synced_us = started.elapsed().as_micros() as u64, "synced");
+        tracing::debug!(
+            batches = waiting.len(),
+            applied_us,
+            synced_us = started.elapsed().as_micros() as u64,
+            "synced"
+        );
         for reply in waiting.into_iter().flat_map(|b| b.replies) {
             reply.send(error.as_deref());
         }

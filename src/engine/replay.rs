@@ -35,11 +35,23 @@ fn difference(stored: &Entry, produced: &Entry) -> Option<String> {
         ("payload", stored.payload == produced.payload),
         ("from state", stored.from == produced.from),
         ("to state", stored.to == produced.to),
-        ("variables changed", stored.vars_changed == produced.vars_changed),
-        ("bindings changed", stored.bindings_changed == produced.bindings_changed),
+        (
+            "variables changed",
+            stored.vars_changed == produced.vars_changed,
+        ),
+        (
+            "bindings changed",
+            stored.bindings_changed == produced.bindings_changed,
+        ),
         ("timers set", stored.timers_set == produced.timers_set),
-        ("timers cancelled", stored.timers_cancelled == produced.timers_cancelled),
-        ("calendar version", stored.calendar_version == produced.calendar_version),
+        (
+            "timers cancelled",
+            stored.timers_cancelled == produced.timers_cancelled,
+        ),
+        (
+            "calendar version",
+            stored.calendar_version == produced.calendar_version,
+        ),
         ("workflow digest", stored.digest == produced.digest),
     ];
     fields.iter().find(|(_, same)| !same).map(|(name, _)| {
@@ -70,12 +82,18 @@ pub fn replay(
     entries: &[Entry],
 ) -> Result<Replayed, Divergence> {
     let wf: &Arc<CompiledWorkflow> = lib.pinned(workflow, digest).ok_or_else(|| {
-        diverge(1, format!("workflow `{workflow}` version {digest} is not available"))
+        diverge(
+            1,
+            format!("workflow `{workflow}` version {digest} is not available"),
+        )
     })?;
     if wf.digest != digest {
         return Err(diverge(
             1,
-            format!("workflow `{workflow}` version {digest} is not available (only {})", wf.digest),
+            format!(
+                "workflow `{workflow}` version {digest} is not available (only {})",
+                wf.digest
+            ),
         ));
     }
     let mut cases = Vec::with_capacity(entries.len());
@@ -83,7 +101,13 @@ pub fn replay(
     for (i, stored) in entries.iter().enumerate() {
         let expected_seq = i as u64 + 1;
         if stored.seq != expected_seq {
-            return Err(diverge(expected_seq, format!("entry {} is stored where {expected_seq} should be", stored.seq)));
+            return Err(diverge(
+                expected_seq,
+                format!(
+                    "entry {} is stored where {expected_seq} should be",
+                    stored.seq
+                ),
+            ));
         }
         let step: Step = match &current {
             None => {
@@ -107,8 +131,9 @@ pub fn replay(
                 let input: Input = stored
                     .input()
                     .ok_or_else(|| diverge(stored.seq, "a second start entry"))?;
-                core::apply(lib, case, &input, stored.at)
-                    .map_err(|r| diverge(stored.seq, format!("the rules refuse this step now: {r}")))?
+                core::apply(lib, case, &input, stored.at).map_err(|r| {
+                    diverge(stored.seq, format!("the rules refuse this step now: {r}"))
+                })?
             }
         };
         if let Some(reason) = difference(stored, &step.entry) {
