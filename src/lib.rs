@@ -8,4 +8,5 @@ pub mod engine;
 pub mod lang;
 pub mod render;
 pub mod scenario;
+pub mod server;
 pub mod store;

@@ -17,6 +17,7 @@ use govflow::render;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod client;
 mod workload;
 
 #[derive(Parser)]
@@ -61,6 +62,35 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Run the server: the engine behind gRPC (data in ./govflow-data, workflows from ./workflows).
+    Serve {
+        /// A TOML configuration file (listen, data, workflows, auditors, credentials).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen on this address (default 127.0.0.1:50051).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Keep data in this folder (default govflow-data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Load workflows from this folder (default workflows).
+        #[arg(long)]
+        workflows: Option<PathBuf>,
+    },
+    /// Cases on a server: start, fire, show, list, inbox.
+    Case {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: client::CaseCommand,
+    },
+    /// Workflows on a server: deploy, list, show, graph.
+    Workflow {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: client::WorkflowCommand,
     },
     /// Measure durable transitions per second (and scaling with the number of cases).
     Bench {
@@ -181,6 +211,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => graph_command(&file, format, output),
         Command::Catalogue(command) => catalogue_command(command),
+        Command::Serve {
+            config,
+            listen,
+            data,
+            workflows,
+        } => {
+            let mut config = match config {
+                Some(path) => govflow::server::Config::load(&path)?,
+                None => govflow::server::Config::default(),
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(data) = data {
+                config.data = data;
+            }
+            if let Some(workflows) = workflows {
+                config.workflows = workflows;
+            }
+            tokio::runtime::Runtime::new()?.block_on(client::serve(config))
+        }
+        // A refusal from the server is the command's answer (exit 1), not a usage error.
+        Command::Case {
+            connection,
+            command,
+        } => Ok(answer(
+            tokio::runtime::Runtime::new()?.block_on(client::case(connection, command)),
+        )),
+        Command::Workflow {
+            connection,
+            command,
+        } => Ok(answer(
+            tokio::runtime::Runtime::new()?.block_on(client::workflow(connection, command)),
+        )),
         Command::Bench {
             in_process: _,
             clients,
@@ -333,6 +397,14 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
         target.status
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 1 with the reason when a client command failed.
+fn answer(result: Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("govflow: {e:#}");
+        ExitCode::from(1)
+    })
 }
 
 fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode> {

@@ -3,6 +3,7 @@
 mod cli;
 mod crash;
 mod durable;
+mod grpc;
 mod invalid_files;
 mod language;
 mod shipped_workflows;

@@ -148,6 +148,30 @@ struct Rules {
 }
 
 impl Rules {
+    /// Validates a workflow source against everything deployed (the other
+    /// workflows, the directory, the catalogues): the workflow's name and the
+    /// outcome. A source that is not a workflow is `Invalid` at once.
+    fn check(&self, source: &str) -> Result<(String, crate::lang::validate::Validated)> {
+        let map = crate::lang::locate::SourceMap::new(source);
+        let mut diagnostics = Vec::new();
+        let path = PathBuf::from("deploy.ron");
+        let Some(Document::Workflow(workflow)) =
+            load::parse_document(&path, source, &map, &mut diagnostics)
+        else {
+            if diagnostics.is_empty() {
+                diagnostics.push(Diagnostic::at(
+                    &path,
+                    map.line_col(0),
+                    "unknown-kind",
+                    "expected a `Workflow(` file",
+                ));
+            }
+            return Err(EngineError::Invalid(diagnostics));
+        };
+        let validated = validate(&self.sources_with(&workflow.name, source));
+        Ok((workflow.name, validated))
+    }
+
     fn sources_with(&self, name: &str, text: &str) -> load::Sources {
         let mut files = self.shared.clone();
         for (other, (_, source)) in &self.current {
@@ -396,6 +420,29 @@ impl Engine {
                 .unwrap_or_else(|e| e.into_inner())
                 .library,
         )
+    }
+
+    /// Every problem of a workflow source checked against what is deployed,
+    /// without deploying it (only the source's own diagnostics).
+    pub fn check_source(&self, source: &str) -> Vec<Diagnostic> {
+        let rules = Arc::clone(&self.inner.rules.read().unwrap_or_else(|e| e.into_inner()));
+        match rules.check(source) {
+            Ok((name, validated)) => {
+                let own = format!("deployed/{name}.ron");
+                validated
+                    .diagnostics
+                    .into_iter()
+                    .filter(|d| d.file == own)
+                    .collect()
+            }
+            Err(EngineError::Invalid(diagnostics)) => diagnostics,
+            Err(other) => vec![Diagnostic::at(
+                std::path::Path::new("deploy.ron"),
+                crate::lang::locate::LineCol { line: 1, col: 1 },
+                "internal",
+                other.to_string(),
+            )],
+        }
     }
 
     /// Every deployed version of every workflow.
@@ -842,24 +889,7 @@ impl Batch<'_> {
     }
 
     fn deploy(&mut self, source: String) -> Result<Deployed> {
-        let map = crate::lang::locate::SourceMap::new(&source);
-        let mut diagnostics = Vec::new();
-        let path = PathBuf::from("deploy.ron");
-        let Some(Document::Workflow(workflow)) =
-            load::parse_document(&path, &source, &map, &mut diagnostics)
-        else {
-            if diagnostics.is_empty() {
-                diagnostics.push(Diagnostic::at(
-                    &path,
-                    map.line_col(0),
-                    "unknown-kind",
-                    "a deploy takes a `Workflow(` file",
-                ));
-            }
-            return Err(EngineError::Invalid(diagnostics));
-        };
-        let name = workflow.name.clone();
-        let validated = validate(&self.rules.sources_with(&name, &source));
+        let (name, validated) = self.rules.check(&source)?;
         let Some(mut library) = validated.library else {
             return Err(EngineError::Invalid(validated.diagnostics));
         };

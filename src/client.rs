@@ -1,0 +1,617 @@
+//! The CLI client: `govflow case …` and `govflow workflow …` against a
+//! running server. Human tables by default, `--json` for scripts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{Value as Json, json};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use govflow::store::proto::{
+    self, audit_service_client::AuditServiceClient, cases_service_client::CasesServiceClient,
+    definitions_service_client::DefinitionsServiceClient,
+};
+use govflow::store::records;
+
+/// Prints a line; a reader that went away (`| head`) ends the program
+/// quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// How to reach the server.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// The server's address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:50051",
+        env = "GOVFLOW_SERVER"
+    )]
+    server: String,
+    /// Your agency's bearer token (see `govflow-data/credentials.toml`).
+    #[arg(long, global = true, env = "GOVFLOW_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum CaseCommand {
+    /// Start a case as your agency.
+    Start {
+        /// The workflow.
+        #[arg(long)]
+        workflow: String,
+        /// The case id (derived from the request id when left out).
+        #[arg(long)]
+        id: Option<String>,
+        /// A role bound at start: ROLE=AGENCY (repeatable).
+        #[arg(long = "bind", value_name = "ROLE=AGENCY")]
+        bindings: Vec<String>,
+        /// A variable: NAME=VALUE, the value as JSON or else a string (repeatable).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        variables: Vec<String>,
+        /// Makes retries safe; a new one is made when left out.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Fire an event on a case as your agency.
+    Fire {
+        case: String,
+        event: String,
+        /// A payload field: NAME=VALUE, the value as JSON or else a string (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// Refuse unless the case is at this sequence.
+        #[arg(long)]
+        expect_sequence: Option<u64>,
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Show a case (and its history).
+    Show {
+        case: String,
+        #[arg(long)]
+        history: bool,
+    },
+    /// List the cases you hold a role in.
+    List {
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+        /// A searchable variable: NAME=VALUE.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        variable: Option<String>,
+    },
+    /// The cases awaiting you, with their deadlines.
+    Inbox,
+}
+
+#[derive(Subcommand)]
+pub enum WorkflowCommand {
+    /// Deploy a workflow file (admin).
+    Deploy { file: PathBuf },
+    /// List the deployed workflows.
+    List,
+    /// Show a deployed workflow's source.
+    Show {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Draw a deployed workflow.
+    Graph {
+        name: String,
+        #[arg(long, value_enum, default_value_t = govflow::render::Format::Dot)]
+        format: govflow::render::Format,
+    },
+}
+
+struct Client {
+    channel: Channel,
+    token: Option<String>,
+}
+
+impl Client {
+    async fn connect(c: &Connection) -> Result<Client> {
+        let channel = Channel::from_shared(c.server.clone())
+            .with_context(|| format!("`{}` is not a server address", c.server))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", c.server))?;
+        Ok(Client {
+            channel,
+            token: c.token.clone(),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> Result<Request<T>> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            let value: MetadataValue<_> = format!("Bearer {token}")
+                .parse()
+                .context("the token has characters a header cannot carry")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+fn request_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        format!(
+            "cli-{}",
+            govflow::server::auth::new_token()
+                .unwrap_or_default()
+                .trim_start_matches("gf_")
+        )
+    })
+}
+
+/// `NAME=VALUE` with VALUE parsed as JSON, or taken as a string.
+fn assignment(text: &str) -> Result<(String, Json)> {
+    let (name, value) = text
+        .split_once('=')
+        .with_context(|| format!("`{text}` is not NAME=VALUE"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Json::String(value.to_owned()));
+    Ok((name.to_owned(), value))
+}
+
+fn to_struct(pairs: &[String]) -> Result<prost_types::Struct> {
+    let map: serde_json::Map<String, Json> =
+        pairs.iter().map(|p| assignment(p)).collect::<Result<_>>()?;
+    Ok(records::to_struct(&map))
+}
+
+fn case_name(case: &str) -> String {
+    if case.starts_with("cases/") {
+        case.to_owned()
+    } else {
+        format!("cases/{case}")
+    }
+}
+
+fn case_json(c: &proto::Case) -> Json {
+    json!({
+        "id": c.id,
+        "workflow": c.workflow,
+        "workflow_version": c.workflow_version,
+        "state": c.state,
+        "outcome": c.outcome,
+        "sequence": c.sequence,
+        "variables": Json::Object(records::from_struct(c.variables.as_ref())),
+        "bindings": c.bindings,
+        "parent": c.parent,
+        "children": c.children.iter().map(|ch| json!({"case_id": ch.case_id, "workflow": ch.workflow, "outcome": ch.outcome})).collect::<Vec<_>>(),
+        "timers": c.timers.iter().map(|t| json!({"id": t.id, "event": t.event, "due_time": records::rfc3339(t.due_time.as_ref())})).collect::<Vec<_>>(),
+        "update_time": records::rfc3339(c.update_time.as_ref()),
+    })
+}
+
+fn print_case(c: &proto::Case, as_json: bool) {
+    if as_json {
+        out!("{}", case_json(c));
+        return;
+    }
+    out!("case       {}", c.id);
+    out!("workflow   {} (version {})", c.workflow, c.workflow_version);
+    out!(
+        "state      {}{}",
+        c.state,
+        if c.outcome.is_empty() {
+            String::new()
+        } else {
+            format!(" — outcome {}", c.outcome)
+        }
+    );
+    out!("sequence   {}", c.sequence);
+    for (role, agency) in &c.bindings {
+        out!("role       {role:<18} {agency}");
+    }
+    for (name, value) in records::from_struct(c.variables.as_ref()) {
+        if !value.is_null() {
+            out!("variable   {name:<18} {value}");
+        }
+    }
+    for t in &c.timers {
+        out!(
+            "deadline   {:<18} {}",
+            t.event,
+            records::rfc3339(t.due_time.as_ref())
+        );
+    }
+    for ch in &c.children {
+        out!(
+            "child      {:<18} {} {}",
+            ch.case_id,
+            ch.workflow,
+            ch.outcome
+        );
+    }
+}
+
+/// A server error, said plainly: code, message and machine-readable reason.
+fn failure(status: &Status) -> anyhow::Error {
+    use tonic_types::StatusExt;
+    let reason = status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default();
+    anyhow::anyhow!(
+        "{:?}: {}{}",
+        status.code(),
+        status.message(),
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(" [{reason}]")
+        }
+    )
+}
+
+pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCode> {
+    let client = Client::connect(&connection).await?;
+    let mut cases = CasesServiceClient::new(client.channel.clone());
+    let as_json = connection.json;
+    match command {
+        CaseCommand::Start {
+            workflow,
+            id,
+            bindings,
+            variables,
+            request_id: rid,
+        } => {
+            let bindings = bindings
+                .iter()
+                .map(|b| {
+                    b.split_once('=')
+                        .map(|(r, a)| (r.to_owned(), a.to_owned()))
+                        .with_context(|| format!("`{b}` is not ROLE=AGENCY"))
+                })
+                .collect::<Result<_>>()?;
+            let request = proto::CreateCaseRequest {
+                request_id: request_id(rid),
+                case_id: id.unwrap_or_default(),
+                workflow,
+                bindings,
+                variables: Some(to_struct(&variables)?),
+            };
+            let response = cases
+                .create_case(client.request(request)?)
+                .await
+                .map_err(|s| failure(&s))?;
+            if let Some(case) = response.into_inner().case {
+                print_case(&case, as_json);
+            }
+        }
+        CaseCommand::Fire {
+            case,
+            event,
+            fields,
+            expect_sequence,
+            request_id: rid,
+        } => {
+            let request = proto::FireEventRequest {
+                request_id: request_id(rid),
+                case: case_name(&case),
+                event,
+                payload: Some(to_struct(&fields)?),
+                expected_sequence: expect_sequence,
+            };
+            let response = cases
+                .fire_event(client.request(request)?)
+                .await
+                .map_err(|s| failure(&s))?;
+            if let Some(case) = response.into_inner().case {
+                print_case(&case, as_json);
+            }
+        }
+        CaseCommand::Show { case, history } => {
+            let name = case_name(&case);
+            let response = cases
+                .get_case(client.request(proto::GetCaseRequest { name: name.clone() })?)
+                .await
+                .map_err(|s| failure(&s))?;
+            if let Some(case) = response.into_inner().case {
+                print_case(&case, as_json);
+            }
+            if history {
+                let mut audit = AuditServiceClient::new(client.channel.clone());
+                let mut token = String::new();
+                loop {
+                    let page = audit
+                        .list_history_entries(client.request(proto::ListHistoryEntriesRequest {
+                            parent: name.clone(),
+                            page_size: 500,
+                            page_token: token,
+                        })?)
+                        .await
+                        .map_err(|s| failure(&s))?
+                        .into_inner();
+                    for e in &page.history_entries {
+                        if as_json {
+                            out!("{}", records::entry_json(e));
+                        } else {
+                            let actor = match records::from_actor(e.actor.as_ref()) {
+                                govflow::engine::Actor::Agency(a) => a,
+                                govflow::engine::Actor::Timer(t) => format!("timer {t}"),
+                                govflow::engine::Actor::Engine => "engine".into(),
+                            };
+                            out!(
+                                "{:>4}  {}  {:<28} {:<24} {} → {}",
+                                e.sequence,
+                                records::rfc3339(e.time.as_ref()),
+                                actor,
+                                e.event,
+                                e.from_state,
+                                e.to_state
+                            );
+                        }
+                    }
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    token = page.next_page_token;
+                }
+            }
+        }
+        CaseCommand::List {
+            workflow,
+            state,
+            variable,
+        } => {
+            let (variable_name, variable_value) = match variable {
+                Some(v) => v
+                    .split_once('=')
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .with_context(|| format!("`{v}` is not NAME=VALUE"))?,
+                None => Default::default(),
+            };
+            let mut token = String::new();
+            loop {
+                let page = cases
+                    .list_cases(client.request(proto::ListCasesRequest {
+                        page_size: 200,
+                        page_token: token,
+                        workflow: workflow.clone().unwrap_or_default(),
+                        state: state.clone().unwrap_or_default(),
+                        variable_name: variable_name.clone(),
+                        variable_value: variable_value.clone(),
+                    })?)
+                    .await
+                    .map_err(|s| failure(&s))?
+                    .into_inner();
+                for c in &page.cases {
+                    if as_json {
+                        out!("{}", case_json(c));
+                    } else {
+                        out!(
+                            "{:<36} {:<24} {:<24} seq {}",
+                            c.id,
+                            c.workflow,
+                            c.state,
+                            c.sequence
+                        );
+                    }
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        CaseCommand::Inbox => {
+            let page = cases
+                .list_inbox(client.request(proto::ListInboxRequest {
+                    page_size: 1000,
+                    page_token: String::new(),
+                })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner();
+            for item in &page.items {
+                let Some(c) = &item.case else { continue };
+                let deadline = item
+                    .deadline
+                    .as_ref()
+                    .map(|d| records::rfc3339(Some(d)))
+                    .unwrap_or_else(|| "—".into());
+                if as_json {
+                    out!(
+                        "{}",
+                        json!({"case": case_json(c), "events": item.events, "deadline": deadline})
+                    );
+                } else {
+                    out!(
+                        "{:<36} {:<24} {:<22} due {}  can: {}",
+                        c.id,
+                        c.workflow,
+                        c.state,
+                        deadline,
+                        item.events.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Result<ExitCode> {
+    let client = Client::connect(&connection).await?;
+    let mut definitions = DefinitionsServiceClient::new(client.channel.clone());
+    let as_json = connection.json;
+    match command {
+        WorkflowCommand::Deploy { file } => {
+            let source = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match definitions
+                .deploy_workflow(client.request(proto::DeployWorkflowRequest { source })?)
+                .await
+            {
+                Ok(response) => {
+                    let r = response.into_inner();
+                    let v = r.workflow_version.unwrap_or_default();
+                    if as_json {
+                        out!(
+                            "{}",
+                            json!({"name": v.name, "version": v.version, "digest": v.digest, "created": r.created})
+                        );
+                    } else if r.created {
+                        out!("deployed {} version {}", v.name, v.version);
+                    } else {
+                        out!("{} version {} is already this source", v.name, v.version);
+                    }
+                }
+                Err(status) => {
+                    use tonic_types::StatusExt;
+                    eprintln!("{}", failure(&status));
+                    if let Some(bad) = status.get_error_details().bad_request() {
+                        for v in &bad.field_violations {
+                            eprintln!(
+                                "{}:{} {}",
+                                file.display(),
+                                v.field.trim_start_matches("source:"),
+                                v.description
+                            );
+                        }
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        WorkflowCommand::List => {
+            let page = definitions
+                .list_workflows(client.request(proto::ListWorkflowsRequest {
+                    page_size: 1000,
+                    page_token: String::new(),
+                })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner();
+            for w in &page.workflows {
+                if as_json {
+                    out!(
+                        "{}",
+                        json!({"name": w.name, "title": w.title, "version": w.version, "digest": w.digest})
+                    );
+                } else {
+                    out!("{:<36} v{:<4} {}", w.name, w.version, w.title);
+                }
+            }
+        }
+        WorkflowCommand::Show { name, version } => {
+            let name = workflow_name(&name, version);
+            let v = definitions
+                .get_workflow(client.request(proto::GetWorkflowRequest { name })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner()
+                .workflow_version
+                .unwrap_or_default();
+            if as_json {
+                out!(
+                    "{}",
+                    json!({"name": v.name, "version": v.version, "digest": v.digest, "source": v.source})
+                );
+            } else {
+                out!(
+                    "// {} version {} ({})\n{}",
+                    v.name,
+                    v.version,
+                    v.digest,
+                    v.source
+                );
+            }
+        }
+        WorkflowCommand::Graph { name, format } => {
+            let format = match format {
+                govflow::render::Format::Dot => proto::RenderFormat::Dot,
+                govflow::render::Format::Mermaid => proto::RenderFormat::Mermaid,
+                govflow::render::Format::Svg => proto::RenderFormat::Svg,
+            };
+            let r = definitions
+                .render_workflow(client.request(proto::RenderWorkflowRequest {
+                    name: workflow_name(&name, None),
+                    format: format as i32,
+                })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner();
+            out!("{}", r.content.trim_end());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn workflow_name(name: &str, version: Option<u32>) -> String {
+    let base = if name.starts_with("workflows/") {
+        name.to_owned()
+    } else {
+        format!("workflows/{name}")
+    };
+    match version {
+        Some(v) => format!("{base}/versions/{v}"),
+        None => base,
+    }
+}
+
+/// `govflow serve`: prints how to use the tokens, then serves until SIGINT or SIGTERM.
+pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
+    let prepared = govflow::server::prepare(&config)?;
+    if let Some(path) = &prepared.token_file {
+        eprintln!(
+            "govflow: bearer tokens for every agency and for `admin` are in {} (owner-only).",
+            path.display()
+        );
+        eprintln!(
+            "  e.g.  export GOVFLOW_TOKEN=$(grep '^\"hebei.sjz.platform\"' {} | cut -d'\"' -f4)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "govflow: serving {} workflows on {} (data in {})",
+        prepared.engine.library().workflows.len(),
+        config.listen,
+        config.data.display()
+    );
+    let shutdown = async {
+        let term = async {
+            #[cfg(unix)]
+            {
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("govflow: stopping: finishing calls under way");
+    };
+    govflow::server::serve(prepared, config.listen, shutdown).await?;
+    eprintln!("govflow: stopped; every acknowledged step is on disk");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,602 @@
+//! The gRPC services: each call authorised against the caller's principal
+//! and the case's role bindings, each failure a standard code with a
+//! machine-readable reason (`google.rpc.ErrorInfo`, domain `govflow`).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use super::auth::Principal;
+use crate::engine::RejectCode;
+use crate::engine::durable::{Engine, EngineError, FireRequest, StartRequest};
+use crate::lang::diag::Diagnostic;
+use crate::render;
+use crate::store::proto::{
+    self, audit_service_server::AuditService, cases_service_server::CasesService,
+    definitions_service_server::DefinitionsService,
+};
+use crate::store::{CaseFilter, records};
+
+const DOMAIN: &str = "govflow";
+
+/// A status with its machine-readable reason.
+pub fn status(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: &[(&str, String)],
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+fn invalid(reason: &str, field: &str, message: impl Into<String>) -> Status {
+    let message = message.into();
+    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new());
+    details.set_bad_request(vec![FieldViolation::new(field, message.clone())]);
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+fn diagnostics_status(diagnostics: &[Diagnostic]) -> Status {
+    let errors: Vec<&Diagnostic> = diagnostics.iter().filter(|d| d.is_error()).collect();
+    let message = match errors.first() {
+        Some(d) => format!(
+            "the workflow does not validate ({} problems); first: {}:{}: {}",
+            errors.len(),
+            d.line,
+            d.col,
+            d.message
+        ),
+        None => "the workflow does not validate".to_owned(),
+    };
+    let mut details = ErrorDetails::with_error_info("workflow-invalid", DOMAIN, HashMap::new());
+    details.set_bad_request(
+        errors
+            .iter()
+            .map(|d| {
+                FieldViolation::new(
+                    format!("source:{}:{}", d.line, d.col),
+                    format!("[{}] {}", d.code, d.message),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// How an engine error reaches a client.
+pub fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::Rejected(r) => {
+            let code = match r.code {
+                RejectCode::RoleNotAllowed => Code::PermissionDenied,
+                RejectCode::InvalidPayload
+                | RejectCode::InvalidStart
+                | RejectCode::UnknownEvent => Code::InvalidArgument,
+                RejectCode::UnknownWorkflow => Code::NotFound,
+                RejectCode::WrongState
+                | RejectCode::GuardFalse
+                | RejectCode::CaseClosed
+                | RejectCode::EffectFailed
+                | RejectCode::Calendar
+                | RejectCode::UnknownTimer
+                | RejectCode::UnknownChild
+                | RejectCode::TimerNotDue => Code::FailedPrecondition,
+            };
+            status(code, r.code.as_str(), r.message, &[])
+        }
+        EngineError::NotFound(id) => status(
+            Code::NotFound,
+            "case-not-found",
+            format!("no case `{id}`"),
+            &[],
+        ),
+        EngineError::SequenceMismatch {
+            id,
+            expected,
+            current,
+        } => status(
+            Code::Aborted,
+            "sequence-mismatch",
+            format!("case `{id}` is at sequence {current}, not the expected {expected}"),
+            &[("current_sequence", current.to_string())],
+        ),
+        EngineError::RequestIdReused(id) => invalid(
+            "request-id-reused",
+            "request_id",
+            format!("request id `{id}` was already used for a different request"),
+        ),
+        EngineError::AlreadyExists(id) => status(
+            Code::AlreadyExists,
+            "case-exists",
+            format!("case `{id}` already exists"),
+            &[],
+        ),
+        EngineError::InvalidArgument(message) => {
+            status(Code::InvalidArgument, "invalid-argument", message, &[])
+        }
+        EngineError::Invalid(diagnostics) => diagnostics_status(&diagnostics),
+        EngineError::Stopped => status(Code::Unavailable, "stopped", "the engine is stopping", &[]),
+        EngineError::Store(e) => status(Code::Internal, "storage", e.to_string(), &[]),
+    }
+}
+
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no credential"))
+}
+
+fn writer_agency(principal: &Principal) -> Result<String, Status> {
+    match principal {
+        Principal::Agency(a) => Ok(a.clone()),
+        Principal::Auditor(a) => Err(status(
+            Code::PermissionDenied,
+            "read-only",
+            format!("`{a}` audits: it reads cases and moves none"),
+            &[],
+        )),
+        Principal::Admin => Err(status(
+            Code::PermissionDenied,
+            "read-only",
+            "the admin deploys workflows and moves no case",
+            &[],
+        )),
+    }
+}
+
+/// `cases/{id}` → id.
+fn case_id(name: &str, field: &str) -> Result<String, Status> {
+    name.strip_prefix("cases/")
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            invalid(
+                "bad-resource-name",
+                field,
+                format!("`{name}` is not a case name: expected `cases/{{case}}`"),
+            )
+        })
+}
+
+/// A case the caller may see; otherwise NOT_FOUND, so existence does not leak.
+fn visible(engine: &Engine, principal: &Principal, id: &str) -> Result<proto::Case, Status> {
+    let case = engine.case(id).map_err(engine_status)?;
+    let allowed = principal.reads_all()
+        || principal
+            .agency()
+            .is_some_and(|a| case.bindings.values().any(|b| b == a));
+    if allowed {
+        Ok(case)
+    } else {
+        Err(status(
+            Code::NotFound,
+            "case-not-found",
+            format!("no case `{id}`"),
+            &[],
+        ))
+    }
+}
+
+fn page_size(requested: i32, default: usize) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(default),
+        n if n < 0 => Err(invalid(
+            "bad-page-size",
+            "page_size",
+            format!("page_size must not be negative, got {n}"),
+        )),
+        n => Ok((n as usize).min(1000)),
+    }
+}
+
+/// The gRPC services over one engine.
+#[derive(Clone)]
+pub struct Api {
+    pub engine: Engine,
+}
+
+#[tonic::async_trait]
+impl DefinitionsService for Api {
+    async fn deploy_workflow(
+        &self,
+        request: Request<proto::DeployWorkflowRequest>,
+    ) -> Result<Response<proto::DeployWorkflowResponse>, Status> {
+        if principal(&request)? != Principal::Admin {
+            return Err(status(
+                Code::PermissionDenied,
+                "admin-only",
+                "only the admin deploys workflows",
+                &[],
+            ));
+        }
+        let source = request.into_inner().source;
+        let deployed = self.engine.deploy(source).await.map_err(engine_status)?;
+        let version = self
+            .engine
+            .workflow_versions()
+            .map_err(engine_status)?
+            .into_iter()
+            .find(|v| v.name == deployed.name && v.version == deployed.version);
+        Ok(Response::new(proto::DeployWorkflowResponse {
+            workflow_version: version,
+            created: deployed.created,
+        }))
+    }
+
+    async fn validate_workflow(
+        &self,
+        request: Request<proto::ValidateWorkflowRequest>,
+    ) -> Result<Response<proto::ValidateWorkflowResponse>, Status> {
+        principal(&request)?;
+        let diagnostics = self.engine.check_source(&request.into_inner().source);
+        Ok(Response::new(proto::ValidateWorkflowResponse {
+            valid: !diagnostics.iter().any(Diagnostic::is_error),
+            diagnostics: diagnostics
+                .into_iter()
+                .map(|d| proto::Diagnostic {
+                    line: d.line as u32,
+                    column: d.col as u32,
+                    severity: if d.is_error() {
+                        "error".into()
+                    } else {
+                        "warning".into()
+                    },
+                    code: d.code.to_owned(),
+                    message: d.message,
+                    hint: d.hint.unwrap_or_default(),
+                    path: d.path,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_workflows(
+        &self,
+        request: Request<proto::ListWorkflowsRequest>,
+    ) -> Result<Response<proto::ListWorkflowsResponse>, Status> {
+        principal(&request)?;
+        let r = request.into_inner();
+        let size = page_size(r.page_size, 50)?;
+        let mut current: std::collections::BTreeMap<String, proto::WorkflowVersion> =
+            std::collections::BTreeMap::new();
+        for v in self.engine.workflow_versions().map_err(engine_status)? {
+            if current.get(&v.name).is_none_or(|c| c.version < v.version) {
+                current.insert(v.name.clone(), v);
+            }
+        }
+        let library = self.engine.library();
+        let rest: Vec<proto::WorkflowSummary> = current
+            .into_values()
+            .filter(|v| v.name.as_str() > r.page_token.as_str())
+            .map(|v| proto::WorkflowSummary {
+                title: library
+                    .workflows
+                    .get(&v.name)
+                    .map(|w| w.def.title.clone())
+                    .unwrap_or_default(),
+                name: format!("workflows/{}", v.name),
+                version: v.version,
+                digest: v.digest,
+                deploy_time: v.deploy_time,
+            })
+            .collect();
+        let more = rest.len() > size;
+        let workflows: Vec<_> = rest.into_iter().take(size).collect();
+        let next_page_token = if more {
+            workflows
+                .last()
+                .map(|w| w.name.trim_start_matches("workflows/").to_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListWorkflowsResponse {
+            workflows,
+            next_page_token,
+        }))
+    }
+
+    async fn get_workflow(
+        &self,
+        request: Request<proto::GetWorkflowRequest>,
+    ) -> Result<Response<proto::GetWorkflowResponse>, Status> {
+        principal(&request)?;
+        let version = self.workflow_version(&request.into_inner().name)?;
+        Ok(Response::new(proto::GetWorkflowResponse {
+            workflow_version: Some(version),
+        }))
+    }
+
+    async fn render_workflow(
+        &self,
+        request: Request<proto::RenderWorkflowRequest>,
+    ) -> Result<Response<proto::RenderWorkflowResponse>, Status> {
+        principal(&request)?;
+        let r = request.into_inner();
+        let version = self.workflow_version(&r.name)?;
+        let library = self.engine.library();
+        let compiled = library.versions.get(&version.digest).ok_or_else(|| {
+            status(
+                Code::FailedPrecondition,
+                "version-not-compiled",
+                format!(
+                    "version {} of `{}` no longer validates",
+                    version.version, version.name
+                ),
+                &[],
+            )
+        })?;
+        let (format, content_type) = match proto::RenderFormat::try_from(r.format)
+            .unwrap_or(proto::RenderFormat::Unspecified)
+        {
+            proto::RenderFormat::Mermaid => (render::Format::Mermaid, "text/vnd.mermaid"),
+            proto::RenderFormat::Svg => (render::Format::Svg, "image/svg+xml"),
+            proto::RenderFormat::Dot | proto::RenderFormat::Unspecified => {
+                (render::Format::Dot, "text/vnd.graphviz")
+            }
+        };
+        Ok(Response::new(proto::RenderWorkflowResponse {
+            content: render::render(&compiled.def, format),
+            content_type: content_type.into(),
+        }))
+    }
+}
+
+impl Api {
+    /// `workflows/{w}` (current) or `workflows/{w}/versions/{n}`.
+    fn workflow_version(&self, name: &str) -> Result<proto::WorkflowVersion, Status> {
+        let bad = || {
+            invalid(
+                "bad-resource-name",
+                "name",
+                format!(
+                    "`{name}` is not a workflow name: expected `workflows/{{workflow}}` or `workflows/{{workflow}}/versions/{{version}}`"
+                ),
+            )
+        };
+        let rest = name.strip_prefix("workflows/").ok_or_else(bad)?;
+        let (workflow, version) = match rest.split_once("/versions/") {
+            Some((w, v)) => (w, Some(v.parse::<u32>().map_err(|_| bad())?)),
+            None => (rest, None),
+        };
+        if workflow.is_empty() || workflow.contains('/') {
+            return Err(bad());
+        }
+        self.engine
+            .workflow_versions()
+            .map_err(engine_status)?
+            .into_iter()
+            .filter(|v| v.name == workflow && version.is_none_or(|n| v.version == n))
+            .max_by_key(|v| v.version)
+            .ok_or_else(|| {
+                status(
+                    Code::NotFound,
+                    "workflow-not-found",
+                    format!("no workflow `{name}`"),
+                    &[],
+                )
+            })
+    }
+}
+
+fn struct_to_map(s: Option<prost_types::Struct>) -> serde_json::Map<String, serde_json::Value> {
+    records::from_struct(s.as_ref())
+}
+
+#[tonic::async_trait]
+impl CasesService for Api {
+    async fn create_case(
+        &self,
+        request: Request<proto::CreateCaseRequest>,
+    ) -> Result<Response<proto::CreateCaseResponse>, Status> {
+        let agency = writer_agency(&principal(&request)?)?;
+        let r = request.into_inner();
+        if r.workflow.is_empty() {
+            return Err(invalid("missing-field", "workflow", "workflow is required"));
+        }
+        let case = self
+            .engine
+            .start(StartRequest {
+                request_id: r.request_id,
+                case_id: r.case_id,
+                workflow: r.workflow,
+                agency,
+                bindings: r.bindings.into_iter().collect(),
+                variables: struct_to_map(r.variables),
+            })
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(proto::CreateCaseResponse {
+            case: Some(case),
+        }))
+    }
+
+    async fn fire_event(
+        &self,
+        request: Request<proto::FireEventRequest>,
+    ) -> Result<Response<proto::FireEventResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let id = case_id(&r.case, "case")?;
+        // Existence is checked before the caller's right to write, so a case
+        // it cannot see stays NOT_FOUND.
+        visible(&self.engine, &principal, &id)?;
+        let agency = writer_agency(&principal)?;
+        if r.event.is_empty() {
+            return Err(invalid("missing-field", "event", "event is required"));
+        }
+        let case = self
+            .engine
+            .fire(FireRequest {
+                request_id: r.request_id,
+                case_id: id,
+                event: r.event,
+                agency,
+                payload: struct_to_map(r.payload),
+                expected_sequence: r.expected_sequence,
+            })
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(proto::FireEventResponse { case: Some(case) }))
+    }
+
+    async fn get_case(
+        &self,
+        request: Request<proto::GetCaseRequest>,
+    ) -> Result<Response<proto::GetCaseResponse>, Status> {
+        let principal = principal(&request)?;
+        let id = case_id(&request.get_ref().name, "name")?;
+        let case = visible(&self.engine, &principal, &id)?;
+        Ok(Response::new(proto::GetCaseResponse { case: Some(case) }))
+    }
+
+    async fn list_cases(
+        &self,
+        request: Request<proto::ListCasesRequest>,
+    ) -> Result<Response<proto::ListCasesResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let size = page_size(r.page_size, 50)?;
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        if (!r.state.is_empty() || !r.variable_name.is_empty()) && r.workflow.is_empty() {
+            return Err(invalid(
+                "missing-field",
+                "workflow",
+                "filtering by state or variable needs a workflow",
+            ));
+        }
+        if r.variable_name.is_empty() != r.variable_value.is_empty() {
+            return Err(invalid(
+                "missing-field",
+                "variable_value",
+                "variable_name and variable_value go together",
+            ));
+        }
+        let filter = CaseFilter {
+            workflow: non_empty(r.workflow),
+            state: non_empty(r.state),
+            agency: principal.agency().map(str::to_owned),
+            variable: non_empty(r.variable_name).map(|n| (n, r.variable_value)),
+        };
+        let page = self
+            .engine
+            .list(&filter, &r.page_token, size)
+            .map_err(engine_status)?;
+        Ok(Response::new(proto::ListCasesResponse {
+            cases: page.cases,
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_inbox(
+        &self,
+        request: Request<proto::ListInboxRequest>,
+    ) -> Result<Response<proto::ListInboxResponse>, Status> {
+        let principal = principal(&request)?;
+        let Some(agency) = principal.agency().map(str::to_owned) else {
+            return Ok(Response::new(proto::ListInboxResponse::default()));
+        };
+        let r = request.into_inner();
+        let size = page_size(r.page_size, 50)?;
+        let page = self
+            .engine
+            .inbox(&agency, &r.page_token, size)
+            .map_err(engine_status)?;
+        let library = self.engine.library();
+        let items = page
+            .cases
+            .into_iter()
+            .map(|case| {
+                let roles: Vec<&String> = case
+                    .bindings
+                    .iter()
+                    .filter(|(_, a)| **a == agency)
+                    .map(|(r, _)| r)
+                    .collect();
+                let mut events: Vec<String> = Vec::new();
+                if let Some(state) = library
+                    .pinned(&case.workflow, &case.workflow_digest)
+                    .and_then(|w| w.state(&case.state))
+                {
+                    for t in &state.transitions {
+                        if t.roles.iter().any(|r| roles.contains(&r)) && !events.contains(&t.event)
+                        {
+                            events.push(t.event.clone());
+                        }
+                    }
+                    if let Some(cs) = &state.countersign
+                        && cs.roles.iter().any(|r| roles.contains(&r))
+                    {
+                        events.extend([cs.sign_event.clone(), cs.reject_event.clone()]);
+                    }
+                }
+                let deadline = case
+                    .timers
+                    .iter()
+                    .filter(|t| t.kind() == proto::TimerKind::Expiry)
+                    .filter_map(|t| t.due_time)
+                    .min_by_key(|t| (t.seconds, t.nanos));
+                proto::InboxItem {
+                    case: Some(case),
+                    events,
+                    deadline,
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListInboxResponse {
+            items,
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for Api {
+    async fn list_history_entries(
+        &self,
+        request: Request<proto::ListHistoryEntriesRequest>,
+    ) -> Result<Response<proto::ListHistoryEntriesResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let id = case_id(&r.parent, "parent")?;
+        visible(&self.engine, &principal, &id)?;
+        let size = page_size(r.page_size, 100)?;
+        let from: u64 = if r.page_token.is_empty() {
+            1
+        } else {
+            r.page_token.parse().map_err(|_| {
+                invalid(
+                    "bad-page-token",
+                    "page_token",
+                    "page_token was not issued by this server",
+                )
+            })?
+        };
+        let mut entries = self
+            .engine
+            .store()
+            .history(&id, from)
+            .map_err(|e| engine_status(e.into()))?;
+        let next_page_token = if entries.len() > size {
+            (from + size as u64).to_string()
+        } else {
+            String::new()
+        };
+        entries.truncate(size);
+        Ok(Response::new(proto::ListHistoryEntriesResponse {
+            history_entries: entries,
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,287 @@
+//! Who is calling: bearer tokens, one per agency (and one for the admin),
+//! kept as SHA-256 hashes, never in the code.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A department system acting for its agency.
+    Agency(String),
+    /// An auditor agency: reads every case, moves none.
+    Auditor(String),
+    /// The operator: deploys workflows, reads everything, moves no case.
+    Admin,
+}
+
+impl Principal {
+    pub fn agency(&self) -> Option<&str> {
+        match self {
+            Principal::Agency(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Reads every case.
+    pub fn reads_all(&self) -> bool {
+        matches!(self, Principal::Auditor(_) | Principal::Admin)
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Agency(a) | Principal::Auditor(a) => a,
+            Principal::Admin => ADMIN,
+        }
+    }
+}
+
+/// The name the admin's token is listed under.
+pub const ADMIN: &str = "admin";
+
+/// Token hashes → principals.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    by_hash: HashMap<[u8; 32], Principal>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("credential for `{0}`: expected `sha256:<64 hex digits>`")]
+    BadHash(String),
+    #[error("credential for `{0}`: no such agency in the directory")]
+    UnknownAgency(String),
+    #[error("no random numbers from the operating system: {0}")]
+    Random(String),
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Credentials {
+    /// From `name → "sha256:<hex>"` (the config file's form).
+    pub fn from_hashes(
+        hashes: &BTreeMap<String, String>,
+        agencies: &BTreeSet<String>,
+        auditors: &BTreeSet<String>,
+    ) -> Result<Self, CredentialError> {
+        let mut by_hash = HashMap::new();
+        for (name, hash) in hashes {
+            let hex = hash
+                .strip_prefix("sha256:")
+                .ok_or_else(|| CredentialError::BadHash(name.clone()))?;
+            let bytes: [u8; 32] = hex::decode(hex)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| CredentialError::BadHash(name.clone()))?;
+            by_hash.insert(bytes, principal(name, agencies, auditors)?);
+        }
+        Ok(Credentials { by_hash })
+    }
+
+    /// From `name → token` (the generated file's form).
+    pub fn from_tokens(
+        tokens: &BTreeMap<String, String>,
+        agencies: &BTreeSet<String>,
+        auditors: &BTreeSet<String>,
+    ) -> Result<Self, CredentialError> {
+        let mut by_hash = HashMap::new();
+        for (name, token) in tokens {
+            by_hash.insert(hash_token(token), principal(name, agencies, auditors)?);
+        }
+        Ok(Credentials { by_hash })
+    }
+
+    pub fn principal(&self, token: &str) -> Option<&Principal> {
+        self.by_hash.get(&hash_token(token))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// The interceptor that authenticates every call: `authorization:
+    /// Bearer <token>` → the caller, put in the request's extensions.
+    pub fn interceptor(
+        &self,
+    ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+        let credentials = self.clone();
+        move |mut request: Request<()>| {
+            let header = request.metadata().get("authorization").ok_or_else(|| {
+                Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
+            })?;
+            let token = header
+                .to_str()
+                .ok()
+                .and_then(|h| {
+                    h.strip_prefix("Bearer ")
+                        .or_else(|| h.strip_prefix("bearer "))
+                })
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization header must be `Bearer <token>`")
+                })?;
+            let principal = credentials
+                .principal(token.trim())
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+            request.extensions_mut().insert(principal);
+            Ok(request)
+        }
+    }
+}
+
+fn principal(
+    name: &str,
+    agencies: &BTreeSet<String>,
+    auditors: &BTreeSet<String>,
+) -> Result<Principal, CredentialError> {
+    if name == ADMIN {
+        Ok(Principal::Admin)
+    } else if auditors.contains(name) {
+        Ok(Principal::Auditor(name.to_owned()))
+    } else if agencies.contains(name) {
+        Ok(Principal::Agency(name.to_owned()))
+    } else {
+        Err(CredentialError::UnknownAgency(name.to_owned()))
+    }
+}
+
+/// A new random token: 32 bytes from the operating system, hex.
+pub fn new_token() -> Result<String, CredentialError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| CredentialError::Random(e.to_string()))?;
+    Ok(format!("gf_{}", hex::encode(bytes)))
+}
+
+/// Reads the generated token file, adding a token for every principal that
+/// has none (new agencies, or the first start), and writes it back readable
+/// by its owner only.
+pub fn ensure_token_file(
+    path: &Path,
+    names: &BTreeSet<String>,
+) -> Result<(BTreeMap<String, String>, usize), CredentialError> {
+    let file_error = |message: String| CredentialError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut tokens: BTreeMap<String, String> = if path.exists() {
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        let parsed: TokenFile = toml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
+        parsed.tokens
+    } else {
+        BTreeMap::new()
+    };
+    let mut added = 0;
+    for name in names {
+        if !tokens.contains_key(name) {
+            tokens.insert(name.clone(), new_token()?);
+            added += 1;
+        }
+    }
+    if added > 0 {
+        let body = toml::to_string(&TokenFile {
+            tokens: tokens.clone(),
+        })
+        .map_err(|e| file_error(e.to_string()))?;
+        let text = format!(
+            "# govflow bearer tokens, one per agency and one for the admin. Generated by `govflow serve`.\n\
+             # Give each department system its own agency's token; keep this file secret.\n{body}"
+        );
+        write_private(path, &text).map_err(|e| file_error(e.to_string()))?;
+    }
+    Ok((tokens, added))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TokenFile {
+    tokens: BTreeMap<String, String>,
+}
+
+/// Writes a file that only its owner may read (mode 0600 on Unix).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_hashed_and_mapped_to_principals() {
+        let (a, b) = (new_token().expect("token"), new_token().expect("token"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 3 + 64);
+        let agencies: BTreeSet<String> = ["x".to_owned(), "audit".to_owned()].into();
+        let auditors: BTreeSet<String> = ["audit".to_owned()].into();
+        let tokens: BTreeMap<String, String> = [
+            ("x".to_owned(), a.clone()),
+            ("audit".to_owned(), b.clone()),
+            (ADMIN.to_owned(), "t".to_owned()),
+        ]
+        .into();
+        let creds = Credentials::from_tokens(&tokens, &agencies, &auditors).expect("valid");
+        assert_eq!(creds.principal(&a), Some(&Principal::Agency("x".into())));
+        assert_eq!(
+            creds.principal(&b),
+            Some(&Principal::Auditor("audit".into()))
+        );
+        assert_eq!(creds.principal("t"), Some(&Principal::Admin));
+        assert_eq!(creds.principal("nope"), None);
+        let hashes: BTreeMap<String, String> = [(
+            "x".to_owned(),
+            format!("sha256:{}", hex::encode(hash_token(&a))),
+        )]
+        .into();
+        let from_config = Credentials::from_hashes(&hashes, &agencies, &auditors).expect("valid");
+        assert_eq!(
+            from_config.principal(&a),
+            Some(&Principal::Agency("x".into()))
+        );
+        let bad: BTreeMap<String, String> = [("y".to_owned(), a)].into();
+        assert!(Credentials::from_tokens(&bad, &agencies, &auditors).is_err());
+    }
+
+    #[test]
+    fn the_token_file_is_owner_only_and_keeps_existing_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentials.toml");
+        let names: BTreeSet<String> = ["a".to_owned(), ADMIN.to_owned()].into();
+        let (first, added) = ensure_token_file(&path, &names).expect("written");
+        assert_eq!(added, 2);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let more: BTreeSet<String> = ["a".to_owned(), "b".to_owned(), ADMIN.to_owned()].into();
+        let (second, added) = ensure_token_file(&path, &more).expect("updated");
+        assert_eq!(added, 1);
+        assert_eq!(second["a"], first["a"]);
+    }
+}

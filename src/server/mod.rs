@@ -1,0 +1,247 @@
+//! `govflow serve`: the engine behind gRPC, on an embedded default.
+//!
+//! With no configuration it keeps its data in `govflow-data/`, loads and
+//! validates `workflows/`, listens on localhost, and makes sure every agency
+//! of the directory (and the admin) has a bearer token, generated on first
+//! start into `govflow-data/credentials.toml`, readable by its owner only.
+
+pub mod api;
+pub mod auth;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tonic::transport::Server;
+
+use self::api::Api;
+use self::auth::{ADMIN, Credentials};
+use crate::engine::durable::{Engine, EngineError, SystemClock};
+use crate::lang::load::{self, LoadError};
+use crate::store::proto::{
+    audit_service_server::AuditServiceServer, cases_service_server::CasesServiceServer,
+    definitions_service_server::DefinitionsServiceServer,
+};
+use crate::store::{SledStore, Store, StoreError};
+
+/// The encoded descriptors of `proto/`, for server reflection.
+pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/govflow_descriptor.bin"));
+
+/// Largest request accepted; larger ones get RESOURCE_EXHAUSTED naming the limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// `govflow.toml`: every key optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub workflows: PathBuf,
+    /// Agencies that read every case and move none.
+    pub auditors: Vec<String>,
+    /// Principal (agency id or `admin`) → `sha256:<hex>` of its token. When
+    /// empty, tokens are generated into the data folder.
+    pub credentials: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data: PathBuf::from("govflow-data"),
+            workflows: PathBuf::from("workflows"),
+            auditors: vec!["hebei.sjz.audit".into()],
+            credentials: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading the configuration {path}: {message}")]
+    Config { path: String, message: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("the workflows do not validate:\n{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Engine(EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Credentials(#[from] auth::CredentialError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("the workflows define no agency directory (agencies.ron)")]
+    NoDirectory,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ServeError> {
+        let err = |message: String| ServeError::Config {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// A running server's parts, for `serve` and for tests.
+pub struct Prepared {
+    pub engine: Engine,
+    pub credentials: Credentials,
+    /// Where generated tokens are, when they were generated.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Opens the engine and the credentials the configuration describes.
+pub fn prepare(config: &Config) -> Result<Prepared, ServeError> {
+    prepare_with_clock(config, Arc::new(SystemClock))
+}
+
+/// [`prepare`] with a given clock (virtual time in tests).
+pub fn prepare_with_clock(
+    config: &Config,
+    clock: Arc<dyn crate::engine::durable::Clock>,
+) -> Result<Prepared, ServeError> {
+    let sources = load::load(std::slice::from_ref(&config.workflows))?;
+    let agencies: BTreeSet<String> = sources
+        .agencies()
+        .ok_or(ServeError::NoDirectory)?
+        .1
+        .agencies
+        .iter()
+        .map(|a| a.id.clone())
+        .collect();
+    let auditors: BTreeSet<String> = config.auditors.iter().cloned().collect();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data.join("store"))?);
+    let engine = Engine::open(store, &sources, clock).map_err(|e| match e {
+        EngineError::Invalid(diagnostics) => ServeError::Invalid(
+            diagnostics
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        other => ServeError::Engine(other),
+    })?;
+    let (credentials, token_file) = if config.credentials.is_empty() {
+        let path = config.data.join("credentials.toml");
+        let mut names = agencies.clone();
+        names.insert(ADMIN.to_owned());
+        let (tokens, _) = auth::ensure_token_file(&path, &names)?;
+        (
+            Credentials::from_tokens(&tokens, &agencies, &auditors)?,
+            Some(path),
+        )
+    } else {
+        (
+            Credentials::from_hashes(&config.credentials, &agencies, &auditors)?,
+            None,
+        )
+    };
+    Ok(Prepared {
+        engine,
+        credentials,
+        token_file,
+    })
+}
+
+/// Serves until `shutdown` completes, then drains calls under way and stops
+/// the engine (which finishes and syncs its last batch).
+pub async fn serve(
+    prepared: Prepared,
+    listen: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ServeError::Config {
+            path: listen.to_string(),
+            message: format!("cannot listen: {e}"),
+        })?;
+    serve_on(prepared, listener, shutdown).await
+}
+
+/// [`serve`] on a socket already bound (tests bind port 0).
+pub async fn serve_on(
+    prepared: Prepared,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let Prepared {
+        engine,
+        credentials,
+        ..
+    } = prepared;
+    let api = Api {
+        engine: engine.clone(),
+    };
+    let interceptor = credentials.interceptor();
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CasesServiceServer<Api>>()
+        .await;
+    health_reporter
+        .set_serving::<DefinitionsServiceServer<Api>>()
+        .await;
+    health_reporter
+        .set_serving::<AuditServiceServer<Api>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let timers = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Err(e) = engine.tick().await {
+                    tracing::warn!("timers: {e}");
+                    if matches!(e, EngineError::Stopped) {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let result = Server::builder()
+        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            CasesServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            interceptor.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            DefinitionsServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            interceptor.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AuditServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            interceptor,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    timers.abort();
+    engine.shutdown();
+    Ok(result?)
+}

@@ -1,0 +1,558 @@
+//! The gRPC service over a real socket: seed processes end to end with each
+//! agency's own credential, a deadline on virtual time, a restart in the
+//! middle of a case, the authorisation matrix, and bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value as Json, json};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use govflow::engine::durable::{Engine, ManualClock};
+use govflow::server::{self, Config};
+use govflow::store::proto::{
+    self, audit_service_client::AuditServiceClient, cases_service_client::CasesServiceClient,
+    definitions_service_client::DefinitionsServiceClient,
+};
+use govflow::store::records;
+
+struct Server {
+    endpoint: String,
+    tokens: BTreeMap<String, String>,
+    engine: Engine,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    async fn start(data: &Path, clock: &Arc<ManualClock>) -> Server {
+        let config = Config {
+            data: data.to_path_buf(),
+            workflows: Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+            ..Config::default()
+        };
+        let prepared = server::prepare_with_clock(&config, clock.clone()).expect("server prepares");
+        let engine = prepared.engine.clone();
+        let text =
+            std::fs::read_to_string(data.join("credentials.toml")).expect("tokens generated");
+        let tokens: BTreeMap<String, String> = toml::from_str::<toml::Table>(&text).expect("toml")
+            ["tokens"]
+            .as_table()
+            .expect("tokens table")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server::serve_on(prepared, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serves");
+        });
+        Server {
+            endpoint,
+            tokens,
+            engine,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    fn token(&self, principal: &str) -> String {
+        self.tokens
+            .get(principal)
+            .cloned()
+            .unwrap_or_else(|| panic!("no token for {principal}"))
+    }
+}
+
+fn authed<T>(token: Option<&str>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    request
+}
+
+fn structure(v: Json) -> Option<prost_types::Struct> {
+    Some(records::to_struct(v.as_object().expect("object")))
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+}
+
+fn reason(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    (dir, data)
+}
+
+struct Agent {
+    cases: CasesServiceClient<Channel>,
+    token: String,
+    n: u32,
+}
+
+impl Agent {
+    async fn new(server: &Server, agency: &str) -> Agent {
+        Agent {
+            cases: CasesServiceClient::new(server.channel().await),
+            token: server.token(agency),
+            n: 0,
+        }
+    }
+
+    async fn fire(
+        &mut self,
+        case: &str,
+        event: &str,
+        payload: Json,
+    ) -> Result<proto::Case, Status> {
+        self.n += 1;
+        let request = proto::FireEventRequest {
+            request_id: format!("{}-{case}-{event}-{}", &self.token[3..11], self.n),
+            case: format!("cases/{case}"),
+            event: event.into(),
+            payload: structure(payload),
+            expected_sequence: None,
+        };
+        self.cases
+            .fire_event(authed(Some(&self.token), request))
+            .await
+            .map(|r| r.into_inner().case.expect("case"))
+    }
+}
+
+#[tokio::test]
+async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_credential() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-03-16T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
+    let start = proto::CreateCaseRequest {
+        request_id: "gz-start".into(),
+        case_id: "gz-1".into(),
+        workflow: "gaozhi_chengnuo".into(),
+        bindings: [
+            ("approval", "hebei.sjz.approval"),
+            ("supervision", "hebei.sjz.housing"),
+            ("registration", "hebei.sjz.amr"),
+        ]
+        .map(|(r, a)| (r.to_owned(), a.to_owned()))
+        .into(),
+        variables: structure(
+            json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "石家庄某置业有限公司", "credit_code": "91130102MA0HOUS001"}),
+        ),
+    };
+    let case = platform
+        .cases
+        .create_case(authed(Some(&platform.token), start))
+        .await
+        .expect("started")
+        .into_inner()
+        .case
+        .expect("case");
+    assert_eq!(case.state, "awaiting_application");
+    platform
+        .fire("gz-1", "apply", json!({}))
+        .await
+        .expect("apply");
+    // The approval department sees it in its inbox, with what it may do.
+    let inbox = approval
+        .cases
+        .list_inbox(authed(
+            Some(&approval.token),
+            proto::ListInboxRequest::default(),
+        ))
+        .await
+        .expect("inbox")
+        .into_inner();
+    assert_eq!(inbox.items.len(), 1);
+    assert_eq!(inbox.items[0].events, ["inform"]);
+    approval
+        .fire("gz-1", "inform", json!({"conditions": ["已取得建设工程规划许可证"], "supervision_rules": "领证后30日内核查", "breach_consequences": "撤销许可", "model_letter": "示范文本"}))
+        .await
+        .expect("inform");
+
+    // A restart in the middle of the case.
+    server.stop().await;
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
+    let mut supervision = Agent::new(&server, "hebei.sjz.housing").await;
+
+    platform
+        .fire(
+            "gz-1",
+            "commit",
+            json!({"kind": "conditions_met", "commitment_text": "承诺已具备条件"}),
+        )
+        .await
+        .expect("commit");
+    // Only the approval department decides.
+    let refused = platform
+        .fire("gz-1", "grant", json!({}))
+        .await
+        .expect_err("not the platform's to decide");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(reason(&refused), "role-not-allowed");
+    let granted = approval
+        .fire("gz-1", "grant", json!({}))
+        .await
+        .expect("grant");
+    assert_eq!(granted.state, "operating");
+    assert_eq!(
+        records::from_struct(granted.variables.as_ref())["may_operate"],
+        json!(true)
+    );
+    let assessed = supervision
+        .fire("gz-1", "assess_risk", json!({"risk": "low"}))
+        .await;
+    let case = match assessed {
+        Ok(case) => case,
+        Err(status) => panic!("assess_risk: {status:?}"),
+    };
+    assert_eq!(case.state, "risk_inspection");
+    // The history, read by an auditor over gRPC, is chained.
+    let mut audit = AuditServiceClient::new(server.channel().await);
+    let history = audit
+        .list_history_entries(authed(
+            Some(&server.token("hebei.sjz.audit")),
+            proto::ListHistoryEntriesRequest {
+                parent: "cases/gz-1".into(),
+                page_size: 0,
+                page_token: String::new(),
+            },
+        ))
+        .await
+        .expect("history")
+        .into_inner()
+        .history_entries;
+    assert_eq!(history.len() as u64, case.sequence);
+    for pair in history.windows(2) {
+        assert_eq!(pair[1].previous_hash, pair[0].hash);
+        assert_eq!(pair[1].hash, records::entry_hash(&pair[1]).to_vec());
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_time() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let mut team = Agent::new(&server, "hebei.sjz.industry").await;
+    let start = proto::CreateCaseRequest {
+        request_id: "bl-start".into(),
+        case_id: "bl-1".into(),
+        workflow: "baolian_escalation".into(),
+        bindings: [
+            ("work_team", "hebei.sjz.industry"),
+            ("responsible_dept", "hebei.sjz.industry"),
+            ("leader", "hebei.sjz.office"),
+        ]
+        .map(|(r, a)| (r.to_owned(), a.to_owned()))
+        .into(),
+        variables: structure(
+            json!({"enterprise_name": "石家庄藁城某装备制造有限公司", "credit_code": "91130182MA0A000002", "county": "hebei.sjz.gaocheng", "problem_summary": "缺少能耗指标"}),
+        ),
+    };
+    platform
+        .cases
+        .create_case(authed(Some(&platform.token), start))
+        .await
+        .expect("started");
+    team.fire("bl-1", "classify", json!({"level": "county"}))
+        .await
+        .expect("classified");
+    let mut county = Agent::new(&server, "hebei.sjz.gaocheng").await;
+    county
+        .fire("bl-1", "report_progress", json!({"progress": "已申请调剂"}))
+        .await
+        .expect("report");
+    // Ten working days later (past National Day), the county's limit has passed.
+    clock.set(at("2020-10-11T00:00:01+08:00"));
+    server.engine.tick().await.expect("timers fire");
+    let mut city = Agent::new(&server, "hebei.sjz").await;
+    let case = city
+        .cases
+        .get_case(authed(
+            Some(&city.token),
+            proto::GetCaseRequest {
+                name: "cases/bl-1".into(),
+            },
+        ))
+        .await
+        .expect("the city now holds a role and sees the case")
+        .into_inner()
+        .case
+        .expect("case");
+    assert_eq!(case.state, "city_handling");
+    assert_eq!(case.bindings["handler"], "hebei.sjz");
+    // The county may no longer report it solved.
+    let refused = county
+        .fire("bl-1", "resolve", json!({"solution": "已协调"}))
+        .await
+        .expect_err("no longer the handler");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+/// Every RPC × {no credential, an agency without a role, the agency with
+/// one, an auditor, the admin}.
+#[tokio::test]
+async fn the_authorisation_matrix_holds_for_every_rpc() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let channel = server.channel().await;
+    let mut cases = CasesServiceClient::new(channel.clone());
+    let mut definitions = DefinitionsServiceClient::new(channel.clone());
+    let mut audit = AuditServiceClient::new(channel);
+    let platform = server.token("hebei.sjz.platform");
+    let start = |id: &str| proto::CreateCaseRequest {
+        request_id: format!("start-{id}"),
+        case_id: id.into(),
+        workflow: "zzfl_registration".into(),
+        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
+        variables: structure(
+            json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
+        ),
+    };
+    cases
+        .create_case(authed(Some(&platform), start("m-1")))
+        .await
+        .expect("the matrix's case");
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_abolish.ron"),
+    )
+    .expect("read");
+
+    let principals: [(&str, Option<String>); 5] = [
+        ("none", None),
+        ("other agency", Some(server.token("hebei.sjz.tax"))),
+        ("agency with a role", Some(server.token("hebei.sjz.amr"))),
+        ("auditor", Some(server.token("hebei.sjz.audit"))),
+        ("admin", Some(server.token("admin"))),
+    ];
+    // Expected code per RPC, in the order of `principals`.
+    use Code::{NotFound, Ok as Fine, PermissionDenied as Denied, Unauthenticated as Unauth};
+    let expected: [(&str, [Code; 5]); 11] = [
+        ("CreateCase", [Unauth, Fine, Fine, Denied, Denied]),
+        ("FireEvent", [Unauth, NotFound, Fine, Denied, Denied]),
+        ("GetCase", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("ListCases", [Unauth, Fine, Fine, Fine, Fine]),
+        ("ListInbox", [Unauth, Fine, Fine, Fine, Fine]),
+        ("ListHistoryEntries", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("DeployWorkflow", [Unauth, Denied, Denied, Denied, Fine]),
+        ("ValidateWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
+        ("ListWorkflows", [Unauth, Fine, Fine, Fine, Fine]),
+        ("GetWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
+        ("RenderWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
+    ];
+    let mut failures = Vec::new();
+    for (rpc, codes) in expected {
+        for (i, (who, token)) in principals.iter().enumerate() {
+            let t = token.as_deref();
+            let n = format!("{rpc}-{i}");
+            let got = match rpc {
+                "CreateCase" => cases.create_case(authed(t, start(&format!("m-new-{i}")))).await.map(|_| ()),
+                "FireEvent" => cases
+                    .fire_event(authed(t, proto::FireEventRequest { request_id: n, case: "cases/m-1".into(), event: "register".into(), payload: structure(json!({"credit_code": "91130100MA0TEST001", "business_scope": "日用百货零售", "permits": []})), expected_sequence: None }))
+                    .await
+                    .map(|_| ()),
+                "GetCase" => cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/m-1".into() })).await.map(|_| ()),
+                "ListCases" => cases.list_cases(authed(t, proto::ListCasesRequest::default())).await.map(|_| ()),
+                "ListInbox" => cases.list_inbox(authed(t, proto::ListInboxRequest::default())).await.map(|_| ()),
+                "ListHistoryEntries" => audit.list_history_entries(authed(t, proto::ListHistoryEntriesRequest { parent: "cases/m-1".into(), ..Default::default() })).await.map(|_| ()),
+                "DeployWorkflow" => definitions.deploy_workflow(authed(t, proto::DeployWorkflowRequest { source: source.clone() })).await.map(|_| ()),
+                "ValidateWorkflow" => definitions.validate_workflow(authed(t, proto::ValidateWorkflowRequest { source: source.clone() })).await.map(|_| ()),
+                "ListWorkflows" => definitions.list_workflows(authed(t, proto::ListWorkflowsRequest::default())).await.map(|_| ()),
+                "GetWorkflow" => definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish".into() })).await.map(|_| ()),
+                "RenderWorkflow" => definitions.render_workflow(authed(t, proto::RenderWorkflowRequest { name: "workflows/zzfl_abolish".into(), format: proto::RenderFormat::Svg as i32 })).await.map(|_| ()),
+                other => panic!("unknown rpc {other}"),
+            };
+            let code = got.err().map_or(Code::Ok, |s| s.code());
+            if code != codes[i] {
+                failures.push(format!("{rpc} as {who}: {code:?}, expected {:?}", codes[i]));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What each sees in lists: an agency only its own cases, the auditor all.
+    let listed = |token: &str| {
+        let mut cases = cases.clone();
+        let token = token.to_owned();
+        async move {
+            cases
+                .list_cases(authed(Some(&token), proto::ListCasesRequest::default()))
+                .await
+                .expect("list")
+                .into_inner()
+                .cases
+                .len()
+        }
+    };
+    assert_eq!(listed(&server.token("hebei.sjz.tax")).await, 0);
+    assert!(listed(&server.token("hebei.sjz.amr")).await >= 1);
+    assert!(listed(&server.token("hebei.sjz.audit")).await >= 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let channel = server.channel().await;
+    let mut cases = CasesServiceClient::new(channel.clone());
+    let mut definitions = DefinitionsServiceClient::new(channel);
+    let amr = server.token("hebei.sjz.amr");
+    let platform = server.token("hebei.sjz.platform");
+    let t = Some(platform.as_str());
+    let start = proto::CreateCaseRequest {
+        request_id: "s".into(),
+        case_id: "b-1".into(),
+        workflow: "zzfl_registration".into(),
+        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
+        variables: structure(
+            json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TEST002"}),
+        ),
+    };
+    cases
+        .create_case(authed(t, start.clone()))
+        .await
+        .expect("started");
+    let fire =
+        |event: &str, payload: Json, expected: Option<u64>, id: &str| proto::FireEventRequest {
+            request_id: id.into(),
+            case: "cases/b-1".into(),
+            event: event.into(),
+            payload: structure(payload),
+            expected_sequence: expected,
+        };
+    let checks: Vec<(&str, Result<(), Status>, Code, &str)> = vec![
+        ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
+        ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
+        ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
+        ("no request id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: String::new(), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
+        ("bad case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "bad-id".into(), case_id: "a b".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
+        ("duplicate case", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "dup".into(), ..start.clone() })).await.map(|_| ()), Code::AlreadyExists, "case-exists"),
+        ("unknown variable", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "v".into(), case_id: "b-3".into(), variables: structure(json!({"nope": 1})), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-start"),
+        ("missing payload field", cases.fire_event(authed(Some(&amr), fire("register", json!({"permits": []}), None, "f1"))).await.map(|_| ()), Code::InvalidArgument, "invalid-payload"),
+        ("wrongly typed field", cases.fire_event(authed(Some(&amr), fire("register", json!({"business_scope": 3, "permits": []}), None, "f2"))).await.map(|_| ()), Code::InvalidArgument, "invalid-payload"),
+        ("unknown event", cases.fire_event(authed(Some(&amr), fire("explode", json!({}), None, "f3"))).await.map(|_| ()), Code::InvalidArgument, "unknown-event"),
+        ("sequence mismatch", cases.fire_event(authed(Some(&amr), fire("refuse", json!({"reason": "材料不全"}), Some(7), "f4"))).await.map(|_| ()), Code::Aborted, "sequence-mismatch"),
+        ("negative page size", cases.list_cases(authed(t, proto::ListCasesRequest { page_size: -1, ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "bad-page-size"),
+        ("state without workflow", cases.list_cases(authed(t, proto::ListCasesRequest { state: "applied".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "missing-field"),
+        ("bad workflow name", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "zzfl_abolish".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
+        ("unknown workflow version", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish/versions/99".into() })).await.map(|_| ()), Code::NotFound, "workflow-not-found"),
+        ("invalid deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("not RON at all", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "{{{".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+    ];
+    let mut failures = Vec::new();
+    for (what, result, code, why) in checks {
+        match result {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(s) if s.code() != code || reason(&s) != why => failures.push(format!(
+                "{what}: {:?} [{}] {}, expected {code:?} [{why}]",
+                s.code(),
+                reason(&s),
+                s.message()
+            )),
+            Err(_) => {}
+        }
+    }
+    // Out of order: once refused the case is closed; another event on it is refused.
+    cases
+        .fire_event(authed(
+            Some(&amr),
+            fire("refuse", json!({"reason": "经营范围不符"}), None, "f5"),
+        ))
+        .await
+        .expect("refused");
+    let late = cases
+        .fire_event(authed(
+            Some(&amr),
+            fire("refuse", json!({"reason": "再次"}), None, "f6"),
+        ))
+        .await
+        .expect_err("closed");
+    if late.code() != Code::FailedPrecondition {
+        failures.push(format!("event on a closed case: {:?}", late.code()));
+    }
+    // Oversized: more than the 1 MiB limit, refused before it reaches the engine.
+    let huge = "壹".repeat(400_000);
+    let big = cases
+        .fire_event(authed(
+            Some(&amr),
+            fire("refuse", json!({"reason": huge}), None, "f7"),
+        ))
+        .await
+        .expect_err("too big");
+    if big.code() != Code::ResourceExhausted && big.code() != Code::OutOfRange {
+        failures.push(format!(
+            "oversized request: {:?} {}",
+            big.code(),
+            big.message()
+        ));
+    }
+    // Nothing above was INTERNAL, and the validator explains an invalid source.
+    let diagnostics = definitions
+        .validate_workflow(authed(t, proto::ValidateWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into() }))
+        .await
+        .expect("validate answers")
+        .into_inner();
+    assert!(!diagnostics.valid);
+    assert!(
+        diagnostics
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "unknown-state" && d.line == 1),
+        "{:?}",
+        diagnostics.diagnostics
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    server.stop().await;
+}
