@@ -556,3 +556,103 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let start = |id: &str| proto::CreateCaseRequest {
+        request_id: format!("w-{id}"),
+        case_id: id.into(),
+        workflow: "baolian_escalation".into(),
+        bindings: [
+            ("work_team", "hebei.sjz.industry"),
+            ("responsible_dept", "hebei.sjz.industry"),
+            ("leader", "hebei.sjz.office"),
+        ]
+        .map(|(r, a)| (r.to_owned(), a.to_owned()))
+        .into(),
+        variables: structure(
+            json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH01", "county": "hebei.sjz.zhengding", "problem_summary": "用电增容"}),
+        ),
+    };
+    let watch = |token: String, cursor: &str| {
+        let channel = server.endpoint.clone();
+        let cursor = cursor.to_owned();
+        async move {
+            let mut client = CasesServiceClient::new(
+                Channel::from_shared(channel)
+                    .expect("uri")
+                    .connect()
+                    .await
+                    .expect("connects"),
+            );
+            client
+                .watch_events(authed(Some(&token), proto::WatchEventsRequest { cursor }))
+                .await
+                .expect("watching")
+                .into_inner()
+        }
+    };
+    let mut stream = watch(platform.token.clone(), "0").await;
+    let mut other = watch(server.token("hebei.sjz.tax"), "0").await;
+    platform
+        .cases
+        .create_case(authed(Some(&platform.token.clone()), start("w-1")))
+        .await
+        .expect("started");
+    let mut team = Agent::new(&server, "hebei.sjz.industry").await;
+    team.fire("w-1", "classify", json!({"level": "county"}))
+        .await
+        .expect("classified");
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..2 {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("a message");
+        let entry = message.history_entry.expect("entry");
+        seen.push((entry.case_id, entry.sequence));
+        cursor = message.cursor;
+    }
+    drop(stream);
+    // While nobody watches, the case moves on.
+    let mut county = Agent::new(&server, "hebei.sjz.zhengding").await;
+    for i in 0..3 {
+        county
+            .fire(
+                "w-1",
+                "report_progress",
+                json!({"progress": format!("进展{i}")}),
+            )
+            .await
+            .expect("report");
+    }
+    let mut resumed = watch(platform.token.clone(), &cursor).await;
+    for _ in 0..3 {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), resumed.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("a message");
+        let entry = message.history_entry.expect("entry");
+        seen.push((entry.case_id, entry.sequence));
+    }
+    let expected: Vec<(String, u64)> = (1..=5).map(|s| ("w-1".to_owned(), s)).collect();
+    assert_eq!(
+        seen, expected,
+        "every step once, in order, across the reconnection"
+    );
+    // An agency with no role in the case sees nothing of it.
+    let nothing =
+        tokio::time::timeout(std::time::Duration::from_millis(500), other.message()).await;
+    assert!(
+        nothing.is_err(),
+        "the tax bureau was shown a step of a case it holds no role in"
+    );
+    server.stop().await;
+}

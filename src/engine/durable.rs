@@ -26,7 +26,7 @@ use crate::lang::diag::Diagnostic;
 use crate::lang::load::{self, Document};
 use crate::lang::validate::{Library, validate};
 use crate::store::{
-    CaseFilter, CaseWrite, Commit, IndexKey, Page, Store, StoreError, proto, records,
+    CaseFilter, CaseWrite, Commit, FeedItem, IndexKey, Page, Store, StoreError, proto, records,
 };
 
 /// Where time comes from: the system clock, or a manual one in tests.
@@ -198,6 +198,7 @@ pub struct Engine {
 
 struct Inner {
     store: Arc<dyn Store>,
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
     clock: Arc<dyn Clock>,
     rules: Arc<RwLock<Arc<Rules>>>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
@@ -309,6 +310,7 @@ impl Engine {
         })?;
         let (tx, rx) = mpsc::channel();
         let rules = Arc::new(RwLock::new(Arc::new(rules)));
+        let durable = Arc::new(tokio::sync::watch::Sender::new(store.last_position()?));
         let writer = Writer {
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
@@ -316,6 +318,8 @@ impl Engine {
             cache: RefCell::default(),
             pending_outcomes: RefCell::default(),
             sent: Cell::new(0),
+            next_position: Cell::new(store.last_position()? + 1),
+            durable: Arc::clone(&durable),
             progress: Arc::default(),
         };
         let failure: Failure = Arc::default();
@@ -328,6 +332,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
+                durable,
                 clock,
                 rules,
                 commands: Mutex::new(Some(tx)),
@@ -452,6 +457,19 @@ impl Engine {
 
     pub fn now(&self) -> DateTime<Utc> {
         self.inner.clock.now()
+    }
+
+    /// The last event-feed position that is durable, and its changes.
+    pub fn durable_position(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.durable.subscribe()
+    }
+
+    /// Feed items after `position`, up to the last durable one.
+    pub fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>> {
+        let durable = *self.inner.durable.borrow();
+        let mut items = self.inner.store.feed(after, limit)?;
+        items.retain(|f| f.position <= durable);
+        Ok(items)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -589,6 +607,8 @@ struct Batch<'w> {
     cases: BTreeMap<String, Pending>,
     outcomes: BTreeMap<String, Vec<u8>>,
     workflows: Vec<proto::WorkflowVersion>,
+    /// Steps in the order they happened, for the event feed.
+    feed: Vec<(String, u64)>,
 }
 
 impl Batch<'_> {
@@ -732,6 +752,7 @@ impl Batch<'_> {
             }
         };
         let entry = records::entry(&id, &step.entry, request_id, previous_hash);
+        self.feed.push((id.clone(), entry.sequence));
         let after = Arc::new(records::case(&step.case, version, entry.hash.clone()));
         entries.push(entry);
         self.cases.insert(
@@ -982,11 +1003,24 @@ impl Batch<'_> {
                 entries: p.entries,
             })
             .collect();
+        let first = self.writer.next_position.get();
+        let feed: Vec<FeedItem> = self
+            .feed
+            .into_iter()
+            .zip(first..)
+            .map(|((case_id, sequence), position)| FeedItem {
+                position,
+                case_id,
+                sequence,
+            })
+            .collect();
+        self.writer.next_position.set(first + feed.len() as u64);
         (
             Commit {
                 cases,
                 idempotency: self.outcomes.into_iter().collect(),
                 workflows: self.workflows,
+                feed,
             },
             self.rules,
         )
@@ -1049,6 +1083,10 @@ struct Writer {
     pending_outcomes: RefCell<HashMap<String, (u64, Vec<u8>)>>,
     /// Batches handed to the syncer so far.
     sent: Cell<u64>,
+    /// The event-feed position the next step gets.
+    next_position: Cell<u64>,
+    /// The last feed position known durable, for watchers.
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
     progress: Arc<Progress>,
 }
 
@@ -1094,6 +1132,12 @@ struct Outgoing {
     number: u64,
     commit: Commit,
     replies: Vec<Reply>,
+}
+
+impl Outgoing {
+    fn last_position(&self) -> Option<u64> {
+        self.commit.feed.last().map(|f| f.position)
+    }
 }
 
 impl Writer {
@@ -1145,14 +1189,15 @@ impl Writer {
     fn run(self, rx: mpsc::Receiver<Command>, failure: Failure) {
         let (to_syncer, syncer_rx) = mpsc::channel::<Outgoing>();
         let syncer = {
-            let (store, failure, progress) = (
+            let (store, failure, progress, durable) = (
                 Arc::clone(&self.store),
                 Arc::clone(&failure),
                 Arc::clone(&self.progress),
+                Arc::clone(&self.durable),
             );
             thread::Builder::new()
                 .name("govflow-syncer".into())
-                .spawn(move || sync_loop(&*store, &failure, &progress, &syncer_rx))
+                .spawn(move || sync_loop(&*store, &failure, &progress, &durable, &syncer_rx))
         };
         let Ok(syncer) = syncer else {
             tracing::error!("cannot start the syncer thread");
@@ -1183,6 +1228,7 @@ impl Writer {
                 cases: BTreeMap::new(),
                 outcomes: BTreeMap::new(),
                 workflows: Vec::new(),
+                feed: Vec::new(),
             };
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
@@ -1226,6 +1272,7 @@ fn sync_loop(
     store: &dyn Store,
     failure: &Failure,
     progress: &Progress,
+    durable: &tokio::sync::watch::Sender<u64>,
     batches: &mpsc::Receiver<Outgoing>,
 ) {
     while let Ok(first) = batches.recv() {
@@ -1255,6 +1302,11 @@ fn sync_loop(
         let error = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(last) = waiting.last() {
             progress.set(last.number);
+        }
+        if error.is_none()
+            && let Some(position) = waiting.iter().filter_map(Outgoing::last_position).max()
+        {
+            durable.send_replace(position);
         }
         tracing::debug!(
             batches = waiting.len(),

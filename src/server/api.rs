@@ -204,6 +204,9 @@ fn page_size(requested: i32, default: usize) -> Result<usize, Status> {
 #[derive(Clone)]
 pub struct Api {
     pub engine: Engine,
+    /// Turns true when the server starts stopping: watch streams end then,
+    /// so that shutting down does not wait on them forever.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -394,8 +397,111 @@ fn struct_to_map(s: Option<prost_types::Struct>) -> serde_json::Map<String, serd
     records::from_struct(s.as_ref())
 }
 
+/// How long a watcher may leave a step unread before it is cut off.
+const SLOW_WATCHER: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl CasesService for Api {
+    type WatchEventsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::WatchEventsResponse, Status>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let principal = principal(&request)?;
+        let cursor = request.into_inner().cursor;
+        let mut durable = self.engine.durable_position();
+        let mut position: u64 = if cursor.is_empty() {
+            *durable.borrow()
+        } else {
+            cursor.parse().map_err(|_| {
+                invalid(
+                    "bad-cursor",
+                    "cursor",
+                    format!("`{cursor}` is not a cursor this server issued"),
+                )
+            })?
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let engine = self.engine.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                if *stopping.borrow() {
+                    let bye = status(
+                        Code::Unavailable,
+                        "server-stopping",
+                        format!("the server is stopping; resume from cursor {position}"),
+                        &[("cursor", position.to_string())],
+                    );
+                    let _ = tx.send(Err(bye)).await;
+                    return;
+                }
+                let items = match engine.feed(position, 256) {
+                    Ok(items) => items,
+                    Err(e) => {
+                        let _ = tx.send(Err(engine_status(e))).await;
+                        return;
+                    }
+                };
+                if items.is_empty() {
+                    tokio::select! {
+                        changed = durable.changed() => if changed.is_err() { return },
+                        _ = stopping.changed() => {}
+                        _ = tx.closed() => return,
+                    }
+                    continue;
+                }
+                for item in items {
+                    let delivered = position;
+                    position = item.position;
+                    let Ok(case) = engine.case(&item.case_id) else {
+                        continue;
+                    };
+                    let mine = principal.reads_all()
+                        || principal
+                            .agency()
+                            .is_some_and(|a| case.bindings.values().any(|b| b == a));
+                    if !mine {
+                        continue;
+                    }
+                    let Some(entry) = engine
+                        .store()
+                        .history(&item.case_id, item.sequence)
+                        .ok()
+                        .and_then(|h| h.into_iter().next())
+                    else {
+                        continue;
+                    };
+                    let message = proto::WatchEventsResponse {
+                        history_entry: Some(entry),
+                        cursor: position.to_string(),
+                    };
+                    match tx.send_timeout(Ok(message), SLOW_WATCHER).await {
+                        Ok(()) => {}
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            let cut = status(
+                                Code::ResourceExhausted,
+                                "slow-watcher",
+                                format!(
+                                    "the watcher did not keep up; resume from cursor {delivered}"
+                                ),
+                                &[("cursor", delivered.to_string())],
+                            );
+                            let _ = tx.send(Err(cut)).await;
+                            return;
+                        }
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn create_case(
         &self,
         request: Request<proto::CreateCaseRequest>,

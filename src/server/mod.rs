@@ -181,8 +181,15 @@ pub async fn serve_on(
         credentials,
         ..
     } = prepared;
+    let (stop_watchers, stopping) = tokio::sync::watch::channel(false);
     let api = Api {
         engine: engine.clone(),
+        stopping,
+    };
+    // Streams never end by themselves: tell them to, or draining waits forever.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_watchers.send(true);
     };
     let interceptor = credentials.interceptor();
     let (health_reporter, health) = tonic_health::server::health_reporter();

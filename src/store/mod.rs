@@ -79,11 +79,26 @@ pub struct Commit {
     /// Request id → encoded outcome, so retries get the first answer.
     pub idempotency: Vec<(String, Vec<u8>)>,
     pub workflows: Vec<proto::WorkflowVersion>,
+    /// The history entries of this commit in the order they happened, each
+    /// at its position in the store-wide event feed.
+    pub feed: Vec<FeedItem>,
+}
+
+/// One history entry's place in the store-wide event feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedItem {
+    /// 1, 2, … across every case: watchers resume after a position.
+    pub position: u64,
+    pub case_id: String,
+    pub sequence: u64,
 }
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.cases.is_empty() && self.idempotency.is_empty() && self.workflows.is_empty()
+        self.cases.is_empty()
+            && self.idempotency.is_empty()
+            && self.workflows.is_empty()
+            && self.feed.is_empty()
     }
 }
 
@@ -140,4 +155,8 @@ pub trait Store: Send + Sync + 'static {
     fn inbox(&self, agency: &str, page_token: &str, page_size: usize) -> Result<Page>;
     /// Every case id, in order (for audits and migration checks).
     fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>>;
+    /// Feed items after `position`, in order.
+    fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>>;
+    /// The position of the last feed item (0 when there is none).
+    fn last_position(&self) -> Result<u64>;
 }

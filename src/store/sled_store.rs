@@ -29,7 +29,8 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 
 use super::{
-    CaseFilter, Commit, DueTimer, IndexKey, Page, Result, Store, StoreError, proto, records,
+    CaseFilter, Commit, DueTimer, FeedItem, IndexKey, Page, Result, Store, StoreError, proto,
+    records,
 };
 
 /// Records above this size are refused: sled stores larger values as
@@ -103,6 +104,24 @@ fn timer_key(due: DateTime<Utc>, case: &str, timer: &str) -> Vec<u8> {
     k.push(SEP);
     k.extend_from_slice(timer.as_bytes());
     k
+}
+
+fn feed_key(position: u64) -> Vec<u8> {
+    let mut k = vec![b'E', SEP];
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+fn feed_item(key: &[u8], value: &[u8]) -> Option<FeedItem> {
+    let position = u64::from_be_bytes(key.get(2..10)?.try_into().ok()?);
+    // `{case}·{sequence u64 BE}`: the sequence is the fixed-width tail.
+    let split = value.len().checked_sub(9)?;
+    let sequence = u64::from_be_bytes(value.get(split + 1..)?.try_into().ok()?);
+    Some(FeedItem {
+        position,
+        case_id: String::from_utf8_lossy(&value[..split]).into_owned(),
+        sequence,
+    })
 }
 
 fn index_prefix(index: &IndexKey) -> Vec<u8> {
@@ -312,6 +331,12 @@ impl Store for SledStore {
                 batch.insert(index_key(index, id), &[] as &[u8]);
             }
         }
+        for item in &commit.feed {
+            let mut value = item.case_id.as_bytes().to_vec();
+            value.push(SEP);
+            value.extend_from_slice(&item.sequence.to_be_bytes());
+            batch.insert(feed_key(item.position), value);
+        }
         for (request_id, outcome) in &commit.idempotency {
             if outcome.len() > MAX_RECORD_BYTES {
                 return Err(StoreError::TooLarge {
@@ -466,6 +491,33 @@ impl Store for SledStore {
         )
     }
 
+    fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .range(feed_key(after.saturating_add(1))..prefix_end(&[b'E', SEP]))
+        {
+            let (k, v) = item?;
+            if let Some(f) = feed_item(&k, &v) {
+                out.push(f);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_position(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .range(feed_key(0)..prefix_end(&[b'E', SEP]))
+            .next_back()
+            .transpose()?
+            .and_then(|(k, v)| feed_item(&k, &v))
+            .map_or(0, |f| f.position))
+    }
+
     fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
         self.scan_ids(&[b'C', SEP], after, limit)
     }
@@ -558,6 +610,7 @@ mod tests {
                     version: 1,
                     ..Default::default()
                 }],
+                feed: Vec::new(),
             };
             store.commit(&commit).expect("commit");
             let mut moved = first.clone();
@@ -701,6 +754,28 @@ mod tests {
             None,
             "nothing of a refused commit is written"
         );
+    }
+
+    #[test]
+    fn the_feed_keeps_every_step_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let feed: Vec<FeedItem> = (1..=300)
+            .map(|p| FeedItem {
+                position: p,
+                case_id: format!("c/{}", p % 7),
+                sequence: p,
+            })
+            .collect();
+        store
+            .commit(&Commit {
+                feed: feed.clone(),
+                ..Default::default()
+            })
+            .expect("commit");
+        assert_eq!(store.feed(0, 1000).expect("feed"), feed);
+        assert_eq!(store.feed(298, 10).expect("feed"), feed[298..]);
+        assert_eq!(store.last_position().expect("last"), 300);
     }
 
     #[test]
