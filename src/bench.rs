@@ -2,6 +2,7 @@
 //! concurrent callers on the seed workflows, and how list, inbox and
 //! transition costs grow with the number of cases.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,10 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value as Json, json};
+use tonic::Request;
+use tonic::transport::Channel;
 
 use govflow::engine::durable::{Engine, FireRequest, StartRequest, SystemClock};
 use govflow::lang::load::load;
-use govflow::store::{CaseFilter, SledStore, Store, SyncStep};
+use govflow::store::proto::{self, cases_service_client::CasesServiceClient};
+use govflow::store::{CaseFilter, SledStore, Store, SyncStep, records};
 
 /// The counties cases are spread over, so that inboxes are realistic.
 const COUNTIES: [&str; 8] = [
@@ -30,6 +34,10 @@ const COUNTIES: [&str; 8] = [
 const WORK_TEAM: &str = "hebei.sjz.drc";
 
 pub struct BenchOptions {
+    /// Drive a server over gRPC on loopback instead of the engine in process.
+    pub grpc: bool,
+    /// HTTP/2 connections the gRPC clients share.
+    pub connections: usize,
     pub workflows: PathBuf,
     pub data: Option<PathBuf>,
     pub clients: usize,
@@ -39,9 +47,15 @@ pub struct BenchOptions {
 }
 
 struct Bench {
+    target: Target,
     engine: Engine,
-    syncs: Arc<AtomicU64>,
+    /// fsync'd commits so far (in process only).
+    syncs: Option<Arc<AtomicU64>>,
     cases: usize,
+    server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 fn obj(v: Json) -> Map<String, Json> {
@@ -56,45 +70,147 @@ fn case_id(i: usize) -> String {
     format!("bench-{i:07}")
 }
 
-/// A 包联 case reported through the platform and classified to its county.
-async fn open_case(engine: &Engine, i: usize) -> Result<()> {
+/// What the benchmark drives: the engine in this process, or a server over gRPC.
+#[derive(Clone)]
+enum Target {
+    Engine(Engine),
+    Grpc(Arc<Grpc>),
+}
+
+/// gRPC connections to a server on loopback, and its agencies' tokens.
+struct Grpc {
+    channels: Vec<Channel>,
+    tokens: BTreeMap<String, String>,
+}
+
+impl Grpc {
+    fn cases(&self, i: usize) -> CasesServiceClient<Channel> {
+        CasesServiceClient::new(self.channels[i % self.channels.len()].clone())
+    }
+
+    fn request<T>(&self, agency: &str, message: T) -> Result<Request<T>> {
+        let token = self
+            .tokens
+            .get(agency)
+            .with_context(|| format!("no token for {agency}"))?;
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        Ok(request)
+    }
+}
+
+fn start_request(i: usize) -> StartRequest {
     let id = case_id(i);
-    engine
-        .start(StartRequest {
-            request_id: format!("{id}-start"),
-            case_id: id.clone(),
-            workflow: "baolian_escalation".into(),
-            agency: "hebei.sjz.platform".into(),
-            bindings: [
-                ("work_team".to_owned(), WORK_TEAM.to_owned()),
-                (
-                    "responsible_dept".to_owned(),
-                    "hebei.sjz.industry".to_owned(),
-                ),
-                ("leader".to_owned(), "hebei.sjz.office".to_owned()),
-            ]
-            .into(),
-            variables: obj(json!({
-                "enterprise_name": format!("石家庄测试企业{i}有限公司"),
-                "credit_code": format!("91130100MA{i:08}"),
-                "county": county(i),
-                "problem_summary": "用地手续办理缓慢",
-            })),
-        })
-        .await
-        .with_context(|| format!("starting {id}"))?;
-    engine
-        .fire(FireRequest {
-            request_id: format!("{id}-classify"),
-            case_id: id.clone(),
-            event: "classify".into(),
-            agency: WORK_TEAM.into(),
-            payload: obj(json!({"level": "county"})),
-            expected_sequence: None,
-        })
-        .await
-        .with_context(|| format!("classifying {id}"))?;
-    Ok(())
+    StartRequest {
+        request_id: format!("{id}-start"),
+        case_id: id,
+        workflow: "baolian_escalation".into(),
+        agency: "hebei.sjz.platform".into(),
+        bindings: [
+            ("work_team".to_owned(), WORK_TEAM.to_owned()),
+            (
+                "responsible_dept".to_owned(),
+                "hebei.sjz.industry".to_owned(),
+            ),
+            ("leader".to_owned(), "hebei.sjz.office".to_owned()),
+        ]
+        .into(),
+        variables: obj(json!({
+            "enterprise_name": format!("石家庄测试企业{i}有限公司"),
+            "credit_code": format!("91130100MA{i:08}"),
+            "county": county(i),
+            "problem_summary": "用地手续办理缓慢",
+        })),
+    }
+}
+
+fn classify_request(i: usize) -> FireRequest {
+    let id = case_id(i);
+    FireRequest {
+        request_id: format!("{id}-classify"),
+        case_id: id,
+        event: "classify".into(),
+        agency: WORK_TEAM.into(),
+        payload: obj(json!({"level": "county"})),
+        expected_sequence: None,
+    }
+}
+
+fn report_request(i: usize, request_id: String) -> FireRequest {
+    FireRequest {
+        request_id,
+        case_id: case_id(i),
+        event: "report_progress".into(),
+        agency: county(i).into(),
+        payload: obj(json!({"progress": "已协调自然资源部门，正在办理"})),
+        expected_sequence: None,
+    }
+}
+
+fn fire_message(r: FireRequest) -> proto::FireEventRequest {
+    proto::FireEventRequest {
+        request_id: r.request_id,
+        case: format!("cases/{}", r.case_id),
+        event: r.event,
+        payload: Some(records::to_struct(&r.payload)),
+        expected_sequence: r.expected_sequence,
+    }
+}
+
+impl Target {
+    /// A 包联 case reported through the platform and classified to its county.
+    async fn open_case(&self, i: usize) -> Result<()> {
+        match self {
+            Target::Engine(engine) => {
+                engine
+                    .start(start_request(i))
+                    .await
+                    .with_context(|| format!("starting case {i}"))?;
+                engine
+                    .fire(classify_request(i))
+                    .await
+                    .with_context(|| format!("classifying case {i}"))?;
+            }
+            Target::Grpc(grpc) => {
+                let r = start_request(i);
+                let message = proto::CreateCaseRequest {
+                    request_id: r.request_id,
+                    case_id: r.case_id,
+                    workflow: r.workflow,
+                    bindings: r.bindings.into_iter().collect(),
+                    variables: Some(records::to_struct(&r.variables)),
+                };
+                grpc.cases(i)
+                    .create_case(grpc.request(&r.agency, message)?)
+                    .await?;
+                let c = classify_request(i);
+                let agency = c.agency.clone();
+                grpc.cases(i)
+                    .fire_event(grpc.request(&agency, fire_message(c))?)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One durable progress report on case `i`.
+    async fn report(&self, i: usize, request_id: String) -> Result<()> {
+        let r = report_request(i, request_id);
+        match self {
+            Target::Engine(engine) => {
+                engine.fire(r).await?;
+            }
+            Target::Grpc(grpc) => {
+                let agency = r.agency.clone();
+                grpc.cases(i)
+                    .fire_event(grpc.request(&agency, fire_message(r))?)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Bench {
@@ -111,9 +227,53 @@ impl Bench {
         let engine = Engine::open(store, &sources, Arc::new(SystemClock))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Bench {
+            target: Target::Engine(engine.clone()),
             engine,
-            syncs,
+            syncs: Some(syncs),
             cases: 0,
+            server: None,
+        })
+    }
+
+    /// A server on a loopback port, with its data in `dir`, driven over gRPC
+    /// through `connections` HTTP/2 connections.
+    async fn serve(options: &BenchOptions, dir: &Path, connections: usize) -> Result<Bench> {
+        let config = govflow::server::Config {
+            data: dir.to_path_buf(),
+            workflows: options.workflows.clone(),
+            ..govflow::server::Config::default()
+        };
+        let prepared = govflow::server::prepare(&config)?;
+        let engine = prepared.engine.clone();
+        let text = std::fs::read_to_string(dir.join("credentials.toml"))?;
+        let tokens: BTreeMap<String, String> = toml::from_str::<toml::Table>(&text)?
+            .get("tokens")
+            .and_then(|t| t.as_table())
+            .context("no tokens in credentials.toml")?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = govflow::server::serve_on(prepared, listener, shutdown).await {
+                eprintln!("server: {e}");
+            }
+        });
+        let mut channels = Vec::new();
+        for _ in 0..connections {
+            channels.push(Channel::from_shared(endpoint.clone())?.connect().await?);
+        }
+        Ok(Bench {
+            target: Target::Grpc(Arc::new(Grpc { channels, tokens })),
+            engine,
+            syncs: None,
+            cases: 0,
+            server: Some((stop, task)),
         })
     }
 
@@ -123,14 +283,14 @@ impl Bench {
         let next = Arc::new(AtomicU64::new(self.cases as u64));
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let (engine, next) = (self.engine.clone(), Arc::clone(&next));
+            let (driver, next) = (self.target.clone(), Arc::clone(&next));
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     if i >= target {
                         return Ok::<(), anyhow::Error>(());
                     }
-                    open_case(&engine, i).await?;
+                    driver.open_case(i).await?;
                 }
             }));
         }
@@ -147,13 +307,13 @@ impl Bench {
         clients: usize,
         seconds: u64,
         round: &str,
-    ) -> Result<(u64, Duration, Histogram<u64>, u64)> {
+    ) -> Result<(u64, Duration, Histogram<u64>, Option<u64>)> {
         let deadline = Instant::now() + Duration::from_secs(seconds);
-        let syncs_before = self.syncs.load(Ordering::Relaxed);
+        let syncs_before = self.syncs.as_ref().map(|s| s.load(Ordering::Relaxed));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for client in 0..clients {
-            let engine = self.engine.clone();
+            let driver = self.target.clone();
             let cases = self.cases;
             let round = round.to_owned();
             tasks.push(tokio::spawn(async move {
@@ -163,16 +323,8 @@ impl Bench {
                 let mut i = client;
                 while Instant::now() < deadline {
                     let at = Instant::now();
-                    let id = case_id(i % cases);
-                    engine
-                        .fire(FireRequest {
-                            request_id: format!("{round}-{client}-{n}"),
-                            case_id: id,
-                            event: "report_progress".into(),
-                            agency: county(i % cases).into(),
-                            payload: obj(json!({"progress": "已协调自然资源部门，正在办理"})),
-                            expected_sequence: None,
-                        })
+                    driver
+                        .report(i % cases, format!("{round}-{client}-{n}"))
                         .await?;
                     latencies.record(at.elapsed().as_micros() as u64)?;
                     n += 1;
@@ -189,7 +341,11 @@ impl Bench {
             all.add(h)?;
         }
         let elapsed = started.elapsed();
-        let syncs = self.syncs.load(Ordering::Relaxed) - syncs_before;
+        let syncs = self
+            .syncs
+            .as_ref()
+            .zip(syncs_before)
+            .map(|(s, before)| s.load(Ordering::Relaxed) - before);
         Ok((total, elapsed, all, syncs))
     }
 
@@ -225,17 +381,22 @@ fn print_transitions(
     total: u64,
     elapsed: Duration,
     h: &Histogram<u64>,
-    syncs: u64,
+    syncs: Option<u64>,
     clients: usize,
 ) {
     let rate = total as f64 / elapsed.as_secs_f64();
+    let commits = syncs.map_or_else(String::new, |n| {
+        format!(
+            "; {n} fsync'd commits ({:.1} transitions each)",
+            total as f64 / n.max(1) as f64
+        )
+    });
     println!(
-        "durable transitions: {total} in {:.1} s = {rate:.0}/s with {clients} clients; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {syncs} fsync'd commits ({:.1} transitions each)",
+        "durable transitions: {total} in {:.1} s = {rate:.0}/s with {clients} clients; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{commits}",
         elapsed.as_secs_f64(),
         h.value_at_quantile(0.50) as f64 / 1000.0,
         h.value_at_quantile(0.99) as f64 / 1000.0,
         h.max() as f64 / 1000.0,
-        total as f64 / syncs.max(1) as f64,
     );
 }
 
@@ -248,9 +409,18 @@ pub async fn run(options: BenchOptions) -> Result<()> {
             temp.path().to_path_buf()
         }
     };
-    let mut bench = Bench::open(&options, &dir)?;
+    let mut bench = if options.grpc {
+        Bench::serve(&options, &dir, options.connections).await?
+    } else {
+        Bench::open(&options, &dir)?
+    };
     println!(
-        "govflow bench --in-process: store {}, workflow baolian_escalation (report_progress)",
+        "govflow bench {}: store {}, workflow baolian_escalation (report_progress)",
+        if options.grpc {
+            "over gRPC (loopback)"
+        } else {
+            "in process"
+        },
         dir.display()
     );
     if options.scale.is_empty() {
@@ -282,6 +452,10 @@ pub async fn run(options: BenchOptions) -> Result<()> {
                 h.value_at_quantile(0.99) as f64 / 1000.0
             );
         }
+    }
+    if let Some((stop, task)) = bench.server.take() {
+        let _ = stop.send(());
+        let _ = task.await;
     }
     bench.engine.shutdown();
     Ok(())

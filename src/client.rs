@@ -101,6 +101,12 @@ pub enum CaseCommand {
     },
     /// The cases awaiting you, with their deadlines.
     Inbox,
+    /// Follow the steps of your cases as they happen (resume with --cursor).
+    Watch {
+        /// Resume after this cursor ("0" from the beginning; default: from now).
+        #[arg(long, default_value = "")]
+        cursor: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -415,6 +421,35 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                     break;
                 }
                 token = page.next_page_token;
+            }
+        }
+        CaseCommand::Watch { cursor } => {
+            let mut stream = cases
+                .watch_events(client.request(proto::WatchEventsRequest { cursor })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner();
+            while let Some(message) = stream.message().await.map_err(|s| failure(&s))? {
+                let Some(e) = message.history_entry else {
+                    continue;
+                };
+                if as_json {
+                    out!(
+                        "{}",
+                        json!({"cursor": message.cursor, "entry": records::entry_json(&e)})
+                    );
+                } else {
+                    out!(
+                        "{:>8}  {}  {:<28} {:>4}  {:<24} {} → {}",
+                        message.cursor,
+                        records::rfc3339(e.time.as_ref()),
+                        e.case_id,
+                        e.sequence,
+                        e.event,
+                        e.from_state,
+                        e.to_state
+                    );
+                }
             }
         }
         CaseCommand::Inbox => {

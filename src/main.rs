@@ -94,9 +94,16 @@ enum Command {
     },
     /// Measure durable transitions per second (and scaling with the number of cases).
     Bench {
-        /// Run the engine inside this process (the gRPC mode comes with the server).
-        #[arg(long, required = true)]
+        /// Drive the engine inside this process.
+        #[arg(long, conflicts_with = "grpc", required_unless_present = "grpc")]
         in_process: bool,
+        /// Drive a server over gRPC: one is started on a loopback port, and the
+        /// clients reach it through real sockets with their agencies' tokens.
+        #[arg(long)]
+        grpc: bool,
+        /// HTTP/2 connections the gRPC clients share.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
         /// Concurrent callers.
         #[arg(long, default_value_t = 64)]
         clients: usize,
@@ -247,6 +254,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )),
         Command::Bench {
             in_process: _,
+            grpc,
+            connections,
             clients,
             seconds,
             cases,
@@ -255,6 +264,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data,
         } => {
             let options = bench::BenchOptions {
+                grpc,
+                connections,
                 workflows,
                 data,
                 clients,

@@ -244,7 +244,8 @@ pub async fn serve_on(
             interceptor,
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small request-response messages must not wait for Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await;
