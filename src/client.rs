@@ -170,12 +170,22 @@ fn request_id(given: Option<String>) -> String {
     })
 }
 
-/// `NAME=VALUE` with VALUE parsed as JSON, or taken as a string.
+/// `NAME=VALUE`. VALUE is a string, except JSON lists, objects, quoted
+/// strings, `true`, `false` and `null`: numbers stay text (a credit code is
+/// not a number), and the server reads numeric text for integer and decimal
+/// fields.
 fn assignment(text: &str) -> Result<(String, Json)> {
     let (name, value) = text
         .split_once('=')
         .with_context(|| format!("`{text}` is not NAME=VALUE"))?;
-    let value = serde_json::from_str(value).unwrap_or_else(|_| Json::String(value.to_owned()));
+    let json_like =
+        value.starts_with(['[', '{', '"']) || matches!(value, "true" | "false" | "null");
+    let value = if json_like {
+        serde_json::from_str(value)
+            .with_context(|| format!("`{name}`: `{value}` is not valid JSON"))?
+    } else {
+        Json::String(value.to_owned())
+    };
     Ok((name.to_owned(), value))
 }
 
@@ -649,4 +659,22 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
     govflow::server::serve(prepared, config.listen, shutdown).await?;
     eprintln!("govflow: stopped; every acknowledged step is on disk");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `--var credit_code=9113…` was sent as a number, and the
+    /// server rightly refused it for a string variable.
+    #[test]
+    fn numbers_stay_text_and_json_values_are_parsed() {
+        assert_eq!(assignment("credit_code=9113").expect("ok").1, json!("9113"));
+        assert_eq!(assignment("days=30").expect("ok").1, json!("30"));
+        assert_eq!(assignment("ok=true").expect("ok").1, json!(true));
+        assert_eq!(assignment("list=[\"甲\",\"乙\"]").expect("ok").1, json!(["甲", "乙"]));
+        assert_eq!(assignment("note=a=b").expect("ok"), ("note".to_owned(), json!("a=b")));
+        assert!(assignment("list=[broken").is_err());
+        assert!(assignment("no-equals").is_err());
+    }
 }

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod audit;
 pub mod calendar;
 pub mod catalogue;
 pub mod engine;

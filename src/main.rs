@@ -16,6 +16,7 @@ use govflow::render;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod audit_cmd;
 mod bench;
 mod client;
 mod workload;
@@ -78,6 +79,9 @@ enum Command {
         #[arg(long)]
         workflows: Option<PathBuf>,
     },
+    /// Audit a store folder (offline): replay, verify, at, export, migration-check.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Cases on a server: start, fire, show, list, inbox.
     Case {
         #[command(flatten)]
@@ -218,6 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => graph_command(&file, format, output),
         Command::Catalogue(command) => catalogue_command(command),
+        Command::Audit(command) => audit_cmd::run(command),
         Command::Serve {
             config,
             listen,

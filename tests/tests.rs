@@ -1,5 +1,6 @@
 //! govflow's integration tests: one binary, one module per area.
 
+mod audit;
 mod cli;
 mod crash;
 mod durable;

@@ -1,0 +1,221 @@
+//! Histories as JSON Lines: one entry per line, exactly
+//! `records::entry_json` serialised compactly (keys sorted, hashes included),
+//! cases in id order and each case's entries in sequence order, so that an
+//! outside tool can recompute every hash and chain (tools/verify_export.py).
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::canonical::Encoder;
+use super::source::{CaseEvent, RecordSource, visit_case};
+use super::{AuditError, Result};
+use crate::store::{proto, records};
+
+/// Which entries to export. Every filter given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportFilter {
+    /// Only this case.
+    pub case: Option<String>,
+    /// Only cases of this workflow.
+    pub workflow: Option<String>,
+    /// Only cases in which this agency holds (or held) a role, or acted.
+    pub agency: Option<String>,
+    /// Only cases whose current state is this one.
+    pub state: Option<String>,
+    /// Only entries at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only entries before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl ExportFilter {
+    fn filters_cases(&self) -> bool {
+        self.workflow.is_some() || self.agency.is_some() || self.state.is_some()
+    }
+
+    fn keeps_time(&self, entry: &proto::HistoryEntry) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let t = records::from_timestamp(entry.time.as_ref());
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
+    }
+}
+
+/// A record left out of an export because it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedRecord {
+    pub case_id: String,
+    /// The sequence number it is stored under; `None` for a case record or
+    /// an unknown position.
+    pub sequence: Option<u64>,
+    pub reason: String,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExportSummary {
+    /// Cases with at least one entry written.
+    pub cases: u64,
+    /// Lines written.
+    pub entries: u64,
+    /// Records that could not be exported (they do not decode).
+    pub skipped: Vec<SkippedRecord>,
+}
+
+/// Whether the entry shows `agency` acting or being bound to a role.
+fn involves(entry: &proto::HistoryEntry, agency: &str) -> bool {
+    let acted = matches!(
+        entry.actor.as_ref().and_then(|a| a.kind.as_ref()),
+        Some(proto::actor::Kind::Agency(a)) if a == agency
+    );
+    acted || entry.bindings_changed.values().any(|a| a == agency)
+}
+
+/// Whether a case's lines are written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Yes,
+    No,
+    /// Only if one of its entries involves the agency of the filter: its
+    /// lines wait in a buffer until the case ends.
+    IfInvolved,
+}
+
+/// Writes the histories selected by `filter` to `out` as JSON Lines,
+/// streaming case by case (one sweep of the store for a whole export).
+/// Records that do not decode are left out and listed in the summary; the
+/// export goes on.
+pub fn export(
+    source: &dyn RecordSource,
+    filter: &ExportFilter,
+    out: &mut dyn Write,
+) -> Result<ExportSummary> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
+    let mut summary = ExportSummary::default();
+    let mut encoder = Encoder::new();
+    let mut id = String::new();
+    let mut keep = Keep::No;
+    let mut involved = false;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut written = 0u64;
+    let mut failure: Option<std::io::Error> = None;
+    let mut visit = |event: CaseEvent<'_>| match event {
+        CaseEvent::Begin { id: begun, record } => {
+            id.clear();
+            id.push_str(begun);
+            written = 0;
+            involved = false;
+            pending.clear();
+            keep = match record {
+                Some(Ok(case)) => {
+                    if filter
+                        .workflow
+                        .as_ref()
+                        .is_some_and(|w| case.workflow != *w)
+                        || filter.state.as_ref().is_some_and(|s| case.state != *s)
+                    {
+                        Keep::No
+                    } else {
+                        match &filter.agency {
+                            Some(a) if !case.bindings.values().any(|b| b == a) => Keep::IfInvolved,
+                            _ => Keep::Yes,
+                        }
+                    }
+                }
+                Some(Err(message)) => {
+                    summary.skipped.push(SkippedRecord {
+                        case_id: id.clone(),
+                        sequence: None,
+                        reason: format!("the case record {message}"),
+                    });
+                    if filter.filters_cases() {
+                        Keep::No
+                    } else {
+                        Keep::Yes
+                    }
+                }
+                // History without a case record: exported only unfiltered.
+                None => {
+                    if filter.filters_cases() {
+                        Keep::No
+                    } else {
+                        Keep::Yes
+                    }
+                }
+            };
+        }
+        CaseEvent::Entry(raw) => match raw.entry {
+            Ok(entry) => {
+                if keep == Keep::No || failure.is_some() {
+                    return;
+                }
+                if keep == Keep::IfInvolved
+                    && let Some(agency) = &filter.agency
+                {
+                    involved |= involves(entry, agency);
+                }
+                if !filter.keeps_time(entry) {
+                    return;
+                }
+                let line = encoder.export_line(entry);
+                written += 1;
+                if keep == Keep::IfInvolved {
+                    pending.extend_from_slice(line);
+                    pending.push(b'\n');
+                } else if let Err(e) = out.write_all(line).and_then(|()| out.write_all(b"\n")) {
+                    failure = Some(e);
+                }
+            }
+            Err(message) => {
+                if keep != Keep::No {
+                    summary.skipped.push(SkippedRecord {
+                        case_id: id.clone(),
+                        sequence: raw.slot,
+                        reason: format!("the history record {message}"),
+                    });
+                }
+            }
+        },
+        CaseEvent::End => {
+            if keep == Keep::IfInvolved {
+                if !involved {
+                    return;
+                }
+                if let Err(e) = out.write_all(&pending) {
+                    failure.get_or_insert(e);
+                }
+            }
+            if keep != Keep::No && written > 0 {
+                summary.cases += 1;
+                summary.entries += written;
+            }
+        }
+    };
+    match &filter.case {
+        Some(one) => {
+            let mut found = false;
+            visit_case(source, one, &mut |event| {
+                match &event {
+                    CaseEvent::Begin {
+                        record: Some(_), ..
+                    }
+                    | CaseEvent::Entry(_) => found = true,
+                    _ => {}
+                }
+                visit(event);
+            })?;
+            if !found {
+                return Err(AuditError::NotFound(one.clone()));
+            }
+        }
+        None => source.visit_range(None, None, &mut visit)?,
+    }
+    if let Some(e) = failure {
+        return Err(AuditError::Write(e));
+    }
+    out.flush().map_err(AuditError::Write)?;
+    Ok(summary)
+}

@@ -1,0 +1,83 @@
+//! Auditing (DESIGN §7): prove a history untouched, replay it, look at a case
+//! as of any step or moment, export histories for outside tools, and check a
+//! new workflow version against the cases it would carry.
+//!
+//! Everything here reads records through a [`RecordSource`] — a sled store
+//! folder opened directly ([`SledSource`]) or any [`Store`](crate::store::Store)
+//! ([`StoreSource`]) — and the rules through a [`Library`](crate::lang::validate::Library)
+//! (see [`AuditLibrary`] for building one offline, with every stored version
+//! compiled). Nothing here writes, and bad data is reported, never a panic.
+//!
+//! * [`verify`]: recompute every hash chain and name each altered, missing,
+//!   reordered, forged or undecodable entry.
+//! * [`replay_case`]: every step of a case re-run through its pinned version.
+//! * [`case_at`]: a case as of a sequence number or a moment.
+//! * [`export`]: histories as JSON Lines, one entry per line, filtered.
+//! * [`migration_check`]: the running cases a new version would break.
+//! * [`bench`]: verification speed, and a synthetic store to measure it on.
+
+pub mod bench;
+pub mod canonical;
+mod export;
+mod library;
+mod migration;
+mod replay;
+mod source;
+mod verify;
+
+pub use export::{ExportFilter, ExportSummary, SkippedRecord, export};
+pub use library::AuditLibrary;
+pub use migration::{BreakKind, MigrationBreak, MigrationReport, migration_check};
+pub use replay::{At, CaseAt, ReplayReport, ReplayStep, Stop, case_at, replay_case};
+pub use source::{
+    CaseEvent, CaseRecord, RawEntry, RecordSource, SledSource, StoreSource, visit_case,
+};
+pub use verify::{Finding, FindingKind, Progress, VerifyReport, VerifyScope, verify};
+
+use crate::engine::replay::Divergence;
+use crate::lang::diag::Diagnostic;
+use crate::store::StoreError;
+
+/// Why an audit could not be carried out (as opposed to what it found).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("{0} is not a govflow store folder (no sled database in it)")]
+    NoStore(String),
+    #[error("the store in {0} is in use by another process: stop it, or audit a copy")]
+    StoreInUse(String),
+    #[error("no case `{0}`")]
+    NotFound(String),
+    #[error("case `{case_id}`: the case record does not decode ({message})")]
+    CaseUndecodable { case_id: String, message: String },
+    #[error("case `{case_id}`: the history entry stored at {} {message}", slot.map_or_else(|| "an unknown position".to_owned(), |s| format!("sequence {s}")))]
+    EntryUndecodable {
+        case_id: String,
+        slot: Option<u64>,
+        message: String,
+    },
+    #[error("case `{case_id}` has no step {requested}: its steps are 1 to {last}")]
+    OutOfRange {
+        case_id: String,
+        requested: String,
+        last: u64,
+    },
+    #[error("case `{case_id}` cannot be replayed: {divergence}")]
+    Diverged {
+        case_id: String,
+        divergence: Divergence,
+    },
+    #[error("loading the workflows: {0}")]
+    Load(#[from] crate::lang::load::LoadError),
+    #[error("the workflows do not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
+    InvalidLibrary(Vec<Diagnostic>),
+    #[error("the new workflow version does not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
+    InvalidWorkflow(Vec<Diagnostic>),
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+pub type Result<T, E = AuditError> = std::result::Result<T, E>;

@@ -1,0 +1,492 @@
+//! Where the audit reads records from.
+//!
+//! The engine's [`Store`] trait hands out decoded records and fails a whole
+//! history when one entry does not decode; an audit must go on past a bad
+//! record and must see the key each entry is stored under (an entry stored
+//! under another entry's sequence number has been moved). [`RecordSource`]
+//! is the small read-only interface the audit needs. [`SledSource`] reads a
+//! sled store folder directly, key by key (the precise one, used by the
+//! command line); [`StoreSource`] adapts any [`Store`], with what that trait
+//! can tell (see its notes).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use prost::Message;
+
+use super::{AuditError, Result};
+use crate::store::{Store, StoreError, proto};
+
+/// One stored history record, as the source found it.
+#[derive(Debug)]
+pub struct RawEntry<'a> {
+    /// The sequence number of the key the record is stored under, when the
+    /// source knows it; `None` when its position is unknown.
+    pub slot: Option<u64>,
+    /// The decoded entry, or why it does not decode.
+    pub entry: std::result::Result<&'a proto::HistoryEntry, &'a str>,
+}
+
+/// A case record as stored: decoded, or why it does not decode.
+pub type CaseRecord = std::result::Result<proto::Case, String>;
+
+/// What [`RecordSource::visit_range`] meets, case after case.
+#[derive(Debug)]
+// One `Begin` per case, handed over by value and never stored in bulk: no
+// point boxing the record.
+#[allow(clippy::large_enum_variant)]
+pub enum CaseEvent<'a> {
+    /// A case starts: its id and its record (`None` when it has none).
+    Begin {
+        id: &'a str,
+        record: Option<CaseRecord>,
+    },
+    /// One of its history records, in key order.
+    Entry(RawEntry<'a>),
+    /// The case ends.
+    End,
+}
+
+/// The records an audit reads. Read-only; implementations must be usable
+/// from several threads at once (verification runs in parallel).
+pub trait RecordSource: Sync {
+    /// Ids of the cases that have a case record, in order, after `after`.
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>>;
+    /// The case record, `None` when there is none.
+    fn case_record(&self, id: &str) -> Result<Option<CaseRecord>>;
+    /// Visits the history records of a case in storage (key) order, until
+    /// `visit` breaks.
+    fn visit_history(
+        &self,
+        id: &str,
+        visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<()>;
+    /// Every deployed workflow version.
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
+    /// Visits every case whose id lies in `[from, to)` (`None`: no bound)
+    /// in id order — cases with a case record, and (where the source can
+    /// tell) histories without one: its record, then its history records.
+    /// What a whole-store pass reads. The default goes case by case.
+    fn visit_range(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+        visit: &mut dyn FnMut(CaseEvent<'_>),
+    ) -> Result<()> {
+        let mut ids = Vec::new();
+        if let Some(from) = from
+            && self.case_record(from)?.is_some()
+        {
+            ids.push(from.to_owned());
+        }
+        let mut after = from.unwrap_or("").to_owned();
+        'pages: loop {
+            let page = self.case_ids(&after, 1_000)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after.clone_from(last);
+            for id in page {
+                if to.is_some_and(|to| id.as_str() >= to) {
+                    break 'pages;
+                }
+                ids.push(id);
+            }
+        }
+        for id in &ids {
+            visit_case(self, id, visit)?;
+        }
+        Ok(())
+    }
+}
+
+/// Visits one case: its record, then its history records.
+pub fn visit_case<S: RecordSource + ?Sized>(
+    source: &S,
+    id: &str,
+    visit: &mut dyn FnMut(CaseEvent<'_>),
+) -> Result<()> {
+    visit(CaseEvent::Begin {
+        id,
+        record: source.case_record(id)?,
+    });
+    source.visit_history(id, &mut |raw| {
+        visit(CaseEvent::Entry(raw));
+        ControlFlow::Continue(())
+    })?;
+    visit(CaseEvent::End);
+    Ok(())
+}
+
+/// Reads a sled store folder directly, with the key layout of
+/// `store::SledStore` (`C·{case}` case records, `H·{case}·{sequence u64 BE}`
+/// history entries, `W·{workflow}·{version}` workflow versions).
+///
+/// sled takes a lock on its folder: a store that a running server holds
+/// cannot be opened (audit a copy, or stop the server).
+pub struct SledSource {
+    db: sled::Db,
+}
+
+const SEP: u8 = 0;
+
+fn history_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 3);
+    k.extend_from_slice(&[b'H', SEP]);
+    k.extend_from_slice(id.as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn case_key(id: &str) -> Vec<u8> {
+    let mut k = vec![b'C', SEP];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+/// The case id and sequence number of a history key `H·{case}·{sequence u64}`
+/// (a malformed key: the id up to its last separator, no sequence).
+fn split_history_key(key: &[u8]) -> (&[u8], Option<u64>) {
+    let body = key.get(2..).unwrap_or_default();
+    if let Some(n) = body.len().checked_sub(9)
+        && body[n] == SEP
+    {
+        let seq = <[u8; 8]>::try_from(&body[n + 1..])
+            .ok()
+            .map(u64::from_be_bytes);
+        return (&body[..n], seq);
+    }
+    match body.iter().rposition(|b| *b == SEP) {
+        Some(n) => (&body[..n], None),
+        None => (body, None),
+    }
+}
+
+fn decode_error(e: &prost::DecodeError) -> String {
+    format!("does not decode: {e}")
+}
+
+impl SledSource {
+    /// Opens the store in `dir`, which must already be one (nothing is created).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join("db").is_file() || !dir.join("conf").is_file() {
+            return Err(AuditError::NoStore(dir.display().to_string()));
+        }
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        // A store closed a moment ago may still be releasing its lock.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if attempts >= 50 {
+                        return Err(AuditError::StoreInUse(dir.display().to_string()));
+                    }
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        Ok(SledSource { db })
+    }
+
+    /// Audits a sled database that is already open.
+    pub fn from_db(db: sled::Db) -> Self {
+        SledSource { db }
+    }
+
+    /// The number of history records in the store (a key scan).
+    pub fn history_len(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self.db.scan_prefix([b'H', SEP]) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl RecordSource for SledSource {
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        use std::ops::Bound;
+        let prefix = [b'C', SEP];
+        let start = if after.is_empty() {
+            Bound::Included(prefix.to_vec())
+        } else {
+            Bound::Excluded(case_key(after))
+        };
+        let mut ids = Vec::new();
+        for item in self
+            .db
+            .range::<Vec<u8>, _>((start, Bound::Excluded(prefix_end(&prefix))))
+        {
+            if ids.len() >= limit {
+                break;
+            }
+            let (k, _) = item?;
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(ids)
+    }
+
+    fn case_record(&self, id: &str) -> Result<Option<CaseRecord>> {
+        Ok(self
+            .db
+            .get(case_key(id))?
+            .map(|bytes| proto::Case::decode(&*bytes).map_err(|e| decode_error(&e))))
+    }
+
+    fn visit_history(
+        &self,
+        id: &str,
+        visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let prefix = history_prefix(id);
+        let mut entry = proto::HistoryEntry::default();
+        for item in self.db.range(prefix.clone()..prefix_end(&prefix)) {
+            let (k, v) = item?;
+            let rest = &k[prefix.len()..];
+            let slot = <[u8; 8]>::try_from(rest).ok().map(u64::from_be_bytes);
+            entry.clear();
+            let flow = match entry.merge(&*v) {
+                Ok(()) => visit(RawEntry {
+                    slot,
+                    entry: Ok(&entry),
+                }),
+                Err(e) => {
+                    let message = decode_error(&e);
+                    visit(RawEntry {
+                        slot,
+                        entry: Err(&message),
+                    })
+                }
+            };
+            if flow.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Two sweeps side by side, one over the case records and one over the
+    /// history records, merged by case id: no lookup or range per case, and
+    /// histories without a case record are met on the way. Keys order as ids
+    /// do (`{id}·` sorts like `{id}`: ids hold no 0 byte).
+    fn visit_range(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+        visit: &mut dyn FnMut(CaseEvent<'_>),
+    ) -> Result<()> {
+        let bounds = |kind: u8, id: Option<&str>, end: bool| -> Vec<u8> {
+            match id {
+                Some(id) if kind == b'H' => history_prefix(id),
+                Some(id) => case_key(id),
+                None if end => prefix_end(&[kind, SEP]),
+                None => vec![kind, SEP],
+            }
+        };
+        let mut cases = self
+            .db
+            .range(bounds(b'C', from, false)..bounds(b'C', to, true))
+            .peekable();
+        let mut history = self
+            .db
+            .range(bounds(b'H', from, false)..bounds(b'H', to, true))
+            .peekable();
+        let mut entry = proto::HistoryEntry::default();
+        loop {
+            // Surface a storage error where it happens.
+            if matches!(cases.peek(), Some(Err(_))) {
+                cases.next().transpose()?;
+            }
+            if matches!(history.peek(), Some(Err(_))) {
+                history.next().transpose()?;
+            }
+            let case_id: Option<Vec<u8>> = match cases.peek() {
+                Some(Ok((k, _))) => Some(k[2..].to_vec()),
+                _ => None,
+            };
+            let history_id: Option<Vec<u8>> = match history.peek() {
+                Some(Ok((k, _))) => Some(split_history_key(k).0.to_vec()),
+                _ => None,
+            };
+            let id_bytes = match (&case_id, &history_id) {
+                (Some(c), Some(h)) => c.min(h).clone(),
+                (Some(c), None) => c.clone(),
+                (None, Some(h)) => h.clone(),
+                (None, None) => return Ok(()),
+            };
+            let record = if case_id.as_ref() == Some(&id_bytes) {
+                match cases.next() {
+                    Some(Ok((_, v))) => {
+                        Some(proto::Case::decode(&*v).map_err(|e| decode_error(&e)))
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            let id = String::from_utf8_lossy(&id_bytes);
+            visit(CaseEvent::Begin { id: &id, record });
+            while let Some(Ok((k, _))) = history.peek() {
+                if split_history_key(k).0 != id_bytes.as_slice() {
+                    break;
+                }
+                let Some(Ok((k, v))) = history.next() else {
+                    break;
+                };
+                let slot = split_history_key(&k).1;
+                entry.clear();
+                match entry.merge(&*v) {
+                    Ok(()) => visit(CaseEvent::Entry(RawEntry {
+                        slot,
+                        entry: Ok(&entry),
+                    })),
+                    Err(e) => {
+                        let message = decode_error(&e);
+                        visit(CaseEvent::Entry(RawEntry {
+                            slot,
+                            entry: Err(&message),
+                        }));
+                    }
+                }
+            }
+            visit(CaseEvent::End);
+        }
+    }
+
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([b'W', SEP]) {
+            let (_, v) = item?;
+            // A version that does not decode cannot be used; verification
+            // does not depend on versions, replay reports the missing one.
+            if let Ok(version) = proto::WorkflowVersion::decode(&*v) {
+                out.push(version);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Adapts a [`Store`]. The trait gives neither the key an entry is stored
+/// under nor the entries before one that does not decode, so:
+///
+/// * positions are the entries' own sequence numbers when they increase
+///   strictly, else their order (1, 2, …): a moved entry is found either way;
+/// * when a record does not decode, the last undecodable one is found
+///   exactly (by reading from later and later sequence numbers) and the
+///   entries after it are checked, but those before it cannot be read and are
+///   reported as unreadable. Audit the store folder with [`SledSource`] for
+///   a full account.
+pub struct StoreSource<'a>(pub &'a dyn Store);
+
+impl StoreSource<'_> {
+    fn emit(
+        entries: &[proto::HistoryEntry],
+        visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+    ) {
+        let increasing = entries.windows(2).all(|w| w[0].sequence < w[1].sequence);
+        for (i, entry) in entries.iter().enumerate() {
+            let slot = if increasing {
+                entry.sequence
+            } else {
+                i as u64 + 1
+            };
+            if visit(RawEntry {
+                slot: Some(slot),
+                entry: Ok(entry),
+            })
+            .is_break()
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl RecordSource for StoreSource<'_> {
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        Ok(self.0.case_ids(after, limit)?)
+    }
+
+    fn case_record(&self, id: &str) -> Result<Option<CaseRecord>> {
+        match self.0.case(id) {
+            Ok(case) => Ok(case.map(Ok)),
+            Err(StoreError::Decode { source, .. }) => Ok(Some(Err(decode_error(&source)))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn visit_history(
+        &self,
+        id: &str,
+        visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        match self.0.history(id, 0) {
+            Ok(entries) => {
+                Self::emit(&entries, visit);
+                Ok(())
+            }
+            Err(StoreError::Decode { .. }) => {
+                // `history(id, s)` fails exactly when a record at or after
+                // `s` does not decode: find the last bad one.
+                let (mut bad, mut good) = (0u64, u64::MAX);
+                while good - bad > 1 {
+                    let mid = bad + (good - bad) / 2;
+                    match self.0.history(id, mid) {
+                        Ok(_) => good = mid,
+                        Err(StoreError::Decode { .. }) => bad = mid,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let last_bad = bad;
+                if last_bad > 1 {
+                    let message = format!(
+                        "the entries stored before sequence {last_bad} cannot be read through \
+                         this store's interface (audit the store folder directly)"
+                    );
+                    if visit(RawEntry {
+                        slot: None,
+                        entry: Err(&message),
+                    })
+                    .is_break()
+                    {
+                        return Ok(());
+                    }
+                }
+                let message = "does not decode".to_owned();
+                if visit(RawEntry {
+                    slot: Some(last_bad),
+                    entry: Err(&message),
+                })
+                .is_break()
+                {
+                    return Ok(());
+                }
+                let rest = self.0.history(id, last_bad.saturating_add(1))?;
+                Self::emit(&rest, visit);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+        Ok(self.0.workflow_versions()?)
+    }
+}
