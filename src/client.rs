@@ -672,8 +672,14 @@ mod tests {
         assert_eq!(assignment("credit_code=9113").expect("ok").1, json!("9113"));
         assert_eq!(assignment("days=30").expect("ok").1, json!("30"));
         assert_eq!(assignment("ok=true").expect("ok").1, json!(true));
-        assert_eq!(assignment("list=[\"甲\",\"乙\"]").expect("ok").1, json!(["甲", "乙"]));
-        assert_eq!(assignment("note=a=b").expect("ok"), ("note".to_owned(), json!("a=b")));
+        assert_eq!(
+            assignment("list=[\"甲\",\"乙\"]").expect("ok").1,
+            json!(["甲", "乙"])
+        );
+        assert_eq!(
+            assignment("note=a=b").expect("ok"),
+            ("note".to_owned(), json!("a=b"))
+        );
         assert!(assignment("list=[broken").is_err());
         assert!(assignment("no-equals").is_err());
     }
