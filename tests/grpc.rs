@@ -656,3 +656,161 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
     );
     server.stop().await;
 }
+
+/// 证照分离 over gRPC: a registration spawns one child per permit, each in
+/// the workflow of its way of reform; every department acts with its own
+/// token on its child; the registration completes when all have settled.
+#[tokio::test]
+async fn a_zzfl_registration_settles_when_its_four_children_do() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let mut ftz = Agent::new(&server, "hebei.sjz.zhengding_ftz").await;
+    let mut amr = Agent::new(&server, "hebei.sjz.amr").await;
+    let mut police = Agent::new(&server, "hebei.sjz.police").await;
+    let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
+    let start = proto::CreateCaseRequest {
+        request_id: "zz-start".into(),
+        case_id: "zz-1".into(),
+        workflow: "zzfl_registration".into(),
+        bindings: [(
+            "registration".to_owned(),
+            "hebei.sjz.zhengding_ftz".to_owned(),
+        )]
+        .into(),
+        variables: structure(
+            json!({"enterprise_name": "河北正定某食品科技有限公司", "declared_scope": "食品生产、道路普通货物运输"}),
+        ),
+    };
+    platform
+        .cases
+        .create_case(authed(Some(&platform.token.clone()), start))
+        .await
+        .expect("started");
+    let registered = ftz
+        .fire(
+            "zz-1",
+            "register",
+            json!({
+                "credit_code": "91130123MA0FOODS01",
+                "business_scope": "食品生产；道路货物运输",
+                "permits": ["ZZFL-C-019", "ZZFL-C-034", "ZZFL-C-005", "ZZFL-C-001"],
+            }),
+        )
+        .await
+        .expect("registered");
+    assert_eq!(registered.state, "awaiting_permits");
+    let ways: Vec<&str> = registered
+        .children
+        .iter()
+        .map(|c| c.workflow.as_str())
+        .collect();
+    assert_eq!(
+        ways,
+        [
+            "zzfl_abolish",
+            "zzfl_filing",
+            "zzfl_commitment",
+            "zzfl_optimise"
+        ]
+    );
+    // Approval abolished: the supervising department takes it into supervision.
+    amr.fire("zz-1/0", "take_into_supervision", json!({}))
+        .await
+        .expect("abolish child");
+    // Filing: filed at registration, then supervised.
+    ftz.fire(
+        "zz-1/1",
+        "file_at_registration",
+        json!({"filing_info": "仓储场所地址、面积及负责人"}),
+    )
+    .await
+    .expect("filed");
+    amr.fire("zz-1/1", "take_into_supervision", json!({}))
+        .await
+        .expect("filing child");
+    // 告知承诺: the enterprise commits, the approving department decides on the spot.
+    platform
+        .fire("zz-1/2", "apply", json!({}))
+        .await
+        .expect("apply");
+    police
+        .fire("zz-1/2", "inform", json!({"conditions": ["具有符合安全要求的经营场所"], "supervision_rules": "双随机抽查", "breach_consequences": "撤销许可", "model_letter": "示范文本"}))
+        .await
+        .expect("inform");
+    platform
+        .fire(
+            "zz-1/2",
+            "commit",
+            json!({"kind": "conditions_met", "commitment_text": "承诺真实"}),
+        )
+        .await
+        .expect("commit");
+    police
+        .fire("zz-1/2", "grant", json!({}))
+        .await
+        .expect("grant");
+    amr.fire("zz-1/2", "assess_risk", json!({"risk": "low"}))
+        .await
+        .expect("risk");
+    amr.fire(
+        "zz-1/2",
+        "pass_inspection",
+        json!({"findings": "与承诺一致"}),
+    )
+    .await
+    .expect("inspection");
+    // Optimised approval: accepted, then a countersign of the departments concerned.
+    platform
+        .fire(
+            "zz-1/3",
+            "apply",
+            json!({"application": "道路货物运输经营许可申请"}),
+        )
+        .await
+        .expect("apply");
+    approval
+        .fire("zz-1/3", "accept", json!({}))
+        .await
+        .expect("accept");
+    approval
+        .fire("zz-1/3", "sign", json!({"comment": "同意"}))
+        .await
+        .expect("sign");
+    let refused = police
+        .fire("zz-1/3", "sign", json!({"comment": "同意"}))
+        .await
+        .expect_err("not a countersigner");
+    assert_eq!(
+        refused.code(),
+        Code::NotFound,
+        "the police hold no role in this child: it is invisible to them"
+    );
+    amr.fire("zz-1/3", "sign", json!({"comment": "同意"}))
+        .await
+        .expect("sign");
+    amr.fire("zz-1/3", "take_into_supervision", json!({}))
+        .await
+        .expect("optimise child");
+    let parent = ftz
+        .cases
+        .get_case(authed(
+            Some(&ftz.token.clone()),
+            proto::GetCaseRequest {
+                name: "cases/zz-1".into(),
+            },
+        ))
+        .await
+        .expect("parent")
+        .into_inner()
+        .case
+        .expect("case");
+    assert_eq!(parent.state, "all_settled");
+    assert!(
+        parent.children.iter().all(|c| !c.outcome.is_empty()),
+        "{:?}",
+        parent.children
+    );
+    server.stop().await;
+}
