@@ -814,3 +814,126 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     );
     server.stop().await;
 }
+
+/// Mutual TLS: a client certificate listed in the configuration is that
+/// agency, without a token; an unlisted one still needs a token; plaintext
+/// is refused.
+#[tokio::test]
+async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use sha2::Digest;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+    let (dir, data) = data_dir();
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("signed");
+        (cert, key)
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (platform_cert, platform_key) = leaf("platform.example");
+    let (stranger_cert, stranger_key) = leaf("stranger.example");
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let config = Config {
+        data,
+        workflows: Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+        tls: Some(server::TlsConfig {
+            cert: write("server.pem", server_cert.pem()),
+            key: write("server.key", server_key.serialize_pem()),
+            client_ca: Some(write("ca.pem", ca_cert.pem())),
+        }),
+        client_certificates: [(
+            format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(platform_cert.der()))
+            ),
+            "hebei.sjz.platform".to_owned(),
+        )]
+        .into(),
+        ..Config::default()
+    };
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let prepared = server::prepare_with_clock(&config, clock).expect("prepares");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server::serve_on(prepared, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serves");
+    });
+    let connect = |cert: String, key: String| {
+        let ca = ca_cert.pem();
+        async move {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key))
+                .domain_name("localhost");
+            Channel::from_shared(format!("https://localhost:{port}"))
+                .expect("uri")
+                .tls_config(tls)
+                .expect("tls")
+                .connect()
+                .await
+                .expect("connects")
+        }
+    };
+    let request = || proto::CreateCaseRequest {
+        request_id: "tls-1".into(),
+        case_id: "tls-1".into(),
+        workflow: "zzfl_registration".into(),
+        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
+        variables: structure(
+            json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TLS0001"}),
+        ),
+    };
+    let mut platform =
+        CasesServiceClient::new(connect(platform_cert.pem(), platform_key.serialize_pem()).await);
+    let case = platform
+        .create_case(Request::new(request()))
+        .await
+        .expect("the certificate is the platform's credential")
+        .into_inner()
+        .case
+        .expect("case");
+    assert_eq!(case.bindings["platform"], "hebei.sjz.platform");
+    let mut stranger =
+        CasesServiceClient::new(connect(stranger_cert.pem(), stranger_key.serialize_pem()).await);
+    let refused = stranger
+        .get_case(Request::new(proto::GetCaseRequest {
+            name: "cases/tls-1".into(),
+        }))
+        .await
+        .expect_err("unlisted certificate, no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let plaintext = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("uri")
+        .connect()
+        .await;
+    if let Ok(channel) = plaintext {
+        let answer = CasesServiceClient::new(channel)
+            .get_case(Request::new(proto::GetCaseRequest {
+                name: "cases/tls-1".into(),
+            }))
+            .await;
+        assert!(answer.is_err(), "a plaintext call was answered");
+    }
+    let _ = stop.send(());
+    task.await.expect("server task");
+}

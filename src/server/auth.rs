@@ -42,10 +42,12 @@ impl Principal {
 /// The name the admin's token is listed under.
 pub const ADMIN: &str = "admin";
 
-/// Token hashes → principals.
+/// Token hashes → principals, and client-certificate fingerprints →
+/// principals (mutual TLS).
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     by_hash: HashMap<[u8; 32], Principal>,
+    by_certificate: HashMap<[u8; 32], Principal>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,10 +84,30 @@ impl Credentials {
                 .ok_or_else(|| CredentialError::BadHash(name.clone()))?;
             by_hash.insert(bytes, principal(name, agencies, auditors)?);
         }
-        Ok(Credentials { by_hash })
+        Ok(Credentials {
+            by_hash,
+            by_certificate: HashMap::new(),
+        })
     }
 
-    /// From `name → token` (the generated file's form).
+    /// Adds client certificates: `sha256:<hex of the certificate's DER>` → principal name.
+    pub fn with_certificates(
+        mut self,
+        fingerprints: &BTreeMap<String, String>,
+        agencies: &BTreeSet<String>,
+        auditors: &BTreeSet<String>,
+    ) -> Result<Self, CredentialError> {
+        for (fingerprint, name) in fingerprints {
+            let bytes: [u8; 32] = fingerprint
+                .strip_prefix("sha256:")
+                .and_then(|hex| hex::decode(hex).ok())
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| CredentialError::BadHash(fingerprint.clone()))?;
+            self.by_certificate
+                .insert(bytes, principal(name, agencies, auditors)?);
+        }
+        Ok(self)
+    }
     pub fn from_tokens(
         tokens: &BTreeMap<String, String>,
         agencies: &BTreeSet<String>,
@@ -95,7 +117,10 @@ impl Credentials {
         for (name, token) in tokens {
             by_hash.insert(hash_token(token), principal(name, agencies, auditors)?);
         }
-        Ok(Credentials { by_hash })
+        Ok(Credentials {
+            by_hash,
+            by_certificate: HashMap::new(),
+        })
     }
 
     pub fn principal(&self, token: &str) -> Option<&Principal> {
@@ -110,13 +135,27 @@ impl Credentials {
         self.by_hash.is_empty()
     }
 
-    /// The interceptor that authenticates every call: `authorization:
-    /// Bearer <token>` → the caller, put in the request's extensions.
+    /// The interceptor that authenticates every call: a client certificate
+    /// mapped to a principal (mutual TLS), else `authorization: Bearer
+    /// <token>` → the caller, put in the request's extensions.
     pub fn interceptor(
         &self,
     ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
         let credentials = self.clone();
         move |mut request: Request<()>| {
+            let by_certificate = request.peer_certs().and_then(|certs| {
+                let leaf = certs.first()?;
+                let fingerprint: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
+                credentials.by_certificate.get(&fingerprint).cloned()
+            });
+            if let Some(principal) = by_certificate {
+                tracing::debug!(
+                    principal = principal.name(),
+                    "authenticated by client certificate"
+                );
+                request.extensions_mut().insert(principal);
+                return Ok(request);
+            }
             let header = request.metadata().get("authorization").ok_or_else(|| {
                 Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
             })?;
@@ -134,6 +173,7 @@ impl Credentials {
                 .principal(token.trim())
                 .cloned()
                 .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+            tracing::debug!(principal = principal.name(), "authenticated by token");
             request.extensions_mut().insert(principal);
             Ok(request)
         }

@@ -46,6 +46,22 @@ pub struct Config {
     /// Principal (agency id or `admin`) → `sha256:<hex>` of its token. When
     /// empty, tokens are generated into the data folder.
     pub credentials: BTreeMap<String, String>,
+    /// Serve over TLS (and, with a client CA, mutual TLS).
+    pub tls: Option<TlsConfig>,
+    /// `sha256:<hex of a client certificate's DER>` → principal: with mutual
+    /// TLS, a caller presenting that certificate is that agency.
+    pub client_certificates: BTreeMap<String, String>,
+}
+
+/// TLS files, PEM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -56,6 +72,8 @@ impl Default for Config {
             workflows: PathBuf::from("workflows"),
             auditors: vec!["hebei.sjz.audit".into()],
             credentials: BTreeMap::new(),
+            tls: None,
+            client_certificates: BTreeMap::new(),
         }
     }
 }
@@ -97,6 +115,7 @@ impl Config {
 pub struct Prepared {
     pub engine: Engine,
     pub credentials: Credentials,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Where generated tokens are, when they were generated.
     pub token_file: Option<PathBuf>,
 }
@@ -132,6 +151,7 @@ pub fn prepare_with_clock(
         ),
         other => ServeError::Engine(other),
     })?;
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let (credentials, token_file) = if config.credentials.is_empty() {
         let path = config.data.join("credentials.toml");
         let mut names = agencies.clone();
@@ -147,11 +167,29 @@ pub fn prepare_with_clock(
             None,
         )
     };
+    let credentials =
+        credentials.with_certificates(&config.client_certificates, &agencies, &auditors)?;
     Ok(Prepared {
         engine,
         credentials,
+        tls,
         token_file,
     })
+}
+
+fn tls_config(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| ServeError::Config {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
 }
 
 /// Serves until `shutdown` completes, then drains calls under way and stops
@@ -179,6 +217,7 @@ pub async fn serve_on(
     let Prepared {
         engine,
         credentials,
+        tls,
         ..
     } = prepared;
     let (stop_watchers, stopping) = tokio::sync::watch::channel(false);
@@ -226,7 +265,11 @@ pub async fn serve_on(
             }
         })
     };
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let result = builder
         .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
         .add_service(health)
         .add_service(reflection_v1)
