@@ -272,6 +272,54 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         assert_eq!(pair[1].previous_hash, pair[0].hash);
         assert_eq!(pair[1].hash, records::entry_hash(&pair[1]).to_vec());
     }
+    // The auditor verifies every chain, replays the case, and travels back in time.
+    let auditor = server.token("hebei.sjz.audit");
+    let verified = audit
+        .verify_history(authed(
+            Some(&auditor),
+            proto::VerifyHistoryRequest::default(),
+        ))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verified.findings.is_empty(), "{:?}", verified.findings);
+    assert_eq!(verified.entries, case.sequence);
+    let replayed = audit
+        .replay_case(authed(
+            Some(&auditor),
+            proto::ReplayCaseRequest {
+                name: "cases/gz-1".into(),
+            },
+        ))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(replayed.matches, "{}", replayed.divergence_reason);
+    assert_eq!(replayed.steps.len() as u64, case.sequence);
+    assert_eq!(replayed.steps[1].actor, "agency:hebei.sjz.platform");
+    let then = audit
+        .get_case_at(authed(
+            Some(&auditor),
+            proto::GetCaseAtRequest {
+                name: "cases/gz-1".into(),
+                at: Some(proto::get_case_at_request::At::Sequence(2)),
+            },
+        ))
+        .await
+        .expect("time travel")
+        .into_inner()
+        .case
+        .expect("case");
+    assert_eq!((then.state.as_str(), then.sequence), ("applied", 2));
+    // Verifying every case is for auditors.
+    let refused = audit
+        .verify_history(authed(
+            Some(&server.token("hebei.sjz.approval")),
+            proto::VerifyHistoryRequest::default(),
+        ))
+        .await
+        .expect_err("not an auditor");
+    assert_eq!(refused.code(), Code::PermissionDenied);
     server.stop().await;
 }
 
@@ -377,13 +425,16 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     ];
     // Expected code per RPC, in the order of `principals`.
     use Code::{NotFound, Ok as Fine, PermissionDenied as Denied, Unauthenticated as Unauth};
-    let expected: [(&str, [Code; 5]); 11] = [
+    let expected: [(&str, [Code; 5]); 14] = [
         ("CreateCase", [Unauth, Fine, Fine, Denied, Denied]),
         ("FireEvent", [Unauth, NotFound, Fine, Denied, Denied]),
         ("GetCase", [Unauth, NotFound, Fine, Fine, Fine]),
         ("ListCases", [Unauth, Fine, Fine, Fine, Fine]),
         ("ListInbox", [Unauth, Fine, Fine, Fine, Fine]),
         ("ListHistoryEntries", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("VerifyHistory", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("ReplayCase", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("GetCaseAt", [Unauth, NotFound, Fine, Fine, Fine]),
         ("DeployWorkflow", [Unauth, Denied, Denied, Denied, Fine]),
         ("ValidateWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
         ("ListWorkflows", [Unauth, Fine, Fine, Fine, Fine]),
@@ -405,6 +456,12 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
                 "ListCases" => cases.list_cases(authed(t, proto::ListCasesRequest::default())).await.map(|_| ()),
                 "ListInbox" => cases.list_inbox(authed(t, proto::ListInboxRequest::default())).await.map(|_| ()),
                 "ListHistoryEntries" => audit.list_history_entries(authed(t, proto::ListHistoryEntriesRequest { parent: "cases/m-1".into(), ..Default::default() })).await.map(|_| ()),
+                "VerifyHistory" => audit.verify_history(authed(t, proto::VerifyHistoryRequest { case: "cases/m-1".into(), workflow: String::new() })).await.map(|_| ()),
+                "ReplayCase" => audit.replay_case(authed(t, proto::ReplayCaseRequest { name: "cases/m-1".into() })).await.map(|_| ()),
+                "GetCaseAt" => audit
+                    .get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/m-1".into(), at: Some(proto::get_case_at_request::At::Sequence(1)) }))
+                    .await
+                    .map(|_| ()),
                 "DeployWorkflow" => definitions.deploy_workflow(authed(t, proto::DeployWorkflowRequest { source: source.clone() })).await.map(|_| ()),
                 "ValidateWorkflow" => definitions.validate_workflow(authed(t, proto::ValidateWorkflowRequest { source: source.clone() })).await.map(|_| ()),
                 "ListWorkflows" => definitions.list_workflows(authed(t, proto::ListWorkflowsRequest::default())).await.map(|_| ()),

@@ -667,8 +667,168 @@ impl CasesService for Api {
     }
 }
 
+fn audit_status(e: crate::audit::AuditError) -> Status {
+    use crate::audit::AuditError as A;
+    match e {
+        A::NotFound(id) => status(
+            Code::NotFound,
+            "case-not-found",
+            format!("no case `{id}`"),
+            &[],
+        ),
+        e @ A::OutOfRange { .. } => status(Code::OutOfRange, "out-of-range", e.to_string(), &[]),
+        other => status(
+            Code::FailedPrecondition,
+            "audit-failed",
+            other.to_string(),
+            &[],
+        ),
+    }
+}
+
+/// Runs an audit over the engine's store off the async threads.
+async fn audit_blocking<T: Send + 'static>(
+    engine: &Engine,
+    work: impl FnOnce(
+        &crate::audit::StoreSource<'_>,
+        &crate::lang::validate::Library,
+    ) -> Result<T, crate::audit::AuditError>
+    + Send
+    + 'static,
+) -> Result<T, Status> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let library = engine.library();
+        work(
+            &crate::audit::StoreSource(engine.store().as_ref()),
+            &library,
+        )
+    })
+    .await
+    .map_err(|e| status(Code::Internal, "audit-panicked", e.to_string(), &[]))?
+    .map_err(audit_status)
+}
+
 #[tonic::async_trait]
 impl AuditService for Api {
+    async fn verify_history(
+        &self,
+        request: Request<proto::VerifyHistoryRequest>,
+    ) -> Result<Response<proto::VerifyHistoryResponse>, Status> {
+        use crate::audit::VerifyScope;
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let scope = if !r.case.is_empty() {
+            let id = case_id(&r.case, "case")?;
+            visible(&self.engine, &principal, &id)?;
+            VerifyScope::Case(id)
+        } else if !principal.reads_all() {
+            return Err(status(
+                Code::PermissionDenied,
+                "auditors-only",
+                "verifying every case is for auditors and the admin; name a case",
+                &[],
+            ));
+        } else if r.workflow.is_empty() {
+            VerifyScope::All
+        } else {
+            VerifyScope::Workflow(r.workflow)
+        };
+        let report = audit_blocking(&self.engine, move |source, _| {
+            crate::audit::verify(source, &scope, None)
+        })
+        .await?;
+        Ok(Response::new(proto::VerifyHistoryResponse {
+            cases: report.cases,
+            entries: report.entries,
+            findings: report
+                .findings
+                .into_iter()
+                .map(|f| proto::Finding {
+                    case_id: f.case_id,
+                    sequence: f.sequence,
+                    kind: f.kind.as_str().to_owned(),
+                    detail: f.detail,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn replay_case(
+        &self,
+        request: Request<proto::ReplayCaseRequest>,
+    ) -> Result<Response<proto::ReplayCaseResponse>, Status> {
+        let principal = principal(&request)?;
+        let id = case_id(&request.get_ref().name, "name")?;
+        visible(&self.engine, &principal, &id)?;
+        let report = audit_blocking(&self.engine, move |source, library| {
+            crate::audit::replay_case(source, library, &id)
+        })
+        .await?;
+        let (divergence_sequence, divergence_reason) = report
+            .divergence
+            .as_ref()
+            .map_or((0, String::new()), |d| (d.sequence, d.reason.clone()));
+        Ok(Response::new(proto::ReplayCaseResponse {
+            matches: report.matches(),
+            steps: report
+                .steps
+                .into_iter()
+                .map(|step| proto::ReplayStep {
+                    sequence: step.sequence,
+                    time: Some(records::timestamp(step.time)),
+                    actor: if step.actor.is_empty() {
+                        step.actor_kind.to_owned()
+                    } else {
+                        format!("{}:{}", step.actor_kind, step.actor)
+                    },
+                    event: step.event,
+                    from_state: step.from_state,
+                    to_state: step.to_state,
+                    variables_changed: Some(prost_types::Struct {
+                        fields: step
+                            .variables_changed
+                            .iter()
+                            .map(|(k, v)| (k.clone(), records::to_value(v)))
+                            .collect(),
+                    }),
+                    calendar_version: step.calendar_version.unwrap_or_default(),
+                })
+                .collect(),
+            divergence_sequence,
+            divergence_reason,
+        }))
+    }
+
+    async fn get_case_at(
+        &self,
+        request: Request<proto::GetCaseAtRequest>,
+    ) -> Result<Response<proto::GetCaseAtResponse>, Status> {
+        use crate::audit::At;
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let id = case_id(&r.name, "name")?;
+        let current = visible(&self.engine, &principal, &id)?;
+        let at = match r.at {
+            Some(proto::get_case_at_request::At::Sequence(n)) => At::Sequence(n),
+            Some(proto::get_case_at_request::At::Time(t)) => {
+                At::Time(records::from_timestamp(Some(&t)))
+            }
+            None => return Err(invalid("missing-field", "at", "give a sequence or a time")),
+        };
+        let found = audit_blocking(&self.engine, move |source, library| {
+            crate::audit::case_at(source, library, &id, at)
+        })
+        .await?;
+        Ok(Response::new(proto::GetCaseAtResponse {
+            case: Some(records::case(
+                &found.case,
+                current.workflow_version,
+                Vec::new(),
+            )),
+        }))
+    }
+
     async fn list_history_entries(
         &self,
         request: Request<proto::ListHistoryEntriesRequest>,
