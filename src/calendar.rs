@@ -90,6 +90,10 @@ pub enum Unit {
 /// Errors from reading a holiday file or computing with a [`Calendar`].
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum CalendarError {
+    /// Working days were asked for and no calendar is loaded.
+    #[error("working days need the working-day calendar, and none is loaded (calendar/*.csv)")]
+    NoCalendar,
+
     /// The file could not be read.
     #[error("cannot read calendar file {}: {message}", path.display())]
     Io { path: PathBuf, message: String },
@@ -317,13 +321,7 @@ impl Calendar {
             direction: "after",
         };
         match unit {
-            Unit::Hours => TimeDelta::try_hours(i64::from(n))
-                .and_then(|delta| start.checked_add_signed(delta))
-                .ok_or_else(overflow),
-            Unit::Days => day_of(start)
-                .and_then(|day| day.checked_add_days(chrono::Days::new(u64::from(n) + 1)))
-                .and_then(start_of_day)
-                .ok_or_else(overflow),
+            Unit::Hours | Unit::Days => add_without_holidays(start, unit, n),
             Unit::WorkingDays => {
                 let mut day = day_of(start).ok_or_else(overflow)?;
                 if n == 0 {
@@ -358,12 +356,7 @@ impl Calendar {
             direction: "before",
         };
         match unit {
-            Unit::Hours => TimeDelta::try_hours(i64::from(n))
-                .and_then(|delta| due.checked_sub_signed(delta))
-                .ok_or_else(overflow),
-            Unit::Days => TimeDelta::try_days(i64::from(n))
-                .and_then(|delta| due.checked_sub_signed(delta))
-                .ok_or_else(overflow),
+            Unit::Hours | Unit::Days => subtract_without_holidays(due, unit, n),
             Unit::WorkingDays => {
                 let last_instant = due
                     .checked_sub_signed(TimeDelta::nanoseconds(1))
@@ -380,6 +373,55 @@ impl Calendar {
             }
         }
     }
+}
+
+/// `start` + n hours or calendar days: these need no holiday data, so they
+/// work with no calendar loaded (the rules are those of [`Calendar::add`]).
+/// Working days are [`CalendarError::NoCalendar`].
+pub fn add_without_holidays(
+    start: DateTime<Utc>,
+    unit: Unit,
+    n: u32,
+) -> Result<DateTime<Utc>, CalendarError> {
+    let overflow = || CalendarError::Overflow {
+        from: start,
+        unit,
+        n,
+        direction: "after",
+    };
+    match unit {
+        Unit::Hours => TimeDelta::try_hours(i64::from(n))
+            .and_then(|delta| start.checked_add_signed(delta))
+            .ok_or_else(overflow),
+        Unit::Days => day_of(start)
+            .and_then(|day| day.checked_add_days(chrono::Days::new(u64::from(n) + 1)))
+            .and_then(start_of_day)
+            .ok_or_else(overflow),
+        Unit::WorkingDays => Err(CalendarError::NoCalendar),
+    }
+}
+
+/// `due` − n hours or calendar days (see [`Calendar::subtract`]); working days
+/// are [`CalendarError::NoCalendar`].
+pub fn subtract_without_holidays(
+    due: DateTime<Utc>,
+    unit: Unit,
+    n: u32,
+) -> Result<DateTime<Utc>, CalendarError> {
+    let overflow = || CalendarError::Overflow {
+        from: due,
+        unit,
+        n,
+        direction: "before",
+    };
+    let delta = match unit {
+        Unit::Hours => TimeDelta::try_hours(i64::from(n)),
+        Unit::Days => TimeDelta::try_days(i64::from(n)),
+        Unit::WorkingDays => return Err(CalendarError::NoCalendar),
+    };
+    delta
+        .and_then(|d| due.checked_sub_signed(d))
+        .ok_or_else(overflow)
 }
 
 /// Strict `YYYY-MM-DD` (four-digit year, zero-padded month and day).
@@ -1053,5 +1095,36 @@ mod tests {
         // And add and subtract agree on a midnight.
         let due = cal.add(midnight, Unit::WorkingDays, 3).expect("covered");
         assert_eq!(cal.subtract(due, Unit::WorkingDays, 3), Ok(midnight));
+    }
+
+    /// Regression: with no calendar loaded, the engine counted calendar days
+    /// with its own copy of the rule, which missed the midnight convention.
+    #[test]
+    fn days_and_hours_without_a_calendar_follow_the_calendars_rules() {
+        let cal = cn();
+        for start in [
+            sh(2020, 9, 30, 0, 0),
+            sh(2020, 9, 30, 9, 30),
+            sh(2020, 9, 30, 23, 59),
+        ] {
+            for n in [0, 1, 7, 30] {
+                for unit in [Unit::Days, Unit::Hours] {
+                    assert_eq!(
+                        cal.add(start, unit, n),
+                        add_without_holidays(start, unit, n),
+                        "{start} +{n} {unit:?}"
+                    );
+                    assert_eq!(
+                        cal.subtract(start, unit, n),
+                        subtract_without_holidays(start, unit, n),
+                        "{start} -{n} {unit:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            add_without_holidays(sh(2020, 9, 30, 0, 0), Unit::WorkingDays, 1),
+            Err(CalendarError::NoCalendar)
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 
-use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map as JsonMap, Value as Json};
 
@@ -1337,30 +1337,11 @@ pub fn add_period(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, String> {
-    if let Some(cal) = &lib.calendar {
-        return cal.add(start, unit, n).map_err(|e| e.to_string());
+    match &lib.calendar {
+        Some(cal) => cal.add(start, unit, n),
+        None => crate::calendar::add_without_holidays(start, unit, n),
     }
-    let overflow = || format!("{n} {unit:?} after {start} is out of range");
-    match unit {
-        Unit::Hours => TimeDelta::try_hours(i64::from(n))
-            .and_then(|d| start.checked_add_signed(d))
-            .ok_or_else(overflow),
-        Unit::Days => {
-            let shanghai = TimeDelta::hours(8);
-            start
-                .naive_utc()
-                .checked_add_signed(shanghai)
-                .and_then(|local| {
-                    local
-                        .date()
-                        .checked_add_days(chrono::Days::new(u64::from(n) + 1))
-                })
-                .and_then(|day| day.and_time(NaiveTime::MIN).checked_sub_signed(shanghai))
-                .map(|t| t.and_utc())
-                .ok_or_else(overflow)
-        }
-        Unit::WorkingDays => Err(no_calendar()),
-    }
+    .map_err(|e| e.to_string())
 }
 
 /// `due` − n units, per [`crate::calendar::Calendar::subtract`].
@@ -1370,21 +1351,11 @@ pub fn subtract_period(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, String> {
-    if let Some(cal) = &lib.calendar {
-        return cal.subtract(due, unit, n).map_err(|e| e.to_string());
+    match &lib.calendar {
+        Some(cal) => cal.subtract(due, unit, n),
+        None => crate::calendar::subtract_without_holidays(due, unit, n),
     }
-    let hours = match unit {
-        Unit::Hours => i64::from(n),
-        Unit::Days => i64::from(n) * 24,
-        Unit::WorkingDays => return Err(no_calendar()),
-    };
-    TimeDelta::try_hours(hours)
-        .and_then(|d| due.checked_sub_signed(d))
-        .ok_or_else(|| format!("{n} {unit:?} before {due} is out of range"))
-}
-
-fn no_calendar() -> String {
-    "working days need the working-day calendar, and none is loaded (calendar/*.csv)".into()
+    .map_err(|e| e.to_string())
 }
 
 /// Builds the step from the old and new case.
