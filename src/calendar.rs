@@ -314,12 +314,7 @@ impl Calendar {
         unit: Unit,
         n: u32,
     ) -> Result<DateTime<Utc>, CalendarError> {
-        let overflow = || CalendarError::Overflow {
-            from: start,
-            unit,
-            n,
-            direction: "after",
-        };
+        let overflow = || overflow(start, unit, n, "after");
         match unit {
             Unit::Hours | Unit::Days => add_without_holidays(start, unit, n),
             Unit::WorkingDays => {
@@ -349,12 +344,7 @@ impl Calendar {
         unit: Unit,
         n: u32,
     ) -> Result<DateTime<Utc>, CalendarError> {
-        let overflow = || CalendarError::Overflow {
-            from: due,
-            unit,
-            n,
-            direction: "before",
-        };
+        let overflow = || overflow(due, unit, n, "before");
         match unit {
             Unit::Hours | Unit::Days => subtract_without_holidays(due, unit, n),
             Unit::WorkingDays => {
@@ -375,6 +365,15 @@ impl Calendar {
     }
 }
 
+fn overflow(from: DateTime<Utc>, unit: Unit, n: u32, direction: &'static str) -> CalendarError {
+    CalendarError::Overflow {
+        from,
+        unit,
+        n,
+        direction,
+    }
+}
+
 /// `start` + n hours or calendar days: these need no holiday data, so they
 /// work with no calendar loaded (the rules are those of [`Calendar::add`]).
 /// Working days are [`CalendarError::NoCalendar`].
@@ -383,12 +382,7 @@ pub fn add_without_holidays(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, CalendarError> {
-    let overflow = || CalendarError::Overflow {
-        from: start,
-        unit,
-        n,
-        direction: "after",
-    };
+    let overflow = || overflow(start, unit, n, "after");
     match unit {
         Unit::Hours => TimeDelta::try_hours(i64::from(n))
             .and_then(|delta| start.checked_add_signed(delta))
@@ -408,12 +402,7 @@ pub fn subtract_without_holidays(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, CalendarError> {
-    let overflow = || CalendarError::Overflow {
-        from: due,
-        unit,
-        n,
-        direction: "before",
-    };
+    let overflow = || overflow(due, unit, n, "before");
     let delta = match unit {
         Unit::Hours => TimeDelta::try_hours(i64::from(n)),
         Unit::Days => TimeDelta::try_days(i64::from(n)),

@@ -175,9 +175,8 @@ fn request_id(given: Option<String>) -> String {
 /// not a number), and the server reads numeric text for integer and decimal
 /// fields.
 fn assignment(text: &str) -> Result<(String, Json)> {
-    let (name, value) = text
-        .split_once('=')
-        .with_context(|| format!("`{text}` is not NAME=VALUE"))?;
+    let (name, value) = pair(text, "NAME=VALUE")?;
+    let value = value.as_str();
     let json_like =
         value.starts_with(['[', '{', '"']) || matches!(value, "true" | "false" | "null");
     let value = if json_like {
@@ -186,7 +185,14 @@ fn assignment(text: &str) -> Result<(String, Json)> {
     } else {
         Json::String(value.to_owned())
     };
-    Ok((name.to_owned(), value))
+    Ok((name, value))
+}
+
+/// `LEFT=RIGHT`, split at the first `=`.
+fn pair(text: &str, shape: &str) -> Result<(String, String)> {
+    text.split_once('=')
+        .map(|(l, r)| (l.to_owned(), r.to_owned()))
+        .with_context(|| format!("`{text}` is not {shape}"))
 }
 
 fn to_struct(pairs: &[String]) -> Result<prost_types::Struct> {
@@ -296,11 +302,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
         } => {
             let bindings = bindings
                 .iter()
-                .map(|b| {
-                    b.split_once('=')
-                        .map(|(r, a)| (r.to_owned(), a.to_owned()))
-                        .with_context(|| format!("`{b}` is not ROLE=AGENCY"))
-                })
+                .map(|b| pair(b, "ROLE=AGENCY"))
                 .collect::<Result<_>>()?;
             let request = proto::CreateCaseRequest {
                 request_id: request_id(rid),
@@ -394,10 +396,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             variable,
         } => {
             let (variable_name, variable_value) = match variable {
-                Some(v) => v
-                    .split_once('=')
-                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                    .with_context(|| format!("`{v}` is not NAME=VALUE"))?,
+                Some(v) => pair(&v, "NAME=VALUE")?,
                 None => Default::default(),
             };
             let mut token = String::new();

@@ -107,6 +107,32 @@ fn structure(v: Json) -> Option<prost_types::Struct> {
     Some(records::to_struct(v.as_object().expect("object")))
 }
 
+/// A request to start case `id` of `workflow` (request id `{id}-start`).
+fn new_case(
+    id: &str,
+    workflow: &str,
+    bindings: &[(&str, &str)],
+    variables: Json,
+) -> proto::CreateCaseRequest {
+    proto::CreateCaseRequest {
+        request_id: format!("{id}-start"),
+        case_id: id.into(),
+        workflow: workflow.into(),
+        bindings: bindings
+            .iter()
+            .map(|(r, a)| ((*r).to_owned(), (*a).to_owned()))
+            .collect(),
+        variables: structure(variables),
+    }
+}
+
+/// The roles a 包联 case is started with.
+const BAOLIAN_BINDINGS: [(&str, &str); 3] = [
+    ("work_team", "hebei.sjz.industry"),
+    ("responsible_dept", "hebei.sjz.industry"),
+    ("leader", "hebei.sjz.office"),
+];
+
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).expect("time").to_utc()
 }
@@ -168,21 +194,16 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
     let server = Server::start(&data, &clock).await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
-    let start = proto::CreateCaseRequest {
-        request_id: "gz-start".into(),
-        case_id: "gz-1".into(),
-        workflow: "gaozhi_chengnuo".into(),
-        bindings: [
+    let start = new_case(
+        "gz-1",
+        "gaozhi_chengnuo",
+        &[
             ("approval", "hebei.sjz.approval"),
             ("supervision", "hebei.sjz.housing"),
             ("registration", "hebei.sjz.amr"),
-        ]
-        .map(|(r, a)| (r.to_owned(), a.to_owned()))
-        .into(),
-        variables: structure(
-            json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "石家庄某置业有限公司", "credit_code": "91130102MA0HOUS001"}),
-        ),
-    };
+        ],
+        json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "石家庄某置业有限公司", "credit_code": "91130102MA0HOUS001"}),
+    );
     let case = platform
         .cases
         .create_case(authed(Some(&platform.token), start))
@@ -330,21 +351,12 @@ async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_
     let server = Server::start(&data, &clock).await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut team = Agent::new(&server, "hebei.sjz.industry").await;
-    let start = proto::CreateCaseRequest {
-        request_id: "bl-start".into(),
-        case_id: "bl-1".into(),
-        workflow: "baolian_escalation".into(),
-        bindings: [
-            ("work_team", "hebei.sjz.industry"),
-            ("responsible_dept", "hebei.sjz.industry"),
-            ("leader", "hebei.sjz.office"),
-        ]
-        .map(|(r, a)| (r.to_owned(), a.to_owned()))
-        .into(),
-        variables: structure(
-            json!({"enterprise_name": "石家庄藁城某装备制造有限公司", "credit_code": "91130182MA0A000002", "county": "hebei.sjz.gaocheng", "problem_summary": "缺少能耗指标"}),
-        ),
-    };
+    let start = new_case(
+        "bl-1",
+        "baolian_escalation",
+        &BAOLIAN_BINDINGS,
+        json!({"enterprise_name": "石家庄藁城某装备制造有限公司", "credit_code": "91130182MA0A000002", "county": "hebei.sjz.gaocheng", "problem_summary": "缺少能耗指标"}),
+    );
     platform
         .cases
         .create_case(authed(Some(&platform.token), start))
@@ -620,20 +632,13 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
     let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
     let server = Server::start(&data, &clock).await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
-    let start = |id: &str| proto::CreateCaseRequest {
-        request_id: format!("w-{id}"),
-        case_id: id.into(),
-        workflow: "baolian_escalation".into(),
-        bindings: [
-            ("work_team", "hebei.sjz.industry"),
-            ("responsible_dept", "hebei.sjz.industry"),
-            ("leader", "hebei.sjz.office"),
-        ]
-        .map(|(r, a)| (r.to_owned(), a.to_owned()))
-        .into(),
-        variables: structure(
+    let start = |id: &str| {
+        new_case(
+            id,
+            "baolian_escalation",
+            &BAOLIAN_BINDINGS,
             json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH01", "county": "hebei.sjz.zhengding", "problem_summary": "用电增容"}),
-        ),
+        )
     };
     let watch = |token: String, cursor: &str| {
         let channel = server.endpoint.clone();
@@ -727,19 +732,12 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     let mut amr = Agent::new(&server, "hebei.sjz.amr").await;
     let mut police = Agent::new(&server, "hebei.sjz.police").await;
     let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
-    let start = proto::CreateCaseRequest {
-        request_id: "zz-start".into(),
-        case_id: "zz-1".into(),
-        workflow: "zzfl_registration".into(),
-        bindings: [(
-            "registration".to_owned(),
-            "hebei.sjz.zhengding_ftz".to_owned(),
-        )]
-        .into(),
-        variables: structure(
-            json!({"enterprise_name": "河北正定某食品科技有限公司", "declared_scope": "食品生产、道路普通货物运输"}),
-        ),
-    };
+    let start = new_case(
+        "zz-1",
+        "zzfl_registration",
+        &[("registration", "hebei.sjz.zhengding_ftz")],
+        json!({"enterprise_name": "河北正定某食品科技有限公司", "declared_scope": "食品生产、道路普通货物运输"}),
+    );
     platform
         .cases
         .create_case(authed(Some(&platform.token.clone()), start))
