@@ -62,6 +62,30 @@
 //!   before `D`). For a `due` returned by `add(…, WorkingDays, …)` that is the end of the
 //!   working day n working days before the due day. `WorkingDays(0)` is the end of `D`.
 //!
+//! # Days fixed on the calendar: [`Calendar::anchored`]
+//!
+//! Some time limits are not lengths but days of the calendar: 每月1日前（节假日顺延）, 每季度,
+//! 每半年. An [`Anchor`] names such a day: the n-th day ([`AnchorDay::Nth`], 1 = the first) or
+//! the last day ([`AnchorDay::Last`]) of a calendar month, quarter (January–March, …),
+//! half-year (January–June, July–December) or year ([`Span`]) — the one the start falls in,
+//! or the one after it ([`Anchor::next`]). The deadline is the end (24:00) of that day.
+//!
+//! * The span is the one containing the Shanghai date of `start` itself: unlike lengths, a
+//!   `start` exactly at midnight belongs to the day it begins, so that a deadline re-entered
+//!   at the end of a quarter runs to the end of the next quarter instead of expiring at once.
+//! * With [`Anchor::postpone`] (节假日顺延), a day that is not a working day moves to the next
+//!   working day; that needs the calendar and is [`CalendarError::OutOfRange`] when the day
+//!   (or a day it moves over) is outside the covered years. Without it the holiday file is
+//!   not read and there is no coverage limit.
+//! * A day that does not exist (day 0, day 31 of a 30-day month) is
+//!   [`CalendarError::NoSuchDay`]; it is never moved to another day.
+//! * The day may lie before `start` (the 20th of this month, started on the 25th): the
+//!   deadline is then already due.
+//!
+//! Example: a report due by the 1st of next month, postponed over holidays, for a step on
+//! 2020-09-15: 2020-10-01..08 are the National Day holidays, so the deadline is the end of
+//! Friday 2020-10-09.
+//!
 //! Everything except [`Calendar::load`] is pure and deterministic: no clock, no I/O.
 
 use std::collections::BTreeMap;
@@ -85,6 +109,81 @@ pub enum Unit {
     Days,
     /// Exact hours.
     Hours,
+}
+
+/// A calendar span a deadline can be anchored to; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    Month,
+    /// January–March, April–June, July–September, October–December.
+    Quarter,
+    /// January–June, July–December.
+    HalfYear,
+    Year,
+}
+
+impl Span {
+    /// Months in the span.
+    fn months(self) -> u32 {
+        match self {
+            Span::Month => 1,
+            Span::Quarter => 3,
+            Span::HalfYear => 6,
+            Span::Year => 12,
+        }
+    }
+
+    /// Days in the shortest span of this kind: the largest day that exists in all of them.
+    pub fn shortest(self) -> u32 {
+        match self {
+            Span::Month => 28,
+            Span::Quarter => 90,
+            Span::HalfYear => 181,
+            Span::Year => 365,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Span::Month => "month",
+            Span::Quarter => "quarter",
+            Span::HalfYear => "half-year",
+            Span::Year => "year",
+        }
+    }
+}
+
+/// Which day of the span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorDay {
+    /// The n-th day, counted from 1 (for a month: the day of the month).
+    Nth(u32),
+    Last,
+}
+
+/// A day fixed on the calendar relative to a start; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    pub day: AnchorDay,
+    pub span: Span,
+    /// The span after the one the start falls in (e.g. next month), not that one.
+    pub next: bool,
+    /// 节假日顺延: a day that is not a working day moves to the next working day.
+    pub postpone: bool,
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let which = if self.next { "next" } else { "this" };
+        match self.day {
+            AnchorDay::Nth(n) => write!(f, "by day {n} of {which} {}", self.span.name())?,
+            AnchorDay::Last => write!(f, "by the last day of {which} {}", self.span.name())?,
+        }
+        if self.postpone {
+            write!(f, ", postponed over holidays")?;
+        }
+        Ok(())
+    }
 }
 
 /// Errors from reading a holiday file or computing with a [`Calendar`].
@@ -148,6 +247,16 @@ pub enum CalendarError {
         last_year: i32,
         version: String,
     },
+
+    /// An anchored deadline names a day that does not exist in the span.
+    #[error("{anchor} from {from}: there is no such day in that {}", anchor.span.name())]
+    NoSuchDay { from: DateTime<Utc>, anchor: Anchor },
+
+    /// An anchored deadline is beyond the range of dates chrono can represent.
+    #[error(
+        "cannot compute the deadline {anchor} from {from}: outside the representable time range"
+    )]
+    AnchorOverflow { from: DateTime<Utc>, anchor: Anchor },
 
     /// The result is beyond the range of dates chrono can represent.
     #[error("cannot compute {n} {unit:?} {direction} {from}: outside the representable time range")]
@@ -337,6 +446,28 @@ impl Calendar {
         }
     }
 
+    /// Deadline: the end of the day `anchor` names, counted from `start`, moved to the next
+    /// working day when the anchor postpones over holidays. See the module documentation.
+    pub fn anchored(
+        &self,
+        start: DateTime<Utc>,
+        anchor: Anchor,
+    ) -> Result<DateTime<Utc>, CalendarError> {
+        let mut day = anchored_day(start, anchor)?;
+        if anchor.postpone {
+            while !self.is_working_day(day)? {
+                day = day.succ_opt().ok_or(CalendarError::AnchorOverflow {
+                    from: start,
+                    anchor,
+                })?;
+            }
+        }
+        end_of_day(day).ok_or(CalendarError::AnchorOverflow {
+            from: start,
+            anchor,
+        })
+    }
+
     /// The moment `n` units before `due` (for reminders). See the module documentation.
     pub fn subtract(
         &self,
@@ -392,6 +523,58 @@ pub fn add_without_holidays(
             .and_then(start_of_day)
             .ok_or_else(overflow),
         Unit::WorkingDays => Err(CalendarError::NoCalendar),
+    }
+}
+
+/// An anchored deadline that does not postpone over holidays needs no holiday
+/// data (the rules are those of [`Calendar::anchored`]); one that does is
+/// [`CalendarError::NoCalendar`].
+pub fn anchored_without_holidays(
+    start: DateTime<Utc>,
+    anchor: Anchor,
+) -> Result<DateTime<Utc>, CalendarError> {
+    if anchor.postpone {
+        return Err(CalendarError::NoCalendar);
+    }
+    let day = anchored_day(start, anchor)?;
+    end_of_day(day).ok_or(CalendarError::AnchorOverflow {
+        from: start,
+        anchor,
+    })
+}
+
+/// The day an anchor names, before any postponement.
+fn anchored_day(start: DateTime<Utc>, anchor: Anchor) -> Result<NaiveDate, CalendarError> {
+    let overflow = || CalendarError::AnchorOverflow {
+        from: start,
+        anchor,
+    };
+    // A midnight belongs to the day it begins (see the module documentation).
+    let today = shanghai_date(start).ok_or_else(overflow)?;
+    let months = anchor.span.months();
+    let first_month = (today.month0() / months) * months;
+    let mut first =
+        NaiveDate::from_ymd_opt(today.year(), first_month + 1, 1).ok_or_else(overflow)?;
+    if anchor.next {
+        first = first
+            .checked_add_months(chrono::Months::new(months))
+            .ok_or_else(overflow)?;
+    }
+    let after = first
+        .checked_add_months(chrono::Months::new(months))
+        .ok_or_else(overflow)?;
+    match anchor.day {
+        AnchorDay::Last => after.pred_opt().ok_or_else(overflow),
+        AnchorDay::Nth(n) => {
+            let day = n
+                .checked_sub(1)
+                .and_then(|k| first.checked_add_days(chrono::Days::new(u64::from(k))))
+                .filter(|d| *d < after);
+            day.ok_or(CalendarError::NoSuchDay {
+                from: start,
+                anchor,
+            })
+        }
     }
 }
 
@@ -1061,6 +1244,218 @@ mod tests {
             start_day = start_day.succ_opt().expect("next day");
         }
         assert_eq!(cases, 2192 * 31);
+    }
+
+    fn anchor(day: AnchorDay, span: Span, next: bool, postpone: bool) -> Anchor {
+        Anchor {
+            day,
+            span,
+            next,
+            postpone,
+        }
+    }
+
+    /// 每月1日前（节假日顺延）: the report on September is due before 1 October 2020, a
+    /// holiday (2020-10-01..08), so it is postponed to Friday 2020-10-09.
+    #[test]
+    fn first_of_next_month_postponed_over_national_day() {
+        let cal = cn();
+        let report = anchor(AnchorDay::Nth(1), Span::Month, true, true);
+        for start in [
+            sh(2020, 9, 1, 0, 0),
+            sh(2020, 9, 15, 10, 0),
+            sh(2020, 9, 30, 23, 59),
+        ] {
+            assert_eq!(
+                cal.anchored(start, report),
+                Ok(end_of(2020, 10, 9)),
+                "{start}"
+            );
+        }
+        // Without 顺延 the day itself is the deadline, and no holiday data is needed.
+        let strict = Anchor {
+            postpone: false,
+            ..report
+        };
+        assert_eq!(
+            cal.anchored(sh(2020, 9, 15, 10, 0), strict),
+            Ok(end_of(2020, 10, 1))
+        );
+        assert_eq!(
+            anchored_without_holidays(sh(2020, 9, 15, 10, 0), strict),
+            Ok(end_of(2020, 10, 1))
+        );
+        assert_eq!(
+            anchored_without_holidays(sh(2020, 9, 15, 10, 0), report),
+            Err(CalendarError::NoCalendar)
+        );
+        // A weekend: Saturday 2020-08-01 → Monday 08-03; New Year 2021-01-01..03 → 01-04.
+        assert_eq!(
+            cal.anchored(sh(2020, 7, 10, 9, 0), report),
+            Ok(end_of(2020, 8, 3))
+        );
+        assert_eq!(
+            cal.anchored(sh(2020, 12, 20, 9, 0), report),
+            Ok(end_of(2021, 1, 4))
+        );
+        // A working day stays: Thursday 2020-10-01 is a holiday, but Monday 2020-06-01 is not.
+        assert_eq!(
+            cal.anchored(sh(2020, 5, 6, 9, 0), report),
+            Ok(end_of(2020, 6, 1))
+        );
+        // The make-up Saturday 2020-10-10 would count, had 10-09 not been a working day.
+        assert_eq!(cal.is_working_day(date(2020, 10, 10)), Ok(true));
+        assert_eq!(
+            report.to_string(),
+            "by day 1 of next month, postponed over holidays"
+        );
+    }
+
+    #[test]
+    fn last_day_of_quarter_half_year_month_and_year() {
+        let cal = cn();
+        let quarter = anchor(AnchorDay::Last, Span::Quarter, false, false);
+        assert_eq!(
+            cal.anchored(sh(2020, 8, 15, 9, 0), quarter),
+            Ok(end_of(2020, 9, 30))
+        );
+        assert_eq!(
+            cal.anchored(sh(2020, 1, 1, 9, 0), quarter),
+            Ok(end_of(2020, 3, 31))
+        );
+        // A midnight belongs to the day it begins: 2020-10-01 00:00 is in the fourth quarter,
+        // so a quarterly deadline re-entered at the end of a quarter does not expire at once.
+        assert_eq!(
+            cal.anchored(sh(2020, 10, 1, 0, 0), quarter),
+            Ok(end_of(2020, 12, 31))
+        );
+        assert_eq!(
+            cal.anchored(sh(2020, 9, 30, 23, 59), quarter),
+            Ok(end_of(2020, 9, 30))
+        );
+        let half = anchor(AnchorDay::Last, Span::HalfYear, false, false);
+        assert_eq!(
+            cal.anchored(sh(2020, 3, 3, 9, 0), half),
+            Ok(end_of(2020, 6, 30))
+        );
+        assert_eq!(
+            cal.anchored(sh(2020, 7, 1, 0, 0), half),
+            Ok(end_of(2020, 12, 31))
+        );
+        let next_half = Anchor { next: true, ..half };
+        assert_eq!(
+            cal.anchored(sh(2020, 12, 31, 9, 0), next_half),
+            Ok(end_of(2021, 6, 30))
+        );
+        // Leap February.
+        let month = anchor(AnchorDay::Last, Span::Month, false, false);
+        assert_eq!(
+            cal.anchored(sh(2020, 2, 10, 9, 0), month),
+            Ok(end_of(2020, 2, 29))
+        );
+        let year = anchor(AnchorDay::Last, Span::Year, false, false);
+        assert_eq!(
+            cal.anchored(sh(2020, 2, 10, 9, 0), year),
+            Ok(end_of(2020, 12, 31))
+        );
+        // The last day of the first quarter of 2024 is Sunday 03-31: postponed to Monday 04-01.
+        let postponed = Anchor {
+            postpone: true,
+            ..quarter
+        };
+        assert_eq!(
+            cal.anchored(sh(2024, 2, 1, 9, 0), postponed),
+            Ok(end_of(2024, 4, 1))
+        );
+        assert_eq!(quarter.to_string(), "by the last day of this quarter");
+    }
+
+    #[test]
+    fn nth_day_of_a_span() {
+        let cal = cn();
+        // The 90th day of the first quarter of 2021 (not a leap year) is its last.
+        let day90 = anchor(AnchorDay::Nth(90), Span::Quarter, false, false);
+        assert_eq!(
+            cal.anchored(sh(2021, 2, 1, 9, 0), day90),
+            Ok(end_of(2021, 3, 31))
+        );
+        // In 2020 (leap) it is 03-30.
+        assert_eq!(
+            cal.anchored(sh(2020, 2, 1, 9, 0), day90),
+            Ok(end_of(2020, 3, 30))
+        );
+        // The 1st of next year, postponed: 2022-01-01..03 are the New Year holidays.
+        let new_year = anchor(AnchorDay::Nth(1), Span::Year, true, true);
+        assert_eq!(
+            cal.anchored(sh(2021, 6, 1, 9, 0), new_year),
+            Ok(end_of(2022, 1, 4))
+        );
+        // A day already past this month: the deadline is already due.
+        let twentieth = anchor(AnchorDay::Nth(20), Span::Month, false, false);
+        let start = sh(2020, 9, 25, 9, 0);
+        let due = cal.anchored(start, twentieth).expect("computes");
+        assert_eq!(due, end_of(2020, 9, 20));
+        assert!(due < start);
+    }
+
+    #[test]
+    fn anchors_that_name_no_day_or_leave_the_calendar_are_errors() {
+        let cal = cn();
+        let start = sh(2020, 1, 15, 9, 0);
+        for a in [
+            anchor(AnchorDay::Nth(0), Span::Month, true, false),
+            anchor(AnchorDay::Nth(30), Span::Month, true, false), // February 2020
+            anchor(AnchorDay::Nth(92), Span::Quarter, false, false),
+            anchor(AnchorDay::Nth(u32::MAX), Span::Year, false, false),
+        ] {
+            assert_eq!(
+                cal.anchored(start, a),
+                Err(CalendarError::NoSuchDay {
+                    from: start,
+                    anchor: a
+                }),
+                "{a}"
+            );
+        }
+        let err = cal
+            .anchored(start, anchor(AnchorDay::Nth(30), Span::Month, true, false))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("by day 30 of next month")
+                && err.to_string().contains("no such day"),
+            "{err}"
+        );
+        // 顺延 needs the holiday file: 2027-01-01 is not covered ...
+        let report = anchor(AnchorDay::Nth(1), Span::Month, true, true);
+        assert!(matches!(
+            cal.anchored(sh(2026, 12, 10, 9, 0), report),
+            Err(CalendarError::OutOfRange { date, .. }) if date == date_2027_01_01()
+        ));
+        // ... but without it the day needs no coverage.
+        assert_eq!(
+            cal.anchored(
+                sh(2026, 12, 10, 9, 0),
+                Anchor {
+                    postpone: false,
+                    ..report
+                }
+            ),
+            Ok(end_of(2027, 1, 1))
+        );
+        // Extreme instants do not panic.
+        for t in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC] {
+            for a in [report, anchor(AnchorDay::Last, Span::Year, true, false)] {
+                let _ = cal.anchored(t, a);
+                let _ = anchored_without_holidays(t, a);
+            }
+        }
+        assert!(matches!(
+            anchored_without_holidays(
+                DateTime::<Utc>::MAX_UTC,
+                anchor(AnchorDay::Last, Span::Year, true, false)
+            ),
+            Err(CalendarError::AnchorOverflow { .. })
+        ));
     }
 
     /// Regression: a count starting exactly at midnight (typically another

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use govflow::lang::load::load;
 use govflow::lang::model::{
-    Amount, Binding, Effect, Level, Period, Quorum, RejectRule, Type, WaitFor,
+    Amount, Binding, Effect, Level, Period, Quorum, RejectRule, Span, Type, WaitFor,
 };
 use govflow::lang::validate::validate;
 
@@ -77,6 +77,16 @@ fn every_construct_parses_validates_and_compiles() {
     assert!(periods.contains(&&Period::Hours(Amount::Fixed(48))));
     assert!(periods.contains(&&Period::WorkingDays(Amount::Fixed(5))));
     assert!(periods.contains(&&Period::Days(Amount::Variable("commit_days".into()))));
+    // Days on the calendar: 下月1日前（节假日顺延）, and the last day of the quarter.
+    assert!(periods.contains(&&Period::DayOf {
+        day: 1,
+        of: Span::NextMonth,
+        postpone_over_holidays: true
+    }));
+    assert!(periods.contains(&&Period::LastDayOf {
+        of: Span::ThisQuarter,
+        postpone_over_holidays: false
+    }));
     let handling = compiled.state("handling").expect("state");
     assert_eq!(
         handling.deadline.as_ref().map(|d| d.reminders.len()),

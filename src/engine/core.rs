@@ -1262,8 +1262,7 @@ fn set_timers(
             format!("deadline of state `{}`: {e}", state.name),
         )
     };
-    let (unit, n) = period(&deadline.within, &case.vars).map_err(at_state)?;
-    let due = add_period(lib, now, unit, n).map_err(at_state)?;
+    let due = deadline_due(lib, now, &deadline.within, &case.vars).map_err(at_state)?;
     let version = lib
         .calendar
         .as_ref()
@@ -1299,14 +1298,39 @@ fn set_timers(
     Ok(())
 }
 
-/// The unit and count of a period, reading a variable amount from `vars`.
+/// When a deadline of `within` entered at `now` comes due: a length counted on
+/// the calendar ([`period`], [`add_period`]), or the day an anchored period
+/// names ([`anchored_period`]).
+pub fn deadline_due(
+    lib: &Library,
+    now: DateTime<Utc>,
+    within: &Period,
+    vars: &BTreeMap<String, Json>,
+) -> Result<DateTime<Utc>, String> {
+    match within.anchor() {
+        Some(anchor) => anchored_period(lib, now, anchor),
+        None => {
+            let (unit, n) = period(within, vars)?;
+            add_period(lib, now, unit, n)
+        }
+    }
+}
+
+/// The unit and count of a length of time, reading a variable amount from
+/// `vars`. A day fixed on the calendar (`DayOf`, `LastDayOf`) is no length: an
+/// error (validation allows it only as a deadline's `within`).
 pub fn period(p: &Period, vars: &BTreeMap<String, Json>) -> Result<(Unit, u32), String> {
-    let unit = match p {
-        Period::WorkingDays(_) => Unit::WorkingDays,
-        Period::Days(_) => Unit::Days,
-        Period::Hours(_) => Unit::Hours,
+    let (unit, amount) = match p {
+        Period::WorkingDays(a) => (Unit::WorkingDays, a),
+        Period::Days(a) => (Unit::Days, a),
+        Period::Hours(a) => (Unit::Hours, a),
+        Period::DayOf { .. } | Period::LastDayOf { .. } => {
+            return Err(format!(
+                "`{p}` is a day on the calendar, not a length of time"
+            ));
+        }
     };
-    let n = match p.amount() {
+    let n = match amount {
         Amount::Fixed(n) => *n,
         Amount::Variable(v) => match vars.get(v) {
             Some(Json::Number(n)) => {
@@ -1340,6 +1364,21 @@ pub fn add_period(
     match &lib.calendar {
         Some(cal) => cal.add(start, unit, n),
         None => crate::calendar::add_without_holidays(start, unit, n),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// The end of the day `anchor` names, seen from `start`, per
+/// [`crate::calendar::Calendar::anchored`]; without a loaded calendar only an
+/// anchor that does not postpone over holidays can be computed.
+pub fn anchored_period(
+    lib: &Library,
+    start: DateTime<Utc>,
+    anchor: crate::calendar::Anchor,
+) -> Result<DateTime<Utc>, String> {
+    match &lib.calendar {
+        Some(cal) => cal.anchored(start, anchor),
+        None => crate::calendar::anchored_without_holidays(start, anchor),
     }
     .map_err(|e| e.to_string())
 }

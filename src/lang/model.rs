@@ -168,35 +168,120 @@ pub struct Deadline {
     pub reminders: Vec<Period>,
 }
 
-/// A length of time on the working-day calendar.
+/// A length of time on the working-day calendar, or a day fixed on it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Period {
     /// Working days (skips weekends and statutory holidays, counts make-up days).
     WorkingDays(Amount),
     /// Calendar days.
     Days(Amount),
     Hours(Amount),
+    /// The end (24:00) of day `day` (from 1) of a calendar span, seen from the
+    /// step's date in Asia/Shanghai: 每月1日前 is `DayOf(day: 1, of: NextMonth)`.
+    /// With `postpone_over_holidays` (节假日顺延) a day that is not a working day
+    /// moves to the next working day. Only for `within`, not for reminders.
+    DayOf {
+        day: u32,
+        of: Span,
+        #[serde(default)]
+        postpone_over_holidays: bool,
+    },
+    /// The end of the last day of a calendar span: 每季度 is
+    /// `LastDayOf(of: ThisQuarter)`, 每半年 `LastDayOf(of: ThisHalfYear)`.
+    LastDayOf {
+        of: Span,
+        #[serde(default)]
+        postpone_over_holidays: bool,
+    },
+}
+
+/// A calendar span an anchored deadline (`DayOf`, `LastDayOf`) points into: the
+/// one the step's Shanghai date falls in (`This…`), or the one after it (`Next…`).
+/// Quarters start in January, April, July and October; half-years in January and July.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Span {
+    ThisMonth,
+    NextMonth,
+    ThisQuarter,
+    NextQuarter,
+    ThisHalfYear,
+    NextHalfYear,
+    ThisYear,
+    NextYear,
+}
+
+impl Span {
+    /// The calendar's span kind, and whether it is the next one.
+    pub fn calendar(self) -> (crate::calendar::Span, bool) {
+        use crate::calendar::Span as S;
+        match self {
+            Span::ThisMonth => (S::Month, false),
+            Span::NextMonth => (S::Month, true),
+            Span::ThisQuarter => (S::Quarter, false),
+            Span::NextQuarter => (S::Quarter, true),
+            Span::ThisHalfYear => (S::HalfYear, false),
+            Span::NextHalfYear => (S::HalfYear, true),
+            Span::ThisYear => (S::Year, false),
+            Span::NextYear => (S::Year, true),
+        }
+    }
 }
 
 impl Period {
-    pub fn amount(&self) -> &Amount {
+    /// The count of a length; `None` for a day fixed on the calendar.
+    pub fn amount(&self) -> Option<&Amount> {
         match self {
-            Period::WorkingDays(a) | Period::Days(a) | Period::Hours(a) => a,
+            Period::WorkingDays(a) | Period::Days(a) | Period::Hours(a) => Some(a),
+            Period::DayOf { .. } | Period::LastDayOf { .. } => None,
         }
     }
 
-    pub fn unit(&self) -> &'static str {
+    /// The calendar day a `DayOf` or `LastDayOf` names; `None` for a length.
+    pub fn anchor(&self) -> Option<crate::calendar::Anchor> {
+        use crate::calendar::AnchorDay;
         match self {
-            Period::WorkingDays(_) => "working days",
-            Period::Days(_) => "days",
-            Period::Hours(_) => "hours",
+            Period::WorkingDays(_) | Period::Days(_) | Period::Hours(_) => None,
+            Period::DayOf {
+                day,
+                of,
+                postpone_over_holidays,
+            } => Some(anchor(AnchorDay::Nth(*day), *of, *postpone_over_holidays)),
+            Period::LastDayOf {
+                of,
+                postpone_over_holidays,
+            } => Some(anchor(AnchorDay::Last, *of, *postpone_over_holidays)),
         }
+    }
+}
+
+fn anchor(day: crate::calendar::AnchorDay, of: Span, postpone: bool) -> crate::calendar::Anchor {
+    let (span, next) = of.calendar();
+    crate::calendar::Anchor {
+        day,
+        span,
+        next,
+        postpone,
     }
 }
 
 impl std::fmt::Display for Period {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.amount(), self.unit())
+        use crate::calendar::AnchorDay;
+        match self {
+            Period::WorkingDays(a) => write!(f, "{a} working days"),
+            Period::Days(a) => write!(f, "{a} days"),
+            Period::Hours(a) => write!(f, "{a} hours"),
+            Period::DayOf {
+                day,
+                of,
+                postpone_over_holidays,
+            } => anchor(AnchorDay::Nth(*day), *of, *postpone_over_holidays).fmt(f),
+            Period::LastDayOf {
+                of,
+                postpone_over_holidays,
+            } => anchor(AnchorDay::Last, *of, *postpone_over_holidays).fmt(f),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use super::load::{SourceFile, Sources};
 use super::locate::DocPath;
 use super::model::{Amount, Binding, Catalogue, Effect, Period, Quorum, Type, Workflow};
 use super::value::{self, Directory, ron_to_json};
-use crate::calendar::Calendar;
+use crate::calendar::{AnchorDay, Calendar};
 
 /// A workflow ready to run: its definition and every CEL program it uses.
 #[derive(Debug)]
@@ -633,8 +633,44 @@ impl WorkflowChecker<'_> {
         }
     }
 
+    /// A day on the calendar (`DayOf`, `LastDayOf`) must exist in every span of
+    /// its kind, and can only be a deadline's `within`: a reminder is a length
+    /// of time before the deadline.
+    fn check_anchor(&self, r: &mut Reporter, path: &DocPath, period: &Period, reminder: bool) {
+        let Some(anchor) = period.anchor() else {
+            return;
+        };
+        if reminder {
+            r.error(
+                "anchored-deadline",
+                path,
+                format!("a reminder is a length of time before the deadline, and `{period}` is a day on the calendar"),
+                Some("remind with `WorkingDays(n)`, `Days(n)` or `Hours(n)` before the deadline".into()),
+            );
+        }
+        if let AnchorDay::Nth(day) = anchor.day {
+            let span = anchor.span.name();
+            let shortest = anchor.span.shortest();
+            if day == 0 {
+                r.error(
+                    "anchored-deadline",
+                    &path.field("day"),
+                    format!("there is no day 0 of a {span}: days are counted from 1"),
+                    Some("the first day is `day: 1`".into()),
+                );
+            } else if day > shortest {
+                r.error(
+                    "anchored-deadline",
+                    &path.field("day"),
+                    format!("day {day} does not exist in every {span} (the shortest has {shortest} days)"),
+                    Some(format!("for the last day of the {span} write `LastDayOf(of: …)`")),
+                );
+            }
+        }
+    }
+
     fn check_amount(&self, r: &mut Reporter, path: &DocPath, period: &Period) {
-        if let Amount::Variable(var) = period.amount() {
+        if let Some(Amount::Variable(var)) = period.amount() {
             match self.w.variables.iter().find(|v| v.name == *var) {
                 None => self.unknown_variable(r, path, var),
                 Some(v) if v.ty != Type::Integer => r.error(
@@ -748,8 +784,11 @@ impl WorkflowChecker<'_> {
         if let Some(deadline) = &state.deadline {
             let dp = sp.field("deadline");
             self.check_amount(r, &dp.field("within"), &deadline.within);
+            self.check_anchor(r, &dp.field("within"), &deadline.within, false);
             for (j, reminder) in deadline.reminders.iter().enumerate() {
-                self.check_amount(r, &dp.field("reminders").index(j), reminder);
+                let path = dp.field("reminders").index(j);
+                self.check_amount(r, &path, reminder);
+                self.check_anchor(r, &path, reminder, true);
             }
             match &deadline.on_expiry {
                 None => r.error(

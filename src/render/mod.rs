@@ -514,6 +514,36 @@ pub(crate) mod tests {
         );
     }
 
+    /// A deadline on a day of the calendar is labelled with that day (Period's Display).
+    #[test]
+    fn anchored_deadlines_are_labelled_with_their_day() {
+        use crate::lang::model::{Period, Span};
+        let mut w = sample();
+        let deadline = w
+            .states
+            .iter_mut()
+            .find(|s| s.name == "county_handling")
+            .and_then(|s| s.deadline.as_mut())
+            .unwrap();
+        deadline.within = Period::DayOf {
+            day: 1,
+            of: Span::NextMonth,
+            postpone_over_holidays: true,
+        };
+        let d = Diagram::from_workflow(&w);
+        let county = d
+            .nodes
+            .iter()
+            .find(|x| x.name == "county_handling")
+            .unwrap();
+        let label = "⏱ by day 1 of next month, postponed over holidays → escalate";
+        assert!(
+            county.details.contains(&label.to_string()),
+            "{:?}",
+            county.details
+        );
+    }
+
     #[test]
     fn guard_is_shortened() {
         let d = Diagram::from_workflow(&sample());

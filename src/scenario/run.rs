@@ -97,7 +97,7 @@ pub fn run(sources: &Sources, library: &Library) -> TestRun {
             file: file.path.clone(),
             name: scenario.name.clone(),
             workflow: scenario.workflow.clone(),
-            failure: run_scenario(library, scenario, &mut taken).err(),
+            failure: run_scenario(library, scenario, MAIN_CASE, &mut taken, None).err(),
         })
         .collect();
     let coverage = library
@@ -122,12 +122,35 @@ pub fn run(sources: &Sources, library: &Library) -> TestRun {
     }
 }
 
-/// Runs one scenario; `Err` names the failing step.
+/// The cases one scenario produced, each with its history in order, by id.
+pub type Histories = BTreeMap<String, (Case, Vec<core::Entry>)>;
+
+/// Runs one scenario with its own case named `main` (its children
+/// `{main}/0`, …) and returns every case it produced with its history, as
+/// the core took each step: real histories for audits and benchmarks.
+/// `Err` names the failing step, as [`run`] reports it.
+pub fn record(lib: &Library, scenario: &Scenario, main: &str) -> Result<Histories, String> {
+    let mut taken = BTreeMap::new();
+    let mut entries = BTreeMap::new();
+    let cases = run_scenario(lib, scenario, main, &mut taken, Some(&mut entries))?;
+    Ok(cases
+        .into_iter()
+        .map(|(id, case)| {
+            let history = entries.remove(&id).unwrap_or_default();
+            (id, (case, history))
+        })
+        .collect())
+}
+
+/// Runs one scenario; `Err` names the failing step. Returns its cases as
+/// they ended, and appends each step's entry to `histories` when given.
 fn run_scenario(
     lib: &Library,
     scenario: &Scenario,
+    main: &str,
     taken: &mut BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), String> {
+    histories: Option<&mut BTreeMap<String, Vec<core::Entry>>>,
+) -> Result<BTreeMap<String, Case>, String> {
     if !lib.workflows.contains_key(&scenario.workflow) {
         let names = lib.workflows.keys().map(String::as_str);
         let hint = did_you_mean(&scenario.workflow, names.clone()).unwrap_or_else(|| {
@@ -151,7 +174,7 @@ fn run_scenario(
     let step = core::start(
         lib,
         &scenario.workflow,
-        MAIN_CASE,
+        main,
         &start.by,
         &start.bindings,
         &json_map(&start.variables),
@@ -160,10 +183,12 @@ fn run_scenario(
     .map_err(|r| format!("start (by {}): rejected: {r}", start.by))?;
     let mut driver = Driver {
         lib,
+        main,
         cases: BTreeMap::new(),
         clock,
         fired: Vec::new(),
         taken,
+        histories,
     };
     driver
         .commit(step)
@@ -174,7 +199,7 @@ fn run_scenario(
             .step(step)
             .map_err(|e| format!("{}: {e}", describe(i + 1, step)))?;
     }
-    Ok(())
+    Ok(driver.cases)
 }
 
 /// "step 4 (Fire `classify` by hebei.sjz.platform)".
@@ -204,11 +229,15 @@ fn json_map(values: &BTreeMap<String, ron::Value>) -> JsonMap<String, Json> {
 
 struct Driver<'a> {
     lib: &'a Library,
+    /// The scenario's own case.
+    main: &'a str,
     cases: BTreeMap<String, Case>,
     clock: DateTime<Utc>,
     /// (case id, event) fired by the engine itself since the last acting step.
     fired: Vec<(String, String)>,
     taken: &'a mut BTreeMap<String, BTreeSet<String>>,
+    /// Each case's entries, when recording.
+    histories: Option<&'a mut BTreeMap<String, Vec<core::Entry>>>,
 }
 
 impl Driver<'_> {
@@ -283,11 +312,11 @@ impl Driver<'_> {
 
     fn target(&self, target: &Target) -> Result<String, String> {
         match target {
-            Target::Main => Ok(MAIN_CASE.to_owned()),
+            Target::Main => Ok(self.main.to_owned()),
             Target::Child(n) => {
                 let children = self
                     .cases
-                    .get(MAIN_CASE)
+                    .get(self.main)
                     .map(|c| c.children.as_slice())
                     .unwrap_or_default();
                 children.get(*n).map(|c| c.id.clone()).ok_or_else(|| {
@@ -315,6 +344,12 @@ impl Driver<'_> {
             spawn,
             settled,
         } = step;
+        if let Some(histories) = self.histories.as_deref_mut() {
+            histories
+                .entry(case.id.clone())
+                .or_default()
+                .push(entry.clone());
+        }
         if let Some(wf) = self.lib.workflows.get(&case.workflow) {
             self.taken
                 .entry(case.workflow.clone())
@@ -368,14 +403,15 @@ impl Driver<'_> {
         Ok(())
     }
 
-    fn advance(&mut self, period: &Period) -> Result<(), String> {
-        let vars = self
-            .cases
-            .get(MAIN_CASE)
-            .map(|c| c.vars.clone())
-            .unwrap_or_default();
-        let (unit, n) = core::period(period, &vars)?;
-        let target = match unit {
+    /// The moment a length of time after the clock: working days as deadlines
+    /// count them, days and hours exactly (24 h a day).
+    fn after(
+        &self,
+        period: &Period,
+        vars: &BTreeMap<String, Json>,
+    ) -> Result<DateTime<Utc>, String> {
+        let (unit, n) = core::period(period, vars)?;
+        Ok(match unit {
             Unit::WorkingDays => match &self.lib.calendar {
                 Some(cal) => cal
                     .add(self.clock, Unit::WorkingDays, n)
@@ -392,6 +428,19 @@ impl Driver<'_> {
             Unit::Hours => TimeDelta::try_hours(i64::from(n))
                 .and_then(|d| self.clock.checked_add_signed(d))
                 .ok_or("the target time is out of range")?,
+        })
+    }
+
+    fn advance(&mut self, period: &Period) -> Result<(), String> {
+        let vars = self
+            .cases
+            .get(self.main)
+            .map(|c| c.vars.clone())
+            .unwrap_or_default();
+        let target = match period.anchor() {
+            // A day on the calendar (`DayOf`, `LastDayOf`): to its end, as a deadline counts it.
+            Some(anchor) => core::anchored_period(self.lib, self.clock, anchor)?,
+            None => self.after(period, &vars)?,
         };
         for _ in 0..MAX_FIRINGS_PER_ADVANCE {
             let next = self

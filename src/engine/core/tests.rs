@@ -1048,3 +1048,112 @@ fn an_optional_field_left_out_is_absent_to_guards_and_effects() {
     assert_eq!(with.vars["note"], json!("急"));
     assert_eq!(with.vars["fee"], json!("12.5"));
 }
+
+/// A monthly report due by the 1st of the next month, postponed over holidays
+/// (每月1日前，节假日顺延), then a deadline at the end of the quarter.
+const MONTHLY: &str = r#"Workflow(
+    name: "monthly",
+    title: "月报",
+    roles: [Role(name: "dept", binding: Starter)],
+    start: "reporting",
+    states: [
+        State(name: "reporting", title: "待报送",
+            deadline: Deadline(within: DayOf(day: 1, of: NextMonth, postpone_over_holidays: true),
+                on_expiry: "late", reminders: [WorkingDays(1)]),
+            transitions: [
+                Transition(event: "report", to: "done", roles: ["dept"]),
+                Transition(event: "late", to: "overdue"),
+            ]),
+        State(name: "overdue", title: "逾期",
+            deadline: Deadline(within: LastDayOf(of: ThisQuarter), on_expiry: "close"),
+            transitions: [Transition(event: "close", to: "done")]),
+        State(name: "done", title: "已报送", outcome: "done"),
+    ],
+)"#;
+
+fn monthly_library(calendar: Option<&str>) -> Library {
+    testkit::library_of(&testkit::sources(
+        &[
+            ("agencies.ron", testkit::AGENCIES),
+            ("monthly.ron", MONTHLY),
+        ],
+        calendar,
+    ))
+}
+
+fn start_monthly(lib: &Library, now: DateTime<Utc>) -> Result<Step, Rejection> {
+    start(
+        lib,
+        "monthly",
+        "m1",
+        "c",
+        &BTreeMap::new(),
+        &JsonMap::new(),
+        now,
+    )
+}
+
+#[test]
+fn an_anchored_deadline_is_postponed_over_holidays_and_records_the_calendar() {
+    let lib = monthly_library(Some(testkit::CALENDAR));
+    let version = lib.calendar.as_ref().map(|c| c.version().to_owned());
+    let step = ok(start_monthly(&lib, at("2020-09-15T10:00:00+08:00")));
+    assert_eq!(step.entry.calendar_version, version);
+    let case = step.case;
+    // 2020-10-01..08 are holidays: due by the end of Friday 10-09; the reminder one
+    // working day before that day is the end of Wednesday 09-30.
+    let expiry = &case.timers[1];
+    assert_eq!(
+        (expiry.kind, expiry.due),
+        (TimerKind::Expiry, at("2020-10-10T00:00:00+08:00"))
+    );
+    assert_eq!(Some(expiry.calendar_version.clone()), version);
+    assert_eq!(case.timers[0].kind, TimerKind::Reminder);
+    assert_eq!(case.timers[0].due, at("2020-10-01T00:00:00+08:00"));
+    // On expiry (a midnight), the next state's quarter is the one that midnight begins
+    // in: the fourth, so its deadline is the end of 2020, not at once.
+    let late = ok(apply(
+        &lib,
+        &case,
+        &Input::Timer {
+            timer_id: expiry.id.clone(),
+        },
+        expiry.due,
+    ))
+    .case;
+    assert_eq!(late.state, "overdue");
+    assert_eq!(late.timers[0].due, at("2021-01-01T00:00:00+08:00"));
+    // Deterministic: the same start gives the same timers.
+    let again = ok(start_monthly(&lib, at("2020-09-15T10:00:00+08:00"))).case;
+    assert_eq!(again.timers, case.timers);
+}
+
+#[test]
+fn an_anchored_deadline_outside_the_calendar_is_a_calendar_rejection() {
+    let lib = monthly_library(Some(testkit::CALENDAR));
+    // The test calendar covers 2020 only: 2021-01-01 cannot be postponed over.
+    let e = err(start_monthly(&lib, at("2020-12-10T10:00:00+08:00")));
+    assert_eq!(e.code, RejectCode::Calendar);
+    assert!(e.message.contains("deadline of state `reporting`"), "{e}");
+    assert!(e.message.contains("does not cover 2021-01-01"), "{e}");
+    // Postponing needs the calendar; the end of a quarter does not.
+    let without = monthly_library(None);
+    let e = err(start_monthly(&without, at("2020-09-15T10:00:00+08:00")));
+    assert_eq!(e.code, RejectCode::Calendar);
+    assert!(e.message.contains("none is loaded"), "{e}");
+}
+
+#[test]
+fn a_day_on_the_calendar_is_no_length_of_time() {
+    let day = Period::DayOf {
+        day: 1,
+        of: crate::lang::model::Span::NextMonth,
+        postpone_over_holidays: true,
+    };
+    let e = period(&day, &BTreeMap::new()).unwrap_err();
+    assert!(e.contains("not a length of time"), "{e}");
+    assert_eq!(
+        day.to_string(),
+        "by day 1 of next month, postponed over holidays"
+    );
+}
