@@ -112,7 +112,18 @@ pub enum CaseCommand {
 #[derive(Subcommand)]
 pub enum WorkflowCommand {
     /// Deploy a workflow file (admin).
-    Deploy { file: PathBuf },
+    Deploy {
+        file: PathBuf,
+        /// Refuse the deploy, changing nothing, if any running case of the
+        /// workflow would break under the new version (the server runs the
+        /// migration check first, atomically with the deploy).
+        #[arg(long)]
+        require_migration_check: bool,
+    },
+    /// Check which running cases a new version of a workflow would break,
+    /// without deploying it (an agency is told only of its own cases).
+    /// Exits 1 when some would.
+    CheckMigration { file: PathBuf },
     /// List the deployed workflows.
     List,
     /// Show a deployed workflow's source.
@@ -503,11 +514,17 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
     let mut definitions = DefinitionsServiceClient::new(client.channel.clone());
     let as_json = connection.json;
     match command {
-        WorkflowCommand::Deploy { file } => {
+        WorkflowCommand::Deploy {
+            file,
+            require_migration_check,
+        } => {
             let source = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             match definitions
-                .deploy_workflow(client.request(proto::DeployWorkflowRequest { source })?)
+                .deploy_workflow(client.request(proto::DeployWorkflowRequest {
+                    source,
+                    require_migration_check,
+                })?)
                 .await
             {
                 Ok(response) => {
@@ -527,6 +544,42 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                 Err(status) => {
                     use tonic_types::StatusExt;
                     eprintln!("{}", failure(&status));
+                    let details = status.get_error_details();
+                    if let Some(bad) = details.bad_request() {
+                        for v in &bad.field_violations {
+                            eprintln!(
+                                "{}:{} {}",
+                                file.display(),
+                                v.field.trim_start_matches("source:"),
+                                v.description
+                            );
+                        }
+                    }
+                    if let Some(failed) = details.precondition_failure() {
+                        for v in &failed.violations {
+                            eprintln!(
+                                "would break: case {} {}",
+                                v.subject.trim_start_matches("cases/"),
+                                v.description
+                            );
+                        }
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        WorkflowCommand::CheckMigration { file } => {
+            let source = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut audit = AuditServiceClient::new(client.channel.clone());
+            let r = match audit
+                .check_migration(client.request(proto::CheckMigrationRequest { source })?)
+                .await
+            {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    use tonic_types::StatusExt;
+                    eprintln!("{}", failure(&status));
                     if let Some(bad) = status.get_error_details().bad_request() {
                         for v in &bad.field_violations {
                             eprintln!(
@@ -537,8 +590,47 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                             );
                         }
                     }
-                    return Ok(ExitCode::from(1));
+                    return Ok(ExitCode::from(2));
                 }
+            };
+            if as_json {
+                let breaking: Vec<Json> = r
+                    .breaking_cases
+                    .iter()
+                    .map(|b| json!({"case_id": b.case_id, "workflow_version": b.workflow_version, "state": b.state, "sequence": b.sequence, "kind": b.kind, "reason": b.reason}))
+                    .collect();
+                out!(
+                    "{}",
+                    json!({"workflow": r.workflow, "digest": r.digest, "running_cases": r.running_cases, "breaking_cases": breaking, "warnings": r.warnings})
+                );
+            } else {
+                for w in &r.warnings {
+                    out!("warning: {w}");
+                }
+                for b in &r.breaking_cases {
+                    out!(
+                        "BREAKS case {} (version {}, in `{}`) at sequence {}: {}: {}",
+                        b.case_id,
+                        b.workflow_version,
+                        b.state,
+                        b.sequence,
+                        b.kind,
+                        b.reason
+                    );
+                }
+                out!(
+                    "{}: {} running case(s) checked against the new version; {}",
+                    r.workflow,
+                    r.running_cases,
+                    if r.breaking_cases.is_empty() {
+                        "none would break".to_owned()
+                    } else {
+                        format!("{} would break", r.breaking_cases.len())
+                    }
+                );
+            }
+            if !r.breaking_cases.is_empty() {
+                return Ok(ExitCode::from(1));
             }
         }
         WorkflowCommand::List => {

@@ -89,7 +89,7 @@ enum Command {
         #[command(subcommand)]
         command: client::CaseCommand,
     },
-    /// Workflows on a server: deploy, list, show, graph.
+    /// Workflows on a server: deploy, check-migration, list, show, graph.
     Workflow {
         #[command(flatten)]
         connection: client::Connection,

@@ -151,6 +151,147 @@ fn data_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, data)
 }
 
+/// Drains an ExportHistory stream: its lines and skipped records, or the
+/// first error (before the stream or in it).
+async fn export_lines(
+    audit: &mut AuditServiceClient<Channel>,
+    token: Option<&str>,
+    request: proto::ExportHistoryRequest,
+) -> Result<(Vec<String>, Vec<proto::SkippedRecord>), Status> {
+    let mut stream = audit
+        .export_history(authed(token, request))
+        .await?
+        .into_inner();
+    let (mut lines, mut skipped) = (Vec::new(), Vec::new());
+    while let Some(message) = stream.message().await? {
+        lines.extend(message.json_lines);
+        skipped.extend(message.skipped_records);
+    }
+    Ok((lines, skipped))
+}
+
+/// "agency:{id}", "timer:{id}" or "engine", as ReplayCase names an actor.
+fn actor_name(actor: Option<&proto::Actor>) -> String {
+    match records::from_actor(actor) {
+        govflow::engine::Actor::Agency(a) => format!("agency:{a}"),
+        govflow::engine::Actor::Timer(t) => format!("timer:{t}"),
+        govflow::engine::Actor::Engine => "engine".into(),
+    }
+}
+
+/// Audits every case the server holds as an auditor does, over gRPC: each
+/// case replays exactly as stored, step by step (ReplayCase against
+/// ListHistoryEntries); the whole store replays (`audit::replay_all`); the
+/// export (ExportHistory) passes the independent Python verifier, which
+/// names the entries of tampered copies. Returns the entries audited.
+async fn audited(server: &Server) -> u64 {
+    let auditor = server.token("hebei.sjz.audit");
+    let t = Some(auditor.as_str());
+    let channel = server.channel().await;
+    let mut audit = AuditServiceClient::new(channel.clone());
+    let mut cases = CasesServiceClient::new(channel);
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = cases
+            .list_cases(authed(
+                t,
+                proto::ListCasesRequest {
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("list")
+            .into_inner();
+        all.extend(page.cases);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let mut total = 0;
+    for case in &all {
+        let name = format!("cases/{}", case.id);
+        let stored = audit
+            .list_history_entries(authed(
+                t,
+                proto::ListHistoryEntriesRequest {
+                    parent: name.clone(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+            ))
+            .await
+            .expect("history")
+            .into_inner()
+            .history_entries;
+        let replayed = audit
+            .replay_case(authed(t, proto::ReplayCaseRequest { name }))
+            .await
+            .expect("replay")
+            .into_inner();
+        assert!(
+            replayed.matches,
+            "{}: {}",
+            case.id, replayed.divergence_reason
+        );
+        assert_eq!(stored.len() as u64, case.sequence, "{}", case.id);
+        assert_eq!(replayed.steps.len(), stored.len(), "{}", case.id);
+        for (step, entry) in replayed.steps.iter().zip(&stored) {
+            assert_eq!(
+                (step.sequence, step.time, &step.event),
+                (entry.sequence, entry.time, &entry.event),
+                "{}",
+                case.id
+            );
+            assert_eq!(
+                (&step.actor, &step.from_state, &step.to_state),
+                (
+                    &actor_name(entry.actor.as_ref()),
+                    &entry.from_state,
+                    &entry.to_state
+                ),
+                "{}",
+                case.id
+            );
+            assert_eq!(
+                step.variables_changed, entry.variables_changed,
+                "{}",
+                case.id
+            );
+        }
+        total += case.sequence;
+    }
+    let engine = server.engine.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        govflow::audit::replay_all(
+            &govflow::audit::StoreSource(engine.store().as_ref()),
+            &engine.library(),
+            &govflow::audit::VerifyScope::All,
+            None,
+        )
+    })
+    .await
+    .expect("joins")
+    .expect("replays");
+    assert!(report.matches(), "{:#?}", report.divergences);
+    assert_eq!((report.cases, report.entries), (all.len() as u64, total));
+
+    let (lines, skipped) = export_lines(&mut audit, t, proto::ExportHistoryRequest::default())
+        .await
+        .expect("export");
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(lines.len() as u64, total);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("export.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").expect("write");
+    crate::audit::python_accepts(&path, total, all.len());
+    crate::audit::python_catches_tampering(&path);
+    total
+}
+
 struct Agent {
     cases: CasesServiceClient<Channel>,
     token: String,
@@ -341,6 +482,7 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         .await
         .expect_err("not an auditor");
     assert_eq!(refused.code(), Code::PermissionDenied);
+    audited(&server).await;
     server.stop().await;
 }
 
@@ -395,6 +537,7 @@ async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_
         .await
         .expect_err("no longer the handler");
     assert_eq!(refused.code(), Code::PermissionDenied);
+    audited(&server).await;
     server.stop().await;
 }
 
@@ -427,6 +570,10 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_abolish.ron"),
     )
     .expect("read");
+    let registration = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_registration.ron"),
+    )
+    .expect("read");
 
     let principals: [(&str, Option<String>); 5] = [
         ("none", None),
@@ -437,7 +584,7 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     ];
     // Expected code per RPC, in the order of `principals`.
     use Code::{NotFound, Ok as Fine, PermissionDenied as Denied, Unauthenticated as Unauth};
-    let expected: [(&str, [Code; 5]); 14] = [
+    let expected: [(&str, [Code; 5]); 17] = [
         ("CreateCase", [Unauth, Fine, Fine, Denied, Denied]),
         ("FireEvent", [Unauth, NotFound, Fine, Denied, Denied]),
         ("GetCase", [Unauth, NotFound, Fine, Fine, Fine]),
@@ -447,7 +594,13 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
         ("VerifyHistory", [Unauth, NotFound, Fine, Fine, Fine]),
         ("ReplayCase", [Unauth, NotFound, Fine, Fine, Fine]),
         ("GetCaseAt", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("ExportHistory", [Unauth, NotFound, Fine, Fine, Fine]),
+        ("CheckMigration", [Unauth, Fine, Fine, Fine, Fine]),
         ("DeployWorkflow", [Unauth, Denied, Denied, Denied, Fine]),
+        (
+            "DeployWorkflow checked",
+            [Unauth, Denied, Denied, Denied, Fine],
+        ),
         ("ValidateWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
         ("ListWorkflows", [Unauth, Fine, Fine, Fine, Fine]),
         ("GetWorkflow", [Unauth, Fine, Fine, Fine, Fine]),
@@ -474,7 +627,10 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
                     .get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/m-1".into(), at: Some(proto::get_case_at_request::At::Sequence(1)) }))
                     .await
                     .map(|_| ()),
-                "DeployWorkflow" => definitions.deploy_workflow(authed(t, proto::DeployWorkflowRequest { source: source.clone() })).await.map(|_| ()),
+                "ExportHistory" => export_lines(&mut audit, t, proto::ExportHistoryRequest { case: "cases/m-1".into(), ..Default::default() }).await.map(|_| ()),
+                "CheckMigration" => audit.check_migration(authed(t, proto::CheckMigrationRequest { source: registration.clone() })).await.map(|_| ()),
+                "DeployWorkflow" => definitions.deploy_workflow(authed(t, proto::DeployWorkflowRequest { source: source.clone(), require_migration_check: false })).await.map(|_| ()),
+                "DeployWorkflow checked" => definitions.deploy_workflow(authed(t, proto::DeployWorkflowRequest { source: source.clone(), require_migration_check: true })).await.map(|_| ()),
                 "ValidateWorkflow" => definitions.validate_workflow(authed(t, proto::ValidateWorkflowRequest { source: source.clone() })).await.map(|_| ()),
                 "ListWorkflows" => definitions.list_workflows(authed(t, proto::ListWorkflowsRequest::default())).await.map(|_| ()),
                 "GetWorkflow" => definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish".into() })).await.map(|_| ()),
@@ -506,6 +662,60 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     assert_eq!(listed(&server.token("hebei.sjz.tax")).await, 0);
     assert!(listed(&server.token("hebei.sjz.amr")).await >= 1);
     assert!(listed(&server.token("hebei.sjz.audit")).await >= 3);
+    // The same in exports and migration checks: an agency is told only of
+    // its own cases, even when it asks for another agency's.
+    let exported = |token: String, agency: &str| {
+        let mut audit = audit.clone();
+        let agency = agency.to_owned();
+        async move {
+            let request = proto::ExportHistoryRequest {
+                agency,
+                ..Default::default()
+            };
+            let (lines, _) = export_lines(&mut audit, Some(&token), request)
+                .await
+                .expect("export");
+            lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_str::<Json>(l).expect("json")["case_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect::<std::collections::BTreeSet<String>>()
+        }
+    };
+    assert!(exported(server.token("hebei.sjz.tax"), "").await.is_empty());
+    assert!(
+        exported(server.token("hebei.sjz.tax"), "hebei.sjz.amr")
+            .await
+            .is_empty()
+    );
+    let own = exported(server.token("hebei.sjz.amr"), "").await;
+    assert!(own.contains("m-1"), "{own:?}");
+    let all = exported(server.token("hebei.sjz.audit"), "").await;
+    assert!(all.len() >= 3 && own.is_subset(&all), "{all:?}");
+    let running = |token: String| {
+        let mut audit = audit.clone();
+        let source = registration.clone();
+        async move {
+            audit
+                .check_migration(authed(
+                    Some(&token),
+                    proto::CheckMigrationRequest { source },
+                ))
+                .await
+                .expect("check")
+                .into_inner()
+                .running_cases
+        }
+    };
+    // m-1 is registered (closed); the two cases started in the matrix run.
+    assert_eq!(running(server.token("hebei.sjz.tax")).await, 0);
+    assert_eq!(running(server.token("hebei.sjz.amr")).await, 2);
+    assert_eq!(running(server.token("hebei.sjz.audit")).await, 2);
+    audited(&server).await;
     server.stop().await;
 }
 
@@ -516,7 +726,8 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
     let server = Server::start(&data, &clock).await;
     let channel = server.channel().await;
     let mut cases = CasesServiceClient::new(channel.clone());
-    let mut definitions = DefinitionsServiceClient::new(channel);
+    let mut definitions = DefinitionsServiceClient::new(channel.clone());
+    let mut audit = AuditServiceClient::new(channel);
     let amr = server.token("hebei.sjz.amr");
     let platform = server.token("hebei.sjz.platform");
     let t = Some(platform.as_str());
@@ -533,6 +744,12 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         .create_case(authed(t, start.clone()))
         .await
         .expect("started");
+    // The start state renamed: b-1, which is in it, would no longer replay.
+    let registration_renamed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_registration.ron"),
+    )
+    .expect("read")
+    .replace("\"applied\"", "\"submitted\"");
     let fire =
         |event: &str, payload: Json, expected: Option<u64>, id: &str| proto::FireEventRequest {
             request_id: id.into(),
@@ -557,8 +774,20 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("state without workflow", cases.list_cases(authed(t, proto::ListCasesRequest { state: "applied".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "missing-field"),
         ("bad workflow name", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "zzfl_abolish".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
         ("unknown workflow version", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish/versions/99".into() })).await.map(|_| ()), Code::NotFound, "workflow-not-found"),
-        ("invalid deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
-        ("not RON at all", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "{{{".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("invalid deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into(), require_migration_check: false })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("not RON at all", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "{{{".into(), require_migration_check: false })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("invalid checked deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into(), require_migration_check: true })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("export: malformed case name", export_lines(&mut audit, t, proto::ExportHistoryRequest { case: "b-1".into(), ..Default::default() }).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
+        ("export: unknown case", export_lines(&mut audit, t, proto::ExportHistoryRequest { case: "cases/nope".into(), ..Default::default() }).await.map(|_| ()), Code::NotFound, "case-not-found"),
+        ("export: end before start", export_lines(&mut audit, t, proto::ExportHistoryRequest { start_time: Some(records::timestamp(at("2020-06-02T00:00:00Z"))), end_time: Some(records::timestamp(at("2020-06-01T00:00:00Z"))), ..Default::default() }).await.map(|_| ()), Code::InvalidArgument, "bad-time-range"),
+        ("export: empty time range", export_lines(&mut audit, t, proto::ExportHistoryRequest { start_time: Some(records::timestamp(at("2020-06-01T00:00:00Z"))), end_time: Some(records::timestamp(at("2020-06-01T00:00:00Z"))), ..Default::default() }).await.map(|_| ()), Code::InvalidArgument, "bad-time-range"),
+        ("export: bad timestamp", export_lines(&mut audit, t, proto::ExportHistoryRequest { start_time: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }), ..Default::default() }).await.map(|_| ()), Code::InvalidArgument, "bad-time"),
+        ("export: timestamp out of range", export_lines(&mut audit, t, proto::ExportHistoryRequest { end_time: Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }), ..Default::default() }).await.map(|_| ()), Code::InvalidArgument, "bad-time"),
+        ("migration check: no source", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: " ".into() })).await.map(|_| ()), Code::InvalidArgument, "missing-field"),
+        ("migration check: not RON", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "{{{".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("migration check: not a workflow", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "Agencies(agencies: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("migration check: invalid workflow", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("checked deploy that would break b-1", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: registration_renamed.clone(), require_migration_check: true })).await.map(|_| ()), Code::FailedPrecondition, "migration-check-failed"),
     ];
     let mut failures = Vec::new();
     for (what, result, code, why) in checks {
@@ -716,6 +945,7 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
         nothing.is_err(),
         "the tax bureau was shown a step of a case it holds no role in"
     );
+    audited(&server).await;
     server.stop().await;
 }
 
@@ -867,6 +1097,39 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
         "{:?}",
         parent.children
     );
+    // The auditor exports the registration's own history and then its
+    // children's, each filtered, and replays all of it.
+    let mut audit = AuditServiceClient::new(server.channel().await);
+    let auditor = server.token("hebei.sjz.audit");
+    let (lines, _) = export_lines(
+        &mut audit,
+        Some(&auditor),
+        proto::ExportHistoryRequest {
+            case: "cases/zz-1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("export");
+    assert_eq!(lines.len() as u64, parent.sequence);
+    let (children, _) = export_lines(
+        &mut audit,
+        Some(&auditor),
+        proto::ExportHistoryRequest {
+            workflow: "zzfl_commitment".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("export");
+    assert!(
+        !children.is_empty()
+            && children
+                .iter()
+                .all(|l| l.contains("\"case_id\":\"zz-1/2\"")),
+        "{children:?}"
+    );
+    audited(&server).await;
     server.stop().await;
 }
 
@@ -991,4 +1254,241 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
     }
     let _ = stop.send(());
     task.await.expect("server task");
+}
+
+/// A migration check over gRPC on a deliberately breaking edit of a seed
+/// workflow names the affected case, step and reason, and a deploy that
+/// requires the check is refused with the list and changes nothing; a
+/// compatible edit names none and is deployed.
+#[tokio::test]
+async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_would_break() {
+    use tonic_types::StatusExt;
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    let mut team = Agent::new(&server, "hebei.sjz.industry").await;
+    for id in ["bl-1", "bl-2"] {
+        let start = new_case(
+            id,
+            "baolian_escalation",
+            &BAOLIAN_BINDINGS,
+            json!({"enterprise_name": "石家庄某装备制造有限公司", "credit_code": "91130100MA0MIGR001", "county": "hebei.sjz.zhengding", "problem_summary": "用地手续"}),
+        );
+        platform
+            .cases
+            .create_case(authed(Some(&platform.token.clone()), start))
+            .await
+            .expect("started");
+    }
+    team.fire("bl-1", "classify", json!({"level": "county"}))
+        .await
+        .expect("classified");
+    let v1 = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/baolian_escalation.ron"),
+    )
+    .expect("read");
+    // bl-1 is in county_handling: renamed, its classification would lead elsewhere.
+    let breaking = v1.replace("\"county_handling\"", "\"county_processing\"");
+    // A new version that changes no rule: only a comment.
+    let compatible = format!("{v1}\n// 修订：只改说明\n");
+    assert_ne!(breaking, v1);
+    assert_ne!(compatible, v1);
+    let channel = server.channel().await;
+    let audit = AuditServiceClient::new(channel.clone());
+    let mut definitions = DefinitionsServiceClient::new(channel);
+    let admin = server.token("admin");
+    let check = |token: String, source: String| {
+        let mut audit = audit.clone();
+        async move {
+            audit
+                .check_migration(authed(
+                    Some(&token),
+                    proto::CheckMigrationRequest { source },
+                ))
+                .await
+                .expect("checked")
+                .into_inner()
+        }
+    };
+
+    let report = check(server.token("hebei.sjz.audit"), breaking.clone()).await;
+    assert_eq!(report.workflow, "baolian_escalation");
+    assert_eq!(report.running_cases, 2);
+    let named: Vec<(&str, u64, &str, &str, u32)> = report
+        .breaking_cases
+        .iter()
+        .map(|b| {
+            (
+                b.case_id.as_str(),
+                b.sequence,
+                b.kind.as_str(),
+                b.state.as_str(),
+                b.workflow_version,
+            )
+        })
+        .collect();
+    assert_eq!(named, [("bl-1", 2, "history", "county_handling", 1)]);
+    assert!(
+        report.breaking_cases[0].reason.contains("to state"),
+        "{}",
+        report.breaking_cases[0].reason
+    );
+    // An agency is told only of its own cases.
+    let theirs = check(server.token("hebei.sjz.tax"), breaking.clone()).await;
+    assert_eq!((theirs.running_cases, theirs.breaking_cases.len()), (0, 0));
+    let team_view = check(server.token("hebei.sjz.industry"), breaking.clone()).await;
+    assert_eq!(
+        (team_view.running_cases, team_view.breaking_cases.len()),
+        (2, 1)
+    );
+
+    // The deploy that requires the check is refused, naming bl-1, and nothing changes.
+    let reader = definitions.clone();
+    let current = || {
+        let mut definitions = reader.clone();
+        let admin = admin.clone();
+        async move {
+            definitions
+                .get_workflow(authed(
+                    Some(&admin),
+                    proto::GetWorkflowRequest {
+                        name: "workflows/baolian_escalation".into(),
+                    },
+                ))
+                .await
+                .expect("get")
+                .into_inner()
+                .workflow_version
+                .expect("version")
+        }
+    };
+    let before = current().await;
+    let versions_before = server.engine.workflow_versions().expect("versions").len();
+    let history_before = server.engine.history("bl-1").expect("history");
+    let refused = definitions
+        .deploy_workflow(authed(
+            Some(&admin),
+            proto::DeployWorkflowRequest {
+                source: breaking.clone(),
+                require_migration_check: true,
+            },
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "migration-check-failed");
+    assert!(refused.message().contains("bl-1"), "{}", refused.message());
+    let details = refused.get_error_details();
+    let violations: Vec<&str> = details
+        .precondition_failure()
+        .expect("a PreconditionFailure")
+        .violations
+        .iter()
+        .map(|v| v.subject.as_str())
+        .collect();
+    assert_eq!(violations, ["cases/bl-1"]);
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["breaking_cases"], "1");
+    let after = current().await;
+    assert_eq!(
+        (after.version, &after.digest),
+        (before.version, &before.digest)
+    );
+    assert_eq!(
+        server.engine.workflow_versions().expect("versions").len(),
+        versions_before
+    );
+    assert_eq!(
+        server.engine.history("bl-1").expect("history"),
+        history_before
+    );
+
+    // The same from the command line.
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("baolian_escalation.ron");
+    std::fs::write(&file, &breaking).expect("write");
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
+                .args(args)
+                .output()
+                .expect("runs")
+        })
+    };
+    let with = |token: &str, rest: &[&str]| {
+        let mut args: Vec<String> = rest.iter().map(|a| (*a).to_owned()).collect();
+        args.extend([
+            "--server".to_owned(),
+            server.endpoint.clone(),
+            "--token".to_owned(),
+            token.to_owned(),
+            file.display().to_string(),
+        ]);
+        args
+    };
+    let checked = cli(with(
+        &server.token("hebei.sjz.audit"),
+        &["workflow", "check-migration"],
+    ))
+    .await
+    .expect("joins");
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("BREAKS case bl-1 (version 1, in `county_handling`) at sequence 2"),
+        "{text}"
+    );
+    let refused = cli(with(
+        &admin,
+        &["workflow", "deploy", "--require-migration-check"],
+    ))
+    .await
+    .expect("joins");
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    assert!(text.contains("[migration-check-failed]"), "{text}");
+    assert!(
+        text.contains("would break: case bl-1 sequence 2 (history)"),
+        "{text}"
+    );
+    assert_eq!(
+        current().await.version,
+        before.version,
+        "still nothing deployed"
+    );
+
+    // A compatible edit names none and is deployed with the check required.
+    let report = check(server.token("hebei.sjz.audit"), compatible.clone()).await;
+    assert!(
+        report.breaking_cases.is_empty(),
+        "{:?}",
+        report.breaking_cases
+    );
+    assert_eq!(report.running_cases, 2);
+    let deployed = definitions
+        .deploy_workflow(authed(
+            Some(&admin),
+            proto::DeployWorkflowRequest {
+                source: compatible,
+                require_migration_check: true,
+            },
+        ))
+        .await
+        .expect("deployed")
+        .into_inner();
+    assert!(deployed.created);
+    assert_eq!(
+        deployed.workflow_version.expect("version").version,
+        before.version + 1
+    );
+    // The running cases move on, on the version they started on.
+    let mut county = Agent::new(&server, "hebei.sjz.zhengding").await;
+    let moved = county
+        .fire("bl-1", "report_progress", json!({"progress": "已协调"}))
+        .await
+        .expect("report");
+    assert_eq!(moved.workflow_version, before.version);
+    audited(&server).await;
+    server.stop().await;
 }

@@ -28,11 +28,18 @@ pub struct ExportFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only entries before this time.
     pub until: Option<DateTime<Utc>>,
+    /// Only cases in which this agency holds a role now: what the gRPC
+    /// server lets an agency see. Records that cannot be read are then left
+    /// out without a word, since nothing tells whose they are.
+    pub visible_to: Option<String>,
 }
 
 impl ExportFilter {
     fn filters_cases(&self) -> bool {
-        self.workflow.is_some() || self.agency.is_some() || self.state.is_some()
+        self.workflow.is_some()
+            || self.agency.is_some()
+            || self.state.is_some()
+            || self.visible_to.is_some()
     }
 
     fn keeps_time(&self, entry: &proto::HistoryEntry) -> bool {
@@ -116,6 +123,10 @@ pub fn export(
                         .as_ref()
                         .is_some_and(|w| case.workflow != *w)
                         || filter.state.as_ref().is_some_and(|s| case.state != *s)
+                        || filter
+                            .visible_to
+                            .as_ref()
+                            .is_some_and(|a| !case.bindings.values().any(|b| b == a))
                     {
                         Keep::No
                     } else {
@@ -125,6 +136,7 @@ pub fn export(
                         }
                     }
                 }
+                Some(Err(_)) if filter.visible_to.is_some() => Keep::No,
                 Some(Err(message)) => {
                     summary.skipped.push(SkippedRecord {
                         case_id: id.clone(),

@@ -23,7 +23,8 @@ use crate::engine::replay::replay;
 use crate::lang::diag::Diagnostic;
 use crate::lang::load::{Document, parse_document};
 use crate::lang::locate::SourceMap;
-use crate::lang::validate::{CompiledWorkflow, validate};
+use crate::lang::validate::{CompiledWorkflow, Library, validate};
+use crate::store::proto;
 
 /// How a running case would break.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -77,6 +78,19 @@ fn events(wf: &CompiledWorkflow, state: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The new version a migration check replays running cases against.
+pub struct Candidate<'a> {
+    /// The rules in force now: every deployed version, by digest.
+    pub old: &'a Library,
+    /// The rules with the new version current (and every older version of
+    /// every workflow, so that a parent's children still replay).
+    pub new: &'a Library,
+    /// The new version.
+    pub workflow: &'a Arc<CompiledWorkflow>,
+    /// The deployed version number of a digest, when known.
+    pub version_of: &'a dyn Fn(&str) -> Option<u32>,
+}
+
 /// Validates `new_source` (read from `path`, which diagnostics name) as the
 /// next version of its workflow against the current library's sources, then
 /// replays every running case of that workflow against it.
@@ -122,16 +136,38 @@ pub fn migration_check(
             .entry(digest.clone())
             .or_insert_with(|| Arc::clone(old));
     }
-    let mut report = MigrationReport {
-        workflow: name.clone(),
+    let candidate = Candidate {
+        old: &lib.library,
+        new: &new_lib,
+        workflow: &new_wf,
+        version_of: &|digest| lib.version_of(digest),
+    };
+    let (running, breaking) = check_running(source, &candidate, &|_| true)?;
+    Ok(MigrationReport {
+        workflow: name,
         new_digest: new_wf.digest.clone(),
         warnings,
-        running: 0,
-        breaking: Vec::new(),
-    };
+        running,
+        breaking,
+    })
+}
+
+/// Replays every running case of the candidate's workflow that `keep`
+/// accepts against the new version; returns how many were checked and the
+/// ones that would break, by id. What the offline check, the gRPC
+/// `CheckMigration` and a deploy that requires the check all run.
+pub fn check_running(
+    source: &dyn RecordSource,
+    candidate: &Candidate<'_>,
+    keep: &dyn Fn(&proto::Case) -> bool,
+) -> Result<(u64, Vec<MigrationBreak>)> {
+    let new_wf = candidate.workflow;
+    let name = new_wf.def.name.as_str();
+    let mut running = 0;
+    let mut breaking = Vec::new();
     let mut after = String::new();
     loop {
-        let page = source.case_ids(&after, 1_000)?;
+        let page = source.candidate_case_ids(name, &after, 1_000)?;
         let Some(last) = page.last() else {
             break;
         };
@@ -143,13 +179,12 @@ pub fn migration_check(
                 // `verify` reports it.
                 _ => continue,
             };
-            if case.workflow != name || !case.outcome.is_empty() {
+            if case.workflow != name || !case.outcome.is_empty() || !keep(&case) {
                 continue;
             }
-            report.running += 1;
-            let version = lib
-                .version_of(&case.workflow_digest)
-                .unwrap_or(case.workflow_version);
+            running += 1;
+            let version =
+                (candidate.version_of)(&case.workflow_digest).unwrap_or(case.workflow_version);
             let broken = |sequence, kind, reason: String| MigrationBreak {
                 case_id: id.clone(),
                 version,
@@ -160,7 +195,7 @@ pub fn migration_check(
             };
             let loaded = load(source, id)?;
             if let Some((slot, message)) = &loaded.unreadable {
-                report.breaking.push(broken(
+                breaking.push(broken(
                     slot.unwrap_or(loaded.entries.len() as u64 + 1),
                     BreakKind::Unreadable,
                     format!("the stored history entry {message}"),
@@ -172,26 +207,24 @@ pub fn migration_check(
                 e.digest.clone_from(&new_wf.digest);
             }
             let parent = (!case.parent.is_empty()).then_some(case.parent.as_str());
-            match replay(&new_lib, &name, &new_wf.digest, id, parent, &entries) {
-                Err(d) => report
-                    .breaking
-                    .push(broken(d.sequence, BreakKind::History, d.reason)),
+            match replay(candidate.new, name, &new_wf.digest, id, parent, &entries) {
+                Err(d) => breaking.push(broken(d.sequence, BreakKind::History, d.reason)),
                 Ok(cases) => {
                     let Some(now) = cases.last() else {
                         continue;
                     };
-                    let old_events = lib
-                        .library
-                        .pinned(&name, &case.workflow_digest)
+                    let old_events = candidate
+                        .old
+                        .pinned(name, &case.workflow_digest)
                         .map(|old| events(old, &now.state))
                         .unwrap_or_default();
-                    let new_events = events(&new_wf, &now.state);
+                    let new_events = events(new_wf, &now.state);
                     let lost: Vec<String> = old_events
                         .difference(&new_events)
                         .map(|e| format!("`{e}`"))
                         .collect();
                     if !lost.is_empty() {
-                        report.breaking.push(broken(
+                        breaking.push(broken(
                             now.seq + 1,
                             BreakKind::Ahead,
                             format!(
@@ -205,5 +238,5 @@ pub fn migration_check(
             }
         }
     }
-    Ok(report)
+    Ok((running, breaking))
 }

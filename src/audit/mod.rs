@@ -10,11 +10,13 @@
 //!
 //! * [`verify`]: recompute every hash chain and name each altered, missing,
 //!   reordered, forged or undecodable entry.
-//! * [`replay_case`]: every step of a case re-run through its pinned version.
+//! * [`replay_case`]: every step of a case re-run through its pinned version;
+//!   [`replay_all`]: every case of the store or of a workflow, in parallel.
 //! * [`case_at`]: a case as of a sequence number or a moment.
 //! * [`export`]: histories as JSON Lines, one entry per line, filtered.
-//! * [`migration_check`]: the running cases a new version would break.
-//! * [`bench`]: verification speed, and a synthetic store to measure it on.
+//! * [`migration_check`]: the running cases a new version would break
+//!   ([`check_running`] is its core, which the durable engine's deploy runs).
+//! * [`bench`]: verification and replay speed, and stores to measure them on.
 
 pub mod bench;
 pub mod canonical;
@@ -27,10 +29,15 @@ mod verify;
 
 pub use export::{ExportFilter, ExportSummary, SkippedRecord, export};
 pub use library::AuditLibrary;
-pub use migration::{BreakKind, MigrationBreak, MigrationReport, migration_check};
-pub use replay::{At, CaseAt, ReplayReport, ReplayStep, Stop, case_at, replay_case};
+pub use migration::{
+    BreakKind, Candidate, MigrationBreak, MigrationReport, check_running, migration_check,
+};
+pub use replay::{
+    At, CaseAt, CaseDivergence, ReplayAllReport, ReplayReport, ReplayStep, Stop, case_at,
+    replay_all, replay_case,
+};
 pub use source::{
-    CaseEvent, CaseRecord, RawEntry, RecordSource, SledSource, StoreSource, visit_case,
+    CaseEvent, CaseRecord, RawEntry, RecordSource, SledSource, StoreSource, WithPending, visit_case,
 };
 pub use verify::{Finding, FindingKind, Progress, VerifyReport, VerifyScope, verify};
 
@@ -78,6 +85,8 @@ pub enum AuditError {
     InvalidWorkflow(Vec<Diagnostic>),
     #[error("writing the export: {0}")]
     Write(#[source] std::io::Error),
+    #[error("{0}")]
+    Scenario(String),
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;

@@ -3,12 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use super::source::RecordSource;
+use super::source::{CaseEvent, RecordSource, visit_case};
+use super::verify::{Progress, VerifyScope};
 use super::{AuditError, Result};
 use crate::engine::core::{self, Actor, Timer};
 use crate::engine::replay::{Divergence, replay};
@@ -262,8 +266,11 @@ fn replay_loaded(
             &entries[..n],
         )
     };
-    let (cases, mut divergence) = match run(entries.len()) {
-        Ok(cases) => (cases, None),
+    let (cases, divergence) = match run(entries.len()) {
+        Ok(cases) => {
+            let divergence = after_history(loaded, cases.last());
+            (cases, divergence)
+        }
         Err(d) => {
             let good = usize::try_from(d.sequence.saturating_sub(1))
                 .unwrap_or(usize::MAX)
@@ -277,27 +284,6 @@ fn replay_loaded(
         .zip(&loaded.request_ids)
         .map(|((after, entry), request)| ReplayStep::new(entry, request, after))
         .collect();
-    if divergence.is_none() {
-        let next = entries.len() as u64 + 1;
-        if let Some((slot, message)) = &loaded.unreadable {
-            divergence = Some(Stop {
-                sequence: slot.unwrap_or(next),
-                reason: format!("the stored history entry {message}"),
-            });
-        } else if let Some(last) = cases.last() {
-            if let Some(reason) = record_difference(case, last) {
-                divergence = Some(Stop {
-                    sequence: last.seq,
-                    reason,
-                });
-            }
-        } else {
-            divergence = Some(Stop {
-                sequence: 1,
-                reason: "no history entry is stored".to_owned(),
-            });
-        }
-    }
     Ok(ReplayReport {
         case_id: id.to_owned(),
         workflow: case.workflow.clone(),
@@ -307,6 +293,294 @@ fn replay_loaded(
         stored_steps: entries.len() as u64,
         steps,
         divergence,
+    })
+}
+
+/// Once every readable entry replayed as stored (`last` is the case after
+/// the last one): the entry that could not be read, or the case record
+/// disagreeing with the replayed case, or an empty history.
+fn after_history(loaded: &Loaded, last: Option<&core::Case>) -> Option<Stop> {
+    let next = loaded.entries.len() as u64 + 1;
+    if let Some((slot, message)) = &loaded.unreadable {
+        return Some(Stop {
+            sequence: slot.unwrap_or(next),
+            reason: format!("the stored history entry {message}"),
+        });
+    }
+    match last {
+        Some(last) => record_difference(&loaded.case, last).map(|reason| Stop {
+            sequence: last.seq,
+            reason,
+        }),
+        None => Some(Stop {
+            sequence: 1,
+            reason: "no history entry is stored".to_owned(),
+        }),
+    }
+}
+
+/// Replays a loaded case and says where it first differs from what is
+/// stored, if anywhere (what [`replay_all`] needs of each case).
+fn check_loaded(lib: &Library, id: &str, loaded: &Loaded) -> Option<Stop> {
+    let case = &loaded.case;
+    match replay(
+        lib,
+        &case.workflow,
+        &case.workflow_digest,
+        id,
+        parent(case),
+        &loaded.entries,
+    ) {
+        Ok(cases) => after_history(loaded, cases.last()),
+        Err(d) => Some(Stop::from(d)),
+    }
+}
+
+/// A case that did not replay as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CaseDivergence {
+    pub case_id: String,
+    /// Its workflow (empty when its case record cannot be read).
+    pub workflow: String,
+    pub sequence: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for CaseDivergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "case {} ({}) diverges at sequence {}: {}",
+            self.case_id,
+            if self.workflow.is_empty() {
+                "unknown workflow"
+            } else {
+                &self.workflow
+            },
+            self.sequence,
+            self.reason
+        )
+    }
+}
+
+/// The outcome of replaying many cases.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayAllReport {
+    /// Cases replayed.
+    pub cases: u64,
+    /// Stored history entries replayed (every readable one of every case,
+    /// up to its first divergence or not).
+    pub entries: u64,
+    /// Every case that did not replay exactly as stored, by id.
+    pub divergences: Vec<CaseDivergence>,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl ReplayAllReport {
+    /// True when every case replayed exactly as stored.
+    pub fn matches(&self) -> bool {
+        self.divergences.is_empty()
+    }
+
+    /// History entries replayed per second.
+    pub fn entries_per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.entries as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Cases a worker takes at a time (one sweep of the store each).
+const CHUNK: usize = 256;
+
+/// Replays every case in `scope` (the whole store, a workflow's cases, or
+/// one case) through the versions they are pinned to, in parallel (one
+/// thread per core, at most 8), and names each case whose history or case
+/// record differs from what the rules produce. `progress` is called now and
+/// then (from any worker thread).
+pub fn replay_all(
+    source: &dyn RecordSource,
+    lib: &Library,
+    scope: &VerifyScope,
+    progress: Option<&(dyn Fn(Progress) + Sync)>,
+) -> Result<ReplayAllReport> {
+    let started = Instant::now();
+    let (ids, workflow, single) = match scope {
+        VerifyScope::Case(id) => {
+            if source.case_record(id)?.is_none() {
+                return Err(AuditError::NotFound(id.clone()));
+            }
+            (vec![id.clone()], None, true)
+        }
+        VerifyScope::All | VerifyScope::Workflow(_) => {
+            let mut ids: Vec<String> = Vec::new();
+            loop {
+                let page = source.case_ids(ids.last().map_or("", String::as_str), 10_000)?;
+                if page.is_empty() {
+                    break;
+                }
+                ids.extend(page);
+            }
+            let workflow = match scope {
+                VerifyScope::Workflow(w) => Some(w.as_str()),
+                _ => None,
+            };
+            (ids, workflow, false)
+        }
+    };
+    let total = ids.len() as u64;
+    let chunks = ids.len().div_ceil(CHUNK).max(1);
+    let next = AtomicUsize::new(0);
+    let cases_done = AtomicU64::new(0);
+    let entries_done = AtomicU64::new(0);
+    let replayed = AtomicU64::new(0);
+    let results: Mutex<Vec<CaseDivergence>> = Mutex::new(Vec::new());
+    let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
+    let threads = if chunks < 2 {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 8)
+            .min(chunks)
+    };
+    let work = || {
+        let mut found: Vec<CaseDivergence> = Vec::new();
+        let mut loaded = Loaded {
+            case: proto::Case::default(),
+            entries: Vec::new(),
+            request_ids: Vec::new(),
+            unreadable: None,
+        };
+        loop {
+            let chunk = next.fetch_add(1, Ordering::Relaxed);
+            if chunk >= chunks {
+                break;
+            }
+            let (mut cases, mut entries) = (0u64, 0u64);
+            let mut id = String::new();
+            // Some(Ok): a case in scope; Some(Err): a record that cannot be
+            // read; None: out of scope.
+            let mut current: Option<std::result::Result<(), String>> = None;
+            let mut visit = |event: CaseEvent<'_>| match event {
+                CaseEvent::Begin { id: begun, record } => {
+                    id.clear();
+                    id.push_str(begun);
+                    loaded.entries.clear();
+                    loaded.unreadable = None;
+                    current = match record {
+                        Some(Ok(case)) => {
+                            if workflow.is_some_and(|w| case.workflow != w) {
+                                None
+                            } else {
+                                loaded.case = case;
+                                Some(Ok(()))
+                            }
+                        }
+                        Some(Err(message)) if workflow.is_none() => {
+                            Some(Err(format!("the case record {message}")))
+                        }
+                        None if workflow.is_none() => Some(Err(
+                            "history entries are stored for a case that has no case record"
+                                .to_owned(),
+                        )),
+                        _ => None,
+                    };
+                }
+                CaseEvent::Entry(raw) => {
+                    if !matches!(current, Some(Ok(()))) || loaded.unreadable.is_some() {
+                        return;
+                    }
+                    match raw.entry {
+                        Ok(entry) => loaded.entries.push(records::from_entry(entry)),
+                        Err(message) => {
+                            loaded.unreadable = Some((raw.slot, message.to_owned()));
+                        }
+                    }
+                }
+                CaseEvent::End => {
+                    cases += 1;
+                    match current.take() {
+                        None => {}
+                        Some(Err(reason)) => {
+                            replayed.fetch_add(1, Ordering::Relaxed);
+                            found.push(CaseDivergence {
+                                case_id: id.clone(),
+                                workflow: String::new(),
+                                sequence: 1,
+                                reason,
+                            });
+                        }
+                        Some(Ok(())) => {
+                            replayed.fetch_add(1, Ordering::Relaxed);
+                            entries += loaded.entries.len() as u64;
+                            if let Some(stop) = check_loaded(lib, &id, &loaded) {
+                                found.push(CaseDivergence {
+                                    case_id: id.clone(),
+                                    workflow: loaded.case.workflow.clone(),
+                                    sequence: stop.sequence,
+                                    reason: stop.reason,
+                                });
+                            }
+                        }
+                    }
+                }
+            };
+            let outcome = if single {
+                visit_case(source, &ids[0], &mut visit)
+            } else {
+                let from = (chunk > 0).then(|| ids[chunk * CHUNK].as_str());
+                let to = ids.get((chunk + 1) * CHUNK).map(String::as_str);
+                source.visit_range(from, to, &mut visit)
+            };
+            if let Err(e) = outcome {
+                let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(e);
+                next.store(chunks, Ordering::Relaxed);
+                break;
+            }
+            let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
+            let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
+            if let Some(progress) = progress {
+                progress(Progress {
+                    cases_done: done.min(total),
+                    cases_total: total,
+                    entries_checked: checked,
+                });
+            }
+        }
+        results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut found);
+    };
+    if threads == 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(work);
+            }
+        });
+    }
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    let mut divergences = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    divergences.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+    Ok(ReplayAllReport {
+        cases: replayed.into_inner(),
+        entries: entries_done.into_inner(),
+        divergences,
+        elapsed: started.elapsed(),
     })
 }
 

@@ -9,13 +9,14 @@
 //! command line); [`StoreSource`] adapts any [`Store`], with what that trait
 //! can tell (see its notes).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use prost::Message;
 
 use super::{AuditError, Result};
-use crate::store::{Store, StoreError, proto};
+use crate::store::{CaseFilter, Store, StoreError, proto};
 
 /// One stored history record, as the source found it.
 #[derive(Debug)]
@@ -63,6 +64,13 @@ pub trait RecordSource: Sync {
     ) -> Result<()>;
     /// Every deployed workflow version.
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
+    /// Ids after `after`, in order, of cases that may be of `workflow` (a
+    /// superset: callers read each record to be sure). The default is every
+    /// case; a source with a workflow index narrows it.
+    fn candidate_case_ids(&self, workflow: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        let _ = workflow;
+        self.case_ids(after, limit)
+    }
     /// Visits every case whose id lies in `[from, to)` (`None`: no bound)
     /// in id order — cases with a case record, and (where the source can
     /// tell) histories without one: its record, then its history records.
@@ -130,6 +138,9 @@ pub struct SledSource {
 
 const SEP: u8 = 0;
 
+/// sled's page cache when auditing a store folder.
+const AUDIT_CACHE_BYTES: u64 = 128 << 20;
+
 fn history_prefix(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 3);
     k.extend_from_slice(&[b'H', SEP]);
@@ -184,7 +195,12 @@ impl SledSource {
         if !dir.join("db").is_file() || !dir.join("conf").is_file() {
             return Err(AuditError::NoStore(dir.display().to_string()));
         }
-        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        // An audit reads each record once, in key order: a large page cache
+        // only costs memory and page faults (sled's default is 1 GiB).
+        let config = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(AUDIT_CACHE_BYTES);
         // A store closed a moment ago may still be releasing its lock.
         let mut attempts = 0;
         let db = loop {
@@ -488,5 +504,225 @@ impl RecordSource for StoreSource<'_> {
 
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
         Ok(self.0.workflow_versions()?)
+    }
+
+    /// Through the store's workflow index.
+    fn candidate_case_ids(&self, workflow: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        let filter = CaseFilter {
+            workflow: Some(workflow.to_owned()),
+            ..CaseFilter::default()
+        };
+        let page = self.0.list(&filter, after, limit)?;
+        Ok(page.cases.into_iter().map(|c| c.id).collect())
+    }
+}
+
+/// A source together with steps not yet written to it: what the durable
+/// engine's deploy checks running cases on, when the batch it deploys in
+/// already holds steps of its own. `pending` maps a case id to its record
+/// after those steps and the history entries they append.
+pub struct WithPending<'a> {
+    pub base: &'a dyn RecordSource,
+    pub pending: BTreeMap<&'a str, (&'a proto::Case, &'a [proto::HistoryEntry])>,
+}
+
+impl WithPending<'_> {
+    /// Merges the base's ids with the pending cases' (those `keep` accepts),
+    /// in order, after `after`, at most `limit`.
+    fn merge(
+        &self,
+        base: Vec<String>,
+        after: &str,
+        limit: usize,
+        keep: impl Fn(&proto::Case) -> bool,
+    ) -> Vec<String> {
+        let complete = base.len() < limit;
+        let mut ids: BTreeSet<String> = base.into_iter().collect();
+        // Beyond the base's last id, the base may hold more: stop there.
+        let bound = if complete { None } else { ids.last().cloned() };
+        ids.extend(
+            self.pending
+                .iter()
+                .filter(|(id, (case, _))| {
+                    **id > after && bound.as_deref().is_none_or(|b| **id <= b) && keep(case)
+                })
+                .map(|(id, _)| (*id).to_owned()),
+        );
+        ids.into_iter().take(limit).collect()
+    }
+}
+
+impl RecordSource for WithPending<'_> {
+    fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        let base = self.base.case_ids(after, limit)?;
+        Ok(self.merge(base, after, limit, |_| true))
+    }
+
+    fn case_record(&self, id: &str) -> Result<Option<CaseRecord>> {
+        match self.pending.get(id) {
+            Some((case, _)) => Ok(Some(Ok((*case).clone()))),
+            None => self.base.case_record(id),
+        }
+    }
+
+    fn visit_history(
+        &self,
+        id: &str,
+        visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let mut last = 0;
+        let mut stopped = false;
+        self.base.visit_history(id, &mut |raw| {
+            if let Some(slot) = raw.slot {
+                last = last.max(slot);
+            }
+            let flow = visit(raw);
+            stopped = flow.is_break();
+            flow
+        })?;
+        if stopped {
+            return Ok(());
+        }
+        if let Some((_, entries)) = self.pending.get(id) {
+            for entry in entries.iter().filter(|e| e.sequence > last) {
+                let raw = RawEntry {
+                    slot: Some(entry.sequence),
+                    entry: Ok(entry),
+                };
+                if visit(raw).is_break() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+        self.base.workflow_versions()
+    }
+
+    fn candidate_case_ids(&self, workflow: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        let base = self.base.candidate_case_ids(workflow, after, limit)?;
+        Ok(self.merge(base, after, limit, |case| case.workflow == workflow))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Case records and histories in memory.
+    #[derive(Default)]
+    struct Memory {
+        cases: BTreeMap<String, proto::Case>,
+        history: BTreeMap<String, Vec<proto::HistoryEntry>>,
+    }
+
+    impl RecordSource for Memory {
+        fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+            Ok(self
+                .cases
+                .keys()
+                .filter(|k| k.as_str() > after)
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+
+        fn case_record(&self, id: &str) -> Result<Option<CaseRecord>> {
+            Ok(self.cases.get(id).cloned().map(Ok))
+        }
+
+        fn visit_history(
+            &self,
+            id: &str,
+            visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
+        ) -> Result<()> {
+            for entry in self.history.get(id).into_iter().flatten() {
+                let raw = RawEntry {
+                    slot: Some(entry.sequence),
+                    entry: Ok(entry),
+                };
+                if visit(raw).is_break() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+
+        fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn case(id: &str, workflow: &str, sequence: u64) -> proto::Case {
+        proto::Case {
+            id: id.into(),
+            workflow: workflow.into(),
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    fn entries(id: &str, sequences: std::ops::RangeInclusive<u64>) -> Vec<proto::HistoryEntry> {
+        sequences
+            .map(|sequence| proto::HistoryEntry {
+                case_id: id.into(),
+                sequence,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn sequences(source: &dyn RecordSource, id: &str) -> Vec<u64> {
+        let mut seen = Vec::new();
+        source
+            .visit_history(id, &mut |raw| {
+                seen.push(raw.entry.map(|e| e.sequence).unwrap_or(0));
+                ControlFlow::Continue(())
+            })
+            .expect("history");
+        seen
+    }
+
+    /// What a deploy in a batch sees: the store, plus the steps the batch
+    /// took before it (a case moved on, a case started), in id order.
+    #[test]
+    fn pending_steps_are_seen_over_the_store() {
+        let mut base = Memory::default();
+        for (id, workflow, n) in [("a", "w", 2), ("c", "w", 1), ("d", "other", 1)] {
+            base.cases.insert(id.into(), case(id, workflow, n));
+            base.history.insert(id.into(), entries(id, 1..=n));
+        }
+        let a_after = case("a", "w", 3);
+        let a_new = entries("a", 2..=3);
+        let b = case("b", "w", 1);
+        let b_new = entries("b", 1..=1);
+        let source = WithPending {
+            base: &base,
+            pending: [
+                ("a", (&a_after, a_new.as_slice())),
+                ("b", (&b, b_new.as_slice())),
+            ]
+            .into(),
+        };
+        assert_eq!(source.case_ids("", 10).expect("ids"), ["a", "b", "c", "d"]);
+        // Paged: a pending id is given once, in its place.
+        assert_eq!(source.case_ids("", 1).expect("ids"), ["a"]);
+        assert_eq!(source.case_ids("a", 1).expect("ids"), ["b"]);
+        assert_eq!(source.case_ids("b", 1).expect("ids"), ["c"]);
+        assert_eq!(
+            source.candidate_case_ids("w", "", 10).expect("ids"),
+            ["a", "b", "c", "d"],
+            "the default is a superset"
+        );
+        match source.case_record("a").expect("record") {
+            Some(Ok(record)) => assert_eq!(record.sequence, 3),
+            other => panic!("{other:?}"),
+        }
+        // The store's entries, then the batch's beyond them.
+        assert_eq!(sequences(&source, "a"), [1, 2, 3]);
+        assert_eq!(sequences(&source, "b"), [1]);
+        assert_eq!(sequences(&source, "c"), [1]);
     }
 }

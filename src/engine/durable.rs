@@ -82,6 +82,9 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("the workflow does not validate ({} problems)", .0.len())]
     Invalid(Vec<Diagnostic>),
+    /// A deploy that required a migration check: running cases would break.
+    #[error("{} running case(s) of `{}` would break under the new version", .0.breaking.len(), .0.workflow)]
+    WouldBreak(Box<crate::audit::MigrationReport>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the engine has stopped")]
@@ -117,6 +120,16 @@ pub struct FireRequest {
     pub expected_sequence: Option<u64>,
 }
 
+/// What a deploy must check first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeployOptions {
+    /// Refuse the deploy (`WouldBreak`, nothing changed) when any running
+    /// case of the workflow would break under the new version: the
+    /// migration check of `audit`, run in the writer, atomically with the
+    /// deploy.
+    pub require_migration_check: bool,
+}
+
 /// A deployed workflow version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deployed {
@@ -131,7 +144,7 @@ enum Command {
     Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
     Fire(FireRequest, oneshot::Sender<Result<proto::Case>>),
     Tick(oneshot::Sender<Result<usize>>),
-    Deploy(String, oneshot::Sender<Result<Deployed>>),
+    Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
 }
 
 /// The rules in force: the compiled library, version numbers, and the
@@ -172,6 +185,63 @@ impl Rules {
         Ok((workflow.name, validated))
     }
 
+    /// A new version of a workflow, validated against everything deployed,
+    /// with the library it would make current.
+    fn candidate(&self, source: &str) -> Result<Candidate> {
+        let (name, validated) = self.check(source)?;
+        let Some(mut library) = validated.library else {
+            return Err(EngineError::Invalid(validated.diagnostics));
+        };
+        let compiled = Arc::clone(&library.workflows[&name]);
+        // Keep every older version so that running cases stay on theirs.
+        for (digest, old) in &self.library.versions {
+            library
+                .versions
+                .entry(digest.clone())
+                .or_insert_with(|| Arc::clone(old));
+        }
+        let own = format!("deployed/{name}.ron");
+        let warnings = validated
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.file == own && !d.is_error())
+            .collect();
+        Ok(Candidate {
+            name,
+            library,
+            compiled,
+            warnings,
+        })
+    }
+
+    /// Replays the running cases of the candidate's workflow (those `keep`
+    /// accepts) against it.
+    fn check_migration(
+        &self,
+        source: &dyn crate::audit::RecordSource,
+        candidate: &Candidate,
+        keep: &dyn Fn(&proto::Case) -> bool,
+    ) -> Result<crate::audit::MigrationReport> {
+        let check = crate::audit::Candidate {
+            old: &self.library,
+            new: &candidate.library,
+            workflow: &candidate.compiled,
+            version_of: &|digest| self.versions.get(digest).copied(),
+        };
+        let (running, breaking) =
+            crate::audit::check_running(source, &check, keep).map_err(|e| match e {
+                crate::audit::AuditError::Store(e) => EngineError::Store(e),
+                other => EngineError::InvalidArgument(other.to_string()),
+            })?;
+        Ok(crate::audit::MigrationReport {
+            workflow: candidate.name.clone(),
+            new_digest: candidate.compiled.digest.clone(),
+            warnings: candidate.warnings.iter().map(ToString::to_string).collect(),
+            running,
+            breaking,
+        })
+    }
+
     fn sources_with(&self, name: &str, text: &str) -> load::Sources {
         let mut files = self.shared.clone();
         for (other, (_, source)) in &self.current {
@@ -188,6 +258,16 @@ impl Rules {
         ));
         load::from_texts(files, self.calendar.clone())
     }
+}
+
+/// A workflow source validated as the next version of its workflow.
+struct Candidate {
+    name: String,
+    /// The library with it current and every older version kept.
+    library: Library,
+    compiled: Arc<crate::lang::validate::CompiledWorkflow>,
+    /// Its own warnings.
+    warnings: Vec<Diagnostic>,
 }
 
 /// The durable engine. Cheap to clone; every clone talks to one writer.
@@ -373,7 +453,27 @@ impl Engine {
     /// Deploys a workflow source as a new version. A source that does not
     /// validate changes nothing.
     pub async fn deploy(&self, source: String) -> Result<Deployed> {
-        self.send(|tx| Command::Deploy(source, tx)).await
+        self.deploy_with(source, DeployOptions::default()).await
+    }
+
+    /// [`Engine::deploy`], with the checks `options` require first.
+    pub async fn deploy_with(&self, source: String, options: DeployOptions) -> Result<Deployed> {
+        self.send(|tx| Command::Deploy(source, options, tx)).await
+    }
+
+    /// The migration check a deploy of `source` would run: every running
+    /// case of its workflow that `keep` accepts, replayed against the new
+    /// version. Read-only, outside the writer (a step taken meanwhile may be
+    /// missed; a deploy that requires the check runs it again, atomically).
+    pub fn migration_check(
+        &self,
+        source: &str,
+        keep: &dyn Fn(&proto::Case) -> bool,
+    ) -> Result<crate::audit::MigrationReport> {
+        let rules = Arc::clone(&self.inner.rules.read().unwrap_or_else(|e| e.into_inner()));
+        let candidate = rules.candidate(source)?;
+        let store = crate::audit::StoreSource(self.inner.store.as_ref());
+        rules.check_migration(&store, &candidate, keep)
     }
 
     /// Stops taking requests, finishes those under way, and waits for the writer.
@@ -909,12 +1009,10 @@ impl Batch<'_> {
         }
     }
 
-    fn deploy(&mut self, source: String) -> Result<Deployed> {
-        let (name, validated) = self.rules.check(&source)?;
-        let Some(mut library) = validated.library else {
-            return Err(EngineError::Invalid(validated.diagnostics));
-        };
-        let compiled = Arc::clone(&library.workflows[&name]);
+    fn deploy(&mut self, source: String, options: DeployOptions) -> Result<Deployed> {
+        let candidate = self.rules.candidate(&source)?;
+        let name = candidate.name.clone();
+        let compiled = Arc::clone(&candidate.compiled);
         if let Some(&version) = self.rules.versions.get(&compiled.digest)
             && self
                 .rules
@@ -952,15 +1050,28 @@ impl Batch<'_> {
             .max()
             .unwrap_or(0)
             + 1;
-        // Keep every older version so that running cases stay on theirs.
-        for (digest, old) in &self.rules.library.versions {
-            library
-                .versions
-                .entry(digest.clone())
-                .or_insert_with(|| Arc::clone(old));
+        if options.require_migration_check {
+            // Every step so far: earlier batches once applied, and this
+            // batch's own, which are not in the store yet.
+            self.writer.settle(self.failure);
+            let store = crate::audit::StoreSource(self.writer.store.as_ref());
+            let pending = crate::audit::WithPending {
+                base: &store,
+                pending: self
+                    .cases
+                    .iter()
+                    .map(|(id, p)| (id.as_str(), (&*p.after, p.entries.as_slice())))
+                    .collect(),
+            };
+            let report = self
+                .rules
+                .check_migration(&pending, &candidate, &|_| true)?;
+            if !report.is_compatible() {
+                return Err(EngineError::WouldBreak(Box::new(report)));
+            }
         }
         let mut rules = Rules {
-            library: Arc::new(library),
+            library: Arc::new(candidate.library),
             versions: self.rules.versions.clone(),
             current: self.rules.current.clone(),
             shared: self.rules.shared.clone(),
@@ -1236,7 +1347,9 @@ impl Writer {
                     Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
                     Command::Fire(r, tx) => Reply::Case(tx, Box::new(batch.fire(r))),
                     Command::Tick(tx) => Reply::Count(tx, batch.tick()),
-                    Command::Deploy(source, tx) => Reply::Deployed(tx, batch.deploy(source)),
+                    Command::Deploy(source, options, tx) => {
+                        Reply::Deployed(tx, batch.deploy(source, options))
+                    }
                 });
             }
             let (commit, rules) = batch.into_commit();
@@ -1328,7 +1441,7 @@ impl Command {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
-            Command::Deploy(_, tx) => Reply::Deployed(tx, Err(EngineError::Stopped)),
+            Command::Deploy(_, _, tx) => Reply::Deployed(tx, Err(EngineError::Stopped)),
         };
         reply.send(Some(error));
     }

@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, StatusExt};
 
 use super::auth::Principal;
 use crate::engine::RejectCode;
-use crate::engine::durable::{Engine, EngineError, FireRequest, StartRequest};
+use crate::engine::durable::{DeployOptions, Engine, EngineError, FireRequest, StartRequest};
 use crate::lang::diag::Diagnostic;
 use crate::render;
 use crate::store::proto::{
@@ -124,9 +124,92 @@ pub fn engine_status(e: EngineError) -> Status {
             status(Code::InvalidArgument, "invalid-argument", message, &[])
         }
         EngineError::Invalid(diagnostics) => diagnostics_status(&diagnostics),
+        EngineError::WouldBreak(report) => migration_status(&report),
         EngineError::Stopped => status(Code::Unavailable, "stopped", "the engine is stopping", &[]),
         EngineError::Store(e) => status(Code::Internal, "storage", e.to_string(), &[]),
     }
+}
+
+/// At most this many characters of a reason go into a refused deploy's
+/// status (details travel in trailers, which clients limit in size).
+const REASON_CHARS: usize = 240;
+/// Cases a refused deploy's status names (CheckMigration lists them all).
+const CASES_NAMED: usize = 20;
+
+fn clip(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+fn break_kind(kind: crate::audit::BreakKind) -> &'static str {
+    match kind {
+        crate::audit::BreakKind::History => "history",
+        crate::audit::BreakKind::Ahead => "ahead",
+        crate::audit::BreakKind::Unreadable => "unreadable",
+    }
+}
+
+/// A deploy refused by its migration check: the cases, in the message and
+/// as a `PreconditionFailure` (one violation per case, `cases/{id}`).
+fn migration_status(report: &crate::audit::MigrationReport) -> Status {
+    let named: Vec<String> = report
+        .breaking
+        .iter()
+        .take(5)
+        .map(|b| {
+            format!(
+                "case `{}` at sequence {}: {}",
+                b.case_id,
+                b.sequence,
+                clip(&b.reason, REASON_CHARS)
+            )
+        })
+        .collect();
+    let more = report.breaking.len().saturating_sub(named.len());
+    let message = format!(
+        "the migration check failed: {} of {} running case(s) of `{}` would break under the new version, so nothing was deployed: {}{}",
+        report.breaking.len(),
+        report.running,
+        report.workflow,
+        named.join("; "),
+        if more > 0 {
+            format!("; and {more} more (CheckMigration lists them all)")
+        } else {
+            String::new()
+        }
+    );
+    let metadata: HashMap<String, String> = [
+        ("workflow".to_owned(), report.workflow.clone()),
+        ("running_cases".to_owned(), report.running.to_string()),
+        (
+            "breaking_cases".to_owned(),
+            report.breaking.len().to_string(),
+        ),
+    ]
+    .into();
+    let mut details = ErrorDetails::with_error_info("migration-check-failed", DOMAIN, metadata);
+    details.set_precondition_failure(
+        report
+            .breaking
+            .iter()
+            .take(CASES_NAMED)
+            .map(|b| {
+                PreconditionViolation::new(
+                    "MIGRATION",
+                    format!("cases/{}", b.case_id),
+                    format!(
+                        "sequence {} ({}): {}",
+                        b.sequence,
+                        break_kind(b.kind),
+                        clip(&b.reason, REASON_CHARS)
+                    ),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details(Code::FailedPrecondition, message, details)
 }
 
 fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
@@ -169,14 +252,19 @@ fn case_id(name: &str, field: &str) -> Result<String, Status> {
         })
 }
 
+/// Whether the caller may see a case: auditors and the admin see every
+/// case, an agency those in which it holds a role.
+fn sees(principal: &Principal, case: &proto::Case) -> bool {
+    principal.reads_all()
+        || principal
+            .agency()
+            .is_some_and(|a| case.bindings.values().any(|b| b == a))
+}
+
 /// A case the caller may see; otherwise NOT_FOUND, so existence does not leak.
 fn visible(engine: &Engine, principal: &Principal, id: &str) -> Result<proto::Case, Status> {
     let case = engine.case(id).map_err(engine_status)?;
-    let allowed = principal.reads_all()
-        || principal
-            .agency()
-            .is_some_and(|a| case.bindings.values().any(|b| b == a));
-    if allowed {
+    if sees(principal, &case) {
         Ok(case)
     } else {
         Err(status(
@@ -223,8 +311,15 @@ impl DefinitionsService for Api {
                 &[],
             ));
         }
-        let source = request.into_inner().source;
-        let deployed = self.engine.deploy(source).await.map_err(engine_status)?;
+        let r = request.into_inner();
+        let options = DeployOptions {
+            require_migration_check: r.require_migration_check,
+        };
+        let deployed = self
+            .engine
+            .deploy_with(r.source, options)
+            .await
+            .map_err(engine_status)?;
         let version = self
             .engine
             .workflow_versions()
@@ -459,11 +554,7 @@ impl CasesService for Api {
                     let Ok(case) = engine.case(&item.case_id) else {
                         continue;
                     };
-                    let mine = principal.reads_all()
-                        || principal
-                            .agency()
-                            .is_some_and(|a| case.bindings.values().any(|b| b == a));
-                    if !mine {
+                    if !sees(&principal, &case) {
                         continue;
                     }
                     let Some(entry) = engine
@@ -677,6 +768,8 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
             &[],
         ),
         e @ A::OutOfRange { .. } => status(Code::OutOfRange, "out-of-range", e.to_string(), &[]),
+        // INTERNAL is kept for storage failures.
+        e @ (A::Store(_) | A::Sled(_)) => status(Code::Internal, "storage", e.to_string(), &[]),
         other => status(
             Code::FailedPrecondition,
             "audit-failed",
@@ -709,8 +802,215 @@ async fn audit_blocking<T: Send + 'static>(
     .map_err(audit_status)
 }
 
+/// A timestamp from a request, checked.
+fn request_time(
+    t: &prost_types::Timestamp,
+    field: &str,
+) -> Result<chrono::DateTime<chrono::Utc>, Status> {
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .and_then(|n| chrono::DateTime::from_timestamp(t.seconds, n))
+        .ok_or_else(|| {
+            invalid(
+                "bad-time",
+                field,
+                format!("{field} is not a valid timestamp"),
+            )
+        })
+}
+
+/// Export lines in messages of about this many bytes.
+const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Where `audit::export` writes when it serves ExportHistory: complete
+/// lines are gathered into messages and sent down the stream. A client that
+/// goes away, or the server stopping, ends the export (as a write error).
+struct ExportStream {
+    tx: tokio::sync::mpsc::Sender<Result<proto::ExportHistoryResponse, Status>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// Bytes of a line not yet complete.
+    partial: Vec<u8>,
+    lines: Vec<String>,
+    bytes: usize,
+}
+
+impl ExportStream {
+    fn send(
+        &mut self,
+        message: Result<proto::ExportHistoryResponse, Status>,
+    ) -> std::io::Result<()> {
+        self.tx.blocking_send(message).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+
+    fn send_lines(&mut self, skipped_records: Vec<proto::SkippedRecord>) -> std::io::Result<()> {
+        if *self.stopping.borrow() {
+            let bye = status(
+                Code::Unavailable,
+                "server-stopping",
+                "the server is stopping; export again",
+                &[],
+            );
+            let _ = self.send(Err(bye));
+            return Err(std::io::Error::other("the server is stopping"));
+        }
+        let json_lines = std::mem::take(&mut self.lines);
+        self.bytes = 0;
+        self.send(Ok(proto::ExportHistoryResponse {
+            json_lines,
+            skipped_records,
+        }))
+    }
+
+    /// Sends what is left, with the records the export left out.
+    fn finish(mut self, skipped: Vec<crate::audit::SkippedRecord>) {
+        let skipped: Vec<proto::SkippedRecord> = skipped
+            .into_iter()
+            .map(|s| proto::SkippedRecord {
+                case_id: s.case_id,
+                sequence: s.sequence,
+                reason: s.reason,
+            })
+            .collect();
+        if !self.lines.is_empty() || !skipped.is_empty() {
+            let _ = self.send_lines(skipped);
+        }
+    }
+}
+
+impl std::io::Write for ExportStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut rest = buf;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            self.partial.extend_from_slice(&rest[..end]);
+            rest = &rest[end + 1..];
+            let line = String::from_utf8(std::mem::take(&mut self.partial))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            self.bytes += line.len();
+            self.lines.push(line);
+            if self.bytes >= EXPORT_CHUNK_BYTES {
+                self.send_lines(Vec::new())?;
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl AuditService for Api {
+    type ExportHistoryStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::ExportHistoryResponse, Status>>;
+
+    async fn export_history(
+        &self,
+        request: Request<proto::ExportHistoryRequest>,
+    ) -> Result<Response<Self::ExportHistoryStream>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let case = if r.case.is_empty() {
+            None
+        } else {
+            let id = case_id(&r.case, "case")?;
+            visible(&self.engine, &principal, &id)?;
+            Some(id)
+        };
+        let since = r
+            .start_time
+            .as_ref()
+            .map(|t| request_time(t, "start_time"))
+            .transpose()?;
+        let until = r
+            .end_time
+            .as_ref()
+            .map(|t| request_time(t, "end_time"))
+            .transpose()?;
+        if let (Some(since), Some(until)) = (since, until)
+            && until <= since
+        {
+            return Err(invalid(
+                "bad-time-range",
+                "end_time",
+                "end_time must come after start_time",
+            ));
+        }
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let filter = crate::audit::ExportFilter {
+            case,
+            workflow: non_empty(r.workflow),
+            agency: non_empty(r.agency),
+            state: non_empty(r.state),
+            since,
+            until,
+            visible_to: (!principal.reads_all()).then(|| principal.name().to_owned()),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut out = ExportStream {
+            tx: tx.clone(),
+            stopping: self.stopping.clone(),
+            partial: Vec::new(),
+            lines: Vec::new(),
+            bytes: 0,
+        };
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let source = crate::audit::StoreSource(engine.store().as_ref());
+            match crate::audit::export(&source, &filter, &mut out) {
+                Ok(summary) => out.finish(summary.skipped),
+                // The client went away, or the server is stopping (said).
+                Err(crate::audit::AuditError::Write(_)) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(audit_status(e)));
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn check_migration(
+        &self,
+        request: Request<proto::CheckMigrationRequest>,
+    ) -> Result<Response<proto::CheckMigrationResponse>, Status> {
+        let principal = principal(&request)?;
+        let source = request.into_inner().source;
+        if source.trim().is_empty() {
+            return Err(invalid("missing-field", "source", "source is required"));
+        }
+        let engine = self.engine.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            engine.migration_check(&source, &|case: &proto::Case| sees(&principal, case))
+        })
+        .await
+        .map_err(|e| status(Code::Internal, "audit-panicked", e.to_string(), &[]))?
+        .map_err(engine_status)?;
+        Ok(Response::new(proto::CheckMigrationResponse {
+            workflow: report.workflow,
+            digest: report.new_digest,
+            running_cases: report.running,
+            breaking_cases: report
+                .breaking
+                .into_iter()
+                .map(|b| proto::MigrationBreak {
+                    case_id: b.case_id,
+                    workflow_version: b.version,
+                    state: b.state,
+                    sequence: b.sequence,
+                    kind: break_kind(b.kind).to_owned(),
+                    reason: b.reason,
+                })
+                .collect(),
+            warnings: report.warnings,
+        }))
+    }
+
     async fn verify_history(
         &self,
         request: Request<proto::VerifyHistoryRequest>,
