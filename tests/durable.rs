@@ -229,6 +229,8 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
 #[derive(Debug)]
 enum Event {
     Applied(Vec<(String, u64)>),
+    Flushed,
+    Syncing,
     Synced,
     Ack(String, u64),
 }
@@ -242,12 +244,13 @@ async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(dir.path())
             .expect("store")
-            .with_observer(Arc::new(move |step| match step {
-                SyncStep::Applied(written) => {
-                    sink.lock().expect("lock").push(Event::Applied(written))
-                }
-                SyncStep::Synced => sink.lock().expect("lock").push(Event::Synced),
-                SyncStep::Flushed => {}
+            .with_observer(Arc::new(move |step| {
+                sink.lock().expect("lock").push(match step {
+                    SyncStep::Applied(written) => Event::Applied(written),
+                    SyncStep::Flushed => Event::Flushed,
+                    SyncStep::Syncing => Event::Syncing,
+                    SyncStep::Synced => Event::Synced,
+                })
             })),
     );
     let sources = load(&[data()]).expect("loads");
@@ -276,6 +279,9 @@ async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
         t.await.expect("task");
     }
     let log = log.lock().expect("lock");
+    let first_after = |from: usize, wanted: fn(&Event) -> bool| {
+        log[from..].iter().position(wanted).map(|i| from + i)
+    };
     let mut acks = 0;
     for (at, event) in log.iter().enumerate() {
         let Event::Ack(id, seq) = event else { continue };
@@ -286,8 +292,13 @@ async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
                 |e| matches!(e, Event::Applied(w) if w.iter().any(|(c, s)| c == id && s == seq)),
             )
             .unwrap_or_else(|| panic!("{id}@{seq} was acknowledged before it was even applied"));
+        // The data must be written out after it was applied, and an
+        // fdatasync must have started after that and returned before the ack.
+        let synced = first_after(applied, |e| matches!(e, Event::Flushed))
+            .and_then(|flushed| first_after(flushed, |e| matches!(e, Event::Syncing)))
+            .and_then(|syncing| first_after(syncing, |e| matches!(e, Event::Synced)));
         assert!(
-            log[applied..at].iter().any(|e| matches!(e, Event::Synced)),
+            synced.is_some_and(|synced| synced < at),
             "{id}@{seq} was acknowledged before a sync covered it"
         );
     }

@@ -455,8 +455,7 @@ pub fn start_version(
 
     // Derived roles, in dependency order: repeat passes until none progresses.
     let slot = SharedSlot::new(lib, wf);
-    let mut cel = Cel::new(lib, wf, &slot, now);
-    cel.set_vars(&case_vars);
+    let mut cel = Cel::new(lib, wf, &slot, now, &case_vars, &BTreeMap::new());
     let mut pending: Vec<&crate::lang::model::Role> = def
         .roles
         .iter()
@@ -723,9 +722,7 @@ fn transition_path(
     }
     let agency = spawn_starter(&actor).to_owned();
     let slot = SharedSlot::new(lib, wf);
-    let mut cel = Cel::new(lib, wf, &slot, now);
-    cel.set_vars(&case.vars);
-    cel.set_roles(&case.bindings);
+    let mut cel = Cel::new(lib, wf, &slot, now, &case.vars, &case.bindings);
     cel.set_actor(&agency, actor_roles);
     let mut failures = Vec::new();
     let mut chosen = None;
@@ -769,7 +766,14 @@ fn transition_path(
     let mut new = case.clone();
     let mut fx = Effects::default();
     let failed = |m: String| reject(RejectCode::EffectFailed, m);
+    // Expressions see each effect's result, but converting the variables
+    // for CEL is costly: it is redone only before the next expression, and
+    // only when a variable some expression reads has changed.
+    let mut vars_stale = false;
     for effect in &t.effects {
+        if std::mem::take(&mut vars_stale) {
+            cel.set_vars(&new.vars);
+        }
         match effect {
             crate::lang::model::Effect::Set { var, value: source } => {
                 let decl = wf
@@ -781,7 +785,7 @@ fn transition_path(
                 let json = value::from_cel(&v, &decl.ty, dir)
                     .map_err(|e| failed(format!("`{var} = {source}`: {e}")))?;
                 new.vars.insert(var.clone(), json);
-                cel.set_vars(&new.vars);
+                vars_stale = wf.reads.field("vars", var);
             }
             crate::lang::model::Effect::Bind { role, to } => {
                 let id =
@@ -796,6 +800,9 @@ fn transition_path(
     }
     let mut spawn = Vec::new();
     if let Some(s) = &t.spawn {
+        if vars_stale {
+            cel.set_vars(&new.vars);
+        }
         let list = cel
             .eval(&s.for_each, None)
             .map_err(|e| failed(format!("spawn `for_each: {}`: {e}", s.for_each)))?;
@@ -1782,6 +1789,8 @@ impl<'l> Cel<'l> {
         wf: &'l CompiledWorkflow,
         shared: &'l SharedSlot<'l>,
         now: DateTime<Utc>,
+        vars: &BTreeMap<String, Json>,
+        bindings: &BTreeMap<String, String>,
     ) -> Self {
         // The standard environment (the one `Program::compile` parses for) is
         // built once: building it registers every standard function.
@@ -1792,8 +1801,8 @@ impl<'l> Cel<'l> {
         ctx.add_variable_from_value("payload", empty_map());
         let mut cel = Cel { lib, wf, ctx };
         cel.set_actor("", &[]);
-        cel.set_roles(&BTreeMap::new());
-        cel.set_vars(&BTreeMap::new());
+        cel.set_roles(bindings);
+        cel.set_vars(vars);
         cel
     }
 

@@ -141,10 +141,20 @@ pub struct Deployed {
 }
 
 enum Command {
-    Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
-    Fire(FireRequest, oneshot::Sender<Result<proto::Case>>),
+    Start(StartRequest, LookedUp, oneshot::Sender<Result<proto::Case>>),
+    Fire(FireRequest, LookedUp, oneshot::Sender<Result<proto::Case>>),
     Tick(oneshot::Sender<Result<usize>>),
     Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
+}
+
+/// A request id looked up in the store by the caller, before the command
+/// reached the writer: reads in the writer would wait on sled's lock while
+/// the applier writes the previous batch.
+struct LookedUp {
+    /// Every batch up to this one was in the store when it was looked up.
+    applied: u64,
+    /// The stored outcome found then, if any.
+    stored: Option<Vec<u8>>,
 }
 
 /// The rules in force: the compiled library, version numbers, and the
@@ -278,6 +288,7 @@ pub struct Engine {
 
 struct Inner {
     store: Arc<dyn Store>,
+    progress: Arc<Progress>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
     clock: Arc<dyn Clock>,
     rules: Arc<RwLock<Arc<Rules>>>,
@@ -391,6 +402,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let rules = Arc::new(RwLock::new(Arc::new(rules)));
         let durable = Arc::new(tokio::sync::watch::Sender::new(store.last_position()?));
+        let progress: Arc<Progress> = Arc::default();
         let writer = Writer {
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
@@ -400,7 +412,7 @@ impl Engine {
             sent: Cell::new(0),
             next_position: Cell::new(store.last_position()? + 1),
             durable: Arc::clone(&durable),
-            progress: Arc::default(),
+            progress: Arc::clone(&progress),
         };
         let failure: Failure = Arc::default();
         let handle = thread::Builder::new()
@@ -412,6 +424,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
+                progress,
                 durable,
                 clock,
                 rules,
@@ -437,12 +450,21 @@ impl Engine {
 
     /// Starts a case; answers once it is durable.
     pub async fn start(&self, request: StartRequest) -> Result<proto::Case> {
-        self.send(|tx| Command::Start(request, tx)).await
+        let looked_up = self.look_up(&request.request_id)?;
+        self.send(|tx| Command::Start(request, looked_up, tx)).await
     }
 
     /// Fires an event; answers once the step is durable.
     pub async fn fire(&self, request: FireRequest) -> Result<proto::Case> {
-        self.send(|tx| Command::Fire(request, tx)).await
+        let looked_up = self.look_up(&request.request_id)?;
+        self.send(|tx| Command::Fire(request, looked_up, tx)).await
+    }
+
+    fn look_up(&self, request_id: &str) -> Result<LookedUp> {
+        // In this order: what the store holds covers at least `applied`.
+        let applied = self.inner.progress.applied();
+        let stored = self.inner.store.idempotency(request_id)?;
+        Ok(LookedUp { applied, stored })
     }
 
     /// Fires every timer due by now, in due order; returns how many fired.
@@ -603,6 +625,33 @@ fn check_request_id(id: &str) -> Result<()> {
 }
 
 /// Index entries of a case under the rules it runs on.
+/// Whether two versions of a case have the same index entries: true when
+/// everything [`index_keys`] reads is equal.
+fn same_index_inputs(library: &Library, a: &proto::Case, b: &proto::Case) -> bool {
+    let searchable_equal = || {
+        library
+            .pinned(&a.workflow, &a.workflow_digest)
+            .is_none_or(|wf| {
+                wf.def.variables.iter().filter(|v| v.searchable).all(|v| {
+                    fn field<'c>(c: &'c proto::Case, name: &str) -> Option<&'c prost_types::Value> {
+                        c.variables.as_ref().and_then(|s| s.fields.get(name))
+                    }
+                    field(a, &v.name) == field(b, &v.name)
+                })
+            })
+    };
+    a.workflow == b.workflow
+        && a.workflow_digest == b.workflow_digest
+        && a.state == b.state
+        && a.outcome == b.outcome
+        && a.bindings == b.bindings
+        && a.signatures
+            .iter()
+            .map(|s| &s.role)
+            .eq(b.signatures.iter().map(|s| &s.role))
+        && searchable_equal()
+}
+
 pub fn index_keys(library: &Library, case: &proto::Case) -> BTreeSet<IndexKey> {
     let mut keys = BTreeSet::new();
     keys.insert(IndexKey::Workflow(case.workflow.clone()));
@@ -765,10 +814,14 @@ impl Batch<'_> {
         ))
     }
 
-    fn outcome(&self, request_id: &str) -> Result<Option<proto::RequestOutcome>> {
+    fn outcome(
+        &self,
+        request_id: &str,
+        looked_up: LookedUp,
+    ) -> Result<Option<proto::RequestOutcome>> {
         let bytes = match self.outcomes.get(request_id) {
             Some(b) => Some(b.clone()),
-            None => self.writer.outcome_bytes(request_id)?,
+            None => self.writer.outcome_bytes(request_id, looked_up)?,
         };
         bytes
             .map(|b| {
@@ -783,8 +836,13 @@ impl Batch<'_> {
     }
 
     /// The first answer to a request id, if it was seen before.
-    fn replay(&self, request_id: &str, fingerprint: &[u8]) -> Result<Option<Result<proto::Case>>> {
-        let Some(stored) = self.outcome(request_id)? else {
+    fn replay(
+        &self,
+        request_id: &str,
+        looked_up: LookedUp,
+        fingerprint: &[u8],
+    ) -> Result<Option<Result<proto::Case>>> {
+        let Some(stored) = self.outcome(request_id, looked_up)? else {
             return Ok(None);
         };
         if stored.fingerprint != fingerprint {
@@ -895,7 +953,7 @@ impl Batch<'_> {
         Ok(record)
     }
 
-    fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
+    fn start(&mut self, mut r: StartRequest, looked_up: LookedUp) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         if r.case_id.is_empty() {
             let digest = hex::encode(Sha256::digest(r.request_id.as_bytes()));
@@ -903,7 +961,7 @@ impl Batch<'_> {
         }
         check_case_id(&r.case_id)?;
         let fp = start_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, &fp)? {
+        if let Some(first) = self.replay(&r.request_id, looked_up, &fp)? {
             return first;
         }
         if self.case(&r.case_id)?.is_some() {
@@ -926,10 +984,10 @@ impl Batch<'_> {
         result
     }
 
-    fn fire(&mut self, r: FireRequest) -> Result<proto::Case> {
+    fn fire(&mut self, r: FireRequest, looked_up: LookedUp) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, &fp)? {
+        if let Some(first) = self.replay(&r.request_id, looked_up, &fp)? {
             return first;
         }
         let case = self
@@ -1102,16 +1160,23 @@ impl Batch<'_> {
         let cases = self
             .cases
             .into_values()
-            .map(|p| CaseWrite {
-                index_before: p
-                    .before
-                    .as_ref()
-                    .map(|b| index_keys(&library, b))
-                    .unwrap_or_default(),
-                index_after: index_keys(&library, &p.after),
-                before: p.before,
-                after: p.after,
-                entries: p.entries,
+            .map(|p| {
+                let (index_before, index_after) = match &p.before {
+                    // The store writes only the difference, so when nothing
+                    // the indexes depend on changed there is none to compute.
+                    Some(before) if same_index_inputs(&library, before, &p.after) => {
+                        Default::default()
+                    }
+                    Some(before) => (index_keys(&library, before), index_keys(&library, &p.after)),
+                    None => (BTreeSet::new(), index_keys(&library, &p.after)),
+                };
+                CaseWrite {
+                    index_before,
+                    index_after,
+                    before: p.before,
+                    after: p.after,
+                    entries: p.entries,
+                }
             })
             .collect();
         let first = self.writer.next_position.get();
@@ -1190,8 +1255,9 @@ struct Writer {
     /// this is never stale; it saves reading and decoding hot cases, and it is
     /// how the writer sees batches the syncer has not applied yet.
     cache: RefCell<HashMap<String, Arc<proto::Case>>>,
-    /// Request outcomes of batches not yet applied, with their batch number.
-    pending_outcomes: RefCell<HashMap<String, (u64, Vec<u8>)>>,
+    /// Request outcomes of recent batches, with their batch number: every
+    /// batch after `forgotten` has its outcomes here.
+    pending_outcomes: RefCell<RecentOutcomes>,
     /// Batches handed to the syncer so far.
     sent: Cell<u64>,
     /// The event-feed position the next step gets.
@@ -1221,12 +1287,49 @@ impl Progress {
 
     fn wait_for(&self, batch: u64, failure: &Failure) {
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-        while *applied < batch && failure.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+        while *applied < batch && failed(failure).is_none() {
             applied = self
                 .changed
                 .wait_timeout(applied, std::time::Duration::from_millis(50))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+}
+
+/// Outcomes the writer remembers after their batch is applied, counted in
+/// batches: enough that a caller's look-up is almost never older.
+const RECENT_BATCHES: u64 = 256;
+
+/// The request outcomes of the batches after `forgotten`.
+#[derive(Default)]
+struct RecentOutcomes {
+    by_request: HashMap<String, (u64, Vec<u8>)>,
+    by_batch: std::collections::VecDeque<(u64, Vec<String>)>,
+    forgotten: u64,
+}
+
+impl RecentOutcomes {
+    fn add(&mut self, batch: u64, outcomes: &[(String, Vec<u8>)]) {
+        for (request_id, bytes) in outcomes {
+            self.by_request
+                .insert(request_id.clone(), (batch, bytes.clone()));
+        }
+        let ids = outcomes.iter().map(|(id, _)| id.clone()).collect();
+        self.by_batch.push_back((batch, ids));
+    }
+
+    fn forget_up_to(&mut self, batch: u64) {
+        while let Some((number, _)) = self.by_batch.front()
+            && *number <= batch
+        {
+            let Some((number, ids)) = self.by_batch.pop_front() else {
+                break;
+            };
+            for id in ids {
+                self.by_request.remove(&id);
+            }
+            self.forgotten = number;
         }
     }
 }
@@ -1259,9 +1362,15 @@ impl Writer {
         Ok(self.store.case(id)?.map(Arc::new))
     }
 
-    fn outcome_bytes(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
-        if let Some((_, bytes)) = self.pending_outcomes.borrow().get(request_id) {
+    fn outcome_bytes(&self, request_id: &str, looked_up: LookedUp) -> Result<Option<Vec<u8>>> {
+        let recent = self.pending_outcomes.borrow();
+        if let Some((_, bytes)) = recent.by_request.get(request_id) {
             return Ok(Some(bytes.clone()));
+        }
+        // The caller's look-up and the recent outcomes together cover every
+        // batch, unless outcomes newer than the look-up were forgotten since.
+        if looked_up.applied >= recent.forgotten {
+            return Ok(looked_up.stored);
         }
         Ok(self.store.idempotency(request_id)?)
     }
@@ -1285,33 +1394,41 @@ impl Writer {
             }
         }
         let applied = self.progress.applied();
-        let mut outcomes = self.pending_outcomes.borrow_mut();
-        outcomes.retain(|_, (batch, _)| *batch > applied);
-        for (request_id, bytes) in &commit.idempotency {
-            outcomes.insert(request_id.clone(), (number, bytes.clone()));
-        }
+        let mut recent = self.pending_outcomes.borrow_mut();
+        recent.forget_up_to(applied.saturating_sub(RECENT_BATCHES));
+        recent.add(number, &commit.idempotency);
         self.sent.set(number);
         number
     }
 
-    /// Computes batches and hands them to the syncer, which applies, syncs
-    /// and answers them: while one batch goes to disk, the next one is
-    /// already being computed.
+    /// Computes batches and hands them on: the applier writes each into the
+    /// store, the syncer makes what was applied durable and answers. While
+    /// one batch is being synced the next is applied and a third computed.
     fn run(self, rx: mpsc::Receiver<Command>, failure: Failure) {
+        let (to_applier, applier_rx) = mpsc::channel::<Outgoing>();
         let (to_syncer, syncer_rx) = mpsc::channel::<Outgoing>();
-        let syncer = {
-            let (store, failure, progress, durable) = (
+        let applier = {
+            let (store, failure, progress) = (
                 Arc::clone(&self.store),
                 Arc::clone(&failure),
                 Arc::clone(&self.progress),
+            );
+            thread::Builder::new()
+                .name("govflow-applier".into())
+                .spawn(move || apply_loop(&*store, &failure, &progress, &applier_rx, &to_syncer))
+        };
+        let syncer = {
+            let (store, failure, durable) = (
+                Arc::clone(&self.store),
+                Arc::clone(&failure),
                 Arc::clone(&self.durable),
             );
             thread::Builder::new()
                 .name("govflow-syncer".into())
-                .spawn(move || sync_loop(&*store, &failure, &progress, &durable, &syncer_rx))
+                .spawn(move || sync_loop(&*store, &failure, &durable, &syncer_rx))
         };
-        let Ok(syncer) = syncer else {
-            tracing::error!("cannot start the syncer thread");
+        let (Ok(applier), Ok(syncer)) = (applier, syncer) else {
+            tracing::error!("cannot start the applier and syncer threads");
             return;
         };
         while let Ok(first) = rx.recv() {
@@ -1322,7 +1439,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let failed = failed(&failure);
             if let Some(error) = failed {
                 for command in commands {
                     command.refuse(&error);
@@ -1344,8 +1461,12 @@ impl Writer {
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
                 replies.push(match command {
-                    Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
-                    Command::Fire(r, tx) => Reply::Case(tx, Box::new(batch.fire(r))),
+                    Command::Start(r, looked_up, tx) => {
+                        Reply::Case(tx, Box::new(batch.start(r, looked_up)))
+                    }
+                    Command::Fire(r, looked_up, tx) => {
+                        Reply::Case(tx, Box::new(batch.fire(r, looked_up)))
+                    }
                     Command::Tick(tx) => Reply::Count(tx, batch.tick()),
                     Command::Deploy(source, options, tx) => {
                         Reply::Deployed(tx, batch.deploy(source, options))
@@ -1363,7 +1484,7 @@ impl Writer {
                 process_us = started.elapsed().as_micros() as u64,
                 "batch computed"
             );
-            if to_syncer
+            if to_applier
                 .send(Outgoing {
                     number,
                     commit,
@@ -1374,17 +1495,72 @@ impl Writer {
                 return;
             }
         }
-        drop(to_syncer);
+        drop(to_applier);
+        let _ = applier.join();
         let _ = syncer.join();
     }
 }
 
-/// Applies the batches waiting, makes them durable with one flush and
-/// fdatasync, then answers their callers.
-fn sync_loop(
+/// Records a storage failure: from then on nothing more is written or acknowledged.
+fn fail(failure: &Failure, e: StoreError) {
+    let error = e.to_string();
+    tracing::error!("storage failed; writing stops: {error}");
+    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+}
+
+fn failed(failure: &Failure) -> Option<String> {
+    failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Writes the batches waiting into the store in order, writes them out to
+/// the operating system together, then passes them to the syncer.
+fn apply_loop(
     store: &dyn Store,
     failure: &Failure,
     progress: &Progress,
+    batches: &mpsc::Receiver<Outgoing>,
+    to_syncer: &mpsc::Sender<Outgoing>,
+) {
+    while let Ok(first) = batches.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = batches.try_recv() {
+            waiting.push(more);
+        }
+        let started = std::time::Instant::now();
+        for batch in &waiting {
+            if failed(failure).is_none()
+                && let Err(e) = store.apply(&batch.commit)
+            {
+                fail(failure, e);
+            }
+            progress.set(batch.number);
+        }
+        let applied_us = started.elapsed().as_micros() as u64;
+        if failed(failure).is_none()
+            && let Err(e) = store.write_out()
+        {
+            fail(failure, e);
+        }
+        tracing::debug!(
+            batches = waiting.len(),
+            applied_us,
+            written_us = started.elapsed().as_micros() as u64,
+            "applied"
+        );
+        for batch in waiting {
+            if to_syncer.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Makes every batch written out so far durable with one fdatasync, then
+/// answers their callers. Only written-out batches reach it, so the sync
+/// covers each of them.
+fn sync_loop(
+    store: &dyn Store,
+    failure: &Failure,
     durable: &tokio::sync::watch::Sender<u64>,
     batches: &mpsc::Receiver<Outgoing>,
 ) {
@@ -1394,28 +1570,12 @@ fn sync_loop(
             waiting.push(more);
         }
         let started = std::time::Instant::now();
-        let fail = |e: StoreError| {
-            let error = e.to_string();
-            tracing::error!("storage failed; writing stops: {error}");
-            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-        };
-        for batch in &waiting {
-            if failure.lock().unwrap_or_else(|e| e.into_inner()).is_none()
-                && let Err(e) = store.apply(&batch.commit)
-            {
-                fail(e);
-            }
-        }
-        let applied_us = started.elapsed().as_micros() as u64;
-        if failure.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        if failed(failure).is_none()
             && let Err(e) = store.sync()
         {
-            fail(e);
+            fail(failure, e);
         }
-        let error = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(last) = waiting.last() {
-            progress.set(last.number);
-        }
+        let error = failed(failure);
         if error.is_none()
             && let Some(position) = waiting.iter().filter_map(Outgoing::last_position).max()
         {
@@ -1423,13 +1583,18 @@ fn sync_loop(
         }
         tracing::debug!(
             batches = waiting.len(),
-            applied_us,
             synced_us = started.elapsed().as_micros() as u64,
             "synced"
         );
-        for reply in waiting.into_iter().flat_map(|b| b.replies) {
-            reply.send(error.as_deref());
+        let mut commits = Vec::with_capacity(waiting.len());
+        for batch in waiting {
+            for reply in batch.replies {
+                reply.send(error.as_deref());
+            }
+            commits.push(batch.commit);
         }
+        // Freeing the records is the last thing, after every caller has its answer.
+        drop(commits);
     }
 }
 
@@ -1437,12 +1602,119 @@ impl Command {
     /// Refuses a command because storage has failed.
     fn refuse(self, error: &str) {
         let reply = match self {
-            Command::Start(_, tx) | Command::Fire(_, tx) => {
+            Command::Start(_, _, tx) | Command::Fire(_, _, tx) => {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
             Command::Deploy(_, _, tx) => Reply::Deployed(tx, Err(EngineError::Stopped)),
         };
         reply.send(Some(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testkit;
+
+    #[test]
+    fn recent_outcomes_forget_whole_batches_in_order() {
+        let mut recent = RecentOutcomes::default();
+        for batch in 1..=5 {
+            recent.add(batch, &[(format!("r{batch}"), vec![batch as u8])]);
+        }
+        recent.forget_up_to(3);
+        assert_eq!(recent.forgotten, 3);
+        let mut kept: Vec<&String> = recent.by_request.keys().collect();
+        kept.sort();
+        assert_eq!(kept, ["r4", "r5"]);
+        recent.forget_up_to(2);
+        assert_eq!(recent.forgotten, 3, "forgetting never goes back");
+        recent.forget_up_to(9);
+        assert_eq!(recent.forgotten, 5);
+        assert!(recent.by_request.is_empty() && recent.by_batch.is_empty());
+    }
+
+    #[test]
+    fn index_inputs_are_the_same_only_when_the_index_entries_are() {
+        let permit = testkit::PERMIT.replace(
+            r#"name: "note", type: String"#,
+            r#"name: "note", type: String, searchable: true"#,
+        );
+        let docs: Vec<(&str, &str)> = testkit::standard_docs()
+            .into_iter()
+            .map(|(name, text)| (name, if name == "permit.ron" { &permit } else { text }))
+            .collect();
+        let library = testkit::library_of(&testkit::sources(&docs, None));
+        let wf = &library.workflows["permit"];
+        assert!(wf.def.variables.iter().any(|v| v.searchable));
+        let vars = |note: &str, amount: i64| {
+            let mut map = JsonMap::new();
+            map.insert("note".into(), Json::from(note));
+            map.insert("amount".into(), Json::from(amount));
+            Some(records::to_struct(&map))
+        };
+        let base = proto::Case {
+            id: "a".into(),
+            workflow: "permit".into(),
+            workflow_digest: wf.digest.clone(),
+            state: "review".into(),
+            variables: vars("x", 1),
+            bindings: [("county", "k"), ("applicant", "ent")]
+                .into_iter()
+                .map(|(r, a)| (r.to_owned(), a.to_owned()))
+                .collect(),
+            sequence: 3,
+            ..Default::default()
+        };
+        let changes: Vec<(&str, bool, Box<dyn Fn(&mut proto::Case)>)> = vec![
+            ("sequence", true, Box::new(|c| c.sequence += 1)),
+            (
+                "a variable no index reads",
+                true,
+                Box::new(|c| c.variables = vars("x", 2)),
+            ),
+            ("head hash", true, Box::new(|c| c.head_hash = vec![1])),
+            ("state", false, Box::new(|c| c.state = "joint".into())),
+            (
+                "outcome",
+                false,
+                Box::new(|c| c.outcome = "approved".into()),
+            ),
+            (
+                "a searchable variable",
+                false,
+                Box::new(|c| c.variables = vars("y", 1)),
+            ),
+            (
+                "a binding",
+                false,
+                Box::new(|c| {
+                    c.bindings.insert("county".into(), "k2".into());
+                }),
+            ),
+            (
+                "a signature",
+                false,
+                Box::new(|c| {
+                    c.signatures.push(proto::Signature {
+                        role: "amr".into(),
+                        ..Default::default()
+                    });
+                }),
+            ),
+        ];
+        for (what, same, change) in changes {
+            let mut after = base.clone();
+            change(&mut after);
+            assert_eq!(same_index_inputs(&library, &base, &after), same, "{what}");
+            if same {
+                assert_eq!(
+                    index_keys(&library, &base),
+                    index_keys(&library, &after),
+                    "{what}"
+                );
+            }
+        }
     }
 }

@@ -36,6 +36,8 @@ pub enum StoreError {
         #[source]
         source: prost::DecodeError,
     },
+    #[error("storage holds a damaged record: {0}")]
+    Corrupt(String),
     #[error("a record of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
 }
@@ -62,7 +64,9 @@ pub enum IndexKey {
 }
 
 /// One case written by a commit: its record after, the history entries the
-/// commit appends, and its index entries before and after.
+/// commit appends, and its index entries before and after. The store writes
+/// only the difference of the two, so a writer that knows they are equal
+/// may leave both empty.
 #[derive(Debug, Clone)]
 pub struct CaseWrite {
     pub before: Option<Arc<proto::Case>>,
@@ -135,11 +139,17 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a commit atomically; readers see it at once, a crash may lose
     /// it until [`Store::sync`] returns.
     fn apply(&self, commit: &Commit) -> Result<()>;
-    /// Makes every commit applied so far durable.
+    /// Hands every commit applied so far to the operating system, so that
+    /// the next [`Store::sync`] has only to make it durable. Separate from
+    /// `sync` so that one thread can write the next batch out while another
+    /// waits for the disk.
+    fn write_out(&self) -> Result<()>;
+    /// Makes every commit written out so far durable.
     fn sync(&self) -> Result<()>;
-    /// Applies and syncs.
+    /// Applies, writes out and syncs.
     fn commit(&self, commit: &Commit) -> Result<()> {
         self.apply(commit)?;
+        self.write_out()?;
         self.sync()
     }
     fn case(&self, id: &str) -> Result<Option<proto::Case>>;

@@ -3,10 +3,10 @@
 //! Everything lives in sled's default tree so that a commit is a single
 //! `apply_batch` — atomic across cases, histories, timers, indexes and
 //! idempotency records without sled's multi-tree transactions. After the
-//! batch, `flush()` writes it to the log file and, because sled's flush ends
-//! with `sync_file_range` (which reaches neither the drive's cache nor the
-//! file's metadata), the store calls `fdatasync` on that file itself before
-//! `commit` returns.
+//! batch, `flush()` (`write_out`) writes it to the log file and, because
+//! sled's flush ends with `sync_file_range` (which reaches neither the
+//! drive's cache nor the file's metadata), `sync` calls `fdatasync` on that
+//! file itself; `commit` returns only after both.
 //!
 //! Keys (`·` is a 0 byte; numbers are fixed-width big-endian, so byte order
 //! is numeric order):
@@ -18,6 +18,7 @@
 //! | `T·{due ns i64 as ordered u64}{case}·{timer}` | empty |
 //! | `R·{request id}` | encoded outcome |
 //! | `W·{workflow}·{version u32}` | `WorkflowVersion` |
+//! | `E·{first position u64}` | a commit's event-feed items (see `encode_feed`) |
 //! | `I·w·{workflow}·{case}` … | empty: index entries (see [`IndexKey`]) |
 
 use std::fs::File;
@@ -46,8 +47,10 @@ pub enum SyncStep {
     /// A commit is applied (readable, not yet durable): the (case, sequence)
     /// of every history entry it appends.
     Applied(Vec<(String, u64)>),
-    /// sled's flush returned.
+    /// sled's flush returned: what was applied before it is in the log file.
     Flushed,
+    /// `fdatasync` of the log file is about to start.
+    Syncing,
     /// `fdatasync` of the log file returned: the batch is durable.
     Synced,
 }
@@ -112,16 +115,39 @@ fn feed_key(position: u64) -> Vec<u8> {
     k
 }
 
-fn feed_item(key: &[u8], value: &[u8]) -> Option<FeedItem> {
-    let position = u64::from_be_bytes(key.get(2..10)?.try_into().ok()?);
-    // `{case}·{sequence u64 BE}`: the sequence is the fixed-width tail.
-    let split = value.len().checked_sub(9)?;
-    let sequence = u64::from_be_bytes(value.get(split + 1..)?.try_into().ok()?);
-    Some(FeedItem {
-        position,
-        case_id: String::from_utf8_lossy(&value[..split]).into_owned(),
-        sequence,
-    })
+/// A commit's feed items as one record (one key per commit, not per step):
+/// for each, `{position u64}{sequence u64}{case id length u32}{case id}`,
+/// numbers big-endian.
+fn encode_feed(items: &[FeedItem]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(items.iter().map(|i| 20 + i.case_id.len()).sum());
+    for item in items {
+        value.extend_from_slice(&item.position.to_be_bytes());
+        value.extend_from_slice(&item.sequence.to_be_bytes());
+        value.extend_from_slice(&(item.case_id.len() as u32).to_be_bytes());
+        value.extend_from_slice(item.case_id.as_bytes());
+    }
+    value
+}
+
+fn decode_feed(value: &[u8]) -> Result<Vec<FeedItem>> {
+    let corrupt = || StoreError::Corrupt("an event-feed record is cut short".into());
+    let number = |bytes: &[u8]| -> Result<u64> {
+        Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| corrupt())?))
+    };
+    let mut items = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let header = rest.get(..20).ok_or_else(corrupt)?;
+        let length = u32::from_be_bytes(header[16..20].try_into().map_err(|_| corrupt())?) as usize;
+        let case_id = rest.get(20..20 + length).ok_or_else(corrupt)?;
+        items.push(FeedItem {
+            position: number(&header[..8])?,
+            sequence: number(&header[8..16])?,
+            case_id: String::from_utf8_lossy(case_id).into_owned(),
+        });
+        rest = &rest[20 + length..];
+    }
+    Ok(items)
 }
 
 fn index_prefix(index: &IndexKey) -> Vec<u8> {
@@ -192,7 +218,8 @@ impl SledStore {
         let config = sled::Config::new()
             .path(dir)
             // Durability is ours: no background flusher racing the writer.
-            .flush_every_ms(None);
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput);
         // sled closes its files from background threads after the last handle
         // drops, so a quick reopen (a restart, a test) may find the lock held
         // for a moment.
@@ -331,11 +358,8 @@ impl Store for SledStore {
                 batch.insert(index_key(index, id), &[] as &[u8]);
             }
         }
-        for item in &commit.feed {
-            let mut value = item.case_id.as_bytes().to_vec();
-            value.push(SEP);
-            value.extend_from_slice(&item.sequence.to_be_bytes());
-            batch.insert(feed_key(item.position), value);
+        if let Some(first) = commit.feed.first() {
+            batch.insert(feed_key(first.position), encode_feed(&commit.feed));
         }
         for (request_id, outcome) in &commit.idempotency {
             if outcome.len() > MAX_RECORD_BYTES {
@@ -358,9 +382,14 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn sync(&self) -> Result<()> {
+    fn write_out(&self) -> Result<()> {
         self.db.flush()?;
         self.observe(SyncStep::Flushed);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.observe(SyncStep::Syncing);
         self.log_file.sync_data().map_err(|source| StoreError::Io {
             path: "db".into(),
             source,
@@ -492,30 +521,40 @@ impl Store for SledStore {
     }
 
     fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>> {
-        let mut out = Vec::new();
-        for item in self
+        let wanted = after.saturating_add(1);
+        // The record holding `wanted` starts at or before it.
+        let start = self
             .db
-            .range(feed_key(after.saturating_add(1))..prefix_end(&[b'E', SEP]))
-        {
-            let (k, v) = item?;
-            if let Some(f) = feed_item(&k, &v) {
-                out.push(f);
-            }
-            if out.len() >= limit {
-                break;
+            .range(feed_key(0)..=feed_key(wanted))
+            .next_back()
+            .transpose()?
+            .map_or_else(|| feed_key(wanted), |(k, _)| k.to_vec());
+        let mut out = Vec::new();
+        for record in self.db.range(start..prefix_end(&[b'E', SEP])) {
+            let (_, v) = record?;
+            for item in decode_feed(&v)? {
+                if item.position < wanted {
+                    continue;
+                }
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(item);
             }
         }
         Ok(out)
     }
 
     fn last_position(&self) -> Result<u64> {
-        Ok(self
+        let Some((_, last)) = self
             .db
             .range(feed_key(0)..prefix_end(&[b'E', SEP]))
             .next_back()
             .transpose()?
-            .and_then(|(k, v)| feed_item(&k, &v))
-            .map_or(0, |f| f.position))
+        else {
+            return Ok(0);
+        };
+        Ok(decode_feed(&last)?.last().map_or(0, |f| f.position))
     }
 
     fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
@@ -727,6 +766,7 @@ mod tests {
             [
                 SyncStep::Applied(vec![("a".to_owned(), 0)]),
                 SyncStep::Flushed,
+                SyncStep::Syncing,
                 SyncStep::Synced
             ]
         );
@@ -767,14 +807,24 @@ mod tests {
                 sequence: p,
             })
             .collect();
-        store
-            .commit(&Commit {
-                feed: feed.clone(),
-                ..Default::default()
-            })
-            .expect("commit");
+        assert_eq!(store.last_position().expect("last"), 0);
+        // Commits of uneven sizes, so reads start inside and at the edges of one.
+        let mut from = 0;
+        for size in [1, 2, 97, 50, 150] {
+            store
+                .commit(&Commit {
+                    feed: feed[from..from + size].to_vec(),
+                    ..Default::default()
+                })
+                .expect("commit");
+            from += size;
+        }
         assert_eq!(store.feed(0, 1000).expect("feed"), feed);
-        assert_eq!(store.feed(298, 10).expect("feed"), feed[298..]);
+        for after in [0, 1, 2, 3, 99, 100, 101, 150, 298, 299, 300] {
+            let got = store.feed(after, 10).expect("feed");
+            let end = (after as usize + 10).min(300);
+            assert_eq!(got, feed[after as usize..end], "after {after}");
+        }
         assert_eq!(store.last_position().expect("last"), 300);
     }
 
