@@ -1638,8 +1638,8 @@ mod tests {
     #[test]
     fn index_inputs_are_the_same_only_when_the_index_entries_are() {
         let permit = testkit::PERMIT.replace(
-            r#"name: "note", type: String"#,
-            r#"name: "note", type: String, searchable: true"#,
+            r#"Variable(name: "note", type: String)"#,
+            r#"Variable(name: "note", type: String, searchable: true)"#,
         );
         let docs: Vec<(&str, &str)> = testkit::standard_docs()
             .into_iter()
@@ -1667,7 +1667,8 @@ mod tests {
             sequence: 3,
             ..Default::default()
         };
-        let changes: Vec<(&str, bool, Box<dyn Fn(&mut proto::Case)>)> = vec![
+        type Change<'v> = Box<dyn Fn(&mut proto::Case) + 'v>;
+        let changes: Vec<(&str, bool, Change)> = vec![
             ("sequence", true, Box::new(|c| c.sequence += 1)),
             (
                 "a variable no index reads",
