@@ -14,7 +14,7 @@ use serde_json::{Map, Value as Json, json};
 use tonic::Request;
 use tonic::transport::Channel;
 
-use govflow::engine::durable::{Engine, FireRequest, StartRequest, SystemClock};
+use govflow::engine::durable::{Engine, EngineOptions, FireRequest, StartRequest, SystemClock};
 use govflow::lang::load::load;
 use govflow::store::proto::{self, cases_service_client::CasesServiceClient};
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, records};
@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub seconds: u64,
     pub cases: usize,
     pub scale: Vec<usize>,
+    /// In process: the engine's and the store's memory.
+    pub engine: EngineOptions,
+    pub store_cache_bytes: u64,
 }
 
 struct Bench {
@@ -218,13 +221,15 @@ impl Bench {
         let sources = load(std::slice::from_ref(&options.workflows))?;
         let syncs = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&syncs);
-        let store = SledStore::open(dir)?.with_observer(Arc::new(move |step| {
-            if step == SyncStep::Synced {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
+        let store = SledStore::open_with_cache(dir, options.store_cache_bytes)?.with_observer(
+            Arc::new(move |step| {
+                if step == SyncStep::Synced {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        );
         let store: Arc<dyn Store> = Arc::new(store);
-        let engine = Engine::open(store, &sources, Arc::new(SystemClock))
+        let engine = Engine::open_with(store, &sources, Arc::new(SystemClock), options.engine)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Bench {
             target: Target::Engine(engine.clone()),
@@ -309,6 +314,8 @@ impl Bench {
         round: &str,
     ) -> Result<(u64, Duration, Histogram<u64>, Option<u64>)> {
         let deadline = Instant::now() + Duration::from_secs(seconds);
+        // Request ids new to the store even when the bench runs again on it.
+        let round = format!("{round}-{}", chrono::Utc::now().timestamp_micros());
         let syncs_before = self.syncs.as_ref().map(|s| s.load(Ordering::Relaxed));
         let started = Instant::now();
         let mut tasks = Vec::new();

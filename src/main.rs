@@ -127,6 +127,12 @@ enum Command {
         /// Keep the store here instead of a temporary folder.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Cases the engine keeps decoded in memory (in process only).
+        #[arg(long, conflicts_with = "grpc", default_value_t = govflow::engine::durable::EngineOptions::default().cache_cases)]
+        cache_cases: usize,
+        /// sled's page cache in MiB (in process only).
+        #[arg(long, conflicts_with = "grpc", default_value_t = govflow::store::DEFAULT_CACHE_BYTES >> 20)]
+        store_cache_mib: u64,
     },
     /// Commits steps from many tasks until killed (the crash test's worker).
     #[command(hide = true)]
@@ -267,6 +273,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             scale,
             workflows,
             data,
+            cache_cases,
+            store_cache_mib,
         } => {
             let options = bench::BenchOptions {
                 grpc,
@@ -277,6 +285,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seconds,
                 cases,
                 scale,
+                engine: govflow::engine::durable::EngineOptions { cache_cases },
+                store_cache_bytes: store_cache_mib << 20,
             };
             tokio::runtime::Runtime::new()?.block_on(bench::run(options))?;
             Ok(ExitCode::SUCCESS)

@@ -311,6 +311,22 @@ impl Drop for Inner {
 /// Largest number of requests committed together.
 const MAX_BATCH: usize = 1024;
 
+/// How the engine uses memory.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Cases the writer keeps decoded (the hot state); past this it starts
+    /// afresh. A step on a case outside it reads the case from the store.
+    pub cache_cases: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            cache_cases: 100_000,
+        }
+    }
+}
+
 impl Engine {
     /// Opens the engine on `store` with the workflows, agency directory,
     /// catalogues and calendar of `sources`. Every workflow whose source
@@ -320,6 +336,16 @@ impl Engine {
         store: Arc<dyn Store>,
         sources: &load::Sources,
         clock: Arc<dyn Clock>,
+    ) -> Result<Engine> {
+        Self::open_with(store, sources, clock, EngineOptions::default())
+    }
+
+    /// [`Engine::open`] with other than the default options.
+    pub fn open_with(
+        store: Arc<dyn Store>,
+        sources: &load::Sources,
+        clock: Arc<dyn Clock>,
+        options: EngineOptions,
     ) -> Result<Engine> {
         let validated = validate(sources);
         let Some(library) = validated.library else {
@@ -408,6 +434,7 @@ impl Engine {
             clock: Arc::clone(&clock),
             rules: Arc::clone(&rules),
             cache: RefCell::default(),
+            cache_cases: options.cache_cases,
             pending_outcomes: RefCell::default(),
             sent: Cell::new(0),
             next_position: Cell::new(store.last_position()? + 1),
@@ -1255,6 +1282,7 @@ struct Writer {
     /// this is never stale; it saves reading and decoding hot cases, and it is
     /// how the writer sees batches the syncer has not applied yet.
     cache: RefCell<HashMap<String, Arc<proto::Case>>>,
+    cache_cases: usize,
     /// Request outcomes of recent batches, with their batch number: every
     /// batch after `forgotten` has its outcomes here.
     pending_outcomes: RefCell<RecentOutcomes>,
@@ -1334,9 +1362,6 @@ impl RecentOutcomes {
     }
 }
 
-/// Cases the writer keeps decoded; past this it starts afresh.
-const CACHE_CASES: usize = 100_000;
-
 /// A storage failure stops all writing: what sled holds in memory may no
 /// longer be what is on disk, so nothing more may be acknowledged.
 type Failure = Arc<Mutex<Option<String>>>;
@@ -1384,7 +1409,7 @@ impl Writer {
         let number = self.sent.get() + 1;
         {
             let mut cache = self.cache.borrow_mut();
-            if cache.len() + commit.cases.len() > CACHE_CASES {
+            if cache.len() + commit.cases.len() > self.cache_cases {
                 // Forget only what the store already holds.
                 self.settle(failure);
                 cache.clear();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-pub use sled_store::{MAX_RECORD_BYTES, SledStore, SyncObserver, SyncStep};
+pub use sled_store::{DEFAULT_CACHE_BYTES, MAX_RECORD_BYTES, SledStore, SyncObserver, SyncStep};
 
 /// The prost messages of `proto/govflow/v1`: the records on disk and on the wire.
 #[allow(clippy::all, missing_docs)]

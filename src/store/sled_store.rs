@@ -207,9 +207,18 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![u8::MAX; prefix.len() + 1]
 }
 
+/// sled's own default page cache: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with sled's default page cache.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir`, letting sled's page cache
+    /// grow to `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self> {
         let io = |source| StoreError::Io {
             path: dir.display().to_string(),
             source,
@@ -219,7 +228,7 @@ impl SledStore {
             .path(dir)
             // Durability is ours: no background flusher racing the writer.
             .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput);
+            .cache_capacity(cache_bytes);
         // sled closes its files from background threads after the last handle
         // drops, so a quick reopen (a restart, a test) may find the lock held
         // for a moment.
