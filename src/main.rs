@@ -66,7 +66,8 @@ enum Command {
     },
     /// Run the server: the engine behind gRPC (data in ./govflow-data, workflows from ./workflows).
     Serve {
-        /// A TOML configuration file (listen, data, workflows, auditors, credentials).
+        /// A TOML configuration file (listen, data, workflows, auditors, credentials,
+        /// watch_cutoff_ms, tls, client_certificates).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Listen on this address (default 127.0.0.1:50051).
@@ -335,12 +336,18 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
         run.scenarios.iter().map(|r| r.workflow.as_str()).collect();
     writeln!(out, "\ntransition coverage:")?;
     let mut below = 0;
+    let width = run
+        .coverage
+        .iter()
+        .map(|c| c.workflow.len())
+        .max()
+        .unwrap_or(0);
     for coverage in &run.coverage {
         let percent = coverage.percent();
         let has_scenarios = tested.contains(coverage.workflow.as_str());
         writeln!(
             out,
-            "  {:<24} {:>5.1}%  ({}/{}){}",
+            "  {:<width$} {:>5.1}%  ({}/{}){}",
             coverage.workflow,
             percent,
             coverage.covered.len(),

@@ -142,14 +142,66 @@ pub struct Deployed {
 
 enum Command {
     Start(StartRequest, LookedUp, oneshot::Sender<Result<proto::Case>>),
-    Fire(FireRequest, LookedUp, oneshot::Sender<Result<proto::Case>>),
+    Fire(
+        FireRequest,
+        Audience,
+        LookedUp,
+        oneshot::Sender<Result<proto::Case>>,
+    ),
     Tick(oneshot::Sender<Result<usize>>),
     Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
 }
 
-/// A request id looked up in the store by the caller, before the command
-/// reached the writer: reads in the writer would wait on sled's lock while
-/// the applier writes the previous batch.
+/// A start or fire on its way to the writer, its request id not yet looked up.
+enum Lookup {
+    Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
+    Fire(FireRequest, Audience, oneshot::Sender<Result<proto::Case>>),
+}
+
+/// Who may learn that a case exists through a fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    Anyone,
+    /// Only agencies holding a role in it.
+    Parties,
+}
+
+/// Looks request ids up in the store and passes the requests on to the
+/// writer: a read in the writer would wait on sled's lock while the applier
+/// writes the previous batch, and so would one on a caller's async thread.
+fn lookup_loop(
+    store: &dyn Store,
+    progress: &Progress,
+    lookups: &Mutex<mpsc::Receiver<Lookup>>,
+    writer: &mpsc::Sender<Command>,
+) {
+    loop {
+        let next = lookups.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(lookup) = next else { return };
+        let request_id = match &lookup {
+            Lookup::Start(r, _) => &r.request_id,
+            Lookup::Fire(r, _, _) => &r.request_id,
+        };
+        // In this order: what the store holds covers at least `applied`.
+        let applied = progress.applied();
+        let looked_up = match store.idempotency(request_id) {
+            Ok(stored) => LookedUp { applied, stored },
+            Err(e) => {
+                let (Lookup::Start(_, tx) | Lookup::Fire(_, _, tx)) = lookup;
+                let _ = tx.send(Err(e.into()));
+                continue;
+            }
+        };
+        let command = match lookup {
+            Lookup::Start(r, tx) => Command::Start(r, looked_up, tx),
+            Lookup::Fire(r, audience, tx) => Command::Fire(r, audience, looked_up, tx),
+        };
+        // A writer that has stopped drops the command, which answers `Stopped`.
+        let _ = writer.send(command);
+    }
+}
+
+/// A request id looked up in the store before the command reached the writer.
 struct LookedUp {
     /// Every batch up to this one was in the store when it was looked up.
     applied: u64,
@@ -288,7 +340,9 @@ pub struct Engine {
 
 struct Inner {
     store: Arc<dyn Store>,
-    progress: Arc<Progress>,
+    /// Starts and fires go first to the look-up threads, then to the writer.
+    lookups: Mutex<Option<mpsc::Sender<Lookup>>>,
+    readers: Mutex<Vec<thread::JoinHandle<()>>>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
     clock: Arc<dyn Clock>,
     rules: Arc<RwLock<Arc<Rules>>>,
@@ -296,8 +350,18 @@ struct Inner {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Stops taking requests, lets those on their way finish, and waits
+    /// for the threads to end.
+    fn stop(&self) {
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|e| e.into_inner()));
+        for reader in readers {
+            let _ = reader.join();
+        }
         self.commands
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -307,6 +371,15 @@ impl Drop for Inner {
         }
     }
 }
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Threads that look request ids up before requests reach the writer.
+const LOOKUP_THREADS: usize = 2;
 
 /// Largest number of requests committed together.
 const MAX_BATCH: usize = 1024;
@@ -448,10 +521,30 @@ impl Engine {
             .map_err(|e| {
                 EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))
             })?;
+        let (lookups, lookup_rx) = mpsc::channel();
+        let lookup_rx = Arc::new(Mutex::new(lookup_rx));
+        let mut readers = Vec::new();
+        for n in 0..LOOKUP_THREADS {
+            let (store, progress, lookup_rx, writer) = (
+                Arc::clone(&store),
+                Arc::clone(&progress),
+                Arc::clone(&lookup_rx),
+                tx.clone(),
+            );
+            readers.push(
+                thread::Builder::new()
+                    .name(format!("govflow-lookup-{n}"))
+                    .spawn(move || lookup_loop(&*store, &progress, &lookup_rx, &writer))
+                    .map_err(|e| {
+                        EngineError::InvalidArgument(format!("cannot start a look-up thread: {e}"))
+                    })?,
+            );
+        }
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
-                progress,
+                lookups: Mutex::new(Some(lookups)),
+                readers: Mutex::new(readers),
                 durable,
                 clock,
                 rules,
@@ -461,42 +554,54 @@ impl Engine {
         })
     }
 
-    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+    async fn send<T, M>(
+        &self,
+        channel: &Mutex<Option<mpsc::Sender<M>>>,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> M,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         {
-            let commands = self
-                .inner
-                .commands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let sender = commands.as_ref().ok_or(EngineError::Stopped)?;
+            let sender = channel.lock().unwrap_or_else(|e| e.into_inner());
+            let sender = sender.as_ref().ok_or(EngineError::Stopped)?;
             sender.send(make(tx)).map_err(|_| EngineError::Stopped)?;
         }
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T> {
+        self.send(&self.inner.commands, make).await
+    }
+
     /// Starts a case; answers once it is durable.
     pub async fn start(&self, request: StartRequest) -> Result<proto::Case> {
-        let looked_up = self.look_up(&request.request_id)?;
-        self.send(|tx| Command::Start(request, looked_up, tx)).await
+        self.send(&self.inner.lookups, |tx| Lookup::Start(request, tx))
+            .await
     }
 
     /// Fires an event; answers once the step is durable.
     pub async fn fire(&self, request: FireRequest) -> Result<proto::Case> {
-        let looked_up = self.look_up(&request.request_id)?;
-        self.send(|tx| Command::Fire(request, looked_up, tx)).await
+        self.send(&self.inner.lookups, |tx| {
+            Lookup::Fire(request, Audience::Anyone, tx)
+        })
+        .await
     }
 
-    fn look_up(&self, request_id: &str) -> Result<LookedUp> {
-        // In this order: what the store holds covers at least `applied`.
-        let applied = self.inner.progress.applied();
-        let stored = self.inner.store.idempotency(request_id)?;
-        Ok(LookedUp { applied, stored })
+    /// Fires an event for an agency that may only know of cases in which it
+    /// holds a role: any other case is answered as not found, as a missing
+    /// one is, so that its existence does not leak.
+    pub async fn fire_as_party(&self, request: FireRequest) -> Result<proto::Case> {
+        self.send(&self.inner.lookups, |tx| {
+            Lookup::Fire(request, Audience::Parties, tx)
+        })
+        .await
     }
 
     /// Fires every timer due by now, in due order; returns how many fired.
     pub async fn tick(&self) -> Result<usize> {
-        self.send(Command::Tick).await
+        self.command(Command::Tick).await
     }
 
     /// Deploys a workflow source as a new version. A source that does not
@@ -507,7 +612,8 @@ impl Engine {
 
     /// [`Engine::deploy`], with the checks `options` require first.
     pub async fn deploy_with(&self, source: String, options: DeployOptions) -> Result<Deployed> {
-        self.send(|tx| Command::Deploy(source, options, tx)).await
+        self.command(|tx| Command::Deploy(source, options, tx))
+            .await
     }
 
     /// The migration check a deploy of `source` would run: every running
@@ -527,20 +633,7 @@ impl Engine {
 
     /// Stops taking requests, finishes those under way, and waits for the writer.
     pub fn shutdown(&self) {
-        self.inner
-            .commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(writer) = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let _ = writer.join();
-        }
+        self.inner.stop();
     }
 
     pub fn case(&self, id: &str) -> Result<proto::Case> {
@@ -1011,7 +1104,12 @@ impl Batch<'_> {
         result
     }
 
-    fn fire(&mut self, r: FireRequest, looked_up: LookedUp) -> Result<proto::Case> {
+    fn fire(
+        &mut self,
+        r: FireRequest,
+        audience: Audience,
+        looked_up: LookedUp,
+    ) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
         if let Some(first) = self.replay(&r.request_id, looked_up, &fp)? {
@@ -1019,6 +1117,7 @@ impl Batch<'_> {
         }
         let case = self
             .case(&r.case_id)?
+            .filter(|c| audience == Audience::Anyone || c.bindings.values().any(|a| *a == r.agency))
             .ok_or_else(|| EngineError::NotFound(r.case_id.clone()))?;
         if let Some(expected) = r.expected_sequence
             && expected != case.sequence
@@ -1489,8 +1588,8 @@ impl Writer {
                     Command::Start(r, looked_up, tx) => {
                         Reply::Case(tx, Box::new(batch.start(r, looked_up)))
                     }
-                    Command::Fire(r, looked_up, tx) => {
-                        Reply::Case(tx, Box::new(batch.fire(r, looked_up)))
+                    Command::Fire(r, audience, looked_up, tx) => {
+                        Reply::Case(tx, Box::new(batch.fire(r, audience, looked_up)))
                     }
                     Command::Tick(tx) => Reply::Count(tx, batch.tick()),
                     Command::Deploy(source, options, tx) => {
@@ -1627,7 +1726,7 @@ impl Command {
     /// Refuses a command because storage has failed.
     fn refuse(self, error: &str) {
         let reply = match self {
-            Command::Start(_, _, tx) | Command::Fire(_, _, tx) => {
+            Command::Start(_, _, tx) | Command::Fire(_, _, _, tx) => {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
