@@ -407,6 +407,31 @@ fn print_transitions(
     );
 }
 
+/// How many bench cases a kept store already holds (they are opened in
+/// order, 0, 1, 2, …), so that a run on it grows it instead of retrying
+/// every start.
+fn existing_cases(engine: &Engine) -> usize {
+    let exists = |i: usize| engine.case(&case_id(i)).is_ok();
+    if !exists(0) {
+        return 0;
+    }
+    let mut high = 1;
+    while exists(high) {
+        high *= 2;
+    }
+    // exists(low) and not exists(high): the first missing one is in between.
+    let mut low = high / 2;
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if exists(middle) {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    high
+}
+
 pub async fn run(options: BenchOptions) -> Result<()> {
     let temp;
     let dir = match &options.data {
@@ -421,6 +446,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     } else {
         Bench::open(&options, &dir)?
     };
+    bench.cases = existing_cases(&bench.engine);
     println!(
         "govflow bench {}: store {}, workflow baolian_escalation (report_progress)",
         if options.grpc {
@@ -431,12 +457,18 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         dir.display()
     );
     if options.scale.is_empty() {
+        let kept = bench.cases.min(options.cases);
         let took = bench.grow(options.cases, options.clients).await?;
+        let opened = options.cases - kept;
         println!(
-            "setup: {} cases started and classified ({} durable transitions) in {:.1} s",
-            options.cases,
-            options.cases * 2,
-            took.as_secs_f64()
+            "setup: {opened} cases started and classified ({} durable transitions) in {:.1} s{}",
+            opened * 2,
+            took.as_secs_f64(),
+            if kept > 0 {
+                format!(", beside {kept} the store already held")
+            } else {
+                String::new()
+            }
         );
         let (total, elapsed, h, syncs) = bench
             .transitions(options.clients, options.seconds, "run")
