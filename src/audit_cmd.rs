@@ -292,7 +292,7 @@ fn progress_bar(verb: &str, shown: bool) -> indicatif::ProgressBar {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
             indicatif::ProgressStyle::with_template(&format!(
-                "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} cases, {{msg}} ({{elapsed}}, eta {{eta}})"
+                "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} parts, {{msg}} ({{elapsed}}, eta {{eta}})"
             ))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -302,9 +302,12 @@ fn progress_bar(verb: &str, shown: bool) -> indicatif::ProgressBar {
 }
 
 fn show_progress(bar: &indicatif::ProgressBar, p: Progress) {
-    bar.set_length(p.cases_total);
-    bar.set_position(p.cases_done);
-    bar.set_message(format!("{} entries", p.entries_checked));
+    bar.set_length(p.parts_total);
+    bar.set_position(p.parts_done);
+    bar.set_message(format!(
+        "{} cases, {} entries",
+        p.cases_done, p.entries_checked
+    ));
 }
 
 fn verify(data: &Path, scope: &VerifyScope, json: bool, progress: bool) -> Result<ExitCode> {

@@ -449,7 +449,11 @@ async fn an_untampered_store_verifies_clean_and_so_does_its_export() {
         .expect("lock")
         .last()
         .expect("progress reported");
-    assert_eq!((last.cases_done, last.cases_total), (6, 6));
+    assert_eq!(last.cases_done, 6);
+    assert!(
+        last.parts_total > 0 && last.parts_done == last.parts_total,
+        "{last:?}"
+    );
     assert_eq!(last.entries_checked, total_entries());
 
     // Scopes.
@@ -756,7 +760,10 @@ fn parallel_verification_covers_every_chunk_and_its_boundaries() {
     assert_eq!(report.entries, 3 * cases as u64 - 2);
     let last = *last.lock().expect("lock");
     assert_eq!(last.entries_checked, report.entries);
-    assert_eq!(last.cases_total, cases as u64 - 1, "cases with a record");
+    assert!(
+        last.parts_total > 0 && last.parts_done == last.parts_total,
+        "every part done: {last:?}"
+    );
 
     let bench = audit::verify(&src, &VerifyScope::Workflow("bench".into()), None).expect("verify");
     assert_eq!(bench.cases, cases as u64);

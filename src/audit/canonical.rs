@@ -70,6 +70,35 @@ static NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
+/// Whether any of the 8 bytes of `w` needs escaping: most strings need none,
+/// so they are scanned a word at a time.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Some byte of `x` is below `n` (n <= 0x80) exactly when subtracting `n`
+    // from every byte borrows into the high bit of a byte that had it clear.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    (below(w, 0x20) | below(quote, 1) | below(backslash, 1)) != 0
+}
+
+/// The position of the first byte at or after `from` that needs escaping.
+fn next_escape(bytes: &[u8], mut from: usize) -> Option<usize> {
+    while let Some(word) = bytes.get(from..from + 8) {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            break;
+        }
+        from += 8;
+    }
+    bytes[from..]
+        .iter()
+        .position(|&b| NEEDS_ESCAPE[usize::from(b)])
+        .map(|offset| from + offset)
+}
+
 /// A JSON string as `serde_json` writes it: `"`, `\` and control characters
 /// escaped (short forms where JSON has them, `\u00xx` otherwise), everything
 /// else — including non-ASCII text — as is.
@@ -77,11 +106,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    while let Some(offset) = bytes[start..]
-        .iter()
-        .position(|&b| NEEDS_ESCAPE[usize::from(b)])
-    {
-        let i = start + offset;
+    while let Some(i) = next_escape(bytes, start) {
         out.extend_from_slice(&bytes[start..i]);
         let b = bytes[i];
         match b {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::source::{CaseEvent, RecordSource, visit_case};
-use super::verify::{Progress, VerifyScope};
+use super::verify::{PARTS, Progress, VerifyScope, threads_for};
 use super::{AuditError, Result};
 use crate::engine::core::{self, Actor, Timer};
 use crate::engine::replay::{Divergence, replay};
@@ -398,9 +398,6 @@ impl ReplayAllReport {
     }
 }
 
-/// Cases a worker takes at a time (one sweep of the store each).
-const CHUNK: usize = 256;
-
 /// Replays every case in `scope` (the whole store, a workflow's cases, or
 /// one case) through the versions they are pinned to, in parallel (one
 /// thread per core, at most 8), and names each case whose history or case
@@ -413,45 +410,25 @@ pub fn replay_all(
     progress: Option<&(dyn Fn(Progress) + Sync)>,
 ) -> Result<ReplayAllReport> {
     let started = Instant::now();
-    let (ids, workflow, single) = match scope {
+    let (cuts, workflow, single) = match scope {
         VerifyScope::Case(id) => {
             if source.case_record(id)?.is_none() {
                 return Err(AuditError::NotFound(id.clone()));
             }
-            (vec![id.clone()], None, true)
+            (Vec::new(), None, Some(id.as_str()))
         }
-        VerifyScope::All | VerifyScope::Workflow(_) => {
-            let mut ids: Vec<String> = Vec::new();
-            loop {
-                let page = source.case_ids(ids.last().map_or("", String::as_str), 10_000)?;
-                if page.is_empty() {
-                    break;
-                }
-                ids.extend(page);
-            }
-            let workflow = match scope {
-                VerifyScope::Workflow(w) => Some(w.as_str()),
-                _ => None,
-            };
-            (ids, workflow, false)
-        }
+        VerifyScope::All => (source.cuts(PARTS)?, None, None),
+        VerifyScope::Workflow(w) => (source.cuts(PARTS)?, Some(w.as_str()), None),
     };
-    let total = ids.len() as u64;
-    let chunks = ids.len().div_ceil(CHUNK).max(1);
+    let parts = cuts.len() + 1;
     let next = AtomicUsize::new(0);
+    let parts_done = AtomicU64::new(0);
     let cases_done = AtomicU64::new(0);
     let entries_done = AtomicU64::new(0);
     let replayed = AtomicU64::new(0);
     let results: Mutex<Vec<CaseDivergence>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
-    let threads = if chunks < 2 {
-        1
-    } else {
-        std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, 8)
-            .min(chunks)
-    };
+    let threads = threads_for(parts);
     let work = || {
         let mut found: Vec<CaseDivergence> = Vec::new();
         let mut loaded = Loaded {
@@ -461,8 +438,8 @@ pub fn replay_all(
             unreadable: None,
         };
         loop {
-            let chunk = next.fetch_add(1, Ordering::Relaxed);
-            if chunk >= chunks {
+            let part = next.fetch_add(1, Ordering::Relaxed);
+            if part >= parts {
                 break;
             }
             let (mut cases, mut entries) = (0u64, 0u64);
@@ -534,26 +511,29 @@ pub fn replay_all(
                     }
                 }
             };
-            let outcome = if single {
-                visit_case(source, &ids[0], &mut visit)
-            } else {
-                let from = (chunk > 0).then(|| ids[chunk * CHUNK].as_str());
-                let to = ids.get((chunk + 1) * CHUNK).map(String::as_str);
-                source.visit_range(from, to, &mut visit)
+            let outcome = match single {
+                Some(id) => visit_case(source, id, &mut visit),
+                None => {
+                    let from = part.checked_sub(1).map(|k| cuts[k].as_str());
+                    let to = cuts.get(part).map(String::as_str);
+                    source.visit_range(from, to, &mut visit)
+                }
             };
             if let Err(e) = outcome {
                 let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(e);
-                next.store(chunks, Ordering::Relaxed);
+                next.store(parts, Ordering::Relaxed);
                 break;
             }
             let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
             let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
+            let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
             if let Some(progress) = progress {
                 progress(Progress {
-                    cases_done: done.min(total),
-                    cases_total: total,
+                    cases_done: done,
                     entries_checked: checked,
+                    parts_done: parts_so_far,
+                    parts_total: parts as u64,
                 });
             }
         }

@@ -71,6 +71,23 @@ pub trait RecordSource: Sync {
         let _ = workflow;
         self.case_ids(after, limit)
     }
+    /// Case ids, in increasing order, that cut the store into about `parts`
+    /// ranges of similar size for a parallel pass: `visit_range(None,
+    /// Some(cuts[0]))`, `visit_range(Some(cuts[0]), Some(cuts[1]))`, …,
+    /// `visit_range(Some(cuts[last]), None)` together visit every case once.
+    /// The balance only affects speed. The default lists every case id.
+    fn cuts(&self, parts: usize) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = Vec::new();
+        loop {
+            let page = self.case_ids(ids.last().map_or("", String::as_str), 10_000)?;
+            if page.is_empty() {
+                break;
+            }
+            ids.extend(page);
+        }
+        let step = ids.len().div_ceil(parts.max(1)).max(1);
+        Ok(ids.into_iter().skip(step).step_by(step).collect())
+    }
     /// Visits every case whose id lies in `[from, to)` (`None`: no bound)
     /// in id order — cases with a case record, and (where the source can
     /// tell) histories without one: its record, then its history records.
@@ -185,6 +202,31 @@ fn split_history_key(key: &[u8]) -> (&[u8], Option<u64>) {
     }
 }
 
+/// A byte string strictly between `a` and `b` when `a < b`: their mean, read
+/// as base-256 fractions (`0.a₀a₁…`).
+fn midpoint(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let n = a.len().max(b.len());
+    let digit = |s: &[u8], i: usize| u16::from(s.get(i).copied().unwrap_or(0));
+    let mut sum = vec![0u16; n];
+    let mut carry = 0u16;
+    for i in (0..n).rev() {
+        let d = digit(a, i) + digit(b, i) + carry;
+        sum[i] = d & 0xff;
+        carry = d >> 8;
+    }
+    let mut mid = Vec::with_capacity(n + 1);
+    let mut rest = carry;
+    for d in sum {
+        let v = rest * 256 + d;
+        mid.push((v / 2) as u8);
+        rest = v % 2;
+    }
+    if rest == 1 {
+        mid.push(0x80);
+    }
+    mid
+}
+
 fn decode_error(e: &prost::DecodeError) -> String {
     format!("does not decode: {e}")
 }
@@ -221,6 +263,48 @@ impl SledSource {
     /// Audits a sled database that is already open.
     pub fn from_db(db: sled::Db) -> Self {
         SledSource { db }
+    }
+
+    /// The case id of the first history record at or after `id`'s, or of
+    /// the last one before it (`before`).
+    fn history_id_near(&self, id: &[u8], before: bool) -> Result<Option<Vec<u8>>> {
+        let mut at = vec![b'H', SEP];
+        at.extend_from_slice(id);
+        at.push(SEP);
+        let item = if before {
+            self.db.range(vec![b'H', SEP]..at).next_back()
+        } else {
+            self.db.range(at..prefix_end(&[b'H', SEP])).next()
+        };
+        Ok(item
+            .transpose()?
+            .map(|(k, _)| split_history_key(&k).0.to_vec()))
+    }
+
+    /// Cuts for the histories of the cases `first..=last` (ids of stored
+    /// history records), `depth` halvings deep: the first history record at
+    /// or after their midpoint starts the second half.
+    fn bisect(&self, first: &[u8], last: &[u8], depth: u32, cuts: &mut Vec<String>) -> Result<()> {
+        if depth == 0 || first >= last {
+            return Ok(());
+        }
+        // `first < mid <= last`, so `first < cut <= last`; checked all the
+        // same, as a malformed key could break the order of ids.
+        let Some(cut) = self.history_id_near(&midpoint(first, last), false)? else {
+            return Ok(());
+        };
+        if cut.as_slice() <= first || cut.as_slice() > last {
+            return Ok(());
+        }
+        let Some(before) = self.history_id_near(&cut, true)? else {
+            return Ok(());
+        };
+        self.bisect(first, &before, depth - 1, cuts)?;
+        // An id that is not UTF-8 (a damaged key) cannot bound a range.
+        if let Ok(id) = std::str::from_utf8(&cut) {
+            cuts.push(id.to_owned());
+        }
+        self.bisect(&cut, last, depth - 1, cuts)
     }
 
     /// The number of history records in the store (a key scan).
@@ -294,6 +378,27 @@ impl RecordSource for SledSource {
             }
         }
         Ok(())
+    }
+
+    /// Without reading the store: the history keys are halved by probing,
+    /// each half at the first case whose history starts at or after the
+    /// midpoint of the first and last ids in it (a few hundred look-ups).
+    /// History records are most of what a pass reads, so histories are what
+    /// is cut evenly.
+    fn cuts(&self, parts: usize) -> Result<Vec<String>> {
+        let mut cuts = Vec::new();
+        let first = self.history_id_near(b"", false)?;
+        let last = self
+            .db
+            .scan_prefix([b'H', SEP])
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| split_history_key(&k).0.to_vec());
+        if let (Some(first), Some(last)) = (first, last) {
+            let depth = parts.max(1).next_power_of_two().trailing_zeros();
+            self.bisect(&first, &last, depth, &mut cuts)?;
+        }
+        Ok(cuts)
     }
 
     /// Two sweeps side by side, one over the case records and one over the

@@ -103,12 +103,15 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// How far a verification has got, for a progress bar.
+/// How far a verification has got, for a progress bar. A whole-store or
+/// workflow pass works through the store in parts (key ranges of similar
+/// size), so its total number of cases is not known until it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
     pub cases_done: u64,
-    pub cases_total: u64,
     pub entries_checked: u64,
+    pub parts_done: u64,
+    pub parts_total: u64,
 }
 
 /// The outcome of a verification.
@@ -548,8 +551,21 @@ impl Worker<'_> {
     }
 }
 
-/// Cases a worker takes at a time (one sweep of the store each).
-const CHUNK: usize = 256;
+/// Parts a whole-store pass is cut into (see [`RecordSource::cuts`]): many
+/// more than threads, so that threads finishing early take more.
+pub(crate) const PARTS: usize = 256;
+
+/// Worker threads for a pass over `parts` parts: one per core, at most 8.
+pub(crate) fn threads_for(parts: usize) -> usize {
+    if parts < 2 {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 8)
+            .min(parts)
+    }
+}
 
 /// Verifies the hash chains of the cases in `scope`. `progress` is called
 /// now and then (from any of the worker threads) with how far it got.
@@ -559,10 +575,9 @@ pub fn verify(
     progress: Option<&(dyn Fn(Progress) + Sync)>,
 ) -> Result<VerifyReport> {
     let started = Instant::now();
-    // The cases with a case record, in id order: they cut the store into
-    // chunks (`[ids[k·CHUNK], ids[(k+1)·CHUNK])`, open at both ends, so that
-    // histories without a case record fall in one too).
-    let (ids, workflow, digests, single) = match scope {
+    // Case ids that cut the store into parts `[cuts[k-1], cuts[k])`, open at
+    // both ends, so that histories without a case record fall in one too.
+    let (cuts, workflow, digests, single) = match scope {
         VerifyScope::Case(id) => {
             let mut exists = source.case_record(id)?.is_some();
             if !exists {
@@ -574,47 +589,33 @@ pub fn verify(
             if !exists {
                 return Err(AuditError::NotFound(id.clone()));
             }
-            (vec![id.clone()], None, None, true)
+            (Vec::new(), None, None, Some(id.as_str()))
         }
-        VerifyScope::All | VerifyScope::Workflow(_) => {
-            let mut ids = Vec::new();
-            loop {
-                let page = source.case_ids(ids.last().map_or("", String::as_str), 10_000)?;
-                if page.is_empty() {
-                    break;
-                }
-                ids.extend(page);
-            }
-            match scope {
-                VerifyScope::Workflow(name) => {
-                    let digests: BTreeSet<String> = source
-                        .workflow_versions()?
-                        .into_iter()
-                        .filter(|v| v.name == *name)
-                        .map(|v| v.digest)
-                        .collect();
-                    (ids, Some(name.as_str()), Some(digests), false)
-                }
-                _ => (ids, None, None, false),
-            }
+        VerifyScope::All => (source.cuts(PARTS)?, None, None, None),
+        VerifyScope::Workflow(name) => {
+            let digests: BTreeSet<String> = source
+                .workflow_versions()?
+                .into_iter()
+                .filter(|v| v.name == *name)
+                .map(|v| v.digest)
+                .collect();
+            (
+                source.cuts(PARTS)?,
+                Some(name.as_str()),
+                Some(digests),
+                None,
+            )
         }
     };
-    let total = ids.len() as u64;
-    let chunks = ids.len().div_ceil(CHUNK).max(1);
+    let parts = cuts.len() + 1;
     let next = AtomicUsize::new(0);
+    let parts_done = AtomicU64::new(0);
     let cases_done = AtomicU64::new(0);
     let entries_done = AtomicU64::new(0);
     let in_scope = AtomicU64::new(0);
     let results: Mutex<Vec<Finding>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
-    let threads = if chunks < 2 {
-        1
-    } else {
-        std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, 8)
-            .min(chunks)
-    };
+    let threads = threads_for(parts);
     let work = || {
         let mut worker = Worker {
             encoder: Encoder::new(),
@@ -624,8 +625,8 @@ pub fn verify(
             digests: digests.as_ref(),
         };
         loop {
-            let chunk = next.fetch_add(1, Ordering::Relaxed);
-            if chunk >= chunks {
+            let part = next.fetch_add(1, Ordering::Relaxed);
+            if part >= parts {
                 break;
             }
             let mut entries = 0;
@@ -658,26 +659,29 @@ pub fn verify(
                     }
                 }
             };
-            let outcome = if single {
-                visit_case(source, &ids[0], &mut visit)
-            } else {
-                let from = (chunk > 0).then(|| ids[chunk * CHUNK].as_str());
-                let to = ids.get((chunk + 1) * CHUNK).map(String::as_str);
-                source.visit_range(from, to, &mut visit)
+            let outcome = match single {
+                Some(id) => visit_case(source, id, &mut visit),
+                None => {
+                    let from = part.checked_sub(1).map(|k| cuts[k].as_str());
+                    let to = cuts.get(part).map(String::as_str);
+                    source.visit_range(from, to, &mut visit)
+                }
             };
             if let Err(e) = outcome {
                 let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(e);
-                next.store(chunks, Ordering::Relaxed);
+                next.store(parts, Ordering::Relaxed);
                 break;
             }
             let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
             let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
+            let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
             if let Some(progress) = progress {
                 progress(Progress {
-                    cases_done: done.min(total),
-                    cases_total: total,
+                    cases_done: done,
                     entries_checked: checked,
+                    parts_done: parts_so_far,
+                    parts_total: parts as u64,
                 });
             }
         }
