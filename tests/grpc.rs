@@ -13,7 +13,7 @@ use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 use govflow::engine::durable::{Engine, ManualClock};
-use govflow::server::{self, Config};
+use govflow::server::{self, Config, api::Watchers};
 use govflow::store::proto::{
     self, audit_service_client::AuditServiceClient, cases_service_client::CasesServiceClient,
     definitions_service_client::DefinitionsServiceClient,
@@ -24,19 +24,31 @@ struct Server {
     endpoint: String,
     tokens: BTreeMap<String, String>,
     engine: Engine,
+    watchers: Watchers,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     async fn start(data: &Path, clock: &Arc<ManualClock>) -> Server {
-        let config = Config {
+        Server::start_with(data, clock, |_| {}).await
+    }
+
+    /// [`Server::start`] with changes to the default configuration.
+    async fn start_with(
+        data: &Path,
+        clock: &Arc<ManualClock>,
+        configure: impl FnOnce(&mut Config),
+    ) -> Server {
+        let mut config = Config {
             data: data.to_path_buf(),
             workflows: Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
             ..Config::default()
         };
+        configure(&mut config);
         let prepared = server::prepare_with_clock(&config, clock.clone()).expect("server prepares");
         let engine = prepared.engine.clone();
+        let watchers = prepared.watchers.clone();
         let text =
             std::fs::read_to_string(data.join("credentials.toml")).expect("tokens generated");
         let tokens: BTreeMap<String, String> = toml::from_str::<toml::Table>(&text).expect("toml")
@@ -62,6 +74,7 @@ impl Server {
             endpoint,
             tokens,
             engine,
+            watchers,
             stop: Some(stop),
             task: Some(task),
         }
@@ -787,6 +800,8 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("migration check: not RON", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "{{{".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
         ("migration check: not a workflow", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "Agencies(agencies: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
         ("migration check: invalid workflow", audit.check_migration(authed(t, proto::CheckMigrationRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into() })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
+        ("watch: not a cursor", cases.watch_events(authed(t, proto::WatchEventsRequest { cursor: "abc".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-cursor"),
+        ("watch: cursor ahead of the feed", cases.watch_events(authed(t, proto::WatchEventsRequest { cursor: "999999".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-cursor"),
         ("checked deploy that would break b-1", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: registration_renamed.clone(), require_migration_check: true })).await.map(|_| ()), Code::FailedPrecondition, "migration-check-failed"),
     ];
     let mut failures = Vec::new();
@@ -947,6 +962,268 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
     );
     audited(&server).await;
     server.stop().await;
+}
+
+/// The platform watches the 包联 cases of these tests (it holds a role in each).
+const WATCHER: &str = "hebei.sjz.platform";
+
+/// A watch of `agency`'s steps after `cursor`, on its own connection. With
+/// `window`, the client's HTTP/2 receive windows are that many bytes, so a
+/// stream it does not read is full after a few steps.
+async fn open_watch(
+    server: &Server,
+    agency: &str,
+    cursor: &str,
+    window: Option<u32>,
+) -> tonic::Streaming<proto::WatchEventsResponse> {
+    let mut endpoint = Channel::from_shared(server.endpoint.clone()).expect("uri");
+    if window.is_some() {
+        endpoint = endpoint
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window);
+    }
+    let mut client = CasesServiceClient::new(endpoint.connect().await.expect("connects"));
+    client
+        .watch_events(authed(
+            Some(&server.token(agency)),
+            proto::WatchEventsRequest {
+                cursor: cursor.into(),
+            },
+        ))
+        .await
+        .expect("watching")
+        .into_inner()
+}
+
+/// (case, sequence) of a watched step.
+fn watched(message: &proto::WatchEventsResponse) -> (String, u64) {
+    let entry = message.history_entry.as_ref().expect("entry");
+    (entry.case_id.clone(), entry.sequence)
+}
+
+/// The `cursor` an ErrorInfo carries.
+fn status_cursor(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get("cursor").cloned())
+        .unwrap_or_else(|| panic!("no cursor in {status:?}"))
+}
+
+/// Starts 包联 case `id` (the platform) and classifies it (the work team):
+/// two steps. The county (正定) then handles it.
+async fn baolian_case(server: &Server, id: &str) {
+    let mut platform = Agent::new(server, WATCHER).await;
+    let start = new_case(
+        id,
+        "baolian_escalation",
+        &BAOLIAN_BINDINGS,
+        json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH02", "county": "hebei.sjz.zhengding", "problem_summary": "用电增容"}),
+    );
+    platform
+        .cases
+        .create_case(authed(Some(&platform.token), start))
+        .await
+        .expect("started");
+    let mut team = Agent::new(server, "hebei.sjz.industry").await;
+    team.fire(id, "classify", json!({"level": "county"}))
+        .await
+        .expect("classified");
+}
+
+/// The county reports progress on `id` `reports` times, each report a few
+/// kilobytes, so that a few dozen steps fill an HTTP/2 window. Each report
+/// must be answered (durable) within a minute: a fire that waited on a
+/// watcher would stall, and fail here instead of hanging the test.
+async fn report_progress(mut county: Agent, id: String, reports: usize) {
+    let long = "已协调供电公司现场勘察，增容方案待批复；".repeat(60);
+    for i in 0..reports {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            county.fire(
+                &id,
+                "report_progress",
+                json!({"progress": format!("第{i}次进展：{long}")}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("report {i} on {id} stalled"))
+        .unwrap_or_else(|e| panic!("report {i} on {id}: {e:?}"));
+    }
+}
+
+/// Polls until `watchers` watch tasks are running; false after a minute.
+async fn watch_tasks_become(server: &Server, watchers: usize) -> bool {
+    for _ in 0..600 {
+        if server.watchers.running() == watchers {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Issue 5, point 5: a watcher that does not read never slows the engine; it
+/// is cut off with RESOURCE_EXHAUSTED `slow-watcher` and a cursor, after the
+/// steps already queued for it, and resuming from that cursor gives the rest
+/// of the feed without a gap or a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_is_cut_off_without_slowing_the_engine_and_resumes_from_its_cursor() {
+    const CASES: usize = 6;
+    const REPORTS: usize = 50;
+    let total = CASES * (2 + REPORTS);
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 1000).await;
+    // Opened before the first step, never read until the end: a 64 KiB
+    // window holds about fifteen steps, the server's queue 64 more.
+    let mut slow = open_watch(&server, WATCHER, "0", Some(65_535)).await;
+    // The same agency's feed, read as it comes.
+    let mut reading = open_watch(&server, WATCHER, "0", None).await;
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < total {
+            let message =
+                tokio::time::timeout(std::time::Duration::from_secs(60), reading.message())
+                    .await
+                    .expect("the reading watcher is kept up to date")
+                    .expect("the reading watcher is not cut off")
+                    .expect("a step");
+            seen.push(watched(&message));
+        }
+        seen
+    });
+    let mut reporters = Vec::new();
+    for c in 0..CASES {
+        let id = format!("slow-{c}");
+        baolian_case(&server, &id).await;
+        let county = Agent::new(&server, "hebei.sjz.zhengding").await;
+        reporters.push(tokio::spawn(report_progress(county, id, REPORTS)));
+    }
+    for reporter in reporters {
+        reporter.await.expect("every report answered");
+    }
+    // The feed as the engine recorded it: every step of every case, once.
+    let feed: Vec<(String, u64)> = server
+        .engine
+        .feed(0, 100_000)
+        .expect("feed")
+        .into_iter()
+        .map(|f| (f.case_id, f.sequence))
+        .collect();
+    assert_eq!(feed.len(), total);
+    let seen = reader.await.expect("reader");
+    assert_eq!(
+        seen, feed,
+        "the reading watcher got the whole feed, in order"
+    );
+    // The reader has gone; the slow watcher's task ends by itself at the
+    // cut-off, although its client neither reads nor goes away.
+    assert!(
+        watch_tasks_become(&server, 0).await,
+        "{} watch tasks still running",
+        server.watchers.running()
+    );
+    assert_eq!(
+        server.watchers.open(),
+        1,
+        "only the slow stream is held, for its client to read"
+    );
+    // Now the slow client reads: the steps queued for it, then the cut-off.
+    let mut got = Vec::new();
+    let mut last_cursor = String::new();
+    let cut = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), slow.message())
+            .await
+            .expect("the queued steps and the status are delivered")
+        {
+            Ok(Some(message)) => {
+                got.push(watched(&message));
+                last_cursor = message.cursor;
+            }
+            Ok(None) => panic!("the slow stream ended without a status after {}", got.len()),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(cut.code(), Code::ResourceExhausted, "{cut:?}");
+    assert_eq!(reason(&cut), "slow-watcher", "{cut:?}");
+    assert!(
+        !got.is_empty() && got.len() < total,
+        "{} of {total} steps before the cut-off",
+        got.len()
+    );
+    let cursor = status_cursor(&cut);
+    assert_eq!(
+        cursor, last_cursor,
+        "the cut-off's cursor is that of the last step delivered before it"
+    );
+    // Resuming from it: the rest of the feed, nothing twice.
+    let mut resumed = open_watch(&server, WATCHER, &cursor, None).await;
+    while got.len() < total {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), resumed.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("a step");
+        got.push(watched(&message));
+    }
+    let more = tokio::time::timeout(std::time::Duration::from_millis(300), resumed.message()).await;
+    assert!(more.is_err(), "a step beyond the feed: {more:?}");
+    assert_eq!(got, feed, "cut off and resumed: every step once, in order");
+    drop(resumed);
+    audited(&server).await;
+    server.stop().await;
+}
+
+/// A watch task blocked on a client that does not read ends as soon as the
+/// client goes away, long before the cut-off.
+#[tokio::test]
+async fn a_watch_task_ends_when_its_client_goes_away() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    // Nobody is cut off during this test.
+    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 3_600_000).await;
+    let slow = open_watch(&server, WATCHER, "", Some(65_535)).await;
+    baolian_case(&server, "gone-1").await;
+    let county = Agent::new(&server, "hebei.sjz.zhengding").await;
+    report_progress(county, "gone-1".into(), 120).await;
+    assert_eq!(
+        server.watchers.running(),
+        1,
+        "the watch task waits on its client"
+    );
+    drop(slow);
+    assert!(
+        watch_tasks_become(&server, 0).await,
+        "the watch task outlived its client"
+    );
+    for _ in 0..600 {
+        if server.watchers.open() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.watchers.open(), 0, "the stream outlived its client");
+    server.stop().await;
+}
+
+/// Stopping drains calls under way, but a watcher that never reads cannot
+/// hold the server (and the engine's last sync) forever: it gets the
+/// cut-off time, like any watcher that leaves a step unread.
+#[tokio::test]
+async fn stopping_the_server_does_not_wait_forever_on_a_watcher_that_never_reads() {
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 1000).await;
+    let watchers = server.watchers.clone();
+    let _slow = open_watch(&server, WATCHER, "", Some(65_535)).await;
+    baolian_case(&server, "stop-1").await;
+    let county = Agent::new(&server, "hebei.sjz.zhengding").await;
+    report_progress(county, "stop-1".into(), 120).await;
+    tokio::time::timeout(std::time::Duration::from_secs(60), server.stop())
+        .await
+        .expect("the server stopped although a watcher never read");
+    assert_eq!(watchers.running(), 0, "a watch task outlived the server");
 }
 
 /// 证照分离 over gRPC: a registration spawns one child per permit, each in

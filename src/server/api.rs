@@ -2,7 +2,12 @@
 //! and the case's role bindings, each failure a standard code with a
 //! machine-readable reason (`google.rpc.ErrorInfo`, domain `govflow`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, StatusExt};
@@ -295,6 +300,233 @@ pub struct Api {
     /// Turns true when the server starts stopping: watch streams end then,
     /// so that shutting down does not wait on them forever.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// How long a watcher may leave a step unread before it is cut off.
+    pub watch_cutoff: std::time::Duration,
+    /// Watch tasks running.
+    pub watchers: Watchers,
+}
+
+/// Gauges of the watch streams: tasks running, and streams not yet done
+/// with (a stream outlives its task while its client has steps to read).
+#[derive(Debug, Clone, Default)]
+pub struct Watchers {
+    tasks: Arc<AtomicUsize>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Watchers {
+    /// Watch tasks running.
+    pub fn running(&self) -> usize {
+        self.tasks.load(Ordering::SeqCst)
+    }
+
+    /// Watch streams the server still holds (their client has not taken
+    /// everything, or has not gone away).
+    pub fn open(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one task or stream while it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(gauge: &Arc<AtomicUsize>) -> Counted {
+        gauge.fetch_add(1, Ordering::SeqCst);
+        Counted(Arc::clone(gauge))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A WatchEvents stream: the steps its task queued (at most [`WATCH_QUEUE`]),
+/// then the status the task ended with, if it ended with one. The status
+/// takes no room in the queue, so a task never waits on its client to say
+/// why it stopped: it ends at once, and a client that never reads holds only
+/// the queue and its connection's buffers.
+pub struct WatchStream {
+    steps: tokio::sync::mpsc::Receiver<proto::WatchEventsResponse>,
+    end: Option<tokio::sync::oneshot::Receiver<Status>>,
+    _open: Counted,
+}
+
+impl tokio_stream::Stream for WatchStream {
+    type Item = Result<proto::WatchEventsResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(step) = ready!(this.steps.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(step)));
+        }
+        // The task has ended and every step it queued has been taken.
+        let Some(end) = this.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let status = ready!(Pin::new(end).poll(cx));
+        this.end = None;
+        Poll::Ready(status.ok().map(Err))
+    }
+}
+
+/// One watcher's task: reads the feed after `position` and queues the steps
+/// the principal may see.
+struct Watch {
+    engine: Engine,
+    principal: Principal,
+    /// Every feed item up to here is queued or not the principal's.
+    position: u64,
+    durable: tokio::sync::watch::Receiver<u64>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    cutoff: std::time::Duration,
+}
+
+impl Watch {
+    /// Queues steps until the client goes away (`None`), or until it must
+    /// stop: the status to end the stream with, which carries the cursor to
+    /// resume from. The engine never waits on a watcher: the feed is read
+    /// from the store, and the durable position is a `watch` value.
+    async fn run(
+        mut self,
+        tx: &tokio::sync::mpsc::Sender<proto::WatchEventsResponse>,
+    ) -> Option<Status> {
+        loop {
+            if *self.stopping.borrow() {
+                return Some(self.stopping_status());
+            }
+            let items = match self.engine.feed(self.position, FEED_BATCH) {
+                Ok(items) => items,
+                Err(e) => return Some(self.failed(e)),
+            };
+            if items.is_empty() {
+                tokio::select! {
+                    changed = self.durable.changed() => {
+                        if changed.is_err() {
+                            return Some(self.stopping_status());
+                        }
+                    }
+                    () = stopped(&mut self.stopping) => return Some(self.stopping_status()),
+                    () = tx.closed() => return None,
+                }
+                continue;
+            }
+            let mut entries = match self.entries(&items) {
+                Ok(entries) => entries,
+                Err(e) => return Some(self.failed(e)),
+            };
+            for item in items {
+                let Some(entry) = entries.remove(&(item.case_id, item.sequence)) else {
+                    // Not a case the principal holds a role in.
+                    self.position = item.position;
+                    continue;
+                };
+                let message = proto::WatchEventsResponse {
+                    history_entry: Some(entry),
+                    cursor: item.position.to_string(),
+                };
+                tokio::select! {
+                    biased;
+                    sent = tx.send_timeout(message, self.cutoff) => match sent {
+                        Ok(()) => self.position = item.position,
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            // The steps queued before this one are still
+                            // delivered, then this status: its cursor is
+                            // where they end.
+                            return Some(status(
+                                Code::ResourceExhausted,
+                                "slow-watcher",
+                                format!(
+                                    "the watcher left a step unread for {} ms; resume from cursor {}",
+                                    self.cutoff.as_millis(),
+                                    self.position
+                                ),
+                                &[("cursor", self.position.to_string())],
+                            ));
+                        }
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return None,
+                    },
+                    () = stopped(&mut self.stopping) => return Some(self.stopping_status()),
+                }
+            }
+        }
+    }
+
+    /// The history entries of `items` the principal may see, by (case,
+    /// sequence): each case read once for the batch, not once per step.
+    fn entries(
+        &self,
+        items: &[crate::store::FeedItem],
+    ) -> Result<HashMap<(String, u64), proto::HistoryEntry>, EngineError> {
+        let mut wanted: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+        for item in items {
+            wanted
+                .entry(item.case_id.as_str())
+                .or_default()
+                .insert(item.sequence);
+        }
+        let mut entries = HashMap::new();
+        for (id, sequences) in wanted {
+            let case = self.engine.case(id)?;
+            if !sees(&self.principal, &case) {
+                continue;
+            }
+            let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
+                continue;
+            };
+            for entry in self.engine.store().history(id, first)? {
+                if entry.sequence > last {
+                    break;
+                }
+                if sequences.contains(&entry.sequence) {
+                    entries.insert((id.to_owned(), entry.sequence), entry);
+                }
+            }
+            if let Some(missing) = sequences
+                .iter()
+                .find(|&&s| !entries.contains_key(&(id.to_owned(), s)))
+            {
+                return Err(EngineError::Store(crate::store::StoreError::Corrupt(
+                    format!(
+                        "the event feed names step {missing} of case `{id}`, which has no such history entry"
+                    ),
+                )));
+            }
+        }
+        Ok(entries)
+    }
+
+    fn stopping_status(&self) -> Status {
+        status(
+            Code::Unavailable,
+            "server-stopping",
+            format!(
+                "the server is stopping; resume from cursor {}",
+                self.position
+            ),
+            &[("cursor", self.position.to_string())],
+        )
+    }
+
+    /// A storage failure ends the stream rather than skip a step.
+    fn failed(&self, e: EngineError) -> Status {
+        match e {
+            EngineError::Stopped => self.stopping_status(),
+            e => status(
+                Code::Internal,
+                "storage",
+                format!("{e}; resume from cursor {}", self.position),
+                &[("cursor", self.position.to_string())],
+            ),
+        }
+    }
+}
+
+/// Completes when the server starts stopping (or can no longer say).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 #[tonic::async_trait]
@@ -492,13 +724,15 @@ fn struct_to_map(s: Option<prost_types::Struct>) -> serde_json::Map<String, serd
     records::from_struct(s.as_ref())
 }
 
-/// How long a watcher may leave a step unread before it is cut off.
-const SLOW_WATCHER: std::time::Duration = std::time::Duration::from_secs(10);
+/// Steps a watch stream holds for a client that has not taken them yet.
+const WATCH_QUEUE: usize = 64;
+/// Feed items a watch reads at a time (their entries are held, decoded, while
+/// it waits to queue them, so this bounds a watcher's memory with the queue).
+const FEED_BATCH: usize = 64;
 
 #[tonic::async_trait]
 impl CasesService for Api {
-    type WatchEventsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<proto::WatchEventsResponse, Status>>;
+    type WatchEventsStream = WatchStream;
 
     async fn watch_events(
         &self,
@@ -506,11 +740,15 @@ impl CasesService for Api {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let principal = principal(&request)?;
         let cursor = request.into_inner().cursor;
-        let mut durable = self.engine.durable_position();
-        let mut position: u64 = if cursor.is_empty() {
-            *durable.borrow()
+        let durable = self.engine.durable_position();
+        let now = *durable.borrow();
+        let position: u64 = if cursor.is_empty() {
+            now
         } else {
-            cursor.parse().map_err(|_| {
+            // Positions only grow and a cursor is issued only for a durable
+            // step, so one ahead of the feed is not this server's (resuming
+            // from it would silently skip the steps up to it).
+            cursor.parse().ok().filter(|&c| c <= now).ok_or_else(|| {
                 invalid(
                     "bad-cursor",
                     "cursor",
@@ -518,79 +756,29 @@ impl CasesService for Api {
                 )
             })?
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let engine = self.engine.clone();
-        let mut stopping = self.stopping.clone();
+        let (tx, steps) = tokio::sync::mpsc::channel(WATCH_QUEUE);
+        let (end_tx, end) = tokio::sync::oneshot::channel();
+        let watch = Watch {
+            engine: self.engine.clone(),
+            principal,
+            position,
+            durable,
+            stopping: self.stopping.clone(),
+            cutoff: self.watch_cutoff,
+        };
+        let running = Counted::new(&self.watchers.tasks);
         tokio::spawn(async move {
-            loop {
-                if *stopping.borrow() {
-                    let bye = status(
-                        Code::Unavailable,
-                        "server-stopping",
-                        format!("the server is stopping; resume from cursor {position}"),
-                        &[("cursor", position.to_string())],
-                    );
-                    let _ = tx.send(Err(bye)).await;
-                    return;
-                }
-                let items = match engine.feed(position, 256) {
-                    Ok(items) => items,
-                    Err(e) => {
-                        let _ = tx.send(Err(engine_status(e))).await;
-                        return;
-                    }
-                };
-                if items.is_empty() {
-                    tokio::select! {
-                        changed = durable.changed() => if changed.is_err() { return },
-                        _ = stopping.changed() => {}
-                        _ = tx.closed() => return,
-                    }
-                    continue;
-                }
-                for item in items {
-                    let delivered = position;
-                    position = item.position;
-                    let Ok(case) = engine.case(&item.case_id) else {
-                        continue;
-                    };
-                    if !sees(&principal, &case) {
-                        continue;
-                    }
-                    let Some(entry) = engine
-                        .store()
-                        .history(&item.case_id, item.sequence)
-                        .ok()
-                        .and_then(|h| h.into_iter().next())
-                    else {
-                        continue;
-                    };
-                    let message = proto::WatchEventsResponse {
-                        history_entry: Some(entry),
-                        cursor: position.to_string(),
-                    };
-                    match tx.send_timeout(Ok(message), SLOW_WATCHER).await {
-                        Ok(()) => {}
-                        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
-                            let cut = status(
-                                Code::ResourceExhausted,
-                                "slow-watcher",
-                                format!(
-                                    "the watcher did not keep up; resume from cursor {delivered}"
-                                ),
-                                &[("cursor", delivered.to_string())],
-                            );
-                            let _ = tx.send(Err(cut)).await;
-                            return;
-                        }
-                        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
-                    }
-                }
+            let _running = running;
+            if let Some(status) = watch.run(&tx).await {
+                let _ = end_tx.send(status);
             }
+            // Dropping `tx` ends the stream after the steps it holds and the status.
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(WatchStream {
+            steps,
+            end: Some(end),
+            _open: Counted::new(&self.watchers.streams),
+        }))
     }
 
     async fn create_case(
@@ -627,15 +815,18 @@ impl CasesService for Api {
         let r = request.into_inner();
         let id = case_id(&r.case, "case")?;
         // Existence is checked before the caller's right to write, so a case
-        // it cannot see stays NOT_FOUND.
-        visible(&self.engine, &principal, &id)?;
+        // it cannot see stays NOT_FOUND. For an agency the engine checks it,
+        // from the case it holds in memory.
+        if !matches!(principal, Principal::Agency(_)) {
+            visible(&self.engine, &principal, &id)?;
+        }
         let agency = writer_agency(&principal)?;
         if r.event.is_empty() {
             return Err(invalid("missing-field", "event", "event is required"));
         }
         let case = self
             .engine
-            .fire(FireRequest {
+            .fire_as_party(FireRequest {
                 request_id: r.request_id,
                 case_id: id,
                 event: r.event,

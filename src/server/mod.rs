@@ -31,6 +31,11 @@ use crate::store::{SledStore, Store, StoreError};
 /// The encoded descriptors of `proto/`, for server reflection.
 pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/govflow_descriptor.bin"));
 
+/// How often an idle connection is pinged, and how long the answer may take
+/// before the connection is closed.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED naming the limit.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
@@ -51,7 +56,15 @@ pub struct Config {
     /// `sha256:<hex of a client certificate's DER>` → principal: with mutual
     /// TLS, a caller presenting that certificate is that agency.
     pub client_certificates: BTreeMap<String, String>,
+    /// Milliseconds a watcher (WatchEvents) may leave a step unread before it
+    /// is cut off with RESOURCE_EXHAUSTED (`slow-watcher`, resumable from the
+    /// `cursor` it is given); also how long stopping waits for streams whose
+    /// client does not read. At least 1.
+    pub watch_cutoff_ms: u64,
 }
+
+/// [`Config::watch_cutoff_ms`] when the configuration does not set it.
+pub const DEFAULT_WATCH_CUTOFF: Duration = Duration::from_secs(10);
 
 /// TLS files, PEM.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +87,7 @@ impl Default for Config {
             credentials: BTreeMap::new(),
             tls: None,
             client_certificates: BTreeMap::new(),
+            watch_cutoff_ms: DEFAULT_WATCH_CUTOFF.as_millis() as u64,
         }
     }
 }
@@ -107,7 +121,22 @@ impl Config {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| err(e.to_string()))
+        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        config.check().map_err(err)?;
+        Ok(config)
+    }
+
+    /// What the types alone do not say.
+    fn check(&self) -> Result<(), String> {
+        if self.watch_cutoff_ms == 0 {
+            return Err("watch_cutoff_ms must be at least 1 (milliseconds)".into());
+        }
+        Ok(())
+    }
+
+    /// How long a watcher may leave a step unread.
+    pub fn watch_cutoff(&self) -> Duration {
+        Duration::from_millis(self.watch_cutoff_ms.max(1))
     }
 }
 
@@ -118,6 +147,10 @@ pub struct Prepared {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Where generated tokens are, when they were generated.
     pub token_file: Option<PathBuf>,
+    /// How long a watcher may leave a step unread ([`Config::watch_cutoff_ms`]).
+    pub watch_cutoff: Duration,
+    /// Watch streams whose task is running (for monitoring and tests).
+    pub watchers: api::Watchers,
 }
 
 /// Opens the engine and the credentials the configuration describes.
@@ -174,6 +207,8 @@ pub fn prepare_with_clock(
         credentials,
         tls,
         token_file,
+        watch_cutoff: config.watch_cutoff(),
+        watchers: api::Watchers::default(),
     })
 }
 
@@ -218,17 +253,23 @@ pub async fn serve_on(
         engine,
         credentials,
         tls,
+        watch_cutoff,
+        watchers,
         ..
     } = prepared;
     let (stop_watchers, stopping) = tokio::sync::watch::channel(false);
     let api = Api {
         engine: engine.clone(),
         stopping,
+        watch_cutoff,
+        watchers: watchers.clone(),
     };
     // Streams never end by themselves: tell them to, or draining waits forever.
+    let (draining, drain_begun) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         let _ = stop_watchers.send(true);
+        let _ = draining.send(());
     };
     let interceptor = credentials.interceptor();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -265,11 +306,15 @@ pub async fn serve_on(
             }
         })
     };
-    let mut builder = Server::builder();
+    // A client that vanished without closing its connection (no FIN) is
+    // found by unanswered pings, so its streams and buffers are freed.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let result = builder
+    let serving = builder
         .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
         .add_service(health)
         .add_service(reflection_v1)
@@ -290,9 +335,54 @@ pub async fn serve_on(
             // Small request-response messages must not wait for Nagle.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
-        )
-        .await;
+        );
+    // Draining waits for every connection to close. Watch tasks end when
+    // stopping begins, but a connection whose client does not read its watch
+    // stream never closes by itself (the stream's last messages cannot be
+    // sent). Such a client gets the watch cut-off, like any watcher that
+    // leaves a step unread; then the server stops waiting for it. Other calls
+    // are waited for as long as they take.
+    let watchers_left = watchers.clone();
+    let drain_limit = async move {
+        if drain_begun.await.is_ok() {
+            tokio::time::sleep(watch_cutoff).await;
+            if watchers.open() > 0 {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        result = serving => result,
+        () = drain_limit => {
+            tracing::warn!(
+                "{} watch streams still unread {} ms after stopping began; no longer waiting \
+                 for their clients",
+                watchers_left.open(),
+                watch_cutoff.as_millis()
+            );
+            Ok(())
+        }
+    };
     timers.abort();
     engine.shutdown();
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_cutoff_is_ten_seconds_unless_configured_and_never_zero() {
+        assert_eq!(Config::default().watch_cutoff(), Duration::from_secs(10));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("govflow.toml");
+        std::fs::write(&path, "watch_cutoff_ms = 250\n").expect("write");
+        let config = Config::load(&path).expect("loads");
+        assert_eq!(config.watch_cutoff(), Duration::from_millis(250));
+        std::fs::write(&path, "watch_cutoff_ms = 0\n").expect("write");
+        let refused = Config::load(&path).expect_err("zero refused");
+        assert!(refused.to_string().contains("watch_cutoff_ms"), "{refused}");
+    }
 }
