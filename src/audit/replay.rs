@@ -4,15 +4,15 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use super::source::{CaseEvent, RecordSource, visit_case};
-use super::verify::{PARTS, Progress, VerifyScope, threads_for};
+use super::source::{CaseEvent, RecordSource};
+use super::verify::{PARTS, Progress, Reach, VerifyScope, in_parts};
 use super::{AuditError, Result};
 use crate::engine::core::{self, Actor, Timer};
 use crate::engine::replay::{Divergence, replay};
@@ -410,38 +410,35 @@ pub fn replay_all(
     progress: Option<&(dyn Fn(Progress) + Sync)>,
 ) -> Result<ReplayAllReport> {
     let started = Instant::now();
-    let (cuts, workflow, single) = match scope {
+    let (reach, workflow) = match scope {
         VerifyScope::Case(id) => {
             if source.case_record(id)?.is_none() {
                 return Err(AuditError::NotFound(id.clone()));
             }
-            (Vec::new(), None, Some(id.as_str()))
+            (Reach::Case(id.as_str()), None)
         }
-        VerifyScope::All => (source.cuts(PARTS)?, None, None),
-        VerifyScope::Workflow(w) => (source.cuts(PARTS)?, Some(w.as_str()), None),
+        VerifyScope::All => (Reach::Parts(source.cuts(PARTS)?), None),
+        VerifyScope::Workflow(w) => (Reach::Parts(source.cuts(PARTS)?), Some(w.as_str())),
     };
-    let parts = cuts.len() + 1;
-    let next = AtomicUsize::new(0);
-    let parts_done = AtomicU64::new(0);
-    let cases_done = AtomicU64::new(0);
-    let entries_done = AtomicU64::new(0);
     let replayed = AtomicU64::new(0);
     let results: Mutex<Vec<CaseDivergence>> = Mutex::new(Vec::new());
-    let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
-    let threads = threads_for(parts);
-    let work = || {
-        let mut found: Vec<CaseDivergence> = Vec::new();
-        let mut loaded = Loaded {
-            case: proto::Case::default(),
-            entries: Vec::new(),
-            request_ids: Vec::new(),
-            unreadable: None,
-        };
-        loop {
-            let part = next.fetch_add(1, Ordering::Relaxed);
-            if part >= parts {
-                break;
-            }
+    let entries = in_parts(
+        source,
+        &reach,
+        progress,
+        // The divergences a thread found, and the case it is reading.
+        || {
+            (
+                Vec::<CaseDivergence>::new(),
+                Loaded {
+                    case: proto::Case::default(),
+                    entries: Vec::new(),
+                    request_ids: Vec::new(),
+                    unreadable: None,
+                },
+            )
+        },
+        |(found, loaded), walk| {
             let (mut cases, mut entries) = (0u64, 0u64);
             let mut id = String::new();
             // Some(Ok): a case in scope; Some(Err): a record that cannot be
@@ -499,7 +496,7 @@ pub fn replay_all(
                         Some(Ok(())) => {
                             replayed.fetch_add(1, Ordering::Relaxed);
                             entries += loaded.entries.len() as u64;
-                            if let Some(stop) = check_loaded(lib, &id, &loaded) {
+                            if let Some(stop) = check_loaded(lib, &id, loaded) {
                                 found.push(CaseDivergence {
                                     case_id: id.clone(),
                                     workflow: loaded.case.workflow.clone(),
@@ -511,54 +508,21 @@ pub fn replay_all(
                     }
                 }
             };
-            let outcome = match single {
-                Some(id) => visit_case(source, id, &mut visit),
-                None => {
-                    let from = part.checked_sub(1).map(|k| cuts[k].as_str());
-                    let to = cuts.get(part).map(String::as_str);
-                    source.visit_range(from, to, &mut visit)
-                }
-            };
-            if let Err(e) = outcome {
-                let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert(e);
-                next.store(parts, Ordering::Relaxed);
-                break;
-            }
-            let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
-            let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
-            let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(progress) = progress {
-                progress(Progress {
-                    cases_done: done,
-                    entries_checked: checked,
-                    parts_done: parts_so_far,
-                    parts_total: parts as u64,
-                });
-            }
-        }
-        results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .append(&mut found);
-    };
-    if threads == 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(work);
-            }
-        });
-    }
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(e);
-    }
+            walk(&mut visit)?;
+            Ok((cases, entries))
+        },
+        |(mut found, _)| {
+            results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut found)
+        },
+    )?;
     let mut divergences = results.into_inner().unwrap_or_else(|e| e.into_inner());
     divergences.sort_by(|a, b| a.case_id.cmp(&b.case_id));
     Ok(ReplayAllReport {
         cases: replayed.into_inner(),
-        entries: entries_done.into_inner(),
+        entries,
         divergences,
         elapsed: started.elapsed(),
     })

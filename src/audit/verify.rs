@@ -567,6 +567,94 @@ pub(crate) fn threads_for(parts: usize) -> usize {
     }
 }
 
+/// Where a pass runs: one case, or the whole store cut into parts at these
+/// case ids (`[cuts[k-1], cuts[k])`, open at both ends, so that histories
+/// without a case record fall in one too).
+pub(crate) enum Reach<'a> {
+    Case(&'a str),
+    Parts(Vec<String>),
+}
+
+/// A walk over one part's cases with a visitor.
+pub(crate) type Walk<'w> = &'w mut dyn FnMut(&mut dyn FnMut(CaseEvent<'_>)) -> Result<()>;
+
+/// Runs a pass over `reach` on [`threads_for`] threads, for verify and
+/// replay alike. Each thread makes its state with `start`; for each part it
+/// takes, `part` gets the state and the walk over that part and returns the
+/// cases and entries it went through; `finish` gets each thread's state at
+/// the end. The first error stops the pass. Returns the entries gone through.
+pub(crate) fn in_parts<S>(
+    source: &dyn RecordSource,
+    reach: &Reach<'_>,
+    progress: Option<&(dyn Fn(Progress) + Sync)>,
+    start: impl Fn() -> S + Sync,
+    part: impl Fn(&mut S, Walk<'_>) -> Result<(u64, u64)> + Sync,
+    finish: impl Fn(S) + Sync,
+) -> Result<u64> {
+    let parts = match reach {
+        Reach::Case(_) => 1,
+        Reach::Parts(cuts) => cuts.len() + 1,
+    };
+    let next = AtomicUsize::new(0);
+    let parts_done = AtomicU64::new(0);
+    let cases_done = AtomicU64::new(0);
+    let entries_done = AtomicU64::new(0);
+    let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
+    let work = || {
+        let mut state = start();
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= parts {
+                break;
+            }
+            let mut walk = |visit: &mut dyn FnMut(CaseEvent<'_>)| match reach {
+                Reach::Case(id) => visit_case(source, id, visit),
+                Reach::Parts(cuts) => source.visit_range(
+                    k.checked_sub(1).map(|k| cuts[k].as_str()),
+                    cuts.get(k).map(String::as_str),
+                    visit,
+                ),
+            };
+            match part(&mut state, &mut walk) {
+                Ok((cases, entries)) => {
+                    let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
+                    let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
+                    let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some(progress) = progress {
+                        progress(Progress {
+                            cases_done: done,
+                            entries_checked: checked,
+                            parts_done: parts_so_far,
+                            parts_total: parts as u64,
+                        });
+                    }
+                }
+                Err(e) => {
+                    let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                    slot.get_or_insert(e);
+                    next.store(parts, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        finish(state);
+    };
+    let threads = threads_for(parts);
+    if threads == 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(work);
+            }
+        });
+    }
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    Ok(entries_done.into_inner())
+}
+
 /// Verifies the hash chains of the cases in `scope`. `progress` is called
 /// now and then (from any of the worker threads) with how far it got.
 pub fn verify(
@@ -575,9 +663,7 @@ pub fn verify(
     progress: Option<&(dyn Fn(Progress) + Sync)>,
 ) -> Result<VerifyReport> {
     let started = Instant::now();
-    // Case ids that cut the store into parts `[cuts[k-1], cuts[k])`, open at
-    // both ends, so that histories without a case record fall in one too.
-    let (cuts, workflow, digests, single) = match scope {
+    let (reach, workflow, digests) = match scope {
         VerifyScope::Case(id) => {
             let mut exists = source.case_record(id)?.is_some();
             if !exists {
@@ -589,9 +675,9 @@ pub fn verify(
             if !exists {
                 return Err(AuditError::NotFound(id.clone()));
             }
-            (Vec::new(), None, None, Some(id.as_str()))
+            (Reach::Case(id.as_str()), None, None)
         }
-        VerifyScope::All => (source.cuts(PARTS)?, None, None, None),
+        VerifyScope::All => (Reach::Parts(source.cuts(PARTS)?), None, None),
         VerifyScope::Workflow(name) => {
             let digests: BTreeSet<String> = source
                 .workflow_versions()?
@@ -600,35 +686,26 @@ pub fn verify(
                 .map(|v| v.digest)
                 .collect();
             (
-                source.cuts(PARTS)?,
+                Reach::Parts(source.cuts(PARTS)?),
                 Some(name.as_str()),
                 Some(digests),
-                None,
             )
         }
     };
-    let parts = cuts.len() + 1;
-    let next = AtomicUsize::new(0);
-    let parts_done = AtomicU64::new(0);
-    let cases_done = AtomicU64::new(0);
-    let entries_done = AtomicU64::new(0);
     let in_scope = AtomicU64::new(0);
     let results: Mutex<Vec<Finding>> = Mutex::new(Vec::new());
-    let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
-    let threads = threads_for(parts);
-    let work = || {
-        let mut worker = Worker {
+    let entries = in_parts(
+        source,
+        &reach,
+        progress,
+        || Worker {
             encoder: Encoder::new(),
             records: Vec::new(),
             sound: Vec::new(),
             findings: Vec::new(),
             digests: digests.as_ref(),
-        };
-        loop {
-            let part = next.fetch_add(1, Ordering::Relaxed);
-            if part >= parts {
-                break;
-            }
+        },
+        |worker, walk| {
             let mut entries = 0;
             let mut cases = 0;
             let mut id = String::new();
@@ -659,49 +736,16 @@ pub fn verify(
                     }
                 }
             };
-            let outcome = match single {
-                Some(id) => visit_case(source, id, &mut visit),
-                None => {
-                    let from = part.checked_sub(1).map(|k| cuts[k].as_str());
-                    let to = cuts.get(part).map(String::as_str);
-                    source.visit_range(from, to, &mut visit)
-                }
-            };
-            if let Err(e) = outcome {
-                let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert(e);
-                next.store(parts, Ordering::Relaxed);
-                break;
-            }
-            let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
-            let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
-            let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(progress) = progress {
-                progress(Progress {
-                    cases_done: done,
-                    entries_checked: checked,
-                    parts_done: parts_so_far,
-                    parts_total: parts as u64,
-                });
-            }
-        }
-        results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .append(&mut worker.findings);
-    };
-    if threads == 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(work);
-            }
-        });
-    }
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(e);
-    }
+            walk(&mut visit)?;
+            Ok((cases, entries))
+        },
+        |mut worker| {
+            results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut worker.findings)
+        },
+    )?;
     let mut findings = results.into_inner().unwrap_or_else(|e| e.into_inner());
     // By case, then position (unpositioned first), then kind: a stable report.
     findings.sort_by(|a, b| {
@@ -710,7 +754,7 @@ pub fn verify(
     });
     Ok(VerifyReport {
         cases: in_scope.into_inner(),
-        entries: entries_done.into_inner(),
+        entries,
         findings,
         elapsed: started.elapsed(),
     })
