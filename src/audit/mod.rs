@@ -90,3 +90,17 @@ pub enum AuditError {
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;
+
+/// A duration as seconds in a report.
+fn seconds<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// How many per second `n` took in `elapsed` (0 when no time passed).
+fn per_second(n: u64, elapsed: std::time::Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}

@@ -373,12 +373,8 @@ pub struct ReplayAllReport {
     pub entries: u64,
     /// Every case that did not replay exactly as stored, by id.
     pub divergences: Vec<CaseDivergence>,
-    #[serde(serialize_with = "seconds")]
+    #[serde(serialize_with = "super::seconds")]
     pub elapsed: Duration,
-}
-
-fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 impl ReplayAllReport {
@@ -389,12 +385,7 @@ impl ReplayAllReport {
 
     /// History entries replayed per second.
     pub fn entries_per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.entries as f64 / secs
-        } else {
-            0.0
-        }
+        super::per_second(self.entries, self.elapsed)
     }
 }
 

@@ -16,7 +16,8 @@ use std::path::Path;
 use prost::Message;
 
 use super::{AuditError, Result};
-use crate::store::{CaseFilter, Store, StoreError, proto};
+use crate::store::keys::{SEP, case_key, history_prefix, prefix_end, split_history_key};
+use crate::store::{CaseFilter, Store, StoreError, is_lock_error, open_db, proto};
 
 /// One stored history record, as the source found it.
 #[derive(Debug)]
@@ -153,54 +154,8 @@ pub struct SledSource {
     db: sled::Db,
 }
 
-const SEP: u8 = 0;
-
 /// sled's page cache when auditing a store folder.
 const AUDIT_CACHE_BYTES: u64 = 128 << 20;
-
-fn history_prefix(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.len() + 3);
-    k.extend_from_slice(&[b'H', SEP]);
-    k.extend_from_slice(id.as_bytes());
-    k.push(SEP);
-    k
-}
-
-fn case_key(id: &str) -> Vec<u8> {
-    let mut k = vec![b'C', SEP];
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-/// The smallest key greater than every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![u8::MAX; prefix.len() + 1]
-}
-
-/// The case id and sequence number of a history key `H·{case}·{sequence u64}`
-/// (a malformed key: the id up to its last separator, no sequence).
-fn split_history_key(key: &[u8]) -> (&[u8], Option<u64>) {
-    let body = key.get(2..).unwrap_or_default();
-    if let Some(n) = body.len().checked_sub(9)
-        && body[n] == SEP
-    {
-        let seq = <[u8; 8]>::try_from(&body[n + 1..])
-            .ok()
-            .map(u64::from_be_bytes);
-        return (&body[..n], seq);
-    }
-    match body.iter().rposition(|b| *b == SEP) {
-        Some(n) => (&body[..n], None),
-        None => (body, None),
-    }
-}
 
 /// A byte string strictly between `a` and `b` when `a < b`: their mean, read
 /// as base-256 fractions (`0.a₀a₁…`).
@@ -239,24 +194,19 @@ impl SledSource {
         }
         // An audit reads each record once, in key order: a large page cache
         // only costs memory and page faults (sled's default is 1 GiB).
-        let config = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(AUDIT_CACHE_BYTES);
-        // A store closed a moment ago may still be releasing its lock.
-        let mut attempts = 0;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    if attempts >= 50 {
-                        return Err(AuditError::StoreInUse(dir.display().to_string()));
-                    }
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other?,
+        let db = open_db(
+            sled::Config::new()
+                .path(dir)
+                .flush_every_ms(None)
+                .cache_capacity(AUDIT_CACHE_BYTES),
+        )
+        .map_err(|e| {
+            if is_lock_error(&e) {
+                AuditError::StoreInUse(dir.display().to_string())
+            } else {
+                e.into()
             }
-        };
+        })?;
         Ok(SledSource { db })
     }
 

@@ -123,12 +123,8 @@ pub struct VerifyReport {
     pub entries: u64,
     /// Every problem found, by case and sequence.
     pub findings: Vec<Finding>,
-    #[serde(serialize_with = "seconds")]
+    #[serde(serialize_with = "super::seconds")]
     pub elapsed: Duration,
-}
-
-fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 impl VerifyReport {
@@ -138,12 +134,7 @@ impl VerifyReport {
 
     /// History records checked per second.
     pub fn entries_per_second(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            self.entries as f64 / secs
-        } else {
-            0.0
-        }
+        super::per_second(self.entries, self.elapsed)
     }
 }
 
@@ -286,29 +277,17 @@ impl Worker<'_> {
                 }
                 Some(case)
             }
-            Some(Err(message)) => {
+            unreadable_or_missing => {
                 // Whose case is it? The entries' workflow digests tell.
                 if workflow.is_some() && !self.in_workflow() {
                     return None;
                 }
-                self.findings.push(finding(
-                    id,
-                    None,
-                    FindingKind::CaseRecord,
-                    format!("the case record {message}"),
-                ));
-                None
-            }
-            None => {
-                if workflow.is_some() && !self.in_workflow() {
-                    return None;
-                }
-                self.findings.push(finding(
-                    id,
-                    None,
-                    FindingKind::CaseRecord,
-                    "history entries are stored for a case that has no case record",
-                ));
+                let detail = match unreadable_or_missing {
+                    Some(Err(message)) => format!("the case record {message}"),
+                    _ => "history entries are stored for a case that has no case record".into(),
+                };
+                self.findings
+                    .push(finding(id, None, FindingKind::CaseRecord, detail));
                 None
             }
         };

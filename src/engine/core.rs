@@ -1368,9 +1368,25 @@ pub fn add_period(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, String> {
+    on_calendar(
+        lib,
+        |cal| cal.add(start, unit, n),
+        || crate::calendar::add_without_holidays(start, unit, n),
+    )
+}
+
+/// Asks the library's calendar, or without one the rules that need no
+/// holiday data.
+fn on_calendar(
+    lib: &Library,
+    with: impl FnOnce(
+        &crate::calendar::Calendar,
+    ) -> Result<DateTime<Utc>, crate::calendar::CalendarError>,
+    without: impl FnOnce() -> Result<DateTime<Utc>, crate::calendar::CalendarError>,
+) -> Result<DateTime<Utc>, String> {
     match &lib.calendar {
-        Some(cal) => cal.add(start, unit, n),
-        None => crate::calendar::add_without_holidays(start, unit, n),
+        Some(cal) => with(cal),
+        None => without(),
     }
     .map_err(|e| e.to_string())
 }
@@ -1383,11 +1399,11 @@ pub fn anchored_period(
     start: DateTime<Utc>,
     anchor: crate::calendar::Anchor,
 ) -> Result<DateTime<Utc>, String> {
-    match &lib.calendar {
-        Some(cal) => cal.anchored(start, anchor),
-        None => crate::calendar::anchored_without_holidays(start, anchor),
-    }
-    .map_err(|e| e.to_string())
+    on_calendar(
+        lib,
+        |cal| cal.anchored(start, anchor),
+        || crate::calendar::anchored_without_holidays(start, anchor),
+    )
 }
 
 /// `due` − n units, per [`crate::calendar::Calendar::subtract`].
@@ -1397,11 +1413,11 @@ pub fn subtract_period(
     unit: Unit,
     n: u32,
 ) -> Result<DateTime<Utc>, String> {
-    match &lib.calendar {
-        Some(cal) => cal.subtract(due, unit, n),
-        None => crate::calendar::subtract_without_holidays(due, unit, n),
-    }
-    .map_err(|e| e.to_string())
+    on_calendar(
+        lib,
+        |cal| cal.subtract(due, unit, n),
+        || crate::calendar::subtract_without_holidays(due, unit, n),
+    )
 }
 
 /// Builds the step from the old and new case.

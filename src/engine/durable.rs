@@ -1555,14 +1555,7 @@ impl Writer {
             tracing::error!("cannot start the applier and syncer threads");
             return;
         };
-        while let Ok(first) = rx.recv() {
-            let mut commands = vec![first];
-            while commands.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(c) => commands.push(c),
-                    Err(_) => break,
-                }
-            }
+        while let Some(commands) = next_group(&rx, MAX_BATCH) {
             let failed = failed(&failure);
             if let Some(error) = failed {
                 for command in commands {
@@ -1625,6 +1618,19 @@ impl Writer {
     }
 }
 
+/// Waits for the next item, then takes whatever else is already waiting (up
+/// to `most` in all): how each stage groups work. `None` once every sender
+/// has gone.
+fn next_group<T>(rx: &mpsc::Receiver<T>, most: usize) -> Option<Vec<T>> {
+    let mut group = vec![rx.recv().ok()?];
+    while group.len() < most
+        && let Ok(more) = rx.try_recv()
+    {
+        group.push(more);
+    }
+    Some(group)
+}
+
 /// Records a storage failure: from then on nothing more is written or acknowledged.
 fn fail(failure: &Failure, e: StoreError) {
     let error = e.to_string();
@@ -1645,11 +1651,7 @@ fn apply_loop(
     batches: &mpsc::Receiver<Outgoing>,
     to_syncer: &mpsc::Sender<Outgoing>,
 ) {
-    while let Ok(first) = batches.recv() {
-        let mut waiting = vec![first];
-        while let Ok(more) = batches.try_recv() {
-            waiting.push(more);
-        }
+    while let Some(waiting) = next_group(batches, usize::MAX) {
         let started = std::time::Instant::now();
         for batch in &waiting {
             if failed(failure).is_none()
@@ -1688,11 +1690,7 @@ fn sync_loop(
     durable: &tokio::sync::watch::Sender<u64>,
     batches: &mpsc::Receiver<Outgoing>,
 ) {
-    while let Ok(first) = batches.recv() {
-        let mut waiting = vec![first];
-        while let Ok(more) = batches.try_recv() {
-            waiting.push(more);
-        }
+    while let Some(waiting) = next_group(batches, usize::MAX) {
         let started = std::time::Instant::now();
         if failed(failure).is_none()
             && let Err(e) = store.sync()

@@ -4,6 +4,7 @@
 //! store never interprets workflows: the engine hands it records and the
 //! index entries each case should have, and the store keeps them.
 
+pub(crate) mod keys;
 pub mod records;
 mod sled_store;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 pub use sled_store::{DEFAULT_CACHE_BYTES, MAX_RECORD_BYTES, SledStore, SyncObserver, SyncStep};
+pub(crate) use sled_store::{is_lock_error, open_db};
 
 /// The prost messages of `proto/govflow/v1`: the records on disk and on the wire.
 #[allow(clippy::all, missing_docs)]

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use prost::Message;
 
+use super::keys::{SEP, case_key, history_key, history_prefix, key, prefix_end};
 use super::{
     CaseFilter, Commit, DueTimer, FeedItem, IndexKey, Page, Result, Store, StoreError, proto,
     records,
@@ -59,33 +60,6 @@ pub struct SledStore {
     db: sled::Db,
     log_file: File,
     observer: Option<SyncObserver>,
-}
-
-const SEP: u8 = 0;
-
-fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = vec![prefix];
-    for part in parts {
-        k.push(SEP);
-        k.extend_from_slice(part);
-    }
-    k
-}
-
-fn case_key(id: &str) -> Vec<u8> {
-    key(b'C', &[id.as_bytes()])
-}
-
-fn history_prefix(id: &str) -> Vec<u8> {
-    let mut k = key(b'H', &[id.as_bytes()]);
-    k.push(SEP);
-    k
-}
-
-fn history_key(id: &str, seq: u64) -> Vec<u8> {
-    let mut k = history_prefix(id);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
 }
 
 /// Nanoseconds since the epoch, flipped so that unsigned byte order is time order.
@@ -195,16 +169,26 @@ fn decode<M: Message + Default>(bytes: &[u8], what: impl Fn() -> String) -> Resu
     })
 }
 
-/// The smallest key greater than every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return end;
+/// Whether sled refused to open because another handle holds its folder.
+pub(crate) fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
+}
+
+/// Opens a sled database. sled closes its files from background threads
+/// after the last handle drops, so a quick reopen (a restart, a test, an
+/// audit of a store just closed) may find the lock held for a moment: it is
+/// tried again for up to two seconds.
+pub(crate) fn open_db(config: sled::Config) -> sled::Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        match config.open() {
+            Err(e) if is_lock_error(&e) && attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
-    vec![u8::MAX; prefix.len() + 1]
 }
 
 /// sled's own default page cache: 1 GiB.
@@ -224,26 +208,13 @@ impl SledStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let config = sled::Config::new()
-            .path(dir)
-            // Durability is ours: no background flusher racing the writer.
-            .flush_every_ms(None)
-            .cache_capacity(cache_bytes);
-        // sled closes its files from background threads after the last handle
-        // drops, so a quick reopen (a restart, a test) may find the lock held
-        // for a moment.
-        let mut attempts = 0;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && attempts < 100 =>
-                {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
+        // Durability is ours: no background flusher racing the writer.
+        let db = open_db(
+            sled::Config::new()
+                .path(dir)
+                .flush_every_ms(None)
+                .cache_capacity(cache_bytes),
+        )?;
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),
