@@ -3,12 +3,12 @@
 //! deployed to the store, compiled the way `engine::durable` compiles them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::source::RecordSource;
 use super::{AuditError, Result};
-use crate::calendar::Calendar;
-use crate::lang::load::{self, Document, Sources};
+use crate::lang::deployed::DeployedSources;
+use crate::lang::load::{self, Sources};
 use crate::lang::validate::{Library, validate};
 use crate::store::proto;
 
@@ -22,11 +22,8 @@ pub struct AuditLibrary {
     /// Stored versions that no longer compile against today's directory and
     /// catalogues: their cases cannot be replayed.
     pub unavailable: Vec<(String, u32)>,
-    /// Agency directory and catalogue files, as text.
-    shared: Vec<(PathBuf, String)>,
-    /// Workflow name → source text of its current version.
-    current: BTreeMap<String, String>,
-    calendar: Option<(PathBuf, Calendar)>,
+    /// What a new version is validated against.
+    pub deployed: DeployedSources,
 }
 
 impl AuditLibrary {
@@ -42,71 +39,30 @@ impl AuditLibrary {
         let Some(mut library) = validated.library else {
             return Err(AuditError::InvalidLibrary(validated.diagnostics));
         };
-        let mut shared = Vec::new();
-        let mut current = BTreeMap::new();
-        for (index, document) in &sources.documents {
-            let file = &sources.files[*index];
-            match document {
-                Document::Workflow(w) => {
-                    current.insert(w.name.clone(), file.text.clone());
-                }
-                Document::Agencies(_) | Document::Catalogue(_) => {
-                    shared.push((file.path.clone(), file.text.clone()));
-                }
-                Document::Scenario(_) => {}
-            }
-        }
-        let mut audit = AuditLibrary {
-            library: Library::default(),
-            versions: stored
-                .iter()
-                .map(|v| (v.digest.clone(), (v.name.clone(), v.version)))
-                .collect(),
-            unavailable: Vec::new(),
-            shared,
-            current,
-            calendar: sources.calendar.clone(),
-        };
+        let deployed = DeployedSources::from_sources(sources);
+        let mut unavailable = Vec::new();
         // Older versions: compiled against today's directory, catalogues and
         // other workflows, as the engine does when it opens.
         for old in stored {
             if library.versions.contains_key(&old.digest) {
                 continue;
             }
-            match validate(&audit.sources_with(&old.name, &old.source))
-                .library
-                .and_then(|l| l.workflows.get(&old.name).cloned())
-            {
+            match deployed.compile(&old.name, &old.source) {
                 Some(compiled) => {
                     library.versions.insert(compiled.digest.clone(), compiled);
                 }
-                None => audit.unavailable.push((old.name.clone(), old.version)),
+                None => unavailable.push((old.name.clone(), old.version)),
             }
         }
-        audit.library = library;
-        Ok(audit)
-    }
-
-    /// The current sources with `text` as the workflow `name`: what a deploy
-    /// of `text` is validated against.
-    pub fn sources_with(&self, name: &str, text: &str) -> Sources {
-        self.sources_with_file(name, Path::new(&format!("deployed/{name}.ron")), text)
-    }
-
-    /// Like [`AuditLibrary::sources_with`], with `text` read from `path`
-    /// (which diagnostics name).
-    pub fn sources_with_file(&self, name: &str, path: &Path, text: &str) -> Sources {
-        let mut files = self.shared.clone();
-        for (other, source) in &self.current {
-            if other != name {
-                files.push((
-                    PathBuf::from(format!("deployed/{other}.ron")),
-                    source.clone(),
-                ));
-            }
-        }
-        files.push((path.to_path_buf(), text.to_owned()));
-        load::from_texts(files, self.calendar.clone())
+        Ok(AuditLibrary {
+            library,
+            versions: stored
+                .iter()
+                .map(|v| (v.digest.clone(), (v.name.clone(), v.version)))
+                .collect(),
+            unavailable,
+            deployed,
+        })
     }
 
     /// The version number a digest was deployed as.

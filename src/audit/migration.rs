@@ -116,7 +116,7 @@ pub fn migration_check(
         return Err(AuditError::InvalidWorkflow(diagnostics));
     };
     let name = workflow.name.clone();
-    let validated = validate(&lib.sources_with_file(&name, path, new_source));
+    let validated = validate(&lib.deployed.sources_with_file(&name, path, new_source));
     let Some(mut new_lib) = validated.library else {
         return Err(AuditError::InvalidWorkflow(validated.diagnostics));
     };

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::core::{self, Input, Rejection, Step};
-use crate::calendar::Calendar;
+use crate::lang::deployed::DeployedSources;
 use crate::lang::diag::Diagnostic;
 use crate::lang::load::{self, Document};
 use crate::lang::validate::{Library, validate};
@@ -215,11 +215,10 @@ struct Rules {
     library: Arc<Library>,
     /// digest → version number.
     versions: HashMap<String, u32>,
-    /// workflow name → (version, source text) of its current version.
-    current: BTreeMap<String, (u32, String)>,
-    /// Agency directory and catalogue files, as text.
-    shared: Vec<(PathBuf, String)>,
-    calendar: Option<(PathBuf, Calendar)>,
+    /// workflow name → version number of its current version.
+    current: BTreeMap<String, u32>,
+    /// What a new version is validated against.
+    deployed: DeployedSources,
 }
 
 impl Rules {
@@ -243,7 +242,7 @@ impl Rules {
             }
             return Err(EngineError::Invalid(diagnostics));
         };
-        let validated = validate(&self.sources_with(&workflow.name, source));
+        let validated = validate(&self.deployed.sources_with(&workflow.name, source));
         Ok((workflow.name, validated))
     }
 
@@ -262,7 +261,7 @@ impl Rules {
                 .entry(digest.clone())
                 .or_insert_with(|| Arc::clone(old));
         }
-        let own = format!("deployed/{name}.ron");
+        let own = DeployedSources::path_of(&name);
         let warnings = validated
             .diagnostics
             .into_iter()
@@ -302,23 +301,6 @@ impl Rules {
             running,
             breaking,
         })
-    }
-
-    fn sources_with(&self, name: &str, text: &str) -> load::Sources {
-        let mut files = self.shared.clone();
-        for (other, (_, source)) in &self.current {
-            if other != name {
-                files.push((
-                    PathBuf::from(format!("deployed/{other}.ron")),
-                    source.clone(),
-                ));
-            }
-        }
-        files.push((
-            PathBuf::from(format!("deployed/{name}.ron")),
-            text.to_owned(),
-        ));
-        load::from_texts(files, self.calendar.clone())
     }
 }
 
@@ -424,20 +406,7 @@ impl Engine {
         let Some(library) = validated.library else {
             return Err(EngineError::Invalid(validated.diagnostics));
         };
-        let mut shared = Vec::new();
-        let mut texts: BTreeMap<String, String> = BTreeMap::new();
-        for (index, document) in &sources.documents {
-            let file = &sources.files[*index];
-            match document {
-                Document::Workflow(w) => {
-                    texts.insert(w.name.clone(), file.text.clone());
-                }
-                Document::Agencies(_) | Document::Catalogue(_) => {
-                    shared.push((file.path.clone(), file.text.clone()))
-                }
-                Document::Scenario(_) => {}
-            }
-        }
+        let deployed = DeployedSources::from_sources(sources);
         let stored = store.workflow_versions()?;
         let mut latest: BTreeMap<&str, &proto::WorkflowVersion> = BTreeMap::new();
         for v in &stored {
@@ -454,8 +423,7 @@ impl Engine {
                 .map(|v| (v.digest.clone(), v.version))
                 .collect(),
             current: BTreeMap::new(),
-            shared,
-            calendar: sources.calendar.clone(),
+            deployed,
         };
         let mut new_versions = Vec::new();
         for (name, compiled) in &library.workflows {
@@ -466,7 +434,7 @@ impl Engine {
                     new_versions.push(proto::WorkflowVersion {
                         name: name.clone(),
                         version,
-                        source: texts[name].clone(),
+                        source: rules.deployed.source(name).unwrap_or_default().to_owned(),
                         digest: compiled.digest.clone(),
                         deploy_time: Some(records::timestamp(now)),
                     });
@@ -474,9 +442,7 @@ impl Engine {
                     version
                 }
             };
-            rules
-                .current
-                .insert(name.clone(), (version, texts[name].clone()));
+            rules.current.insert(name.clone(), version);
         }
         let mut library = library;
         // Older versions: compiled against today's directory and catalogues.
@@ -484,10 +450,7 @@ impl Engine {
             if library.versions.contains_key(&old.digest) {
                 continue;
             }
-            if let Some(compiled) = validate(&rules.sources_with(&old.name, &old.source))
-                .library
-                .and_then(|l| l.workflows.get(&old.name).cloned())
-            {
+            if let Some(compiled) = rules.deployed.compile(&old.name, &old.source) {
                 library.versions.insert(compiled.digest.clone(), compiled);
             } else {
                 tracing::warn!(workflow = %old.name, version = old.version, "an old workflow version no longer validates; its running cases cannot move");
@@ -675,7 +638,7 @@ impl Engine {
         let rules = Arc::clone(&self.inner.rules.read().unwrap_or_else(|e| e.into_inner()));
         match rules.check(source) {
             Ok((name, validated)) => {
-                let own = format!("deployed/{name}.ron");
+                let own = DeployedSources::path_of(&name);
                 validated
                     .diagnostics
                     .into_iter()
@@ -1202,7 +1165,7 @@ impl Batch<'_> {
                 .rules
                 .current
                 .get(&name)
-                .is_some_and(|(v, _)| *v == version)
+                .is_some_and(|v| *v == version)
         {
             return Ok(Deployed {
                 name,
@@ -1258,13 +1221,11 @@ impl Batch<'_> {
             library: Arc::new(candidate.library),
             versions: self.rules.versions.clone(),
             current: self.rules.current.clone(),
-            shared: self.rules.shared.clone(),
-            calendar: self.rules.calendar.clone(),
+            deployed: self.rules.deployed.clone(),
         };
         rules.versions.insert(compiled.digest.clone(), version);
-        rules
-            .current
-            .insert(name.clone(), (version, source.clone()));
+        rules.current.insert(name.clone(), version);
+        rules.deployed.set_current(&name, source.clone());
         self.workflows.push(proto::WorkflowVersion {
             name: name.clone(),
             version,

@@ -1,5 +1,6 @@
 //! The workflow language: model, loading, location of diagnostics, validation.
 
+pub mod deployed;
 pub mod diag;
 pub mod expr;
 pub mod load;
