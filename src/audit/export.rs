@@ -8,7 +8,7 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::canonical::Encoder;
+use crate::store::canonical::Encoder;
 use super::source::{CaseEvent, RecordSource, visit_case};
 use super::{AuditError, Result};
 use crate::store::{proto, records};

@@ -19,7 +19,6 @@
 //! * [`bench`]: verification and replay speed, and stores to measure them on.
 
 pub mod bench;
-pub mod canonical;
 mod export;
 mod library;
 mod migration;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::canonical::Encoder;
+use crate::store::canonical::Encoder;
 use super::source::{CaseEvent, CaseRecord, RawEntry, RecordSource, visit_case};
 use super::{AuditError, Result};
 use crate::store::proto;

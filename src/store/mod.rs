@@ -4,6 +4,7 @@
 //! store never interprets workflows: the engine hands it records and the
 //! index entries each case should have, and the store keeps them.
 
+pub mod canonical;
 pub(crate) mod keys;
 pub mod records;
 mod sled_store;

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use prost_types::value::Kind;
 use serde_json::{Map as JsonMap, Value as Json, json};
-use sha2::{Digest, Sha256};
 
 use super::proto;
 use crate::engine::core::{self, Actor, TimerKind};
@@ -325,7 +324,8 @@ pub fn entry_json(r: &proto::HistoryEntry) -> Json {
 }
 
 /// The canonical bytes of an entry: its JSON without `hash`, keys sorted, compact.
-pub fn canonical_bytes(r: &proto::HistoryEntry) -> Vec<u8> {
+#[cfg(test)]
+pub(crate) fn canonical_bytes(r: &proto::HistoryEntry) -> Vec<u8> {
     let mut value = entry_json(r);
     if let Json::Object(map) = &mut value {
         map.remove("hash");
@@ -334,9 +334,11 @@ pub fn canonical_bytes(r: &proto::HistoryEntry) -> Vec<u8> {
     serde_json::to_vec(&value).unwrap_or_default()
 }
 
-/// SHA-256 of the canonical bytes.
+/// SHA-256 of the canonical bytes, written by [`super::canonical::Encoder`]
+/// (byte for byte what `canonical_bytes` defines, without building the JSON
+/// value).
 pub fn entry_hash(r: &proto::HistoryEntry) -> [u8; 32] {
-    Sha256::digest(canonical_bytes(r)).into()
+    super::canonical::Encoder::new().hash(r)
 }
 
 #[cfg(test)]

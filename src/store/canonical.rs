@@ -1,10 +1,10 @@
 //! The canonical encoding of a history entry, written straight from the
-//! record into a reused buffer.
+//! record into a reused buffer: what the engine hashes each step with, and
+//! what verify and export use.
 //!
-//! [`records::canonical_bytes`](crate::store::records::canonical_bytes) is
-//! the definition: it builds the entry as a `serde_json` value and
-//! serialises it. Verifying a million entries that way allocates every map
-//! and string of every entry twice, so this module writes the same bytes
+//! `records::canonical_bytes` (kept for the tests) is the definition: it builds the entry as a `serde_json` value and
+//! serialises it. That allocates every map and string of every entry twice,
+//! so this module writes the same bytes
 //! directly: members in sorted order, strings escaped as `serde_json` (and
 //! Python's `json.dumps(..., ensure_ascii=False)`) escape them, numbers
 //! formatted as [`records::from_value`](crate::store::records::from_value)
