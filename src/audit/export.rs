@@ -8,9 +8,9 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::store::canonical::Encoder;
 use super::source::{CaseEvent, RecordSource, visit_case};
 use super::{AuditError, Result};
+use crate::store::canonical::Encoder;
 use crate::store::{proto, records};
 
 /// Which entries to export. Every filter given must hold.

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::store::canonical::Encoder;
 use super::source::{CaseEvent, CaseRecord, RawEntry, RecordSource, visit_case};
 use super::{AuditError, Result};
+use crate::store::canonical::Encoder;
 use crate::store::proto;
 
 /// Which cases to verify.

@@ -1161,11 +1161,7 @@ impl Batch<'_> {
         let name = candidate.name.clone();
         let compiled = Arc::clone(&candidate.compiled);
         if let Some(&version) = self.rules.versions.get(&compiled.digest)
-            && self
-                .rules
-                .current
-                .get(&name)
-                .is_some_and(|v| *v == version)
+            && self.rules.current.get(&name).is_some_and(|v| *v == version)
         {
             return Ok(Deployed {
                 name,
