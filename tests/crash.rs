@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use govflow::store::{SledStore, Store, records};
 
+use crate::common::{data, env_or};
+
 fn check_store(dir: &Path, acked: &BTreeMap<String, u64>) -> Result<usize, String> {
     let store = SledStore::open(dir).map_err(|e| format!("reopen: {e}"))?;
     let ids = store.case_ids("", usize::MAX).map_err(|e| e.to_string())?;
@@ -72,12 +74,9 @@ fn check_store(dir: &Path, acked: &BTreeMap<String, u64>) -> Result<usize, Strin
 
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_step() {
-    let runs: u32 = std::env::var("GOVFLOW_CRASH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs: u32 = env_or("GOVFLOW_CRASH_RUNS", 20);
     let dir = tempfile::tempdir().expect("tempdir");
-    let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engine");
+    let workflows = data();
     let mut acked: BTreeMap<String, u64> = BTreeMap::new();
     let mut total_acks = 0usize;
     for run in 0..runs {

@@ -2,63 +2,22 @@
 //! timers and children that survive restarts.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, TimeDelta, Utc};
-use serde_json::{Map, Value as Json, json};
+use chrono::TimeDelta;
+use serde_json::{Map, json};
 
 use govflow::engine::RejectCode;
 use govflow::engine::durable::{Engine, EngineError, FireRequest, ManualClock, StartRequest};
 use govflow::lang::load::load;
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
-fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engine")
-}
-
-fn at(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).expect("time").to_utc()
-}
-
-fn t0() -> DateTime<Utc> {
-    at("2020-06-01T09:00:00+08:00")
-}
-
-fn open_with(dir: &Path, clock: &Arc<ManualClock>, workflows: &Path) -> Engine {
-    let sources = load(&[workflows.to_path_buf()]).expect("loads");
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).expect("store opens"));
-    Engine::open(store, &sources, clock.clone()).expect("engine opens")
-}
-
-fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
-    open_with(dir, clock, &data())
-}
-
-fn obj(v: Json) -> Map<String, Json> {
-    v.as_object().cloned().unwrap_or_default()
-}
-
-fn start_ledger(id: &str) -> StartRequest {
-    StartRequest {
-        request_id: format!("start-{id}"),
-        case_id: id.into(),
-        workflow: "ledger".into(),
-        agency: "hebei.sjz.zhengding".into(),
-        bindings: [("handler".to_owned(), "hebei.sjz.zhengding".to_owned())].into(),
-        variables: obj(json!({"enterprise": "石家庄某制造有限公司"})),
-    }
-}
+use crate::common::{
+    CITY, COUNTY, data, fire, fresh_engine, obj, open_engine, start_batch, start_ledger, t0,
+};
 
 fn note(id: &str, request: &str) -> FireRequest {
-    FireRequest {
-        request_id: request.into(),
-        case_id: id.into(),
-        event: "note".into(),
-        agency: "hebei.sjz.zhengding".into(),
-        payload: obj(json!({"text": "进展"})),
-        expected_sequence: None,
-    }
+    fire(id, request, "note", COUNTY, json!({"text": "进展"}))
 }
 
 /// Everything the store holds about its cases, for before/after comparisons.
@@ -89,9 +48,7 @@ fn chain_intact(history: &[proto::HistoryEntry]) -> bool {
 
 #[tokio::test]
 async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let mut engine = open(dir.path(), &clock);
+    let (dir, clock, mut engine) = fresh_engine();
     type Op = Box<dyn Fn(Engine) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;
     let ops: Vec<(&str, Op)> = vec![
         (
@@ -114,26 +71,11 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
             "spawn",
             Box::new(|e: Engine| {
                 Box::pin(async move {
-                    e.start(StartRequest {
-                        request_id: "b".into(),
-                        case_id: "b".into(),
-                        workflow: "batch".into(),
-                        agency: "hebei.sjz".into(),
-                        bindings: [("handler".to_owned(), "hebei.sjz".to_owned())].into(),
-                        variables: Map::new(),
-                    })
-                    .await
-                    .expect("start");
-                    e.fire(FireRequest {
-                        request_id: "d".into(),
-                        case_id: "b".into(),
-                        event: "dispatch".into(),
-                        agency: "hebei.sjz".into(),
-                        payload: obj(json!({"items": ["x", "y"]})),
-                        expected_sequence: None,
-                    })
-                    .await
-                    .expect("dispatch");
+                    e.start(start_batch("b", "b")).await.expect("start");
+                    let items = json!({"items": ["x", "y"]});
+                    e.fire(fire("b", "d", "dispatch", CITY, items))
+                        .await
+                        .expect("dispatch");
                 })
             }),
         ),
@@ -141,15 +83,9 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
             "child settles",
             Box::new(|e: Engine| {
                 Box::pin(async move {
-                    e.fire(FireRequest {
-                        request_id: "f0".into(),
-                        case_id: "b/0".into(),
-                        event: "finish".into(),
-                        agency: "hebei.sjz".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("finish");
+                    e.fire(fire("b/0", "f0", "finish", CITY, json!({})))
+                        .await
+                        .expect("finish");
                 })
             }),
         ),
@@ -182,7 +118,7 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
         let versions = engine.workflow_versions().expect("versions");
         engine.shutdown();
         drop(engine);
-        engine = open(dir.path(), &clock);
+        engine = open_engine(dir.path(), &clock);
         assert_eq!(snapshot(&engine), before, "after {name}");
         if name != "deploy" {
             assert_eq!(
@@ -312,9 +248,7 @@ async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
 
 #[tokio::test]
 async fn many_callers_on_one_case_lose_no_update() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (_dir, _clock, engine) = fresh_engine();
     engine.start(start_ledger("a")).await.expect("start");
     let tasks: Vec<_> = (0..100)
         .map(|i| {
@@ -362,9 +296,7 @@ async fn many_callers_on_one_case_lose_no_update() {
 
 #[tokio::test]
 async fn many_callers_on_many_cases_finish_without_deadlock() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (_dir, _clock, engine) = fresh_engine();
     let tasks: Vec<_> = (0..40)
         .map(|c| {
             let engine = engine.clone();
@@ -400,33 +332,21 @@ async fn many_callers_on_many_cases_finish_without_deadlock() {
 
 #[tokio::test]
 async fn retries_get_the_first_answer_even_after_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (dir, clock, engine) = fresh_engine();
     engine.start(start_ledger("a")).await.expect("start");
     let first = engine.fire(note("a", "same")).await.expect("fire");
-    let refused = engine
-        .fire(FireRequest {
-            event: "close".into(),
-            agency: "hebei.sjz".into(),
-            ..note("a", "refused")
-        })
-        .await;
+    // The city may not close a county's case.
+    let closing = fire("a", "refused", "close", CITY, json!({"text": "进展"}));
+    let refused = engine.fire(closing.clone()).await;
     assert!(
         matches!(&refused, Err(EngineError::Rejected(r)) if r.code == RejectCode::RoleNotAllowed)
     );
     engine.fire(note("a", "later")).await.expect("fire");
     engine.shutdown();
     drop(engine);
-    let engine = open(dir.path(), &clock);
+    let engine = open_engine(dir.path(), &clock);
     assert_eq!(engine.fire(note("a", "same")).await.expect("retry"), first);
-    let again = engine
-        .fire(FireRequest {
-            event: "close".into(),
-            agency: "hebei.sjz".into(),
-            ..note("a", "refused")
-        })
-        .await;
+    let again = engine.fire(closing).await;
     assert!(matches!(again, Err(EngineError::Rejected(r)) if r.code == RejectCode::RoleNotAllowed));
     assert_eq!(
         engine.case("a").expect("case").sequence,
@@ -452,9 +372,7 @@ async fn retries_get_the_first_answer_even_after_a_restart() {
 
 #[tokio::test]
 async fn a_running_case_stays_on_its_version_and_a_bad_deploy_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (_dir, _clock, engine) = fresh_engine();
     engine.start(start_ledger("old")).await.expect("start");
     let v1 = engine.case("old").expect("case").workflow_digest;
     // Version 2 drops the `note` transition.
@@ -496,9 +414,7 @@ async fn a_running_case_stays_on_its_version_and_a_bad_deploy_changes_nothing() 
 
 #[tokio::test]
 async fn timers_fire_once_in_due_order_also_after_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (dir, clock, engine) = fresh_engine();
     for (i, id) in ["late", "early", "closed"].iter().enumerate() {
         clock.set(t0() + TimeDelta::hours(i as i64));
         engine
@@ -526,7 +442,7 @@ async fn timers_fire_once_in_due_order_also_after_a_restart() {
 
     // The engine is down while everything comes due.
     clock.set(t0() + TimeDelta::days(30));
-    let engine = open(dir.path(), &clock);
+    let engine = open_engine(dir.path(), &clock);
     assert_eq!(
         engine.tick().await.expect("tick"),
         4,
@@ -559,29 +475,11 @@ async fn timers_fire_once_in_due_order_also_after_a_restart() {
 
 #[tokio::test]
 async fn children_start_and_settle_their_parent_in_the_same_commit() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
-    engine
-        .start(StartRequest {
-            request_id: "p".into(),
-            case_id: "p".into(),
-            workflow: "batch".into(),
-            agency: "hebei.sjz".into(),
-            bindings: [("handler".to_owned(), "hebei.sjz".to_owned())].into(),
-            variables: Map::new(),
-        })
-        .await
-        .expect("start");
+    let (_dir, _clock, engine) = fresh_engine();
+    engine.start(start_batch("p", "p")).await.expect("start");
+    let items = json!({"items": ["甲", "乙", "丙"]});
     let parent = engine
-        .fire(FireRequest {
-            request_id: "d".into(),
-            case_id: "p".into(),
-            event: "dispatch".into(),
-            agency: "hebei.sjz".into(),
-            payload: obj(json!({"items": ["甲", "乙", "丙"]})),
-            expected_sequence: None,
-        })
+        .fire(fire("p", "d", "dispatch", CITY, items))
         .await
         .expect("dispatch");
     assert_eq!(parent.children.len(), 3);
@@ -592,16 +490,9 @@ async fn children_start_and_settle_their_parent_in_the_same_commit() {
         assert_eq!(child.parent, "p");
     }
     for i in 0..3 {
-        engine
-            .fire(FireRequest {
-                request_id: format!("f{i}"),
-                case_id: format!("p/{i}"),
-                event: "finish".into(),
-                agency: "hebei.sjz".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("finish");
+        let child = format!("p/{i}");
+        let finish = fire(&child, &format!("f{i}"), "finish", CITY, json!({}));
+        engine.fire(finish).await.expect("finish");
     }
     let parent = engine.case("p").expect("parent");
     assert_eq!(
@@ -621,9 +512,7 @@ async fn children_start_and_settle_their_parent_in_the_same_commit() {
 
 #[tokio::test]
 async fn a_progress_report_keeps_the_running_deadline() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(t0()));
-    let engine = open(dir.path(), &clock);
+    let (_dir, clock, engine) = fresh_engine();
     let started = engine.start(start_ledger("a")).await.expect("start");
     clock.set(t0() + TimeDelta::days(1));
     let reported = engine

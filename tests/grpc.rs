@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::{Value as Json, json};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -20,8 +20,11 @@ use govflow::store::proto::{
 };
 use govflow::store::records;
 
+use crate::common::{at, shipped};
+
 struct Server {
     endpoint: String,
+    port: u16,
     tokens: BTreeMap<String, String>,
     engine: Engine,
     watchers: Watchers,
@@ -42,7 +45,7 @@ impl Server {
     ) -> Server {
         let mut config = Config {
             data: data.to_path_buf(),
-            workflows: Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+            workflows: shipped(),
             ..Config::default()
         };
         configure(&mut config);
@@ -61,7 +64,8 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr");
+        let endpoint = format!("http://{addr}");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server::serve_on(prepared, listener, async {
@@ -72,6 +76,7 @@ impl Server {
         });
         Server {
             endpoint,
+            port: addr.port(),
             tokens,
             engine,
             watchers,
@@ -95,6 +100,22 @@ impl Server {
             .connect()
             .await
             .expect("connects")
+    }
+
+    /// Clients of the three services, on one connection.
+    async fn clients(
+        &self,
+    ) -> (
+        CasesServiceClient<Channel>,
+        DefinitionsServiceClient<Channel>,
+        AuditServiceClient<Channel>,
+    ) {
+        let channel = self.channel().await;
+        (
+            CasesServiceClient::new(channel.clone()),
+            DefinitionsServiceClient::new(channel.clone()),
+            AuditServiceClient::new(channel),
+        )
     }
 
     fn token(&self, principal: &str) -> String {
@@ -139,15 +160,32 @@ fn new_case(
     }
 }
 
-/// The roles a 包联 case is started with.
-const BAOLIAN_BINDINGS: [(&str, &str); 3] = [
-    ("work_team", "hebei.sjz.industry"),
-    ("responsible_dept", "hebei.sjz.industry"),
-    ("leader", "hebei.sjz.office"),
-];
+/// A request to start 包联 case `id`, with the roles it is always started with.
+fn baolian(id: &str, variables: Json) -> proto::CreateCaseRequest {
+    let bindings = [
+        ("work_team", "hebei.sjz.industry"),
+        ("responsible_dept", "hebei.sjz.industry"),
+        ("leader", "hebei.sjz.office"),
+    ];
+    new_case(id, "baolian_escalation", &bindings, variables)
+}
 
-fn at(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+/// A request to start 证照分离 registration `id`, registered by the AMR.
+fn registration(request_id: &str, id: &str, variables: Json) -> proto::CreateCaseRequest {
+    proto::CreateCaseRequest {
+        request_id: request_id.into(),
+        ..new_case(
+            id,
+            "zzfl_registration",
+            &[("registration", "hebei.sjz.amr")],
+            variables,
+        )
+    }
+}
+
+/// The text of the seed workflow `name` (`workflows/{name}.ron`).
+fn seed_source(name: &str) -> String {
+    std::fs::read_to_string(shipped().join(format!("{name}.ron"))).expect("read")
 }
 
 fn reason(status: &Status) -> String {
@@ -162,6 +200,23 @@ fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     (dir, data)
+}
+
+/// A server on a fresh data folder (kept while the `TempDir` lives), its
+/// clock at `now`.
+async fn serve(now: &str) -> (tempfile::TempDir, Arc<ManualClock>, Server) {
+    serve_with(now, |_| {}).await
+}
+
+/// [`serve`] with changes to the default configuration.
+async fn serve_with(
+    now: &str,
+    configure: impl FnOnce(&mut Config),
+) -> (tempfile::TempDir, Arc<ManualClock>, Server) {
+    let (dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at(now)));
+    let server = Server::start_with(&data, &clock, configure).await;
+    (dir, clock, server)
 }
 
 /// Drains an ExportHistory stream: its lines and skipped records, or the
@@ -183,6 +238,23 @@ async fn export_lines(
     Ok((lines, skipped))
 }
 
+/// CheckMigration of `source`, asked as `token`.
+async fn check_migration(
+    audit: &AuditServiceClient<Channel>,
+    token: &str,
+    source: &str,
+) -> proto::CheckMigrationResponse {
+    let request = proto::CheckMigrationRequest {
+        source: source.into(),
+    };
+    audit
+        .clone()
+        .check_migration(authed(Some(token), request))
+        .await
+        .expect("checked")
+        .into_inner()
+}
+
 /// "agency:{id}", "timer:{id}" or "engine", as ReplayCase names an actor.
 fn actor_name(actor: Option<&proto::Actor>) -> String {
     match records::from_actor(actor) {
@@ -200,9 +272,7 @@ fn actor_name(actor: Option<&proto::Actor>) -> String {
 async fn audited(server: &Server) -> u64 {
     let auditor = server.token("hebei.sjz.audit");
     let t = Some(auditor.as_str());
-    let channel = server.channel().await;
-    let mut audit = AuditServiceClient::new(channel.clone());
-    let mut cases = CasesServiceClient::new(channel);
+    let (mut cases, _, mut audit) = server.clients().await;
     let mut all = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -320,6 +390,28 @@ impl Agent {
         }
     }
 
+    /// CreateCase, as this agency.
+    async fn create(
+        &mut self,
+        request: proto::CreateCaseRequest,
+    ) -> Result<proto::CreateCaseResponse, Status> {
+        self.cases
+            .create_case(authed(Some(&self.token), request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// GetCase `cases/{case}`, as this agency.
+    async fn get(&mut self, case: &str) -> Result<proto::Case, Status> {
+        let request = proto::GetCaseRequest {
+            name: format!("cases/{case}"),
+        };
+        self.cases
+            .get_case(authed(Some(&self.token), request))
+            .await
+            .map(|r| r.into_inner().case.expect("case"))
+    }
+
     async fn fire(
         &mut self,
         case: &str,
@@ -359,11 +451,9 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "石家庄某置业有限公司", "credit_code": "91130102MA0HOUS001"}),
     );
     let case = platform
-        .cases
-        .create_case(authed(Some(&platform.token), start))
+        .create(start)
         .await
         .expect("started")
-        .into_inner()
         .case
         .expect("case");
     assert_eq!(case.state, "awaiting_application");
@@ -501,22 +591,14 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
 
 #[tokio::test]
 async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_time() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
+    let (_dir, clock, server) = serve("2020-09-21T09:00:00+08:00").await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut team = Agent::new(&server, "hebei.sjz.industry").await;
-    let start = new_case(
+    let start = baolian(
         "bl-1",
-        "baolian_escalation",
-        &BAOLIAN_BINDINGS,
         json!({"enterprise_name": "石家庄藁城某装备制造有限公司", "credit_code": "91130182MA0A000002", "county": "hebei.sjz.gaocheng", "problem_summary": "缺少能耗指标"}),
     );
-    platform
-        .cases
-        .create_case(authed(Some(&platform.token), start))
-        .await
-        .expect("started");
+    platform.create(start).await.expect("started");
     team.fire("bl-1", "classify", json!({"level": "county"}))
         .await
         .expect("classified");
@@ -530,18 +612,9 @@ async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_
     server.engine.tick().await.expect("timers fire");
     let mut city = Agent::new(&server, "hebei.sjz").await;
     let case = city
-        .cases
-        .get_case(authed(
-            Some(&city.token),
-            proto::GetCaseRequest {
-                name: "cases/bl-1".into(),
-            },
-        ))
+        .get("bl-1")
         .await
-        .expect("the city now holds a role and sees the case")
-        .into_inner()
-        .case
-        .expect("case");
+        .expect("the city now holds a role and sees the case");
     assert_eq!(case.state, "city_handling");
     assert_eq!(case.bindings["handler"], "hebei.sjz");
     // The county may no longer report it solved.
@@ -558,35 +631,22 @@ async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_
 /// one, an auditor, the admin}.
 #[tokio::test]
 async fn the_authorisation_matrix_holds_for_every_rpc() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
-    let channel = server.channel().await;
-    let mut cases = CasesServiceClient::new(channel.clone());
-    let mut definitions = DefinitionsServiceClient::new(channel.clone());
-    let mut audit = AuditServiceClient::new(channel);
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let (mut cases, mut definitions, mut audit) = server.clients().await;
     let platform = server.token("hebei.sjz.platform");
-    let start = |id: &str| proto::CreateCaseRequest {
-        request_id: format!("start-{id}"),
-        case_id: id.into(),
-        workflow: "zzfl_registration".into(),
-        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
-        variables: structure(
+    let start = |id: &str| {
+        registration(
+            &format!("start-{id}"),
+            id,
             json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
-        ),
+        )
     };
     cases
         .create_case(authed(Some(&platform), start("m-1")))
         .await
         .expect("the matrix's case");
-    let source = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_abolish.ron"),
-    )
-    .expect("read");
-    let registration = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_registration.ron"),
-    )
-    .expect("read");
+    let source = seed_source("zzfl_abolish");
+    let registration = seed_source("zzfl_registration");
 
     let principals: [(&str, Option<String>); 5] = [
         ("none", None),
@@ -709,20 +769,10 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     assert!(own.contains("m-1"), "{own:?}");
     let all = exported(server.token("hebei.sjz.audit"), "").await;
     assert!(all.len() >= 3 && own.is_subset(&all), "{all:?}");
-    let running = |token: String| {
-        let mut audit = audit.clone();
-        let source = registration.clone();
-        async move {
-            audit
-                .check_migration(authed(
-                    Some(&token),
-                    proto::CheckMigrationRequest { source },
-                ))
-                .await
-                .expect("check")
-                .into_inner()
-                .running_cases
-        }
+    let running = async |token: String| {
+        check_migration(&audit, &token, &registration)
+            .await
+            .running_cases
     };
     // m-1 is registered (closed); the two cases started in the matrix run.
     assert_eq!(running(server.token("hebei.sjz.tax")).await, 0);
@@ -734,35 +784,23 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
 
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
-    let channel = server.channel().await;
-    let mut cases = CasesServiceClient::new(channel.clone());
-    let mut definitions = DefinitionsServiceClient::new(channel.clone());
-    let mut audit = AuditServiceClient::new(channel);
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let (mut cases, mut definitions, mut audit) = server.clients().await;
     let amr = server.token("hebei.sjz.amr");
     let platform = server.token("hebei.sjz.platform");
     let t = Some(platform.as_str());
-    let start = proto::CreateCaseRequest {
-        request_id: "s".into(),
-        case_id: "b-1".into(),
-        workflow: "zzfl_registration".into(),
-        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
-        variables: structure(
-            json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TEST002"}),
-        ),
-    };
+    let start = registration(
+        "s",
+        "b-1",
+        json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TEST002"}),
+    );
     cases
         .create_case(authed(t, start.clone()))
         .await
         .expect("started");
     // The start state renamed: b-1, which is in it, would no longer replay.
-    let registration_renamed = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_registration.ron"),
-    )
-    .expect("read")
-    .replace("\"applied\"", "\"submitted\"");
+    let registration_renamed =
+        seed_source("zzfl_registration").replace("\"applied\"", "\"submitted\"");
     let fire =
         |event: &str, payload: Json, expected: Option<u64>, id: &str| proto::FireEventRequest {
             request_id: id.into(),
@@ -872,57 +910,15 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
 
 #[tokio::test]
 async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
-    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
-    let start = |id: &str| {
-        new_case(
-            id,
-            "baolian_escalation",
-            &BAOLIAN_BINDINGS,
-            json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH01", "county": "hebei.sjz.zhengding", "problem_summary": "用电增容"}),
-        )
-    };
-    let watch = |token: String, cursor: &str| {
-        let channel = server.endpoint.clone();
-        let cursor = cursor.to_owned();
-        async move {
-            let mut client = CasesServiceClient::new(
-                Channel::from_shared(channel)
-                    .expect("uri")
-                    .connect()
-                    .await
-                    .expect("connects"),
-            );
-            client
-                .watch_events(authed(Some(&token), proto::WatchEventsRequest { cursor }))
-                .await
-                .expect("watching")
-                .into_inner()
-        }
-    };
-    let mut stream = watch(platform.token.clone(), "0").await;
-    let mut other = watch(server.token("hebei.sjz.tax"), "0").await;
-    platform
-        .cases
-        .create_case(authed(Some(&platform.token.clone()), start("w-1")))
-        .await
-        .expect("started");
-    let mut team = Agent::new(&server, "hebei.sjz.industry").await;
-    team.fire("w-1", "classify", json!({"level": "county"}))
-        .await
-        .expect("classified");
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
+    let mut stream = open_watch(&server, WATCHER, "0", None).await;
+    let mut other = open_watch(&server, "hebei.sjz.tax", "0", None).await;
+    baolian_case(&server, "w-1").await;
     let mut seen = Vec::new();
     let mut cursor = String::new();
     for _ in 0..2 {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("a message");
-        let entry = message.history_entry.expect("entry");
-        seen.push((entry.case_id, entry.sequence));
+        let message = next_step(&mut stream, 10).await;
+        seen.push(watched(&message));
         cursor = message.cursor;
     }
     drop(stream);
@@ -938,15 +934,9 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
             .await
             .expect("report");
     }
-    let mut resumed = watch(platform.token.clone(), &cursor).await;
+    let mut resumed = open_watch(&server, WATCHER, &cursor, None).await;
     for _ in 0..3 {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(10), resumed.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("a message");
-        let entry = message.history_entry.expect("entry");
-        seen.push((entry.case_id, entry.sequence));
+        seen.push(watched(&next_step(&mut resumed, 10).await));
     }
     let expected: Vec<(String, u64)> = (1..=5).map(|s| ("w-1".to_owned(), s)).collect();
     assert_eq!(
@@ -1001,6 +991,18 @@ fn watched(message: &proto::WatchEventsResponse) -> (String, u64) {
     (entry.case_id.clone(), entry.sequence)
 }
 
+/// The next step on `stream`, which must come within `secs` seconds.
+async fn next_step(
+    stream: &mut tonic::Streaming<proto::WatchEventsResponse>,
+    secs: u64,
+) -> proto::WatchEventsResponse {
+    tokio::time::timeout(Duration::from_secs(secs), stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("a step")
+}
+
 /// The `cursor` an ErrorInfo carries.
 fn status_cursor(status: &Status) -> String {
     status
@@ -1014,17 +1016,11 @@ fn status_cursor(status: &Status) -> String {
 /// two steps. The county (正定) then handles it.
 async fn baolian_case(server: &Server, id: &str) {
     let mut platform = Agent::new(server, WATCHER).await;
-    let start = new_case(
+    let start = baolian(
         id,
-        "baolian_escalation",
-        &BAOLIAN_BINDINGS,
         json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH02", "county": "hebei.sjz.zhengding", "problem_summary": "用电增容"}),
     );
-    platform
-        .cases
-        .create_case(authed(Some(&platform.token), start))
-        .await
-        .expect("started");
+    platform.create(start).await.expect("started");
     let mut team = Agent::new(server, "hebei.sjz.industry").await;
     team.fire(id, "classify", json!({"level": "county"}))
         .await
@@ -1052,15 +1048,32 @@ async fn report_progress(mut county: Agent, id: String, reports: usize) {
     }
 }
 
-/// Polls until `watchers` watch tasks are running; false after a minute.
-async fn watch_tasks_become(server: &Server, watchers: usize) -> bool {
+/// Opens a watch of [`WATCHER`]'s steps that is never read, then runs 包联
+/// case `id` with 120 long reports: more than the watch's window and the
+/// server's queue hold.
+async fn unread_watch(server: &Server, id: &str) -> tonic::Streaming<proto::WatchEventsResponse> {
+    let slow = open_watch(server, WATCHER, "", Some(65_535)).await;
+    baolian_case(server, id).await;
+    let county = Agent::new(server, "hebei.sjz.zhengding").await;
+    report_progress(county, id.into(), 120).await;
+    slow
+}
+
+/// Polls `done` every 100 ms until it holds; false if it does not within a
+/// minute.
+async fn within_a_minute(done: impl Fn() -> bool) -> bool {
     for _ in 0..600 {
-        if server.watchers.running() == watchers {
+        if done() {
             return true;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// Polls until `watchers` watch tasks are running; false after a minute.
+async fn watch_tasks_become(server: &Server, watchers: usize) -> bool {
+    within_a_minute(|| server.watchers.running() == watchers).await
 }
 
 /// Issue 5, point 5: a watcher that does not read never slows the engine; it
@@ -1072,9 +1085,8 @@ async fn a_slow_watcher_is_cut_off_without_slowing_the_engine_and_resumes_from_i
     const CASES: usize = 6;
     const REPORTS: usize = 50;
     let total = CASES * (2 + REPORTS);
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 1000).await;
+    let (_dir, _clock, server) =
+        serve_with("2020-09-21T09:00:00+08:00", |c| c.watch_cutoff_ms = 1000).await;
     // Opened before the first step, never read until the end: a 64 KiB
     // window holds about fifteen steps, the server's queue 64 more.
     let mut slow = open_watch(&server, WATCHER, "0", Some(65_535)).await;
@@ -1160,12 +1172,7 @@ async fn a_slow_watcher_is_cut_off_without_slowing_the_engine_and_resumes_from_i
     // Resuming from it: the rest of the feed, nothing twice.
     let mut resumed = open_watch(&server, WATCHER, &cursor, None).await;
     while got.len() < total {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(30), resumed.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("a step");
-        got.push(watched(&message));
+        got.push(watched(&next_step(&mut resumed, 30).await));
     }
     let more = tokio::time::timeout(std::time::Duration::from_millis(300), resumed.message()).await;
     assert!(more.is_err(), "a step beyond the feed: {more:?}");
@@ -1179,14 +1186,10 @@ async fn a_slow_watcher_is_cut_off_without_slowing_the_engine_and_resumes_from_i
 /// client goes away, long before the cut-off.
 #[tokio::test]
 async fn a_watch_task_ends_when_its_client_goes_away() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
     // Nobody is cut off during this test.
-    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 3_600_000).await;
-    let slow = open_watch(&server, WATCHER, "", Some(65_535)).await;
-    baolian_case(&server, "gone-1").await;
-    let county = Agent::new(&server, "hebei.sjz.zhengding").await;
-    report_progress(county, "gone-1".into(), 120).await;
+    let no_cutoff = |c: &mut Config| c.watch_cutoff_ms = 3_600_000;
+    let (_dir, _clock, server) = serve_with("2020-09-21T09:00:00+08:00", no_cutoff).await;
+    let slow = unread_watch(&server, "gone-1").await;
     assert_eq!(
         server.watchers.running(),
         1,
@@ -1197,12 +1200,7 @@ async fn a_watch_task_ends_when_its_client_goes_away() {
         watch_tasks_become(&server, 0).await,
         "the watch task outlived its client"
     );
-    for _ in 0..600 {
-        if server.watchers.open() == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    within_a_minute(|| server.watchers.open() == 0).await;
     assert_eq!(server.watchers.open(), 0, "the stream outlived its client");
     server.stop().await;
 }
@@ -1212,14 +1210,10 @@ async fn a_watch_task_ends_when_its_client_goes_away() {
 /// cut-off time, like any watcher that leaves a step unread.
 #[tokio::test]
 async fn stopping_the_server_does_not_wait_forever_on_a_watcher_that_never_reads() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start_with(&data, &clock, |c| c.watch_cutoff_ms = 1000).await;
+    let (_dir, _clock, server) =
+        serve_with("2020-09-21T09:00:00+08:00", |c| c.watch_cutoff_ms = 1000).await;
     let watchers = server.watchers.clone();
-    let _slow = open_watch(&server, WATCHER, "", Some(65_535)).await;
-    baolian_case(&server, "stop-1").await;
-    let county = Agent::new(&server, "hebei.sjz.zhengding").await;
-    report_progress(county, "stop-1".into(), 120).await;
+    let _slow = unread_watch(&server, "stop-1").await;
     tokio::time::timeout(std::time::Duration::from_secs(60), server.stop())
         .await
         .expect("the server stopped although a watcher never read");
@@ -1231,9 +1225,7 @@ async fn stopping_the_server_does_not_wait_forever_on_a_watcher_that_never_reads
 /// token on its child; the registration completes when all have settled.
 #[tokio::test]
 async fn a_zzfl_registration_settles_when_its_four_children_do() {
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut ftz = Agent::new(&server, "hebei.sjz.zhengding_ftz").await;
     let mut amr = Agent::new(&server, "hebei.sjz.amr").await;
@@ -1245,11 +1237,7 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
         &[("registration", "hebei.sjz.zhengding_ftz")],
         json!({"enterprise_name": "河北正定某食品科技有限公司", "declared_scope": "食品生产、道路普通货物运输"}),
     );
-    platform
-        .cases
-        .create_case(authed(Some(&platform.token.clone()), start))
-        .await
-        .expect("started");
+    platform.create(start).await.expect("started");
     let registered = ftz
         .fire(
             "zz-1",
@@ -1355,19 +1343,7 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     amr.fire("zz-1/3", "take_into_supervision", json!({}))
         .await
         .expect("optimise child");
-    let parent = ftz
-        .cases
-        .get_case(authed(
-            Some(&ftz.token.clone()),
-            proto::GetCaseRequest {
-                name: "cases/zz-1".into(),
-            },
-        ))
-        .await
-        .expect("parent")
-        .into_inner()
-        .case
-        .expect("case");
+    let parent = ftz.get("zz-1").await.expect("parent");
     assert_eq!(parent.state, "all_settled");
     assert!(
         parent.children.iter().all(|c| !c.outcome.is_empty()),
@@ -1441,38 +1417,24 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
         std::fs::write(&path, text).expect("write");
         path
     };
-    let config = Config {
-        data,
-        workflows: Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
-        tls: Some(server::TlsConfig {
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let server = Server::start_with(&data, &clock, |config| {
+        config.tls = Some(server::TlsConfig {
             cert: write("server.pem", server_cert.pem()),
             key: write("server.key", server_key.serialize_pem()),
             client_ca: Some(write("ca.pem", ca_cert.pem())),
-        }),
-        client_certificates: [(
+        });
+        config.client_certificates = [(
             format!(
                 "sha256:{}",
                 hex::encode(sha2::Sha256::digest(platform_cert.der()))
             ),
             "hebei.sjz.platform".to_owned(),
         )]
-        .into(),
-        ..Config::default()
-    };
-    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
-    let prepared = server::prepare_with_clock(&config, clock).expect("prepares");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server::serve_on(prepared, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serves");
-    });
+        .into();
+    })
+    .await;
+    let port = server.port;
     let connect = |cert: String, key: String| {
         let ca = ca_cert.pem();
         async move {
@@ -1489,19 +1451,15 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
                 .expect("connects")
         }
     };
-    let request = || proto::CreateCaseRequest {
-        request_id: "tls-1".into(),
-        case_id: "tls-1".into(),
-        workflow: "zzfl_registration".into(),
-        bindings: [("registration".to_owned(), "hebei.sjz.amr".to_owned())].into(),
-        variables: structure(
-            json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TLS0001"}),
-        ),
-    };
+    let start = registration(
+        "tls-1",
+        "tls-1",
+        json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TLS0001"}),
+    );
     let mut platform =
         CasesServiceClient::new(connect(platform_cert.pem(), platform_key.serialize_pem()).await);
     let case = platform
-        .create_case(Request::new(request()))
+        .create_case(Request::new(start))
         .await
         .expect("the certificate is the platform's credential")
         .into_inner()
@@ -1529,8 +1487,7 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
             .await;
         assert!(answer.is_err(), "a plaintext call was answered");
     }
-    let _ = stop.send(());
-    task.await.expect("server task");
+    server.stop().await;
 }
 
 /// A migration check over gRPC on a deliberately breaking edit of a seed
@@ -1540,54 +1497,30 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
 #[tokio::test]
 async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_would_break() {
     use tonic_types::StatusExt;
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let server = Server::start(&data, &clock).await;
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut team = Agent::new(&server, "hebei.sjz.industry").await;
     for id in ["bl-1", "bl-2"] {
-        let start = new_case(
+        let start = baolian(
             id,
-            "baolian_escalation",
-            &BAOLIAN_BINDINGS,
             json!({"enterprise_name": "石家庄某装备制造有限公司", "credit_code": "91130100MA0MIGR001", "county": "hebei.sjz.zhengding", "problem_summary": "用地手续"}),
         );
-        platform
-            .cases
-            .create_case(authed(Some(&platform.token.clone()), start))
-            .await
-            .expect("started");
+        platform.create(start).await.expect("started");
     }
     team.fire("bl-1", "classify", json!({"level": "county"}))
         .await
         .expect("classified");
-    let v1 = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/baolian_escalation.ron"),
-    )
-    .expect("read");
+    let v1 = seed_source("baolian_escalation");
     // bl-1 is in county_handling: renamed, its classification would lead elsewhere.
     let breaking = v1.replace("\"county_handling\"", "\"county_processing\"");
     // A new version that changes no rule: only a comment.
     let compatible = format!("{v1}\n// 修订：只改说明\n");
     assert_ne!(breaking, v1);
     assert_ne!(compatible, v1);
-    let channel = server.channel().await;
-    let audit = AuditServiceClient::new(channel.clone());
-    let mut definitions = DefinitionsServiceClient::new(channel);
+    let (_, mut definitions, audit) = server.clients().await;
     let admin = server.token("admin");
-    let check = |token: String, source: String| {
-        let mut audit = audit.clone();
-        async move {
-            audit
-                .check_migration(authed(
-                    Some(&token),
-                    proto::CheckMigrationRequest { source },
-                ))
-                .await
-                .expect("checked")
-                .into_inner()
-        }
-    };
+    let check =
+        async |token: String, source: String| check_migration(&audit, &token, &source).await;
 
     let report = check(server.token("hebei.sjz.audit"), breaking.clone()).await;
     assert_eq!(report.workflow, "baolian_escalation");

@@ -2,6 +2,7 @@
 
 mod audit;
 mod cli;
+mod common;
 mod crash;
 mod durable;
 mod grpc;

@@ -37,6 +37,29 @@ fn start_permit(lib: &Library, vars: Json) -> Step {
     .expect("starts")
 }
 
+// The three kinds of input, and applying the first two.
+
+fn fire_input(event: &str, agency: &str, payload: Json) -> Input {
+    Input::Fire {
+        event: event.into(),
+        agency: agency.into(),
+        payload: obj(payload),
+    }
+}
+
+fn timer(id: &str) -> Input {
+    Input::Timer {
+        timer_id: id.into(),
+    }
+}
+
+fn settled(child: &str, outcome: &str) -> Input {
+    Input::ChildSettled {
+        child_id: child.into(),
+        outcome: outcome.into(),
+    }
+}
+
 fn fire(
     lib: &Library,
     case: &Case,
@@ -45,16 +68,16 @@ fn fire(
     payload: Json,
     now: DateTime<Utc>,
 ) -> Result<Step, Rejection> {
-    apply(
-        lib,
-        case,
-        &Input::Fire {
-            event: event.into(),
-            agency: agency.into(),
-            payload: obj(payload),
-        },
-        now,
-    )
+    apply(lib, case, &fire_input(event, agency, payload), now)
+}
+
+fn fire_timer(
+    lib: &Library,
+    case: &Case,
+    timer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Step, Rejection> {
+    apply(lib, case, &timer(timer_id), now)
 }
 
 fn ok(r: Result<Step, Rejection>) -> Step {
@@ -72,18 +95,21 @@ fn hours(n: i64) -> TimeDelta {
     TimeDelta::hours(n)
 }
 
+/// `case` after its applicant submits `payload` at `now`.
+fn submit(lib: &Library, case: &Case, payload: Json, now: DateTime<Utc>) -> Case {
+    ok(fire(lib, case, "submit", "ent", payload, now)).case
+}
+
 /// A permit case submitted with `amount`, now in `review`.
 fn in_review(lib: &Library, amount: i64) -> Case {
     let case = start_permit(lib, json!({"county": "k"})).case;
-    ok(fire(
-        lib,
-        &case,
-        "submit",
-        "ent",
-        json!({"amount": amount}),
-        t0() + hours(1),
-    ))
-    .case
+    submit(lib, &case, json!({"amount": amount}), t0() + hours(1))
+}
+
+/// A `vote` case `id` started by `p`, its voters `k`, `k2` and `amr`.
+fn start_vote(lib: &Library, id: &str, vars: Json) -> Case {
+    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
+    ok(start(lib, "vote", id, "p", &voters, &obj(vars), t0())).case
 }
 
 #[test]
@@ -310,54 +336,27 @@ fn payloads_are_checked_against_the_transition_fields() {
     let e = go(json!({"amount": 1, "fee": "1,5"}));
     assert!(e.message.contains("field `fee`"), "{e}");
     // An optional field may be left out or null.
-    ok(fire(
-        &lib,
-        &case,
-        "submit",
-        "ent",
-        json!({"amount": 1, "note": null}),
-        t0(),
-    ));
+    submit(&lib, &case, json!({"amount": 1, "note": null}), t0());
 }
 
 #[test]
 fn the_first_transition_whose_guard_holds_is_taken() {
     let lib = testkit::library();
     let review = in_review(&lib, 50);
-    let step = ok(fire(
-        &lib,
-        &review,
-        "approve",
-        "k",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let now = t0() + hours(2);
+    let step = ok(fire(&lib, &review, "approve", "k", json!({}), now));
     assert_eq!(step.case.state, "approved");
     assert_eq!(step.case.outcome.as_deref(), Some("approved"));
     assert_eq!(step.settled.as_deref(), Some("approved"));
     assert!(step.case.timers.is_empty());
     assert_eq!(step.entry.timers_cancelled, ["2:reminder:0", "2:expiry"]);
     // The city (bound to `city`) may approve as well.
-    let step = ok(fire(
-        &lib,
-        &review,
-        "approve",
-        "c",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let step = ok(fire(&lib, &review, "approve", "c", json!({}), now));
     assert_eq!(step.case.state, "approved");
     // Closed.
     let e = err(fire(&lib, &step.case, "withdraw", "ent", json!({}), t0()));
     assert_eq!(e.code, RejectCode::CaseClosed);
-    let e = err(apply(
-        &lib,
-        &step.case,
-        &Input::Timer {
-            timer_id: "2:expiry".into(),
-        },
-        t0() + hours(100),
-    ));
+    let e = err(fire_timer(&lib, &step.case, "2:expiry", t0() + hours(100)));
     assert_eq!(e.code, RejectCode::CaseClosed);
 }
 
@@ -365,26 +364,13 @@ fn the_first_transition_whose_guard_holds_is_taken() {
 fn guards_see_the_actor_the_directory_and_the_time() {
     let lib = testkit::library();
     let review = in_review(&lib, 1);
-    let step = ok(fire(
-        &lib,
-        &review,
-        "withdraw",
-        "ent",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let now = t0() + hours(2);
+    let step = ok(fire(&lib, &review, "withdraw", "ent", json!({}), now));
     assert_eq!(step.case.outcome.as_deref(), Some("withdrawn"));
     // `c` (a city) bound as applicant fails the level test.
     let mut city = review.clone();
     city.bindings.insert("applicant".into(), "c".into());
-    let e = err(fire(
-        &lib,
-        &city,
-        "withdraw",
-        "c",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let e = err(fire(&lib, &city, "withdraw", "c", json!({}), now));
     assert_eq!(e.code, RejectCode::GuardFalse);
     assert!(e.message.contains("agencies[actor.agency].level"), "{e}");
 }
@@ -393,14 +379,8 @@ fn guards_see_the_actor_the_directory_and_the_time() {
 fn all_guards_false_is_guard_false_quoting_them() {
     let lib = testkit::library();
     let review = in_review(&lib, 150);
-    let e = err(fire(
-        &lib,
-        &review,
-        "approve",
-        "k",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let now = t0() + hours(2);
+    let e = err(fire(&lib, &review, "approve", "k", json!({}), now));
     assert_eq!(e.code, RejectCode::GuardFalse);
     assert!(e.message.contains("`vars.amount < 100` is false"), "{e}");
     assert!(
@@ -415,30 +395,13 @@ fn timers_remind_expire_and_restart_on_re_entry() {
     let lib = testkit::library();
     let review = in_review(&lib, 150);
     let submitted = t0() + hours(1);
-    let timer = |id: &str| Input::Timer {
-        timer_id: id.into(),
-    };
-    let e = err(apply(
-        &lib,
-        &review,
-        &timer("2:expiry"),
-        submitted + hours(47),
-    ));
+    let after = |h: i64| submitted + hours(h);
+    let e = err(fire_timer(&lib, &review, "2:expiry", after(47)));
     assert_eq!(e.code, RejectCode::TimerNotDue);
-    let e = err(apply(
-        &lib,
-        &review,
-        &timer("9:expiry"),
-        submitted + hours(99),
-    ));
+    let e = err(fire_timer(&lib, &review, "9:expiry", after(99)));
     assert_eq!(e.code, RejectCode::UnknownTimer);
 
-    let reminded = ok(apply(
-        &lib,
-        &review,
-        &timer("2:reminder:0"),
-        submitted + hours(24),
-    ));
+    let reminded = ok(fire_timer(&lib, &review, "2:reminder:0", after(24)));
     assert_eq!(reminded.entry.event, "reminder:escalate");
     assert_eq!(reminded.entry.actor, Actor::Timer("2:reminder:0".into()));
     assert_eq!(reminded.entry.from, reminded.entry.to);
@@ -446,12 +409,7 @@ fn timers_remind_expire_and_restart_on_re_entry() {
     assert_eq!(reminded.case.timers.len(), 1);
     assert_eq!(reminded.case.seq, 3);
 
-    let expired = ok(apply(
-        &lib,
-        &reminded.case,
-        &timer("2:expiry"),
-        submitted + hours(48),
-    ));
+    let expired = ok(fire_timer(&lib, &reminded.case, "2:expiry", after(48)));
     let case = &expired.case;
     assert_eq!(expired.entry.event, "escalate");
     assert_eq!(
@@ -467,37 +425,17 @@ fn timers_remind_expire_and_restart_on_re_entry() {
     assert_eq!(case.timers[1].due, submitted + hours(96));
     assert_eq!(expired.entry.input(), Some(timer("2:expiry")));
     // A cancelled timer never fires.
-    let e = err(apply(
-        &lib,
-        case,
-        &timer("2:expiry"),
-        submitted + hours(200),
-    ));
+    let e = err(fire_timer(&lib, case, "2:expiry", after(200)));
     assert_eq!(e.code, RejectCode::UnknownTimer);
     // Now at city level: the amount over 100 goes to the countersign.
-    let step = ok(fire(
-        &lib,
-        case,
-        "approve",
-        "c",
-        json!({}),
-        submitted + hours(50),
-    ));
+    let step = ok(fire(&lib, case, "approve", "c", json!({}), after(50)));
     assert_eq!(step.case.state, "joint");
 }
 
 /// A case in the countersign state `joint`, entered at `now`.
 fn in_joint(lib: &Library) -> (Case, DateTime<Utc>) {
     let review = in_review(lib, 150);
-    let escalated = ok(apply(
-        lib,
-        &review,
-        &Input::Timer {
-            timer_id: "2:expiry".into(),
-        },
-        t0() + hours(49),
-    ))
-    .case;
+    let escalated = ok(fire_timer(lib, &review, "2:expiry", t0() + hours(49))).case;
     let now = t0() + hours(50);
     (
         ok(fire(lib, &escalated, "approve", "c", json!({}), now)).case,
@@ -569,17 +507,7 @@ fn countersign_collects_signatures_until_the_quorum() {
 #[test]
 fn count_against_rejects_once_the_quorum_cannot_be_met() {
     let lib = testkit::library();
-    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
-    let case = ok(start(
-        &lib,
-        "vote",
-        "v1",
-        "p",
-        &voters,
-        &obj(json!({})),
-        t0(),
-    ))
-    .case;
+    let case = start_vote(&lib, "v1", json!({}));
     let s1 = ok(fire(&lib, &case, "disagree", "k", json!({}), t0()));
     assert_eq!(s1.case.state, "voting");
     let s2 = ok(fire(&lib, &s1.case, "agree", "k2", json!({}), t0()));
@@ -596,22 +524,10 @@ fn count_against_rejects_once_the_quorum_cannot_be_met() {
 #[test]
 fn an_expiry_goes_through_guards() {
     let lib = testkit::library();
-    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
-    let lenient = ok(start(
-        &lib,
-        "vote",
-        "v1",
-        "p",
-        &voters,
-        &obj(json!({"strict": false})),
-        t0(),
-    ))
-    .case;
+    let lenient = start_vote(&lib, "v1", json!({"strict": false}));
     // Days(1) from Monday 09:00: the end of Tuesday.
     assert_eq!(lenient.timers[0].due, at("2020-09-23T00:00:00+08:00"));
-    let lapse = Input::Timer {
-        timer_id: "1:expiry".into(),
-    };
+    let lapse = timer("1:expiry");
     // No transition applies: the deadline is spent and the history says why,
     // so it can never fire again.
     let spent = ok(apply(&lib, &lenient, &lapse, t0() + hours(48)));
@@ -630,16 +546,7 @@ fn an_expiry_goes_through_guards() {
         err(apply(&lib, &spent.case, &lapse, t0() + hours(49))).code,
         RejectCode::UnknownTimer
     );
-    let strict = ok(start(
-        &lib,
-        "vote",
-        "v2",
-        "p",
-        &voters,
-        &obj(json!({})),
-        t0(),
-    ))
-    .case;
+    let strict = start_vote(&lib, "v2", json!({}));
     let step = ok(apply(&lib, &strict, &lapse, t0() + hours(48)));
     assert_eq!(step.case.state, "failed");
     assert_eq!(step.entry.actor, Actor::Timer("1:expiry".into()));
@@ -651,23 +558,9 @@ fn working_days_without_a_calendar_are_a_calendar_rejection() {
     let review = in_review(&lib, 150);
     assert_eq!(review.timers.len(), 2, "hours need no calendar");
     assert_eq!(review.timers[0].calendar_version, "");
-    let escalated = ok(apply(
-        &lib,
-        &review,
-        &Input::Timer {
-            timer_id: "2:expiry".into(),
-        },
-        t0() + hours(49),
-    ))
-    .case;
-    let e = err(fire(
-        &lib,
-        &escalated,
-        "approve",
-        "c",
-        json!({}),
-        t0() + hours(50),
-    ));
+    let escalated = ok(fire_timer(&lib, &review, "2:expiry", t0() + hours(49))).case;
+    let now = t0() + hours(50);
+    let e = err(fire(&lib, &escalated, "approve", "c", json!({}), now));
     assert_eq!(e.code, RejectCode::Calendar);
     assert!(e.message.contains("deadline of state `joint`"), "{e}");
 }
@@ -678,14 +571,8 @@ fn a_deadline_counted_from_an_unset_variable_is_a_calendar_rejection() {
     let mut broken = in_review(&lib, 150);
     broken.vars.insert("days".into(), Json::Null);
     broken.vars.insert("level".into(), json!("city"));
-    let e = err(fire(
-        &lib,
-        &broken,
-        "approve",
-        "k",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let now = t0() + hours(2);
+    let e = err(fire(&lib, &broken, "approve", "k", json!({}), now));
     assert_eq!(e.code, RejectCode::Calendar);
     assert!(e.message.contains("`days`, which is unset"), "{e}");
 }
@@ -694,23 +581,9 @@ fn a_deadline_counted_from_an_unset_variable_is_a_calendar_rejection() {
 fn spawn_starts_children_and_the_parent_waits_for_all() {
     let lib = testkit::library();
     let case = start_permit(&lib, json!({"county": "k", "permits": ["P1", "P2"]})).case;
-    let review = ok(fire(
-        &lib,
-        &case,
-        "submit",
-        "ent",
-        json!({"amount": 1}),
-        t0(),
-    ))
-    .case;
-    let routed = ok(fire(
-        &lib,
-        &review,
-        "route",
-        "k",
-        json!({}),
-        t0() + hours(1),
-    ));
+    let review = submit(&lib, &case, json!({"amount": 1}), t0());
+    let now = t0() + hours(1);
+    let routed = ok(fire(&lib, &review, "route", "k", json!({}), now));
     assert_eq!(routed.case.state, "waiting");
     let workflows: Vec<(&str, &str)> = routed
         .spawn
@@ -737,10 +610,6 @@ fn spawn_starts_children_and_the_parent_waits_for_all() {
         "terminal at start"
     );
 
-    let settled = |child: &str, outcome: &str| Input::ChildSettled {
-        child_id: child.into(),
-        outcome: outcome.into(),
-    };
     let p1 = ok(apply(&lib, &parent, &settled("c1/1", "filed"), t0()));
     assert_eq!(p1.case.state, "waiting");
     assert_eq!(p1.entry.event, "child-settled");
@@ -770,14 +639,8 @@ fn spawn_starts_children_and_the_parent_waits_for_all() {
 fn a_wait_with_nothing_to_wait_for_is_passed_through() {
     let lib = testkit::library();
     let review = in_review(&lib, 1);
-    let routed = ok(fire(
-        &lib,
-        &review,
-        "route",
-        "k",
-        json!({}),
-        t0() + hours(2),
-    ));
+    let now = t0() + hours(2);
+    let routed = ok(fire(&lib, &review, "route", "k", json!({}), now));
     assert!(routed.spawn.is_empty());
     assert_eq!(routed.entry.to, "approved");
     assert_eq!(routed.settled.as_deref(), Some("approved"));
@@ -787,15 +650,7 @@ fn a_wait_with_nothing_to_wait_for_is_passed_through() {
 fn a_spawn_that_cannot_be_computed_refuses_the_step() {
     let lib = testkit::library();
     let case = start_permit(&lib, json!({"county": "k", "permits": ["P9"]})).case;
-    let review = ok(fire(
-        &lib,
-        &case,
-        "submit",
-        "ent",
-        json!({"amount": 1}),
-        t0(),
-    ))
-    .case;
+    let review = submit(&lib, &case, json!({"amount": 1}), t0());
     let e = err(fire(&lib, &review, "route", "k", json!({}), t0()));
     assert_eq!(e.code, RejectCode::EffectFailed);
     assert!(e.message.contains("child c1/0"), "{e}");
@@ -817,26 +672,10 @@ fn any_child_settling_ends_a_wait_for_any() {
     let go = ok(fire(&lib, &case, "go", "c", json!({}), t0()));
     assert_eq!(go.spawn.len(), 2);
     assert_eq!(go.case.state, "wait");
-    let done = ok(apply(
-        &lib,
-        &go.case,
-        &Input::ChildSettled {
-            child_id: "r/1".into(),
-            outcome: "denied".into(),
-        },
-        t0(),
-    ));
+    let done = ok(apply(&lib, &go.case, &settled("r/1", "denied"), t0()));
     assert_eq!(done.case.state, "done");
     // The other child settling later finds the case closed.
-    let e = err(apply(
-        &lib,
-        &done.case,
-        &Input::ChildSettled {
-            child_id: "r/0".into(),
-            outcome: "issued".into(),
-        },
-        t0(),
-    ));
+    let e = err(apply(&lib, &done.case, &settled("r/0", "issued"), t0()));
     assert_eq!(e.code, RejectCode::CaseClosed);
 }
 
@@ -858,27 +697,11 @@ fn replaying_the_history_reproduces_every_step() {
     let mut case = first.case.clone();
     let mut now = t0();
     let inputs = [
-        Input::Fire {
-            event: "submit".into(),
-            agency: "ent".into(),
-            payload: obj(json!({"amount": 500})),
-        },
-        Input::Timer {
-            timer_id: "2:reminder:0".into(),
-        },
-        Input::Timer {
-            timer_id: "2:expiry".into(),
-        },
-        Input::Fire {
-            event: "approve".into(),
-            agency: "c".into(),
-            payload: obj(json!({})),
-        },
-        Input::Fire {
-            event: "sign".into(),
-            agency: "tax".into(),
-            payload: obj(json!({"comment": "可"})),
-        },
+        fire_input("submit", "ent", json!({"amount": 500})),
+        timer("2:reminder:0"),
+        timer("2:expiry"),
+        fire_input("approve", "c", json!({})),
+        fire_input("sign", "tax", json!({"comment": "可"})),
     ];
     for input in &inputs {
         now += hours(30);
@@ -1025,26 +848,15 @@ proptest! {
 fn an_optional_field_left_out_is_absent_to_guards_and_effects() {
     let lib = testkit::library();
     let case = start_permit(&lib, json!({"county": "k"})).case;
-    let without = ok(fire(
-        &lib,
-        &case,
-        "submit",
-        "ent",
-        json!({"amount": 1}),
-        t0(),
-    ))
-    .case;
+    let without = submit(&lib, &case, json!({"amount": 1}), t0());
     assert_eq!(without.vars["note"], Json::Null);
     assert_eq!(without.vars["fee"], json!("0"));
-    let with = ok(fire(
+    let with = submit(
         &lib,
         &case,
-        "submit",
-        "ent",
         json!({"amount": 1, "note": "急", "fee": "12.5"}),
         t0(),
-    ))
-    .case;
+    );
     assert_eq!(with.vars["note"], json!("急"));
     assert_eq!(with.vars["fee"], json!("12.5"));
 }
@@ -1112,15 +924,7 @@ fn an_anchored_deadline_is_postponed_over_holidays_and_records_the_calendar() {
     assert_eq!(case.timers[0].due, at("2020-10-01T00:00:00+08:00"));
     // On expiry (a midnight), the next state's quarter is the one that midnight begins
     // in: the fourth, so its deadline is the end of 2020, not at once.
-    let late = ok(apply(
-        &lib,
-        &case,
-        &Input::Timer {
-            timer_id: expiry.id.clone(),
-        },
-        expiry.due,
-    ))
-    .case;
+    let late = ok(fire_timer(&lib, &case, &expiry.id, expiry.due)).case;
     assert_eq!(late.state, "overdue");
     assert_eq!(late.timers[0].due, at("2021-01-01T00:00:00+08:00"));
     // Deterministic: the same start gives the same timers.

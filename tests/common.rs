@@ -1,0 +1,106 @@
+//! What the test modules share: the engine's test workflows, the moments the
+//! tests start at, and the requests and engines they start from.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value as Json, json};
+
+use govflow::engine::durable::{Engine, FireRequest, ManualClock, StartRequest};
+use govflow::lang::load::load;
+use govflow::store::{SledStore, Store};
+
+/// The engine's test workflows (`ledger`, `batch`, `item`).
+pub(crate) fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/engine")
+}
+
+/// The seed workflows and scenario files shipped in `workflows/`.
+pub(crate) fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows")
+}
+
+pub(crate) fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+}
+
+/// When the engine tests begin: Monday 2020-06-01, 09:00 in Shanghai.
+pub(crate) fn t0() -> DateTime<Utc> {
+    at("2020-06-01T09:00:00+08:00")
+}
+
+pub(crate) fn obj(v: Json) -> Map<String, Json> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// The county that handles the `ledger` cases.
+pub(crate) const COUNTY: &str = "hebei.sjz.zhengding";
+/// The city that handles the `batch` cases.
+pub(crate) const CITY: &str = "hebei.sjz";
+
+/// Starts `ledger` case `id`, handled by [`COUNTY`].
+pub(crate) fn start_ledger(id: &str) -> StartRequest {
+    StartRequest {
+        request_id: format!("start-{id}"),
+        case_id: id.into(),
+        workflow: "ledger".into(),
+        agency: COUNTY.into(),
+        bindings: [("handler".to_owned(), COUNTY.to_owned())].into(),
+        variables: obj(json!({"enterprise": "石家庄某制造有限公司"})),
+    }
+}
+
+/// Starts `batch` case `id`, handled by [`CITY`].
+pub(crate) fn start_batch(request: &str, id: &str) -> StartRequest {
+    StartRequest {
+        request_id: request.into(),
+        case_id: id.into(),
+        workflow: "batch".into(),
+        agency: CITY.into(),
+        bindings: [("handler".to_owned(), CITY.to_owned())].into(),
+        variables: Map::new(),
+    }
+}
+
+pub(crate) fn fire(
+    id: &str,
+    request: &str,
+    event: &str,
+    agency: &str,
+    payload: Json,
+) -> FireRequest {
+    FireRequest {
+        request_id: request.into(),
+        case_id: id.into(),
+        event: event.into(),
+        agency: agency.into(),
+        payload: obj(payload),
+        expected_sequence: None,
+    }
+}
+
+/// The engine on the store in `dir`, with the workflows of [`data`].
+pub(crate) fn open_engine(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
+    let sources = load(&[data()]).expect("loads");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).expect("store opens"));
+    Engine::open(store, &sources, clock.clone()).expect("engine opens")
+}
+
+/// [`open_engine`] on a new temporary folder, its clock at [`t0`].
+pub(crate) fn fresh_engine() -> (tempfile::TempDir, Arc<ManualClock>, Engine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let engine = open_engine(dir.path(), &clock);
+    (dir, clock, engine)
+}
+
+/// The environment variable `name` as a number, or `default` when it is
+/// unset or not one.
+pub(crate) fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
