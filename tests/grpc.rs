@@ -1702,3 +1702,31 @@ async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_wo
     audited(&server).await;
     server.stop().await;
 }
+
+/// Regression: README's `token()` read only quoted keys, so `token admin`
+/// (a bare key in credentials.toml) came out empty.
+#[tokio::test]
+async fn the_readme_token_function_reads_every_credential() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let server = Server::start(&dir.path().join("govflow-data"), &clock).await;
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let function = readme
+        .lines()
+        .find(|l| l.starts_with("token() {"))
+        .expect("README defines token()");
+    for principal in ["admin", "hebei", "hebei.sjz.audit", "hebei.sjz.platform"] {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("{function}\ntoken {principal}"))
+            .current_dir(dir.path())
+            .output()
+            .expect("bash runs");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            server.token(principal),
+            "token {principal}"
+        );
+    }
+}
