@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, FixedOffset, NaiveDate, TimeZone, Utc};
 
 use govflow::audit::{
@@ -225,22 +225,54 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>> {
         .context("an ambiguous local time")
 }
 
+/// An opened store, and the folder it is in (for messages).
+struct Store {
+    source: SledSource,
+    dir: PathBuf,
+}
+
+impl Store {
+    /// An audit error as the command reports it: a store whose data cannot
+    /// be read is named, and its cause said once.
+    fn failed(&self, e: AuditError) -> anyhow::Error {
+        unreadable(&self.dir, e)
+    }
+}
+
+fn unreadable(dir: &Path, e: AuditError) -> anyhow::Error {
+    if e.is_unreadable_store() {
+        anyhow!(
+            "the store at {} cannot be read: {}",
+            dir.display(),
+            e.unreadable_reason()
+        )
+    } else {
+        e.into()
+    }
+}
+
 /// The store of a data folder: `govflow serve` keeps it in `<data>/store`;
 /// a bare store folder works too.
-fn open(data: &Path) -> Result<SledSource> {
+fn open(data: &Path) -> Result<Store> {
     let served = data.join("store");
     let dir = if served.join("db").exists() {
         served
     } else {
         data.to_path_buf()
     };
-    SledSource::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))
+    // A missing store or one in use names its folder itself.
+    let source = SledSource::open(&dir).map_err(|e| unreadable(&dir, e))?;
+    Ok(Store { source, dir })
 }
 
-fn open_rules(rules: &RulesArgs) -> Result<(SledSource, AuditLibrary)> {
-    let source = open(&rules.data)?;
-    let lib = match AuditLibrary::load(&rules.workflows, &source) {
+/// What `--workflows` is, for a folder that cannot be loaded.
+const WORKFLOWS_HINT: &str = "hint: give the workflows folder (agency directory, catalogues, calendar, workflows) with --workflows DIR; the default is ./workflows, relative to the current folder";
+
+fn open_rules(rules: &RulesArgs) -> Result<(Store, AuditLibrary)> {
+    let store = open(&rules.data)?;
+    let lib = match AuditLibrary::load(&rules.workflows, &store.source) {
         Ok(lib) => lib,
+        Err(e @ AuditError::Load(_)) => bail!("{e}\n{WORKFLOWS_HINT}"),
         Err(AuditError::InvalidLibrary(diagnostics)) => {
             for d in diagnostics.iter().filter(|d| d.is_error()) {
                 eprintln!("{d}");
@@ -250,16 +282,14 @@ fn open_rules(rules: &RulesArgs) -> Result<(SledSource, AuditLibrary)> {
                 rules.workflows.display()
             );
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("loading {}", rules.workflows.display()));
-        }
+        Err(e) => return Err(store.failed(e)),
     };
     for (name, version) in &lib.unavailable {
         eprintln!(
             "warning: {name} version {version} no longer compiles against today's directory and catalogues; its cases cannot be replayed"
         );
     }
-    Ok((source, lib))
+    Ok((store, lib))
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -311,9 +341,14 @@ fn show_progress(bar: &indicatif::ProgressBar, p: Progress) {
 }
 
 fn verify(data: &Path, scope: &VerifyScope, json: bool, progress: bool) -> Result<ExitCode> {
-    let source = open(data)?;
+    let store = open(data)?;
     let bar = progress_bar("verifying", progress && !json);
-    let report = audit::verify(&source, scope, Some(&|p: Progress| show_progress(&bar, p)))?;
+    let report = audit::verify(
+        &store.source,
+        scope,
+        Some(&|p: Progress| show_progress(&bar, p)),
+    )
+    .map_err(|e| store.failed(e))?;
     bar.finish_and_clear();
     if json {
         print_json(&report)?;
@@ -406,8 +441,9 @@ fn write_step(out: &mut impl Write, step: &ReplayStep) -> std::io::Result<()> {
 }
 
 fn replay(case: &str, rules: &RulesArgs, json: bool) -> Result<ExitCode> {
-    let (source, lib) = open_rules(rules)?;
-    let report = audit::replay_case(&source, &lib.library, case)?;
+    let (store, lib) = open_rules(rules)?;
+    let report =
+        audit::replay_case(&store.source, &lib.library, case).map_err(|e| store.failed(e))?;
     if json {
         print_json(&report)?;
     } else {
@@ -457,14 +493,15 @@ fn replay_all(
     json: bool,
     progress: bool,
 ) -> Result<ExitCode> {
-    let (source, lib) = open_rules(rules)?;
+    let (store, lib) = open_rules(rules)?;
     let bar = progress_bar("replaying", progress && !json);
     let report = audit::replay_all(
-        &source,
+        &store.source,
         &lib.library,
         scope,
         Some(&|p: Progress| show_progress(&bar, p)),
-    )?;
+    )
+    .map_err(|e| store.failed(e))?;
     bar.finish_and_clear();
     if json {
         print_json(&report)?;
@@ -502,8 +539,9 @@ fn replay_all(
 }
 
 fn at(case: &str, when: At, rules: &RulesArgs, json: bool) -> Result<ExitCode> {
-    let (source, lib) = open_rules(rules)?;
-    let view = audit::case_at(&source, &lib.library, case, when)?;
+    let (store, lib) = open_rules(rules)?;
+    let view =
+        audit::case_at(&store.source, &lib.library, case, when).map_err(|e| store.failed(e))?;
     if json {
         print_json(&view)?;
         return Ok(ExitCode::SUCCESS);
@@ -571,19 +609,20 @@ fn at(case: &str, when: At, rules: &RulesArgs, json: bool) -> Result<ExitCode> {
 }
 
 fn export(data: &Path, filter: &ExportFilter, output: Option<&Path>) -> Result<ExitCode> {
-    let source = open(data)?;
+    let store = open(data)?;
     let summary = match output {
         Some(path) => {
             let mut file = std::fs::File::create(path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            let summary = audit::export(&source, filter, &mut file)?;
+            let summary =
+                audit::export(&store.source, filter, &mut file).map_err(|e| store.failed(e))?;
             file.sync_all()
                 .with_context(|| format!("writing {}", path.display()))?;
             summary
         }
         None => {
             let mut out = std::io::stdout().lock();
-            audit::export(&source, filter, &mut out)?
+            audit::export(&store.source, filter, &mut out).map_err(|e| store.failed(e))?
         }
     };
     for s in &summary.skipped {
@@ -618,8 +657,8 @@ fn export(data: &Path, filter: &ExportFilter, output: Option<&Path>) -> Result<E
 fn migration_check(file: &Path, rules: &RulesArgs, json: bool) -> Result<ExitCode> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let (source, lib) = open_rules(rules)?;
-    let report = match audit::migration_check(&source, &lib, file, &text) {
+    let (store, lib) = open_rules(rules)?;
+    let report = match audit::migration_check(&store.source, &lib, file, &text) {
         Ok(report) => report,
         Err(AuditError::InvalidWorkflow(diagnostics)) => {
             for d in &diagnostics {
@@ -627,7 +666,7 @@ fn migration_check(file: &Path, rules: &RulesArgs, json: bool) -> Result<ExitCod
             }
             bail!("{} does not validate: nothing was checked", file.display());
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(store.failed(e)),
     };
     if json {
         print_json(&report)?;

@@ -1495,3 +1495,267 @@ async fn a_deploy_requiring_the_migration_check_is_refused_atomically_and_change
     );
     engine.shutdown();
 }
+
+// ───────────────────────────── what a user is told ─────────────────────────────
+
+/// Runs `govflow audit ARGS` in `cwd`: (exit code, stdout, stderr).
+fn govflow_audit(args: &[&str], cwd: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_govflow"))
+        .arg("audit")
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("GOVFLOW_LOG")
+        .output()
+        .expect("runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn path_arg(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+#[test]
+fn the_python_verifier_refuses_an_empty_export_unless_told_to_expect_one() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let empty = scratch.path().join("empty.jsonl");
+    std::fs::write(&empty, "").expect("write");
+    let blank = scratch.path().join("blank.jsonl");
+    std::fs::write(&blank, "\n  \n").expect("write");
+    for export in [&empty, &blank] {
+        let Some((code, text)) = python_verify(export, &[]) else {
+            return;
+        };
+        assert_eq!(code, 2, "{text}");
+        assert_eq!(
+            text,
+            "verify_export.py: the export is empty: nothing was verified (did `govflow audit \
+             export` fail? see its message); pass --allow-empty if no entries are expected\n"
+        );
+        let Some((code, text)) = python_verify(export, &["--allow-empty"]) else {
+            return;
+        };
+        assert_eq!(code, 0, "{text}");
+        assert_eq!(
+            text,
+            "the export is empty, as --allow-empty allows: nothing to verify\n"
+        );
+    }
+
+    // What `govflow audit export … | verify_export.py` hands the verifier
+    // when the export fails: nothing.
+    let (code, stdout, stderr) = govflow_audit(
+        &[
+            "export",
+            "--data",
+            path_arg(&scratch.path().join("no-store")),
+        ],
+        scratch.path(),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    let failed = scratch.path().join("failed.jsonl");
+    std::fs::write(&failed, stdout).expect("write");
+    if let Some((code, text)) = python_verify(&failed, &[]) {
+        assert_eq!(code, 2, "a failed export must not verify:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_time_window_export_checked_without_partial_names_the_first_entry_and_hints_at_partial() {
+    let built = build().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let window = scratch.path().join("window.jsonl");
+    // From t0+2h: `a` from its entry 3 (lines 1-3), `b` from its entry 2
+    // (lines 4-5, at t0+30d); `c`, `p`, `p/0`, `p/1` whole (8 entries).
+    let since = (t0() + TimeDelta::hours(2)).to_rfc3339();
+    let (code, _, stderr) = govflow_audit(
+        &[
+            "export",
+            "--data",
+            path_arg(built.path()),
+            "--since",
+            &since,
+            "--until",
+            "2030-01-01",
+            "-o",
+            path_arg(&window),
+        ],
+        scratch.path(),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let Some((code, text)) = python_verify(&window, &["--quiet"]) else {
+        return;
+    };
+    assert_eq!(code, 1, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "BAD  case a sequence 1 (before line 1, which holds sequence 3): missing: entries 1 to 2 \
+             are missing (the case's first entry in the export is 3)",
+            "BAD  case b sequence 1 (before line 4, which holds sequence 2): missing: entry 1 is \
+             missing (the case's first entry in the export is 2)",
+            "2 problem(s) in 2 case(s); 13 entries in 6 cases checked",
+            "hint: 2 case(s) start after sequence 1, as they do in an export filtered by time \
+             (--since/--until): check such an export with --partial",
+        ]
+    );
+    if let Some((code, text)) = python_verify(&window, &["--partial"]) {
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            text.contains("all 13 entries in 6 cases verified"),
+            "{text}"
+        );
+    }
+
+    // An entry missing inside a chain is named by its own sequence number,
+    // and the line is the one of the entry after it.
+    let text = std::fs::read_to_string(&window).expect("read");
+    let gap: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, l)| l)
+        .collect();
+    let gapped = scratch.path().join("gap.jsonl");
+    std::fs::write(&gapped, gap.join("\n") + "\n").expect("write");
+    if let Some((code, text)) = python_verify(&gapped, &["--partial", "--quiet"]) {
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.starts_with(
+                "BAD  case a sequence 4 (before line 2, which holds sequence 5): missing: entry 4 \
+                 is missing (the next entry is 5)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("hint:"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn the_audit_error_says_each_cause_once() {
+    let built = build().await;
+    let src = source(&built);
+    let missing = built.path().join("no-workflows");
+    let Err(e) = AuditLibrary::load(&missing, &src) else {
+        panic!("a missing workflows folder loads");
+    };
+    assert!(matches!(e, AuditError::Load(_)), "{e:?}");
+    assert!(std::error::Error::source(&e).is_none(), "{e:?}");
+    let chain = format!("{:#}", anyhow::Error::from(e));
+    assert_eq!(
+        chain,
+        format!(
+            "loading the workflows: {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn offline_audit_commands_outside_the_repository_name_the_workflows_folder_once_with_a_hint()
+{
+    let built = build().await;
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let new_version = data().join("ledger.ron");
+    let data_dir = path_arg(built.path());
+    for args in [
+        vec!["replay", "a", "--data", data_dir],
+        vec!["replay", "--all", "--no-progress", "--data", data_dir],
+        vec!["at", "a", "--sequence", "1", "--data", data_dir],
+        vec![
+            "migration-check",
+            path_arg(&new_version),
+            "--data",
+            data_dir,
+        ],
+    ] {
+        let (code, stdout, stderr) = govflow_audit(&args, elsewhere.path());
+        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+        assert_eq!(
+            stderr,
+            "govflow: loading the workflows: workflows: No such file or directory (os error 2)\n\
+             hint: give the workflows folder (agency directory, catalogues, calendar, workflows) \
+             with --workflows DIR; the default is ./workflows, relative to the current folder\n",
+            "{args:?}"
+        );
+    }
+    // Given the folder, the same command works from anywhere.
+    let (code, stdout, stderr) = govflow_audit(
+        &[
+            "replay",
+            "a",
+            "--data",
+            data_dir,
+            "--workflows",
+            path_arg(&data()),
+        ],
+        elsewhere.path(),
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+}
+
+#[tokio::test]
+async fn a_corrupt_store_is_reported_once_in_plain_words() {
+    let built = build().await;
+    // A copy with its settings file damaged: sled refuses to open it.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = scratch.path().join("damaged");
+    std::fs::create_dir(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(built.path()).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        }
+    }
+    let mut settings = std::fs::read(dir.join("conf")).expect("conf");
+    for byte in settings.iter_mut().take(12).skip(8) {
+        *byte ^= 0x5a;
+    }
+    std::fs::write(dir.join("conf"), settings).expect("write");
+
+    for command in [&["export"][..], &["verify", "--no-progress"][..]] {
+        let mut args = command.to_vec();
+        args.extend(["--data", path_arg(&dir)]);
+        let (code, stdout, stderr) = govflow_audit(&args, scratch.path());
+        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        // One line: no second copy of sled's error, no log lines of sled's.
+        assert_eq!(
+            stderr,
+            format!(
+                "govflow: the store at {} cannot be read: its data is corrupt\n",
+                dir.display()
+            ),
+            "{args:?}"
+        );
+    }
+
+    // Corruption found at a place in the log says where, in plain words.
+    let corrupt = AuditError::from(sled::Error::Corruption {
+        at: Some(sled::DiskPtr::Inline(4_221_026)),
+        bt: (),
+    });
+    assert!(std::error::Error::source(&corrupt).is_none());
+    assert_eq!(
+        corrupt.to_string(),
+        "the store cannot be read: its data is corrupt (at byte 4221026 of its log)"
+    );
+    assert!(corrupt.is_unreadable_store());
+    assert_eq!(
+        corrupt.unreadable_reason(),
+        "its data is corrupt (at byte 4221026 of its log)"
+    );
+    // Also when it comes through the store's own error type.
+    let through_store =
+        AuditError::from(govflow::store::StoreError::Sled(sled::Error::Corruption {
+            at: None,
+            bt: (),
+        }));
+    assert!(through_store.is_unreadable_store());
+    assert_eq!(through_store.unreadable_reason(), "its data is corrupt");
+    assert!(std::error::Error::source(&through_store).is_none());
+}

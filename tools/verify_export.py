@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
 """Verify a govflow history export (JSON Lines) without trusting govflow.
 
-Usage: verify_export.py [--partial] [--quiet] [FILE]
+Usage: verify_export.py [--partial] [--allow-empty] [--quiet] [FILE]
 
 Reads the export (FILE, or standard input), recomputes every entry's hash with
 the canonical encoding of docs/hash-chain.md, and checks each case's chain:
 sequence numbers 1, 2, ... in order, each previous_hash equal to the hash of
 the entry before. Prints one line per problem, naming the case, the sequence
-number and the line of the export, then a summary. Exits 0 when everything
-checks, 1 when a problem was found, 2 when the input cannot be read.
+number and the line of the export (for entries missing from a chain: the
+first one missing, and the line of the entry after them), then a summary.
+Exits 0 when everything checks, 1 when a problem was found, 2 when the input
+cannot be read or is empty.
 
---partial  accept chains that do not start at sequence 1 (an export filtered
-           by time); the first entry's previous_hash is then not checked.
---quiet    print only the problems and the summary line.
+An empty input is an error: a failed export (`govflow audit export ... |
+verify_export.py`) writes nothing, and nothing must not pass for a verified
+history.
+
+--partial      accept chains that do not start at sequence 1 (an export
+               filtered by time, with --since or --until); the first entry's
+               previous_hash is then not checked.
+--allow-empty  accept an empty input (an export whose filters may select
+               nothing).
+--quiet        print only the problems and the summary line.
 
 An export holds no case records, so entries removed from the end of a history
 cannot be seen here: `govflow audit verify` on the store checks those too.
@@ -39,18 +48,23 @@ def entry_hash(entry):
 
 
 class Problem:
-    def __init__(self, case_id, sequence, line, kind, detail):
+    def __init__(self, case_id, sequence, line, kind, detail, before=None):
         self.case_id = case_id
         self.sequence = sequence
         self.line = line
         self.kind = kind
         self.detail = detail
+        # For entries missing from the export: the sequence number of the
+        # entry on `line`, which comes after them.
+        self.before = before
 
     def __str__(self):
         where = "case %s" % self.case_id if self.case_id is not None else "export"
         if self.sequence is not None:
             where += " sequence %d" % self.sequence
-        if self.line is not None:
+        if self.line is not None and self.before is not None:
+            where += " (before line %d, which holds sequence %d)" % (self.line, self.before)
+        elif self.line is not None:
             where += " (line %d)" % self.line
         return "%s: %s: %s" % (where, self.kind, self.detail)
 
@@ -95,7 +109,9 @@ def read_entries(stream, problems):
 
 
 def check_case(case_id, rows, partial, problems):
-    """Checks one case's entries; appends its problems."""
+    """Checks one case's entries; appends its problems. Returns whether the
+    chain starts after sequence 1 (only reported without `partial`)."""
+    starts_late = False
     unsound = set()  # sequence numbers of entries with a problem of their own
 
     def report(row, kind, detail):
@@ -137,9 +153,12 @@ def check_case(case_id, rows, partial, problems):
             if s < 1:
                 report(row, "reordered", "sequence numbers start at 1")
             elif s > 1 and not partial:
+                starts_late = True
                 problems.append(Problem(case_id, 1, row.line, "missing",
-                                        "entries 1 to %d are missing (the first entry is %d)" % (s - 1, s)
-                                        if s > 2 else "entry 1 is missing (the first entry is 2)"))
+                                        "entries 1 to %d are missing (the case's first entry in the export is %d)"
+                                        % (s - 1, s)
+                                        if s > 2 else "entry 1 is missing (the case's first entry in the export is 2)",
+                                        before=s))
             elif s == 1 and row.previous_hash != "" and s not in unsound:
                 report(row, "forged",
                        "the first entry names a previous hash: an entry was inserted before it "
@@ -152,7 +171,8 @@ def check_case(case_id, rows, partial, problems):
                 problems.append(Problem(case_id, p + 1, row.line, "missing",
                                         "entry %d is missing (the next entry is %d)" % (p + 1, s)
                                         if s == p + 2 else
-                                        "entries %d to %d are missing (the next entry is %d)" % (p + 1, s - 1, s)))
+                                        "entries %d to %d are missing (the next entry is %d)" % (p + 1, s - 1, s),
+                                        before=s))
             elif p not in unsound and s not in unsound:
                 link = row.previous_hash
                 if link != previous.hash and link != previous.computed:
@@ -165,15 +185,19 @@ def check_case(case_id, rows, partial, problems):
                                "(%s): inserted or forged"
                                % (link[:16] or "(empty)", p, previous.hash[:16]))
         previous = row
+    return starts_late
 
 
 def main(argv):
     partial = False
+    allow_empty = False
     quiet = False
     paths = []
     for arg in argv[1:]:
         if arg == "--partial":
             partial = True
+        elif arg == "--allow-empty":
+            allow_empty = True
         elif arg == "--quiet":
             quiet = True
         elif arg in ("-h", "--help"):
@@ -200,12 +224,20 @@ def main(argv):
         print("verify_export.py: cannot read the export: %s" % e, file=sys.stderr)
         return 2
 
+    if not cases and not problems and not allow_empty:
+        print("verify_export.py: the export is empty: nothing was verified (did `govflow audit "
+              "export` fail? see its message); pass --allow-empty if no entries are expected",
+              file=sys.stderr)
+        return 2
+
     entries = 0
+    late = 0
     for case_id in sorted(cases):
         rows = cases[case_id]
         entries += len(rows)
         before = len(problems)
-        check_case(case_id, rows, partial, problems)
+        if check_case(case_id, rows, partial, problems):
+            late += 1
         if not quiet and len(problems) == before:
             print("ok   %s: %d entries, chain intact" % (case_id, len(rows)))
 
@@ -215,7 +247,13 @@ def main(argv):
     if problems:
         print("%d problem(s) in %d case(s); %d entries in %d cases checked"
               % (len(problems), bad_cases, entries, len(cases)))
+        if late:
+            print("hint: %d case(s) start after sequence 1, as they do in an export filtered by time "
+                  "(--since/--until): check such an export with --partial" % late)
         return 1
+    if not cases:
+        print("the export is empty, as --allow-empty allows: nothing to verify")
+        return 0
     print("all %d entries in %d cases verified" % (entries, len(cases)))
     return 0
 

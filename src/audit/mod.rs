@@ -42,15 +42,20 @@ pub use verify::{Finding, FindingKind, Progress, VerifyReport, VerifyScope, veri
 
 use crate::engine::replay::Divergence;
 use crate::lang::diag::Diagnostic;
+use crate::lang::load::LoadError;
 use crate::store::StoreError;
 
 /// Why an audit could not be carried out (as opposed to what it found).
+///
+/// Every message already says its cause, so no variant also hands the cause
+/// out as its [`source`](std::error::Error::source): a report that prints
+/// the chain (`anyhow`'s `{:#}`) would print each cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("storage: {0}")]
-    Sled(#[from] sled::Error),
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("the store cannot be read: {}", describe_sled(.0))]
+    Sled(sled::Error),
     #[error("{0} is not a govflow store folder (no sled database in it)")]
     NoStore(String),
     #[error("the store in {0} is in use by another process: stop it, or audit a copy")]
@@ -77,15 +82,65 @@ pub enum AuditError {
         divergence: Divergence,
     },
     #[error("loading the workflows: {0}")]
-    Load(#[from] crate::lang::load::LoadError),
+    Load(LoadError),
     #[error("the workflows do not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
     InvalidLibrary(Vec<Diagnostic>),
     #[error("the new workflow version does not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
     InvalidWorkflow(Vec<Diagnostic>),
     #[error("writing the export: {0}")]
-    Write(#[source] std::io::Error),
+    Write(std::io::Error),
     #[error("{0}")]
     Scenario(String),
+}
+
+impl From<StoreError> for AuditError {
+    fn from(e: StoreError) -> Self {
+        AuditError::Store(e)
+    }
+}
+
+impl From<sled::Error> for AuditError {
+    fn from(e: sled::Error) -> Self {
+        AuditError::Sled(e)
+    }
+}
+
+impl From<LoadError> for AuditError {
+    fn from(e: LoadError) -> Self {
+        AuditError::Load(e)
+    }
+}
+
+impl AuditError {
+    /// Whether the store's own data could not be read (as opposed to a case
+    /// that is not there, rules that do not load, or an export that could
+    /// not be written).
+    pub fn is_unreadable_store(&self) -> bool {
+        matches!(self, AuditError::Store(_) | AuditError::Sled(_))
+    }
+
+    /// What could not be read, without the "the store cannot be read" that
+    /// [`AuditError::Sled`] starts with (for a message that names the store).
+    pub fn unreadable_reason(&self) -> String {
+        match self {
+            AuditError::Sled(e) => describe_sled(e),
+            AuditError::Store(StoreError::Sled(e)) => describe_sled(e),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A sled error in words: its own text of a corruption ends in an empty
+/// backtrace and shows the offset as a debug value.
+pub fn describe_sled(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Corruption { at: Some(at), .. } => {
+            format!("its data is corrupt (at byte {} of its log)", at.lid())
+        }
+        sled::Error::Corruption { at: None, .. } => "its data is corrupt".to_owned(),
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        other => other.to_string(),
+    }
 }
 
 pub type Result<T, E = AuditError> = std::result::Result<T, E>;
