@@ -11,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+use govflow::lang::validate::count;
 use govflow::store::proto::{
     self, audit_service_client::AuditServiceClient, cases_service_client::CasesServiceClient,
     definitions_service_client::DefinitionsServiceClient,
@@ -242,41 +243,74 @@ fn print_case(c: &proto::Case, as_json: bool) {
         out!("{}", case_json(c));
         return;
     }
-    out!("case       {}", c.id);
-    out!("workflow   {} (version {})", c.workflow, c.workflow_version);
-    out!(
-        "state      {}{}",
-        c.state,
-        if c.outcome.is_empty() {
-            String::new()
-        } else {
-            format!(" — outcome {}", c.outcome)
-        }
-    );
-    out!("sequence   {}", c.sequence);
+    for line in case_lines(c) {
+        out!("{line}");
+    }
+}
+
+/// A case as `govflow case show` prints it: one labelled line per fact.
+fn case_lines(c: &proto::Case) -> Vec<String> {
+    let mut lines = vec![
+        format!("case       {}", c.id),
+        format!("workflow   {} (version {})", c.workflow, c.workflow_version),
+        format!(
+            "state      {}{}",
+            c.state,
+            if c.outcome.is_empty() {
+                String::new()
+            } else {
+                format!(" — outcome {}", c.outcome)
+            }
+        ),
+        format!("sequence   {}", c.sequence),
+    ];
     for (role, agency) in &c.bindings {
-        out!("role       {role:<18} {agency}");
+        lines.push(format!("role       {role:<18} {agency}"));
     }
     for (name, value) in records::from_struct(c.variables.as_ref()) {
         if !value.is_null() {
-            out!("variable   {name:<18} {value}");
+            lines.push(format!("variable   {name:<18} {value}"));
         }
     }
+    // A reminder fires the deadline's own event name ahead of it: the kind
+    // tells them apart.
     for t in &c.timers {
-        out!(
-            "deadline   {:<18} {}",
+        let kind = match t.kind() {
+            proto::TimerKind::Expiry => "deadline",
+            proto::TimerKind::Reminder => "reminder",
+            proto::TimerKind::Unspecified => "timer",
+        };
+        lines.push(format!(
+            "{kind:<10} {:<18} {}",
             t.event,
             records::rfc3339(t.due_time.as_ref())
-        );
+        ));
     }
     for ch in &c.children {
-        out!(
+        lines.push(format!(
             "child      {:<18} {} {}",
-            ch.case_id,
-            ch.workflow,
-            ch.outcome
-        );
+            ch.case_id, ch.workflow, ch.outcome
+        ));
     }
+    lines
+}
+
+/// The width of a column: its longest value, and at least `min`.
+fn width<'a>(values: impl IntoIterator<Item = &'a str>, min: usize) -> usize {
+    values
+        .into_iter()
+        .map(|v| v.chars().count())
+        .fold(min, usize::max)
+}
+
+/// The deployed workflows as `govflow workflow list` prints them: the name
+/// column as wide as the longest name.
+fn workflow_lines(workflows: &[proto::WorkflowSummary]) -> Vec<String> {
+    let name = width(workflows.iter().map(|w| w.name.as_str()), 0);
+    workflows
+        .iter()
+        .map(|w| format!("{:<name$} v{:<4} {}", w.name, w.version, w.title))
+        .collect()
 }
 
 /// A server error, said plainly: code, message and machine-readable reason.
@@ -424,12 +458,15 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                     .await
                     .map_err(|s| failure(&s))?
                     .into_inner();
+                // Each page is sized to its own longest values (a list can be long).
+                let wf = width(page.cases.iter().map(|c| c.workflow.as_str()), 24);
+                let st = width(page.cases.iter().map(|c| c.state.as_str()), 24);
                 for c in &page.cases {
                     if as_json {
                         out!("{}", case_json(c));
                     } else {
                         out!(
-                            "{:<36} {:<24} {:<24} seq {}",
+                            "{:<36} {:<wf$} {:<st$} seq {}",
                             c.id,
                             c.workflow,
                             c.state,
@@ -481,6 +518,9 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 .await
                 .map_err(|s| failure(&s))?
                 .into_inner();
+            let cases = || page.items.iter().filter_map(|i| i.case.as_ref());
+            let wf = width(cases().map(|c| c.workflow.as_str()), 24);
+            let st = width(cases().map(|c| c.state.as_str()), 22);
             for item in &page.items {
                 let Some(c) = &item.case else { continue };
                 let deadline = item
@@ -495,7 +535,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                     );
                 } else {
                     out!(
-                        "{:<36} {:<24} {:<22} due {}  can: {}",
+                        "{:<36} {:<wf$} {:<st$} due {}  can: {}",
                         c.id,
                         c.workflow,
                         c.state,
@@ -619,9 +659,9 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                     );
                 }
                 out!(
-                    "{}: {} running case(s) checked against the new version; {}",
+                    "{}: {} checked against the new version; {}",
                     r.workflow,
-                    r.running_cases,
+                    count(r.running_cases as usize, "running case", "running cases"),
                     if r.breaking_cases.is_empty() {
                         "none would break".to_owned()
                     } else {
@@ -642,14 +682,16 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                 .await
                 .map_err(|s| failure(&s))?
                 .into_inner();
-            for w in &page.workflows {
-                if as_json {
+            if as_json {
+                for w in &page.workflows {
                     out!(
                         "{}",
                         json!({"name": w.name, "title": w.title, "version": w.version, "digest": w.digest})
                     );
-                } else {
-                    out!("{:<36} v{:<4} {}", w.name, w.version, w.title);
+                }
+            } else {
+                for line in workflow_lines(&page.workflows) {
+                    out!("{line}");
                 }
             }
         }
@@ -723,8 +765,12 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
         );
     }
     eprintln!(
-        "govflow: serving {} workflows on {} (data in {})",
-        prepared.engine.library().workflows.len(),
+        "govflow: serving {} on {} (data in {})",
+        count(
+            prepared.engine.library().workflows.len(),
+            "workflow",
+            "workflows"
+        ),
         config.listen,
         config.data.display()
     );
@@ -755,6 +801,99 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn due(s: &str) -> Option<prost_types::Timestamp> {
+        let t = chrono::DateTime::parse_from_rfc3339(s).expect("time");
+        Some(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        })
+    }
+
+    /// Regression: `case show` printed both reminders and the deadline as
+    /// `deadline time_limit_expired <time>`.
+    #[test]
+    fn case_show_tells_deadlines_from_reminders() {
+        let timer = |id: &str, kind: proto::TimerKind, at: &str| proto::Timer {
+            id: id.into(),
+            kind: kind as i32,
+            event: "time_limit_expired".into(),
+            due_time: due(at),
+            state: "county_handling".into(),
+            calendar_version: String::new(),
+        };
+        let case = proto::Case {
+            id: "c1".into(),
+            workflow: "baolian_escalation".into(),
+            workflow_version: 1,
+            state: "county_handling".into(),
+            sequence: 2,
+            timers: vec![
+                timer(
+                    "2:reminder:0",
+                    proto::TimerKind::Reminder,
+                    "2020-06-03T16:00:00Z",
+                ),
+                timer(
+                    "2:reminder:1",
+                    proto::TimerKind::Reminder,
+                    "2020-06-04T16:00:00Z",
+                ),
+                timer("2:expiry", proto::TimerKind::Expiry, "2020-06-05T16:00:00Z"),
+            ],
+            ..Default::default()
+        };
+        let lines = case_lines(&case);
+        let timers: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.contains("time_limit_expired"))
+            .collect();
+        assert_eq!(
+            timers,
+            [
+                "reminder   time_limit_expired 2020-06-03T16:00:00Z",
+                "reminder   time_limit_expired 2020-06-04T16:00:00Z",
+                "deadline   time_limit_expired 2020-06-05T16:00:00Z",
+            ]
+        );
+        assert_eq!(lines[0], "case       c1");
+    }
+
+    /// Regression: a name longer than the fixed 36 columns pushed its
+    /// version and title out of line.
+    #[test]
+    fn workflow_list_columns_fit_the_longest_name() {
+        let summary = |name: &str, version: u32, title: &str| proto::WorkflowSummary {
+            name: format!("workflows/{name}"),
+            title: title.into(),
+            version,
+            ..Default::default()
+        };
+        let lines = workflow_lines(&[
+            summary("baolian_escalation", 3, "包联帮扶诉求办理"),
+            summary("baolian_quarterly_coordination", 1, "包联季度协调"),
+            summary("zzfl_filing", 12, "备案"),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "workflows/baolian_escalation             v3    包联帮扶诉求办理",
+                "workflows/baolian_quarterly_coordination v1    包联季度协调",
+                "workflows/zzfl_filing                    v12   备案",
+            ]
+        );
+        let version_at = |l: &String| l.find(" v").expect("a version column");
+        assert!(lines.iter().all(|l| version_at(l) == version_at(&lines[1])));
+    }
+
+    /// Regression: "1 running cases", "serving 1 workflows".
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(1, "running case", "running cases"), "1 running case");
+        assert_eq!(count(0, "running case", "running cases"), "0 running cases");
+        assert_eq!(count(2, "workflow", "workflows"), "2 workflows");
+    }
 
     /// Regression: `--var credit_code=9113…` was sent as a number, and the
     /// server rightly refused it for a string variable.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use govflow::lang::load::{self, Document};
-use govflow::lang::validate::validate;
+use govflow::lang::validate::{count, validate};
 use govflow::render;
 
 /// glibc's allocator spends half the engine's time consolidating small
@@ -193,14 +193,22 @@ enum OutputFormat {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // An audit names a store it cannot read itself, once: sled's own log
+    // lines about it would only repeat it (GOVFLOW_LOG still shows them).
+    let quiet = if matches!(cli.command, Command::Audit(_)) {
+        "warn,sled=off"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GOVFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -321,6 +329,10 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
     };
     let run = govflow::scenario::run::run(&sources, &library);
     let mut out = std::io::stdout().lock();
+    // Warnings (a deadline needing the calendar none is loaded) explain failures below.
+    for d in &validated.diagnostics {
+        writeln!(out, "{d}")?;
+    }
     for report in &run.scenarios {
         match &report.failure {
             None => writeln!(out, "ok   {} — {}", report.file.display(), report.name)?,
@@ -369,7 +381,8 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
     if below > 0 {
         writeln!(
             out,
-            "{below} workflows below the required coverage of {:.1}%",
+            "{} below the required coverage of {:.1}%",
+            count(below, "workflow", "workflows"),
             min_coverage.unwrap_or(0.0)
         )?;
     }
@@ -459,14 +472,17 @@ fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode>
             if validated.diagnostics.is_empty() {
                 writeln!(
                     out,
-                    "ok: {} files, {workflows} workflows, no problems",
-                    sources.files.len()
+                    "ok: {}, {}, no problems",
+                    count(sources.files.len(), "file", "files"),
+                    count(workflows, "workflow", "workflows")
                 )?;
             } else {
                 writeln!(
                     out,
-                    "{errors} errors, {warnings} warnings in {} files",
-                    sources.files.len()
+                    "{}, {} in {}",
+                    count(errors, "error", "errors"),
+                    count(warnings, "warning", "warnings"),
+                    count(sources.files.len(), "file", "files")
                 )?;
             }
         }

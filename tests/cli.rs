@@ -126,3 +126,19 @@ fn catalogue_import_of_a_bad_csv_names_the_line_and_changes_nothing() {
     assert!(err.contains("bad.csv:2") && err.contains("取消"), "{err}");
     assert_eq!(std::fs::read(&catalogue).expect("read"), before);
 }
+
+/// Regression: a missing file's I/O error was printed twice (once in the
+/// message, once as its cause).
+#[test]
+fn a_missing_path_is_reported_once() {
+    let out = govflow()
+        .args(["validate", "no/such.ron"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        text.trim(),
+        "govflow: no/such.ron: No such file or directory (os error 2)"
+    );
+}

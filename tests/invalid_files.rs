@@ -1,7 +1,11 @@
 //! Data-driven validation tests: every `tests/data/invalid/*.ron` has a
 //! `.expected` file beside it listing the exact diagnostics (`line:col code:
-//! message`, then an indented hint line). Run with `UPDATE_EXPECT=1` to
-//! rewrite the expected files after a deliberate change, then review the diff.
+//! message`, `line:col code (warning): message` for a warning, then an
+//! indented hint line). Run with `UPDATE_EXPECT=1` to rewrite the expected
+//! files after a deliberate change, then review the diff.
+//!
+//! The folder has no `calendar/`, so every deadline that needs the
+//! working-day calendar is also warned of (`missing-calendar`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,7 +27,11 @@ fn render(file: &Path) -> String {
         .iter()
         .filter(|d| Path::new(&d.file) == file)
     {
-        out.push_str(&format!("{}:{} {}: {}\n", d.line, d.col, d.code, d.message));
+        let severity = if d.is_error() { "" } else { " (warning)" };
+        out.push_str(&format!(
+            "{}:{} {}{severity}: {}\n",
+            d.line, d.col, d.code, d.message
+        ));
         if let Some(hint) = &d.hint {
             out.push_str(&format!("  hint: {hint}\n"));
         }
@@ -78,4 +86,50 @@ fn the_shared_test_data_itself_is_valid() {
     .expect("loads");
     let validated = validate(&sources);
     assert_eq!(validated.diagnostics, vec![]);
+}
+
+/// `govflow validate` on a workflow whose deadlines need the calendar, in a
+/// folder without one: each is a warning with `file:line:col` and a hint, the
+/// summary counts it, and the exit code is 0 (warnings do not fail).
+#[test]
+fn validate_shows_missing_calendar_warnings_and_exits_0() {
+    let file = data_dir().join("working_days_without_calendar.ron");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:13:40: warning[missing-calendar]: the deadline of state `accepted` counts 5 \
+             working days, and no working-day calendar is loaded\n  hint: add the calendar \
+             file (calendar/*.csv) beside the workflows: without it, entering state \
+             `accepted` is rejected\n",
+            file.display()
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("warning[missing-calendar]").count(),
+        4,
+        "{text}"
+    );
+    // Regression: "1 errors"; a count of one is singular.
+    assert!(
+        text.ends_with("\n0 errors, 4 warnings in 3 files\n"),
+        "{text}"
+    );
+    let one = std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
+        .arg("validate")
+        .arg(data_dir().join("unknown_state.ron"))
+        .output()
+        .expect("runs");
+    assert_eq!(one.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        text.ends_with("\n1 error, 0 warnings in 3 files\n"),
+        "{text}"
+    );
 }

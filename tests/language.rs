@@ -1,19 +1,122 @@
 //! Every construct of the language parses from RON and validates
 //! (`tests/data/valid/all_constructs.ron` uses each one).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use govflow::lang::load::load;
+use govflow::calendar::Calendar;
+use govflow::lang::diag::Severity;
+use govflow::lang::load::{Sources, load};
 use govflow::lang::model::{
     Amount, Binding, Effect, Level, Period, Quorum, RejectRule, Span, Type, WaitFor,
 };
 use govflow::lang::validate::validate;
 
+fn valid_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/valid")
+}
+
+/// `tests/data/valid` with the shipped working-day calendar, which the folder
+/// itself does not have.
+fn valid_with_calendar() -> Sources {
+    let mut sources = load(&[valid_dir()]).expect("loads");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/calendar/cn_holidays.csv");
+    let calendar = Calendar::load(&path).expect("the shipped calendar loads");
+    sources.calendar = Some((path, calendar));
+    sources
+}
+
+/// Regression: a folder without `calendar/` validated clean, and a case then
+/// failed on a working-day deadline ("working days need the working-day
+/// calendar, and none is loaded"). Each deadline needing the calendar is a
+/// located warning (the workflows still compile), and none is left once the
+/// calendar is there.
+#[test]
+fn deadlines_needing_the_calendar_are_warned_of_when_none_is_loaded() {
+    let validated = validate(&load(&[valid_dir()]).expect("loads"));
+    assert!(
+        validated.library.is_some(),
+        "warnings do not stop compiling"
+    );
+    let warnings: Vec<(usize, usize, Severity, &str, &str)> = validated
+        .diagnostics
+        .iter()
+        .map(|d| (d.line, d.col, d.severity, d.code, d.path.as_str()))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            (
+                46,
+                40,
+                Severity::Warning,
+                "missing-calendar",
+                "states[1].deadline.within"
+            ),
+            (
+                46,
+                91,
+                Severity::Warning,
+                "missing-calendar",
+                "states[1].deadline.reminders[0]"
+            ),
+            (
+                81,
+                93,
+                Severity::Warning,
+                "missing-calendar",
+                "states[4].deadline.within.postpone_over_holidays"
+            ),
+            (
+                82,
+                29,
+                Severity::Warning,
+                "missing-calendar",
+                "states[4].deadline.reminders[0]"
+            ),
+        ]
+    );
+    let first = &validated.diagnostics[0];
+    assert!(first.file.ends_with("all_constructs.ron"), "{first}");
+    assert_eq!(
+        first.message,
+        "the deadline of state `handling` counts 5 working days, and no working-day calendar is loaded"
+    );
+    assert_eq!(
+        first.hint.as_deref(),
+        Some(
+            "add the calendar file (calendar/*.csv) beside the workflows: without it, entering state `handling` is rejected"
+        )
+    );
+    assert_eq!(
+        validated.diagnostics[1].message,
+        "a reminder of state `handling` counts 1 working day before the deadline, and no working-day calendar is loaded"
+    );
+    assert_eq!(validate(&valid_with_calendar()).diagnostics, vec![]);
+}
+
+/// Regression: "remind 1 working days before".
+#[test]
+fn periods_are_singular_for_one() {
+    let fixed = |n| Amount::Fixed(n);
+    for (period, text) in [
+        (Period::WorkingDays(fixed(1)), "1 working day"),
+        (Period::WorkingDays(fixed(2)), "2 working days"),
+        (Period::Days(fixed(1)), "1 day"),
+        (Period::Days(fixed(0)), "0 days"),
+        (Period::Hours(fixed(1)), "1 hour"),
+        (Period::Hours(fixed(48)), "48 hours"),
+        (
+            Period::WorkingDays(Amount::Variable("limit".into())),
+            "vars.limit working days",
+        ),
+    ] {
+        assert_eq!(period.to_string(), text);
+    }
+}
+
 #[test]
 fn every_construct_parses_validates_and_compiles() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/valid");
-    let sources = load(&[dir]).expect("loads");
-    let validated = validate(&sources);
+    let validated = validate(&valid_with_calendar());
     assert_eq!(validated.diagnostics, vec![]);
     let library = validated
         .library

@@ -16,11 +16,12 @@ use crate::scenario::Scenario;
 /// Errors that stop loading altogether (as opposed to diagnostics in a file).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
+    /// The I/O error is part of the message, not a separate cause, so that
+    /// a report of the whole chain says it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}: not a .ron file or a folder")]
     NotRon(PathBuf),
@@ -97,9 +98,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     let mut ron_files = Vec::new();
     let mut shared_dirs = Vec::new();
     for path in paths {
-        let meta = fs::metadata(path).map_err(|source| LoadError::Io {
+        let meta = fs::metadata(path).map_err(|error| LoadError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         if meta.is_dir() {
             collect_ron(path, &mut ron_files)?;
@@ -138,9 +139,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     dedup(&mut calendar_files);
     let mut texts = Vec::new();
     for path in ron_files {
-        let text = fs::read_to_string(&path).map_err(|source| LoadError::Io {
+        let text = fs::read_to_string(&path).map_err(|error| LoadError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         texts.push((path, text));
     }
@@ -267,9 +268,9 @@ fn collect_ron(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
 }
 
 fn collect_ext(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let io = |source| LoadError::Io {
+    let io = |error| LoadError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io)?

@@ -268,10 +268,12 @@ fn anchor(day: crate::calendar::AnchorDay, of: Span, postpone: bool) -> crate::c
 impl std::fmt::Display for Period {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use crate::calendar::AnchorDay;
+        // Singular for exactly one; a variable may hold any count.
+        let s = |a: &Amount| if *a == Amount::Fixed(1) { "" } else { "s" };
         match self {
-            Period::WorkingDays(a) => write!(f, "{a} working days"),
-            Period::Days(a) => write!(f, "{a} days"),
-            Period::Hours(a) => write!(f, "{a} hours"),
+            Period::WorkingDays(a) => write!(f, "{a} working day{}", s(a)),
+            Period::Days(a) => write!(f, "{a} day{}", s(a)),
+            Period::Hours(a) => write!(f, "{a} hour{}", s(a)),
             Period::DayOf {
                 day,
                 of,

@@ -128,6 +128,9 @@ pub fn validate(sources: &Sources) -> Validated {
     let mut workflows = BTreeMap::new();
     let mut seen: HashMap<&str, &SourceFile> = HashMap::new();
     let all_names: BTreeSet<&str> = sources.workflows().map(|(_, w)| w.name.as_str()).collect();
+    // A calendar file that failed to load is already an error of its own.
+    let calendar_missing =
+        sources.calendar.is_none() && !sources.diagnostics.iter().any(|d| d.code == "calendar");
     for (file, workflow) in sources.workflows() {
         let mut r = Reporter::new(&file.path, &file.map, &mut diagnostics);
         if let Some(first) = seen.insert(&workflow.name, file) {
@@ -152,6 +155,9 @@ pub fn validate(sources: &Sources) -> Validated {
             reads: Reads::default(),
         };
         let (programs, reads) = checker.check(&mut r);
+        if calendar_missing {
+            check_calendar_needed(file, workflow, &mut diagnostics);
+        }
         let state_index = workflow
             .states
             .iter()
@@ -187,6 +193,70 @@ pub fn validate(sources: &Sources) -> Validated {
     Validated {
         diagnostics,
         library,
+    }
+}
+
+/// `n` and the noun for that many: "1 row", "3 rows".
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Warns of each deadline that needs the working-day calendar when none is
+/// loaded: one counted in working days (or reminding so many before), or one
+/// postponed over holidays. Entering its state would be rejected at run time.
+/// A warning rather than an error: the workflow is sound, and where it runs
+/// (a server, a test folder) may well have the calendar this folder lacks.
+fn check_calendar_needed(file: &SourceFile, w: &Workflow, out: &mut Vec<Diagnostic>) {
+    for (i, state) in w.states.iter().enumerate() {
+        let Some(deadline) = &state.deadline else {
+            continue;
+        };
+        let dp = DocPath::root().field("states").index(i).field("deadline");
+        let within = std::iter::once((dp.field("within"), &deadline.within, false));
+        let reminders = (deadline.reminders.iter().enumerate())
+            .map(|(j, p)| (dp.field("reminders").index(j), p, true));
+        for (path, period, reminder) in within.chain(reminders) {
+            let (path, message) = match period {
+                Period::WorkingDays(_) if reminder => (
+                    path,
+                    format!(
+                        "a reminder of state `{}` counts {period} before the deadline, and no working-day calendar is loaded",
+                        state.name
+                    ),
+                ),
+                Period::WorkingDays(_) => (
+                    path,
+                    format!(
+                        "the deadline of state `{}` counts {period}, and no working-day calendar is loaded",
+                        state.name
+                    ),
+                ),
+                // An anchored reminder is an error of its own (`anchored-deadline`).
+                Period::DayOf {
+                    postpone_over_holidays: true,
+                    ..
+                }
+                | Period::LastDayOf {
+                    postpone_over_holidays: true,
+                    ..
+                } if !reminder => (
+                    path.field("postpone_over_holidays"),
+                    format!(
+                        "the deadline of state `{}` is postponed over holidays, and no working-day calendar is loaded",
+                        state.name
+                    ),
+                ),
+                _ => continue,
+            };
+            let mut d = Diagnostic::at(&file.path, file.map.locate(&path), "missing-calendar", message)
+                .with_hint(Some(format!(
+                    "add the calendar file (calendar/*.csv) beside the workflows: without it, entering state `{}` is rejected",
+                    state.name
+                )))
+                .warning();
+            d.path = path.to_string();
+            out.push(d);
+        }
     }
 }
 
@@ -284,10 +354,10 @@ fn check_catalogues(
                     "catalogue-row",
                     &path,
                     format!(
-                        "row {} has {} values, the catalogue has {} columns",
+                        "row {} has {}, the catalogue has {}",
                         i + 1,
-                        row.len(),
-                        c.columns.len()
+                        count(row.len(), "value", "values"),
+                        count(c.columns.len(), "column", "columns")
                     ),
                     Some(format!(
                         "columns: {}",
@@ -334,9 +404,9 @@ fn check_catalogues(
                     "catalogue-count",
                     &DocPath::root().field("totals").field("rows"),
                     format!(
-                        "catalogue `{}` declares {} rows, found {}",
+                        "catalogue `{}` declares {}, found {}",
                         c.name,
-                        totals.rows,
+                        count(totals.rows, "row", "rows"),
                         c.rows.len()
                     ),
                     None,
@@ -381,8 +451,10 @@ fn check_catalogues(
                             "catalogue-count",
                             &at,
                             format!(
-                                "catalogue `{}` declares {declared} rows with {} = `{v}`, found {actual}",
-                                c.name, by.column
+                                "catalogue `{}` declares {} with {} = `{v}`, found {actual}",
+                                c.name,
+                                count(declared, "row", "rows"),
+                                by.column
                             ),
                             None,
                         );
@@ -746,8 +818,8 @@ impl WorkflowChecker<'_> {
                     "quorum",
                     &cp.field("quorum"),
                     format!(
-                        "quorum of {n} cannot be met by {} countersign roles",
-                        cs.roles.len()
+                        "quorum of {n} cannot be met by {}",
+                        count(cs.roles.len(), "countersign role", "countersign roles")
                     ),
                     Some(format!("use a number from 1 to {}", cs.roles.len())),
                 );

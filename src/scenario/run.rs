@@ -11,7 +11,7 @@
 //! taken by any case of that workflow in any scenario.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
@@ -24,7 +24,7 @@ use crate::engine::coverage;
 use crate::lang::diag::did_you_mean;
 use crate::lang::load::Sources;
 use crate::lang::model::Period;
-use crate::lang::validate::Library;
+use crate::lang::validate::{Library, count};
 use crate::lang::value::{self, ron_to_json};
 
 /// The id of a scenario's own case; its children are `main/0`, `main/1`, ….
@@ -97,7 +97,15 @@ pub fn run(sources: &Sources, library: &Library) -> TestRun {
             file: file.path.clone(),
             name: scenario.name.clone(),
             workflow: scenario.workflow.clone(),
-            failure: run_scenario(library, scenario, MAIN_CASE, &mut taken, None).err(),
+            failure: if library.workflows.contains_key(&scenario.workflow) {
+                run_scenario(library, scenario, MAIN_CASE, &mut taken, None).err()
+            } else {
+                Some(unknown_workflow(
+                    library,
+                    &scenario.workflow,
+                    Some(&file.path),
+                ))
+            },
         })
         .collect();
     let coverage = library
@@ -152,15 +160,7 @@ fn run_scenario(
     histories: Option<&mut BTreeMap<String, Vec<core::Entry>>>,
 ) -> Result<BTreeMap<String, Case>, String> {
     if !lib.workflows.contains_key(&scenario.workflow) {
-        let names = lib.workflows.keys().map(String::as_str);
-        let hint = did_you_mean(&scenario.workflow, names.clone()).unwrap_or_else(|| {
-            let names: Vec<&str> = names.collect();
-            format!("loaded: {}", names.join(", "))
-        });
-        return Err(format!(
-            "unknown workflow `{}`: no such workflow is loaded ({hint})",
-            scenario.workflow
-        ));
+        return Err(unknown_workflow(lib, &scenario.workflow, None));
     }
     let start = &scenario.start;
     let clock = DateTime::parse_from_rfc3339(&start.at)
@@ -200,6 +200,44 @@ fn run_scenario(
             .map_err(|e| format!("{}: {e}", describe(i + 1, step)))?;
     }
     Ok(driver.cases)
+}
+
+/// Why a scenario's workflow is not in the library, and — when it is not a
+/// misspelling — how to pass it along with the scenario (`file`, when known,
+/// is the scenario's: the workflow is looked for beside it and above).
+fn unknown_workflow(lib: &Library, name: &str, file: Option<&Path>) -> String {
+    let names = lib.workflows.keys().map(String::as_str);
+    if let Some(close) = did_you_mean(name, names.clone()) {
+        return format!("unknown workflow `{name}`: no such workflow is loaded ({close})");
+    }
+    let scenario = file.map_or_else(|| "SCENARIO".to_owned(), |f| f.display().to_string());
+    // The nearest folder above the scenario holding `NAME.ron`, if any.
+    let found = file.and_then(|f| {
+        f.ancestors()
+            .skip(1)
+            .find(|dir| dir.join(format!("{name}.ron")).is_file())
+    });
+    let (folder, workflow_file) = match found {
+        Some(dir) if dir.as_os_str().is_empty() => ("./".to_owned(), format!("{name}.ron")),
+        Some(dir) => (
+            format!("{}/", dir.display()),
+            dir.join(format!("{name}.ron")).display().to_string(),
+        ),
+        None => ("WORKFLOWS/".to_owned(), format!("WORKFLOWS/{name}.ron")),
+    };
+    let example =
+        format!("e.g. `govflow test {folder}` or `govflow test {workflow_file} {scenario}`");
+    if lib.workflows.is_empty() {
+        format!(
+            "unknown workflow `{name}`: no workflow is loaded; pass the workflow files or folder along with the scenario, {example}"
+        )
+    } else {
+        let loaded: Vec<&str> = names.collect();
+        format!(
+            "unknown workflow `{name}`: no such workflow is loaded (loaded: {}); pass its file or folder too, {example}",
+            loaded.join(", ")
+        )
+    }
 }
 
 /// "step 4 (Fire `classify` by hebei.sjz.platform)".
@@ -417,9 +455,10 @@ impl Driver<'_> {
                     .add(self.clock, Unit::WorkingDays, n)
                     .map_err(|e| e.to_string())?,
                 None => {
-                    return Err(
-                        "working days need the working-day calendar, and none is loaded".into(),
-                    );
+                    return Err(format!(
+                        "{}; add it beside the workflows",
+                        crate::calendar::CalendarError::NoCalendar
+                    ));
                 }
             },
             Unit::Days => TimeDelta::try_days(i64::from(n))
@@ -528,8 +567,8 @@ impl Driver<'_> {
             && case.children.len() != n
         {
             problems.push(format!(
-                "the case has {} children, expected {n}",
-                case.children.len()
+                "the case has {}, expected {n}",
+                count(case.children.len(), "child", "children")
             ));
         }
         if let Some(workflows) = &expect.child_workflows {
@@ -844,6 +883,63 @@ mod tests {
                 "voting --lapse--> failed",
                 "voting ⏱ lapse"
             ]
+        );
+    }
+
+    /// Regression: `govflow test SCENARIO` without its workflow said only
+    /// "no such workflow is loaded (loaded: )".
+    #[test]
+    fn an_unknown_workflow_says_to_pass_the_workflows_too() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let file = root.join("workflows/scenarios/baolian/county_resolves_in_time.ron");
+        let sources = crate::lang::load::load(std::slice::from_ref(&file)).expect("loads");
+        let library = crate::lang::validate::validate(&sources)
+            .library
+            .expect("validates");
+        assert!(library.workflows.is_empty());
+        let run = run(&sources, &library);
+        let folder = root.join("workflows");
+        assert_eq!(
+            failure(&run, 0),
+            format!(
+                "unknown workflow `baolian_escalation`: no workflow is loaded; pass the workflow \
+                 files or folder along with the scenario, e.g. `govflow test {}/` or \
+                 `govflow test {} {}`",
+                folder.display(),
+                folder.join("baolian_escalation.ron").display(),
+                file.display()
+            )
+        );
+
+        // Other workflows loaded, but not this one: they are listed, and the same advice.
+        let standard = testkit::library();
+        assert_eq!(
+            unknown_workflow(&standard, "baolian_escalation", None),
+            "unknown workflow `baolian_escalation`: no such workflow is loaded (loaded: child, \
+             filing, permit, race, vote); pass its file or folder too, e.g. `govflow test \
+             WORKFLOWS/` or `govflow test WORKFLOWS/baolian_escalation.ron SCENARIO`"
+        );
+        // A near miss is a misspelling, not a missing file.
+        assert_eq!(
+            unknown_workflow(&standard, "permitt", None),
+            "unknown workflow `permitt`: no such workflow is loaded (did you mean `permit`?)"
+        );
+    }
+
+    #[test]
+    fn advancing_working_days_without_the_calendar_says_where_it_goes() {
+        let texts = [(
+            "w.ron",
+            scenario("no calendar", "permit", START, "Advance(WorkingDays(1))"),
+        )];
+        let mut docs = testkit::standard_docs();
+        docs.extend(texts.iter().map(|(n, t)| (*n, t.as_str())));
+        let sources = testkit::sources(&docs, None);
+        let run = run(&sources, &testkit::library_of(&sources));
+        assert_eq!(
+            failure(&run, 0),
+            "step 1 (Advance 1 working day): working days need the working-day calendar, and \
+             none is loaded (calendar/*.csv); add it beside the workflows"
         );
     }
 
