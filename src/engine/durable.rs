@@ -1610,13 +1610,14 @@ fn apply_loop(
 ) {
     while let Some(waiting) = next_group(batches, usize::MAX) {
         let started = std::time::Instant::now();
-        for batch in &waiting {
-            if failed(failure).is_none()
-                && let Err(e) = store.apply(&batch.commit)
-            {
-                fail(failure, e);
-            }
-            progress.set(batch.number);
+        let commits: Vec<&Commit> = waiting.iter().map(|b| &b.commit).collect();
+        if failed(failure).is_none()
+            && let Err(e) = store.apply_all(&commits)
+        {
+            fail(failure, e);
+        }
+        if let Some(last) = waiting.last() {
+            progress.set(last.number);
         }
         let applied_us = started.elapsed().as_micros() as u64;
         if failed(failure).is_none()

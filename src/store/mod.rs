@@ -139,9 +139,15 @@ pub struct Page {
 /// Storage for the engine. Applying a commit is atomic (all of it or none of
 /// it is there after a crash); it is durable once a later `sync` returns.
 pub trait Store: Send + Sync + 'static {
-    /// Writes a commit atomically; readers see it at once, a crash may lose
-    /// it until [`Store::sync`] returns.
-    fn apply(&self, commit: &Commit) -> Result<()>;
+    /// Writes commits, in order, as one atomic write: readers see them at
+    /// once, a crash may lose them (all together) until [`Store::sync`]
+    /// returns. One write for many commits is what keeps the store's cost
+    /// per commit down when commits queue up.
+    fn apply_all(&self, commits: &[&Commit]) -> Result<()>;
+    /// Writes one commit atomically (see [`Store::apply_all`]).
+    fn apply(&self, commit: &Commit) -> Result<()> {
+        self.apply_all(&[commit])
+    }
     /// Hands every commit applied so far to the operating system, so that
     /// the next [`Store::sync`] has only to make it durable. Separate from
     /// `sync` so that one thread can write the next batch out while another

@@ -299,62 +299,72 @@ impl SledStore {
     }
 }
 
+/// Adds the writes of one commit to a sled batch.
+fn add_to_batch(batch: &mut sled::Batch, commit: &Commit) -> Result<()> {
+    for w in &commit.workflows {
+        batch.insert(
+            key(b'W', &[w.name.as_bytes(), &w.version.to_be_bytes()]),
+            encode(w)?,
+        );
+    }
+    for write in &commit.cases {
+        let id = write.after.id.as_str();
+        batch.insert(case_key(id), encode(&*write.after)?);
+        for entry in &write.entries {
+            batch.insert(history_key(id, entry.sequence), encode(entry)?);
+        }
+        let timers = |c: &proto::Case| -> Vec<Vec<u8>> {
+            c.timers
+                .iter()
+                .map(|t| timer_key(records::from_timestamp(t.due_time.as_ref()), id, &t.id))
+                .collect()
+        };
+        let before_timers = write.before.as_deref().map(timers).unwrap_or_default();
+        let after_timers = timers(&write.after);
+        for k in before_timers.iter().filter(|k| !after_timers.contains(k)) {
+            batch.remove(k.clone());
+        }
+        for k in after_timers {
+            batch.insert(k, &[] as &[u8]);
+        }
+        for index in write.index_before.difference(&write.index_after) {
+            batch.remove(index_key(index, id));
+        }
+        for index in write.index_after.difference(&write.index_before) {
+            batch.insert(index_key(index, id), &[] as &[u8]);
+        }
+    }
+    if let Some(first) = commit.feed.first() {
+        batch.insert(feed_key(first.position), encode_feed(&commit.feed));
+    }
+    for (request_id, outcome) in &commit.idempotency {
+        if outcome.len() > MAX_RECORD_BYTES {
+            return Err(StoreError::TooLarge {
+                size: outcome.len(),
+                limit: MAX_RECORD_BYTES,
+            });
+        }
+        batch.insert(key(b'R', &[request_id.as_bytes()]), outcome.as_slice());
+    }
+    Ok(())
+}
+
 impl Store for SledStore {
-    fn apply(&self, commit: &Commit) -> Result<()> {
-        if commit.is_empty() {
+    fn apply_all(&self, commits: &[&Commit]) -> Result<()> {
+        if commits.iter().all(|c| c.is_empty()) {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for w in &commit.workflows {
-            batch.insert(
-                key(b'W', &[w.name.as_bytes(), &w.version.to_be_bytes()]),
-                encode(w)?,
-            );
-        }
-        for write in &commit.cases {
-            let id = write.after.id.as_str();
-            batch.insert(case_key(id), encode(&*write.after)?);
-            for entry in &write.entries {
-                batch.insert(history_key(id, entry.sequence), encode(entry)?);
-            }
-            let timers = |c: &proto::Case| -> Vec<Vec<u8>> {
-                c.timers
-                    .iter()
-                    .map(|t| timer_key(records::from_timestamp(t.due_time.as_ref()), id, &t.id))
-                    .collect()
-            };
-            let before_timers = write.before.as_deref().map(timers).unwrap_or_default();
-            let after_timers = timers(&write.after);
-            for k in before_timers.iter().filter(|k| !after_timers.contains(k)) {
-                batch.remove(k.clone());
-            }
-            for k in after_timers {
-                batch.insert(k, &[] as &[u8]);
-            }
-            for index in write.index_before.difference(&write.index_after) {
-                batch.remove(index_key(index, id));
-            }
-            for index in write.index_after.difference(&write.index_before) {
-                batch.insert(index_key(index, id), &[] as &[u8]);
-            }
-        }
-        if let Some(first) = commit.feed.first() {
-            batch.insert(feed_key(first.position), encode_feed(&commit.feed));
-        }
-        for (request_id, outcome) in &commit.idempotency {
-            if outcome.len() > MAX_RECORD_BYTES {
-                return Err(StoreError::TooLarge {
-                    size: outcome.len(),
-                    limit: MAX_RECORD_BYTES,
-                });
-            }
-            batch.insert(key(b'R', &[request_id.as_bytes()]), outcome.as_slice());
+        for commit in commits {
+            // Later commits overwrite earlier ones key by key, as applying
+            // them one after the other would.
+            add_to_batch(&mut batch, commit)?;
         }
         self.db.apply_batch(batch)?;
         if self.observer.is_some() {
-            let written = commit
-                .cases
+            let written = commits
                 .iter()
+                .flat_map(|c| &c.cases)
                 .flat_map(|w| w.entries.iter().map(|e| (e.case_id.clone(), e.sequence)))
                 .collect();
             self.observe(SyncStep::Applied(written));
@@ -606,6 +616,68 @@ mod tests {
 
     fn write(before: Option<proto::Case>, after: proto::Case, index: &[IndexKey]) -> CaseWrite {
         write_from(before, &[], after, index)
+    }
+
+    #[test]
+    fn commits_applied_together_end_as_if_applied_one_after_the_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let opened = case("a", "open", Some(at("2020-06-01T00:00:00Z")));
+        let mut escalated = case("a", "escalated", Some(at("2020-06-02T00:00:00Z")));
+        escalated.sequence = 2;
+        let mut closed = case("a", "closed", Some(at("2020-06-03T00:00:00Z")));
+        closed.sequence = 3;
+        let commit = |w: CaseWrite| Commit {
+            cases: vec![w],
+            ..Default::default()
+        };
+        let first = commit(write(
+            None,
+            opened.clone(),
+            &[IndexKey::Inbox("county".into())],
+        ));
+        let second = commit(write_from(
+            Some(opened),
+            &[IndexKey::Inbox("county".into())],
+            escalated.clone(),
+            &[IndexKey::Inbox("city".into())],
+        ));
+        let third = commit(write_from(
+            Some(escalated),
+            &[IndexKey::Inbox("city".into())],
+            closed,
+            &[],
+        ));
+        store.apply_all(&[&first, &second, &third]).expect("apply");
+        assert_eq!(
+            store.case("a").expect("read").map(|c| c.state),
+            Some("closed".into())
+        );
+        assert_eq!(store.history("a", 0).expect("read").len(), 3);
+        // Only the last commit's timer and index entries are left.
+        let due = store
+            .due_timers(at("2021-01-01T00:00:00Z"), 10)
+            .expect("timers");
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].due, at("2020-06-03T00:00:00Z"));
+        for agency in ["county", "city"] {
+            assert!(store.inbox(agency, "", 10).expect("inbox").cases.is_empty());
+        }
+        let closed_ones = CaseFilter {
+            state: Some("closed".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.list(&closed_ones, "", 10).expect("list").cases.len(),
+            1
+        );
+        for state in ["open", "escalated"] {
+            let filter = CaseFilter {
+                state: Some(state.into()),
+                ..Default::default()
+            };
+            assert!(store.list(&filter, "", 10).expect("list").cases.is_empty());
+        }
     }
 
     #[test]
