@@ -371,6 +371,61 @@ async fn retries_get_the_first_answer_even_after_a_restart() {
 }
 
 #[tokio::test]
+async fn answers_from_before_each_of_several_restarts_are_all_kept() {
+    // Request outcomes are stored per commit, under commit numbers that must
+    // go on across restarts rather than start again (and overwrite).
+    let (dir, clock, engine) = fresh_engine();
+    let started = engine.start(start_ledger("a")).await.expect("start");
+    let mut engine = engine;
+    let mut first = Vec::new();
+    for round in 0..3 {
+        first.push(
+            engine
+                .fire(note("a", &format!("n-{round}")))
+                .await
+                .expect("fire"),
+        );
+        engine.shutdown();
+        drop(engine);
+        engine = open_engine(dir.path(), &clock);
+    }
+    assert_eq!(
+        engine
+            .start(start_ledger("a"))
+            .await
+            .expect("retried start"),
+        started
+    );
+    for (round, answer) in first.iter().enumerate() {
+        let retried = engine.fire(note("a", &format!("n-{round}"))).await;
+        assert_eq!(&retried.expect("retry"), answer);
+    }
+    assert_eq!(
+        engine.case("a").expect("case").sequence,
+        4,
+        "retries appended nothing"
+    );
+}
+
+#[tokio::test]
+async fn the_same_request_sent_many_times_at_once_makes_one_step_and_one_answer() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine.start(start_ledger("a")).await.expect("start");
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.fire(note("a", "twice")).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task").expect("fire"));
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]));
+    assert_eq!(engine.case("a").expect("case").sequence, 2);
+}
+
+#[tokio::test]
 async fn a_running_case_stays_on_its_version_and_a_bad_deploy_changes_nothing() {
     let (_dir, _clock, engine) = fresh_engine();
     engine.start(start_ledger("old")).await.expect("start");

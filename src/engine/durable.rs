@@ -15,12 +15,12 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::thread;
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use serde_json::{Map as JsonMap, Value as Json};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::core::{self, Input, Rejection, Step};
+use super::requests::RequestIndex;
 use crate::lang::deployed::DeployedSources;
 use crate::lang::diag::Diagnostic;
 use crate::lang::load::{self, Document};
@@ -141,21 +141,10 @@ pub struct Deployed {
 }
 
 enum Command {
-    Start(StartRequest, LookedUp, oneshot::Sender<Result<proto::Case>>),
-    Fire(
-        FireRequest,
-        Audience,
-        LookedUp,
-        oneshot::Sender<Result<proto::Case>>,
-    ),
-    Tick(oneshot::Sender<Result<usize>>),
-    Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
-}
-
-/// A start or fire on its way to the writer, its request id not yet looked up.
-enum Lookup {
     Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
     Fire(FireRequest, Audience, oneshot::Sender<Result<proto::Case>>),
+    Tick(oneshot::Sender<Result<usize>>),
+    Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
 }
 
 /// Who may learn that a case exists through a fire.
@@ -164,49 +153,6 @@ enum Audience {
     Anyone,
     /// Only agencies holding a role in it.
     Parties,
-}
-
-/// Looks request ids up in the store and passes the requests on to the
-/// writer: a read in the writer would wait on sled's lock while the applier
-/// writes the previous batch, and so would one on a caller's async thread.
-fn lookup_loop(
-    store: &dyn Store,
-    progress: &Progress,
-    lookups: &Mutex<mpsc::Receiver<Lookup>>,
-    writer: &mpsc::Sender<Command>,
-) {
-    loop {
-        let next = lookups.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(lookup) = next else { return };
-        let request_id = match &lookup {
-            Lookup::Start(r, _) => &r.request_id,
-            Lookup::Fire(r, _, _) => &r.request_id,
-        };
-        // In this order: what the store holds covers at least `applied`.
-        let applied = progress.applied();
-        let looked_up = match store.idempotency(request_id) {
-            Ok(stored) => LookedUp { applied, stored },
-            Err(e) => {
-                let (Lookup::Start(_, tx) | Lookup::Fire(_, _, tx)) = lookup;
-                let _ = tx.send(Err(e.into()));
-                continue;
-            }
-        };
-        let command = match lookup {
-            Lookup::Start(r, tx) => Command::Start(r, looked_up, tx),
-            Lookup::Fire(r, audience, tx) => Command::Fire(r, audience, looked_up, tx),
-        };
-        // A writer that has stopped drops the command, which answers `Stopped`.
-        let _ = writer.send(command);
-    }
-}
-
-/// A request id looked up in the store before the command reached the writer.
-struct LookedUp {
-    /// Every batch up to this one was in the store when it was looked up.
-    applied: u64,
-    /// The stored outcome found then, if any.
-    stored: Option<Vec<u8>>,
 }
 
 /// The rules in force: the compiled library, version numbers, and the
@@ -322,9 +268,6 @@ pub struct Engine {
 
 struct Inner {
     store: Arc<dyn Store>,
-    /// Starts and fires go first to the look-up threads, then to the writer.
-    lookups: Mutex<Option<mpsc::Sender<Lookup>>>,
-    readers: Mutex<Vec<thread::JoinHandle<()>>>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
     clock: Arc<dyn Clock>,
     rules: Arc<RwLock<Arc<Rules>>>,
@@ -336,14 +279,6 @@ impl Inner {
     /// Stops taking requests, lets those on their way finish, and waits
     /// for the threads to end.
     fn stop(&self) {
-        self.lookups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|e| e.into_inner()));
-        for reader in readers {
-            let _ = reader.join();
-        }
         self.commands
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -359,9 +294,6 @@ impl Drop for Inner {
         self.stop();
     }
 }
-
-/// Threads that look request ids up before requests reach the writer.
-const LOOKUP_THREADS: usize = 2;
 
 /// Largest number of requests committed together.
 const MAX_BATCH: usize = 1024;
@@ -464,15 +396,24 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let rules = Arc::new(RwLock::new(Arc::new(rules)));
         let durable = Arc::new(tokio::sync::watch::Sender::new(store.last_position()?));
-        let progress: Arc<Progress> = Arc::default();
+        let started = std::time::Instant::now();
+        let mut requests = RequestIndex::new();
+        let last_commit = store.scan_requests(&mut |id, commit| requests.insert(id, commit))?;
+        tracing::info!(
+            request_ids = requests.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "request-id index built"
+        );
+        // Commit numbers go on from the store's last one.
+        let progress = Arc::new(Progress::at(last_commit));
         let writer = Writer {
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
             rules: Arc::clone(&rules),
             cache: RefCell::default(),
             cache_cases: options.cache_cases,
-            pending_outcomes: RefCell::default(),
-            sent: Cell::new(0),
+            requests: RefCell::new(requests),
+            sent: Cell::new(last_commit),
             next_position: Cell::new(store.last_position()? + 1),
             durable: Arc::clone(&durable),
             progress: Arc::clone(&progress),
@@ -484,30 +425,9 @@ impl Engine {
             .map_err(|e| {
                 EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))
             })?;
-        let (lookups, lookup_rx) = mpsc::channel();
-        let lookup_rx = Arc::new(Mutex::new(lookup_rx));
-        let mut readers = Vec::new();
-        for n in 0..LOOKUP_THREADS {
-            let (store, progress, lookup_rx, writer) = (
-                Arc::clone(&store),
-                Arc::clone(&progress),
-                Arc::clone(&lookup_rx),
-                tx.clone(),
-            );
-            readers.push(
-                thread::Builder::new()
-                    .name(format!("govflow-lookup-{n}"))
-                    .spawn(move || lookup_loop(&*store, &progress, &lookup_rx, &writer))
-                    .map_err(|e| {
-                        EngineError::InvalidArgument(format!("cannot start a look-up thread: {e}"))
-                    })?,
-            );
-        }
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
-                lookups: Mutex::new(Some(lookups)),
-                readers: Mutex::new(readers),
                 durable,
                 clock,
                 rules,
@@ -517,49 +437,40 @@ impl Engine {
         })
     }
 
-    async fn send<T, M>(
+    async fn command<T>(
         &self,
-        channel: &Mutex<Option<mpsc::Sender<M>>>,
-        make: impl FnOnce(oneshot::Sender<Result<T>>) -> M,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         {
-            let sender = channel.lock().unwrap_or_else(|e| e.into_inner());
+            let sender = self
+                .inner
+                .commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let sender = sender.as_ref().ok_or(EngineError::Stopped)?;
             sender.send(make(tx)).map_err(|_| EngineError::Stopped)?;
         }
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
-    async fn command<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
-    ) -> Result<T> {
-        self.send(&self.inner.commands, make).await
-    }
-
     /// Starts a case; answers once it is durable.
     pub async fn start(&self, request: StartRequest) -> Result<proto::Case> {
-        self.send(&self.inner.lookups, |tx| Lookup::Start(request, tx))
-            .await
+        self.command(|tx| Command::Start(request, tx)).await
     }
 
     /// Fires an event; answers once the step is durable.
     pub async fn fire(&self, request: FireRequest) -> Result<proto::Case> {
-        self.send(&self.inner.lookups, |tx| {
-            Lookup::Fire(request, Audience::Anyone, tx)
-        })
-        .await
+        self.command(|tx| Command::Fire(request, Audience::Anyone, tx))
+            .await
     }
 
     /// Fires an event for an agency that may only know of cases in which it
     /// holds a role: any other case is answered as not found, as a missing
     /// one is, so that its existence does not leak.
     pub async fn fire_as_party(&self, request: FireRequest) -> Result<proto::Case> {
-        self.send(&self.inner.lookups, |tx| {
-            Lookup::Fire(request, Audience::Parties, tx)
-        })
-        .await
+        self.command(|tx| Command::Fire(request, Audience::Parties, tx))
+            .await
     }
 
     /// Fires every timer due by now, in due order; returns how many fired.
@@ -837,7 +748,7 @@ struct Batch<'w> {
     rules: Arc<Rules>,
     now: DateTime<Utc>,
     cases: BTreeMap<String, Pending>,
-    outcomes: BTreeMap<String, Vec<u8>>,
+    outcomes: BTreeMap<String, proto::RequestOutcome>,
     workflows: Vec<proto::WorkflowVersion>,
     /// Steps in the order they happened, for the event feed.
     feed: Vec<(String, u64)>,
@@ -897,35 +808,13 @@ impl Batch<'_> {
         ))
     }
 
-    fn outcome(
-        &self,
-        request_id: &str,
-        looked_up: LookedUp,
-    ) -> Result<Option<proto::RequestOutcome>> {
-        let bytes = match self.outcomes.get(request_id) {
-            Some(b) => Some(b.clone()),
-            None => self.writer.outcome_bytes(request_id, looked_up)?,
-        };
-        bytes
-            .map(|b| {
-                proto::RequestOutcome::decode(b.as_slice()).map_err(|source| {
-                    EngineError::Store(StoreError::Decode {
-                        what: format!("outcome of request {request_id}"),
-                        source,
-                    })
-                })
-            })
-            .transpose()
-    }
-
     /// The first answer to a request id, if it was seen before.
-    fn replay(
-        &self,
-        request_id: &str,
-        looked_up: LookedUp,
-        fingerprint: &[u8],
-    ) -> Result<Option<Result<proto::Case>>> {
-        let Some(stored) = self.outcome(request_id, looked_up)? else {
+    fn replay(&self, request_id: &str, fingerprint: &[u8]) -> Result<Option<Result<proto::Case>>> {
+        let stored = match self.outcomes.get(request_id) {
+            Some(outcome) => Some(outcome.clone()),
+            None => self.writer.outcome(request_id, self.failure)?,
+        };
+        let Some(stored) = stored else {
             return Ok(None);
         };
         if stored.fingerprint != fingerprint {
@@ -968,8 +857,7 @@ impl Batch<'_> {
             fingerprint,
             result: Some(result),
         };
-        self.outcomes
-            .insert(request_id.to_owned(), outcome.encode_to_vec());
+        self.outcomes.insert(request_id.to_owned(), outcome);
     }
 
     /// Records a step of a case, chaining its history entry.
@@ -1036,7 +924,7 @@ impl Batch<'_> {
         Ok(record)
     }
 
-    fn start(&mut self, mut r: StartRequest, looked_up: LookedUp) -> Result<proto::Case> {
+    fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         if r.case_id.is_empty() {
             let digest = hex::encode(Sha256::digest(r.request_id.as_bytes()));
@@ -1044,7 +932,7 @@ impl Batch<'_> {
         }
         check_case_id(&r.case_id)?;
         let fp = start_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, looked_up, &fp)? {
+        if let Some(first) = self.replay(&r.request_id, &fp)? {
             return first;
         }
         if self.case(&r.case_id)?.is_some() {
@@ -1067,15 +955,10 @@ impl Batch<'_> {
         result
     }
 
-    fn fire(
-        &mut self,
-        r: FireRequest,
-        audience: Audience,
-        looked_up: LookedUp,
-    ) -> Result<proto::Case> {
+    fn fire(&mut self, r: FireRequest, audience: Audience) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, looked_up, &fp)? {
+        if let Some(first) = self.replay(&r.request_id, &fp)? {
             return first;
         }
         let case = self
@@ -1277,7 +1160,16 @@ impl Batch<'_> {
         (
             Commit {
                 cases,
-                idempotency: self.outcomes.into_iter().collect(),
+                // Numbered when handed over.
+                number: 0,
+                requests: self
+                    .outcomes
+                    .into_iter()
+                    .map(|(request_id, outcome)| proto::RecordedRequest {
+                        request_id,
+                        outcome: Some(outcome),
+                    })
+                    .collect(),
                 workflows: self.workflows,
                 feed,
             },
@@ -1339,10 +1231,10 @@ struct Writer {
     /// how the writer sees batches the syncer has not applied yet.
     cache: RefCell<HashMap<String, Arc<proto::Case>>>,
     cache_cases: usize,
-    /// Request outcomes of recent batches, with their batch number: every
-    /// batch after `forgotten` has its outcomes here.
-    pending_outcomes: RefCell<RecentOutcomes>,
-    /// Batches handed to the syncer so far.
+    /// Which commit holds the outcome of each request id answered.
+    requests: RefCell<RequestIndex>,
+    /// The number of the last batch handed on (batches are the store's
+    /// commits, numbered on from the store's last one).
     sent: Cell<u64>,
     /// The event-feed position the next step gets.
     next_position: Cell<u64>,
@@ -1360,6 +1252,14 @@ struct Progress {
 }
 
 impl Progress {
+    /// Progress with every batch up to `batch` applied.
+    fn at(batch: u64) -> Self {
+        Progress {
+            applied: Mutex::new(batch),
+            changed: Condvar::new(),
+        }
+    }
+
     fn set(&self, batch: u64) {
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = batch;
         self.changed.notify_all();
@@ -1377,43 +1277,6 @@ impl Progress {
                 .wait_timeout(applied, std::time::Duration::from_millis(50))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
-    }
-}
-
-/// Outcomes the writer remembers after their batch is applied, counted in
-/// batches: enough that a caller's look-up is almost never older.
-const RECENT_BATCHES: u64 = 256;
-
-/// The request outcomes of the batches after `forgotten`.
-#[derive(Default)]
-struct RecentOutcomes {
-    by_request: HashMap<String, (u64, Vec<u8>)>,
-    by_batch: std::collections::VecDeque<(u64, Vec<String>)>,
-    forgotten: u64,
-}
-
-impl RecentOutcomes {
-    fn add(&mut self, batch: u64, outcomes: &[(String, Vec<u8>)]) {
-        for (request_id, bytes) in outcomes {
-            self.by_request
-                .insert(request_id.clone(), (batch, bytes.clone()));
-        }
-        let ids = outcomes.iter().map(|(id, _)| id.clone()).collect();
-        self.by_batch.push_back((batch, ids));
-    }
-
-    fn forget_up_to(&mut self, batch: u64) {
-        while let Some((number, _)) = self.by_batch.front()
-            && *number <= batch
-        {
-            let Some((number, ids)) = self.by_batch.pop_front() else {
-                break;
-            };
-            for id in ids {
-                self.by_request.remove(&id);
-            }
-            self.forgotten = number;
         }
     }
 }
@@ -1443,17 +1306,24 @@ impl Writer {
         Ok(self.store.case(id)?.map(Arc::new))
     }
 
-    fn outcome_bytes(&self, request_id: &str, looked_up: LookedUp) -> Result<Option<Vec<u8>>> {
-        let recent = self.pending_outcomes.borrow();
-        if let Some((_, bytes)) = recent.by_request.get(request_id) {
-            return Ok(Some(bytes.clone()));
+    /// The stored outcome of `request_id`, if it was answered before.
+    fn outcome(
+        &self,
+        request_id: &str,
+        failure: &Failure,
+    ) -> Result<Option<proto::RequestOutcome>> {
+        let commits = self.requests.borrow().commits(request_id);
+        for commit in commits {
+            // A retry of a request still on its way to the store: rare
+            // enough to wait for it rather than keep outcomes in memory.
+            if commit > self.progress.applied() {
+                self.settle(failure);
+            }
+            if let Some(outcome) = self.store.request_outcome(commit, request_id)? {
+                return Ok(Some(outcome));
+            }
         }
-        // The caller's look-up and the recent outcomes together cover every
-        // batch, unless outcomes newer than the look-up were forgotten since.
-        if looked_up.applied >= recent.forgotten {
-            return Ok(looked_up.stored);
-        }
-        Ok(self.store.idempotency(request_id)?)
+        Ok(None)
     }
 
     /// Waits until every batch handed to the syncer is applied to the store.
@@ -1461,8 +1331,9 @@ impl Writer {
         self.progress.wait_for(self.sent.get(), failure);
     }
 
-    fn hand_over(&self, commit: &Commit, failure: &Failure) -> u64 {
+    fn hand_over(&self, commit: &mut Commit, failure: &Failure) -> u64 {
         let number = self.sent.get() + 1;
+        commit.number = number;
         {
             let mut cache = self.cache.borrow_mut();
             if cache.len() + commit.cases.len() > self.cache_cases {
@@ -1474,10 +1345,10 @@ impl Writer {
                 cache.insert(write.after.id.clone(), Arc::clone(&write.after));
             }
         }
-        let applied = self.progress.applied();
-        let mut recent = self.pending_outcomes.borrow_mut();
-        recent.forget_up_to(applied.saturating_sub(RECENT_BATCHES));
-        recent.add(number, &commit.idempotency);
+        let mut requests = self.requests.borrow_mut();
+        for recorded in &commit.requests {
+            requests.insert(&recorded.request_id, number);
+        }
         self.sent.set(number);
         number
     }
@@ -1535,11 +1406,9 @@ impl Writer {
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
                 replies.push(match command {
-                    Command::Start(r, looked_up, tx) => {
-                        Reply::Case(tx, Box::new(batch.start(r, looked_up)))
-                    }
-                    Command::Fire(r, audience, looked_up, tx) => {
-                        Reply::Case(tx, Box::new(batch.fire(r, audience, looked_up)))
+                    Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
+                    Command::Fire(r, audience, tx) => {
+                        Reply::Case(tx, Box::new(batch.fire(r, audience)))
                     }
                     Command::Tick(tx) => Reply::Count(tx, batch.tick()),
                     Command::Deploy(source, options, tx) => {
@@ -1547,10 +1416,10 @@ impl Writer {
                     }
                 });
             }
-            let (commit, rules) = batch.into_commit();
+            let (mut commit, rules) = batch.into_commit();
             // Later batches build on this one, so they see its rules.
             *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
-            let number = self.hand_over(&commit, &failure);
+            let number = self.hand_over(&mut commit, &failure);
             tracing::debug!(
                 batch = number,
                 requests = replies.len(),
@@ -1682,7 +1551,7 @@ impl Command {
     /// Refuses a command because storage has failed.
     fn refuse(self, error: &str) {
         let reply = match self {
-            Command::Start(_, _, tx) | Command::Fire(_, _, _, tx) => {
+            Command::Start(_, tx) | Command::Fire(_, _, tx) => {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
@@ -1696,24 +1565,6 @@ impl Command {
 mod tests {
     use super::*;
     use crate::engine::testkit;
-
-    #[test]
-    fn recent_outcomes_forget_whole_batches_in_order() {
-        let mut recent = RecentOutcomes::default();
-        for batch in 1..=5 {
-            recent.add(batch, &[(format!("r{batch}"), vec![batch as u8])]);
-        }
-        recent.forget_up_to(3);
-        assert_eq!(recent.forgotten, 3);
-        let mut kept: Vec<&String> = recent.by_request.keys().collect();
-        kept.sort();
-        assert_eq!(kept, ["r4", "r5"]);
-        recent.forget_up_to(2);
-        assert_eq!(recent.forgotten, 3, "forgetting never goes back");
-        recent.forget_up_to(9);
-        assert_eq!(recent.forgotten, 5);
-        assert!(recent.by_request.is_empty() && recent.by_batch.is_empty());
-    }
 
     #[test]
     fn index_inputs_are_the_same_only_when_the_index_entries_are() {

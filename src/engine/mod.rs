@@ -9,6 +9,7 @@ pub mod core;
 pub mod coverage;
 pub mod durable;
 pub mod replay;
+mod requests;
 
 #[cfg(test)]
 pub(crate) mod testkit;

@@ -83,8 +83,12 @@ pub struct CaseWrite {
 #[derive(Debug, Clone, Default)]
 pub struct Commit {
     pub cases: Vec<CaseWrite>,
-    /// Request id → encoded outcome, so retries get the first answer.
-    pub idempotency: Vec<(String, Vec<u8>)>,
+    /// This commit's number: its requests' outcomes are stored under it.
+    /// Numbers grow across restarts (see [`Store::scan_requests`]).
+    pub number: u64,
+    /// The requests this commit answered and their outcomes, so that
+    /// retries get the first answer.
+    pub requests: Vec<proto::RecordedRequest>,
     pub workflows: Vec<proto::WorkflowVersion>,
     /// The history entries of this commit in the order they happened, each
     /// at its position in the store-wide event feed.
@@ -103,7 +107,7 @@ pub struct FeedItem {
 impl Commit {
     pub fn is_empty(&self) -> bool {
         self.cases.is_empty()
-            && self.idempotency.is_empty()
+            && self.requests.is_empty()
             && self.workflows.is_empty()
             && self.feed.is_empty()
     }
@@ -164,7 +168,17 @@ pub trait Store: Send + Sync + 'static {
     fn case(&self, id: &str) -> Result<Option<proto::Case>>;
     /// History entries of a case from `from_sequence` on, in order.
     fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>>;
-    fn idempotency(&self, request_id: &str) -> Result<Option<Vec<u8>>>;
+    /// Calls `each` with every recorded request id and the number of the
+    /// commit holding its outcome (0 for a record of the earlier layout, one
+    /// key per request), in commit order; returns the highest commit number.
+    /// The engine builds its in-memory index of request ids from this.
+    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> Result<u64>;
+    /// The outcome of `request_id` if commit `number` recorded one.
+    fn request_outcome(
+        &self,
+        number: u64,
+        request_id: &str,
+    ) -> Result<Option<proto::RequestOutcome>>;
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
     /// Timers due at or before `until`, earliest first.
     fn due_timers(&self, until: DateTime<Utc>, limit: usize) -> Result<Vec<DueTimer>>;

@@ -16,7 +16,8 @@
 //! | `C·{case}` | `Case` |
 //! | `H·{case}·{sequence u64}` | `HistoryEntry` |
 //! | `T·{due ns i64 as ordered u64}{case}·{timer}` | empty |
-//! | `R·{request id}` | encoded outcome |
+//! | `Q·{commit number u64}{part u32}` | `CommitRequests`: the outcomes of the requests a commit answered |
+//! | `R·{request id}` | `RequestOutcome` (earlier layout: read, no longer written) |
 //! | `W·{workflow}·{version u32}` | `WorkflowVersion` |
 //! | `E·{first position u64}` | a commit's event-feed items (see `encode_feed`) |
 //! | `I·w·{workflow}·{case}` … | empty: index entries (see [`IndexKey`]) |
@@ -87,6 +88,49 @@ fn feed_key(position: u64) -> Vec<u8> {
     let mut k = vec![b'E', SEP];
     k.extend_from_slice(&position.to_be_bytes());
     k
+}
+
+fn requests_key(number: u64, part: u32) -> Vec<u8> {
+    let mut k = vec![b'Q', SEP];
+    k.extend_from_slice(&number.to_be_bytes());
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+/// The number of the commit whose requests a `Q` key holds.
+fn requests_number(key: &[u8]) -> Result<u64> {
+    key.get(2..10)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt("a request-outcome key is cut short".into()))
+}
+
+/// A commit's request outcomes as `CommitRequests` records of at most
+/// [`MAX_RECORD_BYTES`] each (usually one): one key per commit, not per
+/// request. A single outcome above the limit is refused.
+fn encode_requests(requests: &[proto::RecordedRequest]) -> Result<Vec<Vec<u8>>> {
+    let mut parts = vec![Vec::new()];
+    for request in requests {
+        let size = prost::encoding::message::encoded_len(1, request);
+        if size > MAX_RECORD_BYTES {
+            return Err(StoreError::TooLarge {
+                size,
+                limit: MAX_RECORD_BYTES,
+            });
+        }
+        let part = parts
+            .last_mut()
+            .filter(|p| p.len() + size <= MAX_RECORD_BYTES);
+        let part = match part {
+            Some(p) => p,
+            None => {
+                parts.push(Vec::new());
+                parts.last_mut().expect("just pushed")
+            }
+        };
+        prost::encoding::message::encode(1, request, part);
+    }
+    Ok(parts)
 }
 
 /// A commit's feed items as one record (one key per commit, not per step):
@@ -337,14 +381,10 @@ fn add_to_batch(batch: &mut sled::Batch, commit: &Commit) -> Result<()> {
     if let Some(first) = commit.feed.first() {
         batch.insert(feed_key(first.position), encode_feed(&commit.feed));
     }
-    for (request_id, outcome) in &commit.idempotency {
-        if outcome.len() > MAX_RECORD_BYTES {
-            return Err(StoreError::TooLarge {
-                size: outcome.len(),
-                limit: MAX_RECORD_BYTES,
-            });
+    if !commit.requests.is_empty() {
+        for (part, value) in (0u32..).zip(encode_requests(&commit.requests)?) {
+            batch.insert(requests_key(commit.number, part), value);
         }
-        batch.insert(key(b'R', &[request_id.as_bytes()]), outcome.as_slice());
     }
     Ok(())
 }
@@ -408,11 +448,51 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn idempotency(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get(key(b'R', &[request_id.as_bytes()]))?
-            .map(|v| v.to_vec()))
+    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> Result<u64> {
+        for item in self.db.scan_prefix([b'R', SEP]) {
+            let (k, _) = item?;
+            each(&String::from_utf8_lossy(&k[2..]), 0);
+        }
+        let mut highest = 0;
+        for item in self.db.scan_prefix([b'Q', SEP]) {
+            let (k, v) = item?;
+            let number = requests_number(&k)?;
+            let record: proto::CommitRequests =
+                decode(&v, || format!("request outcomes of commit {number}"))?;
+            for request in &record.requests {
+                each(&request.request_id, number);
+            }
+            highest = number;
+        }
+        Ok(highest)
+    }
+
+    fn request_outcome(
+        &self,
+        number: u64,
+        request_id: &str,
+    ) -> Result<Option<proto::RequestOutcome>> {
+        if number == 0 {
+            return self
+                .db
+                .get(key(b'R', &[request_id.as_bytes()]))?
+                .map(|v| decode(&v, || format!("outcome of request {request_id}")))
+                .transpose();
+        }
+        let prefix = requests_key(number, 0);
+        for item in self.db.scan_prefix(&prefix[..10]) {
+            let (_, v) = item?;
+            let record: proto::CommitRequests =
+                decode(&v, || format!("request outcomes of commit {number}"))?;
+            if let Some(found) = record
+                .requests
+                .into_iter()
+                .find(|r| r.request_id == request_id)
+            {
+                return Ok(found.outcome);
+            }
+        }
+        Ok(None)
     }
 
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
@@ -610,6 +690,89 @@ mod tests {
         }
     }
 
+    /// A request refused with `code`.
+    fn recorded(request_id: &str, code: &str) -> proto::RecordedRequest {
+        proto::RecordedRequest {
+            request_id: request_id.into(),
+            outcome: Some(proto::RequestOutcome {
+                fingerprint: vec![7; 32],
+                result: Some(proto::request_outcome::Result::Rejection(
+                    proto::Rejection {
+                        code: code.into(),
+                        message: "refused".into(),
+                    },
+                )),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_commits_request_outcomes_are_one_record_split_only_past_the_size_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let long = "x".repeat(MAX_RECORD_BYTES / 4);
+        let requests: Vec<_> = (0..10)
+            .map(|i| recorded(&format!("req-{i}"), &long))
+            .collect();
+        store
+            .commit(&Commit {
+                number: 7,
+                requests: requests.clone(),
+                ..Default::default()
+            })
+            .expect("commit");
+        let parts = store.db.scan_prefix([b'Q', SEP]).count();
+        assert!(parts > 1 && parts < 10, "{parts} parts");
+        for r in &requests {
+            assert_eq!(
+                store.request_outcome(7, &r.request_id).expect("read"),
+                r.outcome
+            );
+        }
+        assert_eq!(store.request_outcome(7, "req-99").expect("read"), None);
+        assert_eq!(store.request_outcome(6, "req-1").expect("read"), None);
+        let mut seen = Vec::new();
+        let highest = store
+            .scan_requests(&mut |id, commit| seen.push((id.to_owned(), commit)))
+            .expect("scan");
+        assert_eq!(highest, 7);
+        assert_eq!(seen.len(), 10);
+        // One outcome above the limit is refused, and nothing is written.
+        let refused = store.commit(&Commit {
+            number: 8,
+            requests: vec![recorded("huge", &"x".repeat(MAX_RECORD_BYTES))],
+            ..Default::default()
+        });
+        assert!(
+            matches!(refused, Err(StoreError::TooLarge { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(store.request_outcome(8, "huge").expect("read"), None);
+    }
+
+    #[test]
+    fn request_outcomes_of_the_earlier_one_key_per_request_layout_are_still_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let old = recorded("old-req", "guard-false");
+        store
+            .db
+            .insert(
+                key(b'R', &[b"old-req"]),
+                old.outcome.as_ref().expect("outcome").encode_to_vec(),
+            )
+            .expect("insert");
+        let mut seen = Vec::new();
+        let highest = store
+            .scan_requests(&mut |id, commit| seen.push((id.to_owned(), commit)))
+            .expect("scan");
+        assert_eq!((seen, highest), (vec![("old-req".to_owned(), 0)], 0));
+        assert_eq!(
+            store.request_outcome(0, "old-req").expect("read"),
+            old.outcome
+        );
+    }
+
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).expect("time").to_utc()
     }
@@ -695,7 +858,8 @@ mod tests {
                         &[],
                     ),
                 ],
-                idempotency: vec![("req-1".into(), b"outcome".to_vec())],
+                number: 1,
+                requests: vec![recorded("req-1", "guard-false")],
                 workflows: vec![proto::WorkflowVersion {
                     name: "w".into(),
                     version: 1,
@@ -728,9 +892,14 @@ mod tests {
         assert_eq!(store.history("a", 0).expect("read").len(), 2);
         assert_eq!(store.history("a", 2).expect("read").len(), 1);
         assert_eq!(
-            store.idempotency("req-1").expect("read"),
-            Some(b"outcome".to_vec())
+            store.request_outcome(1, "req-1").expect("read"),
+            recorded("req-1", "guard-false").outcome
         );
+        let mut seen = Vec::new();
+        let highest = store
+            .scan_requests(&mut |id, commit| seen.push((id.to_owned(), commit)))
+            .expect("scan");
+        assert_eq!((seen, highest), (vec![("req-1".to_owned(), 1)], 1));
         assert_eq!(store.workflow_versions().expect("read").len(), 1);
         // a's timer left with its state; b's is still due.
         let due = store
