@@ -587,3 +587,127 @@ async fn a_progress_report_keeps_the_running_deadline() {
     let noted = engine.fire(note("a", "note")).await.expect("note");
     assert_ne!(noted.timers, started.timers);
 }
+
+/// A store that counts the case records read from it.
+struct CountingStore {
+    inner: SledStore,
+    case_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for CountingStore {
+    fn apply_all(&self, commits: &[&govflow::store::Commit]) -> govflow::store::Result<()> {
+        self.inner.apply_all(commits)
+    }
+    fn write_out(&self) -> govflow::store::Result<()> {
+        self.inner.write_out()
+    }
+    fn sync(&self) -> govflow::store::Result<()> {
+        self.inner.sync()
+    }
+    fn case(&self, id: &str) -> govflow::store::Result<Option<proto::Case>> {
+        self.case_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.case(id)
+    }
+    fn history(&self, id: &str, from: u64) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
+        self.inner.history(id, from)
+    }
+    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> govflow::store::Result<u64> {
+        self.inner.scan_requests(each)
+    }
+    fn request_outcome(
+        &self,
+        number: u64,
+        request_id: &str,
+    ) -> govflow::store::Result<Option<proto::RequestOutcome>> {
+        self.inner.request_outcome(number, request_id)
+    }
+    fn workflow_versions(&self) -> govflow::store::Result<Vec<proto::WorkflowVersion>> {
+        self.inner.workflow_versions()
+    }
+    fn due_timers(
+        &self,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
+        self.inner.due_timers(until, limit)
+    }
+    fn list(
+        &self,
+        filter: &CaseFilter,
+        page_token: &str,
+        page_size: usize,
+    ) -> govflow::store::Result<govflow::store::Page> {
+        self.inner.list(filter, page_token, page_size)
+    }
+    fn inbox(
+        &self,
+        agency: &str,
+        page_token: &str,
+        page_size: usize,
+    ) -> govflow::store::Result<govflow::store::Page> {
+        self.inner.inbox(agency, page_token, page_size)
+    }
+    fn case_ids(&self, after: &str, limit: usize) -> govflow::store::Result<Vec<String>> {
+        self.inner.case_ids(after, limit)
+    }
+    fn feed(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> govflow::store::Result<Vec<govflow::store::FeedItem>> {
+        self.inner.feed(after, limit)
+    }
+    fn last_position(&self) -> govflow::store::Result<u64> {
+        self.inner.last_position()
+    }
+}
+
+#[tokio::test]
+async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CountingStore {
+        inner: SledStore::open(dir.path()).expect("store opens"),
+        case_reads: Default::default(),
+    });
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open_with(
+        store.clone(),
+        &sources,
+        Arc::new(ManualClock::new(t0())),
+        govflow::engine::durable::EngineOptions { cache_cases: 4 },
+    )
+    .expect("engine opens");
+    for c in 0..4 {
+        engine
+            .start(start_ledger(&format!("c{c}")))
+            .await
+            .expect("start");
+    }
+    let reads = || store.case_reads.load(std::sync::atomic::Ordering::SeqCst);
+    let after_starts = reads();
+    for n in 0..20 {
+        let id = format!("c{}", n % 4);
+        engine
+            .fire(note(&id, &format!("{id}-{n}")))
+            .await
+            .expect("fire");
+    }
+    assert_eq!(
+        reads(),
+        after_starts,
+        "every fire found its case in the cache"
+    );
+    // A fifth case overflows it: half is forgotten, the rest stays.
+    engine.start(start_ledger("c4")).await.expect("start");
+    let after_overflow = reads();
+    for c in 0..5 {
+        let id = format!("c{c}");
+        engine
+            .fire(note(&id, &format!("{id}-again")))
+            .await
+            .expect("fire");
+    }
+    let misses = reads() - after_overflow;
+    assert!((1..=3).contains(&misses), "{misses} of 5 cases read again");
+}

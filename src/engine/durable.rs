@@ -1303,7 +1303,15 @@ impl Writer {
         if let Some(case) = self.cache.borrow().get(id) {
             return Ok(Some(Arc::clone(case)));
         }
-        Ok(self.store.case(id)?.map(Arc::new))
+        // What the store holds is the latest: the cache forgets a case only
+        // once every batch is applied. Kept, so a step reads its case once.
+        let Some(case) = self.store.case(id)?.map(Arc::new) else {
+            return Ok(None);
+        };
+        self.cache
+            .borrow_mut()
+            .insert(id.to_owned(), Arc::clone(&case));
+        Ok(Some(case))
     }
 
     /// The stored outcome of `request_id`, if it was answered before.
@@ -1336,10 +1344,20 @@ impl Writer {
         commit.number = number;
         {
             let mut cache = self.cache.borrow_mut();
-            if cache.len() + commit.cases.len() > self.cache_cases {
-                // Forget only what the store already holds.
+            let new = commit
+                .cases
+                .iter()
+                .filter(|w| !cache.contains_key(&w.after.id))
+                .count();
+            if cache.len() + new > self.cache_cases {
+                // Forget only what the store already holds, and only half,
+                // so that the cache stays warm.
                 self.settle(failure);
-                cache.clear();
+                let mut kept = 0;
+                cache.retain(|_, _| {
+                    kept += 1;
+                    kept <= self.cache_cases / 2
+                });
             }
             for write in &commit.cases {
                 cache.insert(write.after.id.clone(), Arc::clone(&write.after));
