@@ -1698,19 +1698,52 @@ async fn offline_audit_commands_outside_the_repository_name_the_workflows_folder
     assert_eq!(code, Some(0), "{stdout}{stderr}");
 }
 
-#[tokio::test]
-async fn a_corrupt_store_is_reported_once_in_plain_words() {
-    let built = build().await;
-    // A copy with its settings file damaged: sled refuses to open it.
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let dir = scratch.path().join("damaged");
+/// A copy of the files of the store in `store`, in `scratch/name`.
+fn copy_store(store: &Path, scratch: &Path, name: &str) -> std::path::PathBuf {
+    let dir = scratch.join(name);
     std::fs::create_dir(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(built.path()).expect("read dir") {
+    for entry in std::fs::read_dir(store).expect("read dir") {
         let entry = entry.expect("entry");
         if entry.file_type().expect("type").is_file() {
             std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
         }
     }
+    dir
+}
+
+#[tokio::test]
+async fn a_store_whose_log_was_emptied_is_an_error_not_an_empty_audit() {
+    let built = build().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    // sled opens an emptied log as a new, empty database.
+    let dir = copy_store(built.path(), scratch.path(), "emptied");
+    std::fs::write(dir.join("db"), b"").expect("empty the log");
+    for command in [
+        &["export"][..],
+        &["verify", "--no-progress"][..],
+        &["replay", "--all", "--no-progress"][..],
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--data", path_arg(&dir)]);
+        let (code, stdout, stderr) = govflow_audit(&args, scratch.path());
+        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "the store in {} holds no records, not even its workflow versions",
+                dir.display()
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_store_is_reported_once_in_plain_words() {
+    let built = build().await;
+    // A copy with its settings file damaged: sled refuses to open it.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = copy_store(built.path(), scratch.path(), "damaged");
     let mut settings = std::fs::read(dir.join("conf")).expect("conf");
     for byte in settings.iter_mut().take(12).skip(8) {
         *byte ^= 0x5a;

@@ -58,6 +58,12 @@ pub enum AuditError {
     Sled(sled::Error),
     #[error("{0} is not a govflow store folder (no sled database in it)")]
     NoStore(String),
+    /// Every store the engine has opened holds its workflow versions, so a
+    /// store with none has lost its records (or was never one).
+    #[error(
+        "the store in {0} holds no records, not even its workflow versions: its log could not be read (damaged or emptied), or it is not a store govflow wrote"
+    )]
+    EmptyStore(String),
     #[error("the store in {0} is in use by another process: stop it, or audit a copy")]
     StoreInUse(String),
     #[error("no case `{0}`")]

@@ -207,6 +207,9 @@ impl SledSource {
                 e.into()
             }
         })?;
+        if db.scan_prefix([b'W', SEP]).next().transpose()?.is_none() {
+            return Err(AuditError::EmptyStore(dir.display().to_string()));
+        }
         Ok(SledSource { db })
     }
 
