@@ -1711,6 +1711,22 @@ fn copy_store(store: &Path, scratch: &Path, name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Runs each `govflow audit COMMAND --data DIR`, checks that it fails with
+/// exit code 2 and prints nothing on stdout, and returns what it said on stderr.
+fn refused_audits(commands: &[&[&str]], dir: &Path, cwd: &Path) -> Vec<(Vec<String>, String)> {
+    commands
+        .iter()
+        .map(|command| {
+            let mut args = command.to_vec();
+            args.extend(["--data", path_arg(dir)]);
+            let (code, stdout, stderr) = govflow_audit(&args, cwd);
+            assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+            assert!(stdout.is_empty(), "{args:?}: {stdout}");
+            (args.iter().map(|a| a.to_string()).collect(), stderr)
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_store_whose_log_was_emptied_is_an_error_not_an_empty_audit() {
     let built = build().await;
@@ -1718,16 +1734,12 @@ async fn a_store_whose_log_was_emptied_is_an_error_not_an_empty_audit() {
     // sled opens an emptied log as a new, empty database.
     let dir = copy_store(built.path(), scratch.path(), "emptied");
     std::fs::write(dir.join("db"), b"").expect("empty the log");
-    for command in [
-        &["export"][..],
-        &["verify", "--no-progress"][..],
-        &["replay", "--all", "--no-progress"][..],
-    ] {
-        let mut args = command.to_vec();
-        args.extend(["--data", path_arg(&dir)]);
-        let (code, stdout, stderr) = govflow_audit(&args, scratch.path());
-        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
-        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+    let commands: [&[&str]; 3] = [
+        &["export"],
+        &["verify", "--no-progress"],
+        &["replay", "--all", "--no-progress"],
+    ];
+    for (args, stderr) in refused_audits(&commands, &dir, scratch.path()) {
         assert!(
             stderr.contains(&format!(
                 "the store in {} holds no records, not even its workflow versions",
@@ -1750,12 +1762,8 @@ async fn a_corrupt_store_is_reported_once_in_plain_words() {
     }
     std::fs::write(dir.join("conf"), settings).expect("write");
 
-    for command in [&["export"][..], &["verify", "--no-progress"][..]] {
-        let mut args = command.to_vec();
-        args.extend(["--data", path_arg(&dir)]);
-        let (code, stdout, stderr) = govflow_audit(&args, scratch.path());
-        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
-        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+    let commands: [&[&str]; 2] = [&["export"], &["verify", "--no-progress"]];
+    for (args, stderr) in refused_audits(&commands, &dir, scratch.path()) {
         // One line: no second copy of sled's error, no log lines of sled's.
         assert_eq!(
             stderr,

@@ -246,18 +246,31 @@ async fn no_acknowledgement_comes_before_the_sync_of_its_data() {
     );
 }
 
+/// Sends every request at once, each from its own task; the answers in order.
+async fn fire_at_once(
+    engine: &Engine,
+    requests: impl IntoIterator<Item = FireRequest>,
+) -> Vec<Result<proto::Case, EngineError>> {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.fire(request).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    answers
+}
+
 #[tokio::test]
 async fn many_callers_on_one_case_lose_no_update() {
     let (_dir, _clock, engine) = fresh_engine();
     engine.start(start_ledger("a")).await.expect("start");
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.fire(note("a", &format!("n{i}"))).await })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("task").expect("fire");
+    for answer in fire_at_once(&engine, (0..100).map(|i| note("a", &format!("n{i}")))).await {
+        answer.expect("fire");
     }
     let case = engine.case("a").expect("case");
     assert_eq!(case.sequence, 101);
@@ -266,22 +279,13 @@ async fn many_callers_on_one_case_lose_no_update() {
     assert!(chain_intact(&engine.history("a").expect("history")));
 
     // With an expected sequence, exactly one of those racing for it wins.
-    let racers: Vec<_> = (0..20)
-        .map(|i| {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                engine
-                    .fire(FireRequest {
-                        expected_sequence: Some(101),
-                        ..note("a", &format!("race{i}"))
-                    })
-                    .await
-            })
-        })
-        .collect();
+    let racers = (0..20).map(|i| FireRequest {
+        expected_sequence: Some(101),
+        ..note("a", &format!("race{i}"))
+    });
     let mut won = 0;
-    for r in racers {
-        match r.await.expect("task") {
+    for answer in fire_at_once(&engine, racers).await {
+        match answer {
             Ok(_) => won += 1,
             Err(EngineError::SequenceMismatch {
                 current,
@@ -411,16 +415,11 @@ async fn answers_from_before_each_of_several_restarts_are_all_kept() {
 async fn the_same_request_sent_many_times_at_once_makes_one_step_and_one_answer() {
     let (_dir, _clock, engine) = fresh_engine();
     engine.start(start_ledger("a")).await.expect("start");
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.fire(note("a", "twice")).await })
-        })
+    let answers: Vec<proto::Case> = fire_at_once(&engine, (0..16).map(|_| note("a", "twice")))
+        .await
+        .into_iter()
+        .map(|a| a.expect("fire"))
         .collect();
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(task.await.expect("task").expect("fire"));
-    }
     assert!(answers.iter().all(|a| *a == answers[0]));
     assert_eq!(engine.case("a").expect("case").sequence, 2);
 }
