@@ -17,6 +17,7 @@ use chrono::{DateTime, FixedOffset, NaiveDate, TimeZone, Utc};
 use govflow::audit::{
     self, At, AuditError, AuditLibrary, ExportFilter, Progress, ReplayStep, SledSource, VerifyScope,
 };
+use govflow::lang::validate::count;
 
 /// Where the store is.
 #[derive(clap::Args, Debug, Clone)]
@@ -359,9 +360,9 @@ fn verify(data: &Path, scope: &VerifyScope, json: bool, progress: bool) -> Resul
         }
         writeln!(
             out,
-            "verified {} cases, {} history entries in {:.2} s ({:.0} entries/s)",
-            report.cases,
-            report.entries,
+            "verified {}, {} in {:.2} s ({:.0} entries/s)",
+            count(report.cases, "case", "cases"),
+            count(report.entries, "history entry", "history entries"),
             report.elapsed.as_secs_f64(),
             report.entries_per_second()
         )?;
@@ -512,9 +513,9 @@ fn replay_all(
         }
         writeln!(
             out,
-            "replayed {} cases, {} history entries in {:.2} s ({:.0} entries/s)",
-            report.cases,
-            report.entries,
+            "replayed {}, {} in {:.2} s ({:.0} entries/s)",
+            count(report.cases, "case", "cases"),
+            count(report.entries, "history entry", "history entries"),
             report.elapsed.as_secs_f64(),
             report.entries_per_second()
         )?;
@@ -636,9 +637,9 @@ fn export(data: &Path, filter: &ExportFilter, output: Option<&Path>) -> Result<E
         );
     }
     eprintln!(
-        "exported {} entries of {} cases{}",
-        summary.entries,
-        summary.cases,
+        "exported {} of {}{}",
+        count(summary.entries, "entry", "entries"),
+        count(summary.cases, "case", "cases"),
         output
             .map(|p| format!(" to {}", p.display()))
             .unwrap_or_default()

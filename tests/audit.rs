@@ -1727,6 +1727,27 @@ fn refused_audits(commands: &[&[&str]], dir: &Path, cwd: &Path) -> Vec<(Vec<Stri
         .collect()
 }
 
+/// Regression: "verified 1 cases", "exported 1 entries of 1 cases".
+#[tokio::test]
+async fn audit_counts_say_one_case_and_one_entry() {
+    let (dir, _clock, engine) = fresh_engine();
+    engine.start(start_ledger("only")).await.expect("start");
+    engine.shutdown();
+    drop(engine);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let data = path_arg(dir.path());
+    let (code, stdout, _) =
+        govflow_audit(&["verify", "--no-progress", "--data", data], scratch.path());
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("verified 1 case, 1 history entry in"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = govflow_audit(&["export", "--data", data], scratch.path());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("exported 1 entry of 1 case"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_store_whose_log_was_emptied_is_an_error_not_an_empty_audit() {
     let built = build().await;

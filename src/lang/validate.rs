@@ -197,8 +197,9 @@ pub fn validate(sources: &Sources) -> Validated {
 }
 
 /// `n` and the noun for that many: "1 row", "3 rows".
-pub fn count(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
+pub fn count<N: std::fmt::Display + PartialEq + From<u8>>(n: N, one: &str, many: &str) -> String {
+    let noun = if n == N::from(1) { one } else { many };
+    format!("{n} {noun}")
 }
 
 /// Warns of each deadline that needs the working-day calendar when none is
