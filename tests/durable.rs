@@ -710,3 +710,74 @@ async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again()
     let misses = reads() - after_overflow;
     assert!((1..=3).contains(&misses), "{misses} of 5 cases read again");
 }
+
+/// Regression: one request whose records were over the store's limit (a
+/// 200 KB payload, or a rejection quoting a 200 KB event name) failed the
+/// commit, and with it every later write of the engine.
+#[tokio::test]
+async fn a_request_too_large_to_store_is_refused_alone_and_the_engine_goes_on() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine.start(start_ledger("a")).await.expect("start");
+    let before = snapshot(&engine);
+
+    let huge = "长".repeat(70_000);
+    let refused = engine
+        .fire(fire(
+            "a",
+            "huge-note",
+            "note",
+            COUNTY,
+            json!({"text": huge}),
+        ))
+        .await;
+    match refused {
+        Err(EngineError::InvalidArgument(m)) => assert!(m.contains("over the limit"), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert_eq!(
+        snapshot(&engine),
+        before,
+        "nothing of the refused step was kept"
+    );
+
+    let event = "x".repeat(200_000);
+    let first = engine
+        .fire(fire("a", "huge-event", &event, COUNTY, json!({})))
+        .await;
+    let Err(EngineError::Rejected(r)) = &first else {
+        panic!("expected a rejection, got {first:?}");
+    };
+    assert_eq!(r.code, RejectCode::UnknownEvent);
+    assert!(
+        r.message.len() <= 1024 + '…'.len_utf8(),
+        "{}",
+        r.message.len()
+    );
+    let retried = engine
+        .fire(fire("a", "huge-event", &event, COUNTY, json!({})))
+        .await;
+    assert_eq!(
+        format!("{retried:?}"),
+        format!("{first:?}"),
+        "a retry gets the same answer"
+    );
+
+    // Later requests are stored as usual.
+    let after = engine
+        .fire(note("a", "after"))
+        .await
+        .expect("the engine goes on");
+    assert_eq!(after.sequence, 2);
+    let source = std::fs::read_to_string(data().join("ledger.ron")).expect("read");
+    let padded = format!("{source}\n// {}\n", "注".repeat(30_000));
+    let versions = engine.workflow_versions().expect("versions");
+    match engine.deploy(padded).await {
+        Err(EngineError::InvalidArgument(m)) => assert!(m.contains("over the limit"), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert_eq!(engine.workflow_versions().expect("versions"), versions);
+    engine
+        .fire(note("a", "still"))
+        .await
+        .expect("the engine goes on");
+}

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::thread;
 
 use chrono::{DateTime, Utc};
+use prost::Message;
 use serde_json::{Map as JsonMap, Value as Json};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -26,7 +27,8 @@ use crate::lang::diag::Diagnostic;
 use crate::lang::load::{self, Document};
 use crate::lang::validate::{Library, validate};
 use crate::store::{
-    CaseFilter, CaseWrite, Commit, FeedItem, IndexKey, Page, Store, StoreError, proto, records,
+    CaseFilter, CaseWrite, Commit, FeedItem, IndexKey, MAX_RECORD_BYTES, Page, Store, StoreError,
+    proto, records,
 };
 
 /// Where time comes from: the system clock, or a manual one in tests.
@@ -752,6 +754,30 @@ struct Batch<'w> {
     workflows: Vec<proto::WorkflowVersion>,
     /// Steps in the order they happened, for the event feed.
     feed: Vec<(String, u64)>,
+    /// What the request under way changed, newest last.
+    undo: Vec<Undo>,
+}
+
+/// A case the request under way recorded a step of, and how it stood in the
+/// batch before: its record and number of entries, or `None` if it was not
+/// in the batch.
+type Undo = (String, Option<(Arc<proto::Case>, usize)>);
+
+/// Rejection messages kept and returned at most this long: they can quote
+/// the caller's input, and the stored outcome must stay a small record.
+const MAX_REJECTION_MESSAGE: usize = 1024;
+
+/// `r` with its message cut to [`MAX_REJECTION_MESSAGE`] bytes.
+fn bounded(mut r: Rejection) -> Rejection {
+    if r.message.len() > MAX_REJECTION_MESSAGE {
+        let mut end = MAX_REJECTION_MESSAGE;
+        while !r.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        r.message.truncate(end);
+        r.message.push('…');
+    }
+    r
 }
 
 impl Batch<'_> {
@@ -869,6 +895,11 @@ impl Batch<'_> {
             .get(&step.case.digest)
             .copied()
             .unwrap_or(0);
+        let was = self
+            .cases
+            .get(&id)
+            .map(|p| (Arc::clone(&p.after), p.entries.len()));
+        self.undo.push((id.clone(), was));
         let (before, previous_hash, mut entries) = match self.cases.remove(&id) {
             Some(p) => (p.before, p.after.head_hash.clone(), p.entries),
             None => {
@@ -893,6 +924,65 @@ impl Batch<'_> {
             },
         );
         after
+    }
+
+    /// Runs one request's steps as a unit within the batch: when it fails, or
+    /// would leave a record the store refuses as too large, the batch is left
+    /// as it was before it, so one request can never make a commit fail.
+    fn atomically<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.undo.clear();
+        let feed_len = self.feed.len();
+        let result = run(self).and_then(|done| match self.oversized() {
+            Some(problem) => Err(EngineError::InvalidArgument(problem)),
+            None => Ok(done),
+        });
+        if result.is_err() {
+            while let Some((id, was)) = self.undo.pop() {
+                match was {
+                    None => {
+                        self.cases.remove(&id);
+                    }
+                    Some((after, entries)) => {
+                        if let Some(p) = self.cases.get_mut(&id) {
+                            p.after = after;
+                            p.entries.truncate(entries);
+                        }
+                    }
+                }
+            }
+            self.feed.truncate(feed_len);
+        }
+        self.undo.clear();
+        result.map_err(|e| match e {
+            EngineError::Rejected(r) => EngineError::Rejected(bounded(r)),
+            other => other,
+        })
+    }
+
+    /// What is wrong if a case the request under way changed, or a history
+    /// entry it added, is over the store's record limit.
+    fn oversized(&self) -> Option<String> {
+        for (id, was) in &self.undo {
+            let Some(p) = self.cases.get(id) else {
+                continue;
+            };
+            let size = p.after.encoded_len();
+            if size > MAX_RECORD_BYTES {
+                return Some(format!(
+                    "the step would make case `{id}` a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}: it is refused (send less data, or keep large documents outside the case and refer to them)"
+                ));
+            }
+            let new_entries = &p.entries[was.as_ref().map_or(0, |w| w.1)..];
+            for entry in new_entries {
+                let size = entry.encoded_len();
+                if size > MAX_RECORD_BYTES {
+                    return Some(format!(
+                        "the step would add to case `{id}` a history entry of {size} bytes, over the limit of {MAX_RECORD_BYTES}: it is refused (send less data)"
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Records a step and everything it sets off: children started, parents told.
@@ -939,18 +1029,18 @@ impl Batch<'_> {
             return Err(EngineError::AlreadyExists(r.case_id));
         }
         let library = Arc::clone(&self.rules.library);
-        let result = core::start(
-            &library,
-            &r.workflow,
-            &r.case_id,
-            &r.agency,
-            &r.bindings,
-            &r.variables,
-            self.now,
-        )
-        .and_then(|step| self.cascade(step, &r.request_id))
-        .map(|case| (*case).clone())
-        .map_err(EngineError::from);
+        let result = self.atomically(|batch| {
+            let step = core::start(
+                &library,
+                &r.workflow,
+                &r.case_id,
+                &r.agency,
+                &r.bindings,
+                &r.variables,
+                batch.now,
+            )?;
+            Ok((*batch.cascade(step, &r.request_id)?).clone())
+        });
         self.remember(&r.request_id, fp, &result);
         result
     }
@@ -980,10 +1070,10 @@ impl Batch<'_> {
             agency: r.agency.clone(),
             payload: r.payload.clone(),
         };
-        let result = core::apply(&library, &records::from_case(&case), &input, self.now)
-            .and_then(|step| self.cascade(step, &r.request_id))
-            .map(|case| (*case).clone())
-            .map_err(EngineError::from);
+        let result = self.atomically(|batch| {
+            let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
+            Ok((*batch.cascade(step, &r.request_id)?).clone())
+        });
         self.remember(&r.request_id, fp, &result);
         result
     }
@@ -1024,14 +1114,14 @@ impl Batch<'_> {
                 continue;
             }
             let input = Input::Timer { timer_id };
-            match core::apply(&library, &records::from_case(&case), &input, self.now) {
-                Ok(step) => {
-                    if let Err(r) = self.cascade(step, "") {
-                        tracing::warn!(case = %case_id, "a timer's consequences were refused: {r}");
-                    }
-                    fired += 1;
-                }
-                Err(r) => tracing::warn!(case = %case_id, "timer not fired: {r}"),
+            let step = self.atomically(|batch| {
+                let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
+                Ok(batch.cascade(step, "")?)
+            });
+            match step {
+                Ok(_) => fired += 1,
+                // Left due: it is tried again at the next tick.
+                Err(e) => tracing::warn!(case = %case_id, "timer not fired: {e}"),
             }
             if fired >= MAX_BATCH * 4 {
                 return Ok(fired);
@@ -1102,16 +1192,23 @@ impl Batch<'_> {
             current: self.rules.current.clone(),
             deployed: self.rules.deployed.clone(),
         };
-        rules.versions.insert(compiled.digest.clone(), version);
-        rules.current.insert(name.clone(), version);
-        rules.deployed.set_current(&name, source.clone());
-        self.workflows.push(proto::WorkflowVersion {
+        let record = proto::WorkflowVersion {
             name: name.clone(),
             version,
-            source,
+            source: source.clone(),
             digest: compiled.digest.clone(),
             deploy_time: Some(records::timestamp(self.now)),
-        });
+        };
+        let size = record.encoded_len();
+        if size > MAX_RECORD_BYTES {
+            return Err(EngineError::InvalidArgument(format!(
+                "workflow `{name}` would be stored as a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}: split it into smaller workflows"
+            )));
+        }
+        rules.versions.insert(compiled.digest.clone(), version);
+        rules.current.insert(name.clone(), version);
+        rules.deployed.set_current(&name, source);
+        self.workflows.push(record);
         self.rules = Arc::new(rules);
         Ok(Deployed {
             name,
@@ -1420,6 +1517,7 @@ impl Writer {
                 outcomes: BTreeMap::new(),
                 workflows: Vec::new(),
                 feed: Vec::new(),
+                undo: Vec::new(),
             };
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
