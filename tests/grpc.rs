@@ -855,6 +855,28 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             Err(_) => {}
         }
     }
+    // Under the 1 MiB message limit but over the store's record limit: refused
+    // alone (it used to fail the commit and stop every later write).
+    let too_large = cases
+        .fire_event(authed(
+            Some(&amr),
+            fire(
+                "refuse",
+                json!({"reason": "长".repeat(70_000)}),
+                None,
+                "f-large",
+            ),
+        ))
+        .await
+        .expect_err("too large to store");
+    if too_large.code() != Code::InvalidArgument || reason(&too_large) != "invalid-argument" {
+        failures.push(format!(
+            "a request too large to store: {:?} [{}] {}",
+            too_large.code(),
+            reason(&too_large),
+            too_large.message()
+        ));
+    }
     // Out of order: once refused the case is closed; another event on it is refused.
     cases
         .fire_event(authed(
