@@ -53,6 +53,9 @@ pub enum SyncStep {
     Flushed,
     /// `fdatasync` of the log file is about to start.
     Syncing,
+    /// This many new blob files of sled's (see `SledStore::sync_new_blobs`)
+    /// were synced, after the flush that wrote them, when there were any.
+    BlobsSynced(usize),
     /// `fdatasync` of the log file returned: the batch is durable.
     Synced,
 }
@@ -60,6 +63,10 @@ pub enum SyncStep {
 pub struct SledStore {
     db: sled::Db,
     log_file: File,
+    /// sled's `blobs/` folder, and the files in it already synced: see
+    /// [`SledStore::sync_new_blobs`].
+    blobs: std::path::PathBuf,
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     observer: Option<SyncObserver>,
 }
 
@@ -269,8 +276,57 @@ impl SledStore {
         Ok(SledStore {
             db,
             log_file,
+            blobs: dir.join("blobs"),
+            synced_blobs: Default::default(),
             observer: None,
         })
+    }
+
+    /// sled writes a log item too large for its log (above a quarter of a
+    /// segment, 128 KiB: not a record, which is at most 64 KiB, but a leaf
+    /// of several large records rewritten whole, such as the workflow
+    /// versions) to a file of its own under `blobs/`, and never syncs it.
+    /// The log then points at that file, so each new one is synced here, with
+    /// the folder, by `write_out`: that is, after the applies that wrote it
+    /// and before the log's `fdatasync` that acknowledges them, on the one
+    /// thread that applies, so no blob is half-written when synced. Each file
+    /// is synced once; sled removes blobs once they are rewritten.
+    fn sync_new_blobs(&self) -> Result<usize> {
+        let io = |source| StoreError::Io {
+            path: self.blobs.display().to_string(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(e)),
+        };
+        let mut known = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = std::collections::HashSet::new();
+        let mut synced = 0;
+        for entry in entries {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            if !known.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(file) => {
+                        file.sync_data().map_err(io)?;
+                        synced += 1;
+                    }
+                    // Removed by sled since the folder was read: nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            present.insert(name);
+        }
+        *known = present;
+        if synced > 0 {
+            File::open(&self.blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(synced)
     }
 
     /// Watches each durability step (a test hook).
@@ -415,6 +471,10 @@ impl Store for SledStore {
     fn write_out(&self) -> Result<()> {
         self.db.flush()?;
         self.observe(SyncStep::Flushed);
+        let blobs = self.sync_new_blobs()?;
+        if blobs > 0 {
+            self.observe(SyncStep::BlobsSynced(blobs));
+        }
         Ok(())
     }
 
@@ -779,6 +839,55 @@ mod tests {
 
     fn write(before: Option<proto::Case>, after: proto::Case, index: &[IndexKey]) -> CaseWrite {
         write_from(before, &[], after, index)
+    }
+
+    /// sled writes a leaf of several large records (workflow sources) to a
+    /// blob file it never syncs; the store's sync syncs it with the log.
+    #[test]
+    fn blob_files_sled_writes_are_synced_with_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let steps: Arc<Mutex<Vec<SyncStep>>> = Arc::default();
+        let sink = Arc::clone(&steps);
+        let store = SledStore::open(dir.path())
+            .expect("open")
+            .with_observer(Arc::new(move |step| sink.lock().expect("lock").push(step)));
+        for version in 1..=12 {
+            store
+                .commit(&Commit {
+                    workflows: vec![proto::WorkflowVersion {
+                        name: "big".into(),
+                        version,
+                        source: "注".repeat(19_000),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .expect("commit");
+        }
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .expect("blobs")
+            .count();
+        assert!(
+            blobs > 0,
+            "sled wrote no blob: the premise of this test is gone"
+        );
+        let steps = steps.lock().expect("lock");
+        let blob_syncs: Vec<usize> = steps
+            .iter()
+            .filter_map(|s| match s {
+                SyncStep::BlobsSynced(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert!(!blob_syncs.is_empty(), "no blob was synced");
+        // Each file once: no more syncs than commits that could write one.
+        assert!(blob_syncs.iter().sum::<usize>() <= 12, "{blob_syncs:?}");
+        // Every blob sync is followed by the log's before its commit returns.
+        let last = steps
+            .iter()
+            .rposition(|s| matches!(s, SyncStep::BlobsSynced(_)))
+            .expect("a blob sync");
+        assert!(steps[last..].contains(&SyncStep::Synced));
     }
 
     #[test]
