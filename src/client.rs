@@ -585,16 +585,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                     use tonic_types::StatusExt;
                     eprintln!("{}", failure(&status));
                     let details = status.get_error_details();
-                    if let Some(bad) = details.bad_request() {
-                        for v in &bad.field_violations {
-                            eprintln!(
-                                "{}:{} {}",
-                                file.display(),
-                                v.field.trim_start_matches("source:"),
-                                v.description
-                            );
-                        }
-                    }
+                    print_source_violations(&details, &file);
                     if let Some(failed) = details.precondition_failure() {
                         for v in &failed.violations {
                             eprintln!(
@@ -620,16 +611,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                 Err(status) => {
                     use tonic_types::StatusExt;
                     eprintln!("{}", failure(&status));
-                    if let Some(bad) = status.get_error_details().bad_request() {
-                        for v in &bad.field_violations {
-                            eprintln!(
-                                "{}:{} {}",
-                                file.display(),
-                                v.field.trim_start_matches("source:"),
-                                v.description
-                            );
-                        }
-                    }
+                    print_source_violations(&status.get_error_details(), &file);
                     return Ok(ExitCode::from(2));
                 }
             };
@@ -796,6 +778,20 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
     govflow::server::serve(prepared, config.listen, shutdown).await?;
     eprintln!("govflow: stopped; every acknowledged step is on disk");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A refused workflow source's diagnostics, as `file:line:col message`.
+fn print_source_violations(details: &tonic_types::ErrorDetails, file: &std::path::Path) {
+    if let Some(bad) = details.bad_request() {
+        for v in &bad.field_violations {
+            eprintln!(
+                "{}:{} {}",
+                file.display(),
+                v.field.trim_start_matches("source:"),
+                v.description
+            );
+        }
+    }
 }
 
 #[cfg(test)]

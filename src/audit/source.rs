@@ -665,15 +665,22 @@ impl RecordSource for WithPending<'_> {
     }
 }
 
+/// A record source in memory, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+    use std::ops::ControlFlow;
 
-    /// Case records and histories in memory.
+    use super::{CaseRecord, RawEntry, RecordSource, Result, proto};
+
+    /// A stored history record: its slot, and the entry or why it does not decode.
+    pub(crate) type Slot = (u64, std::result::Result<proto::HistoryEntry, String>);
+
+    /// Records held in memory, stored under the slots given.
     #[derive(Default)]
-    struct Memory {
-        cases: BTreeMap<String, proto::Case>,
-        history: BTreeMap<String, Vec<proto::HistoryEntry>>,
+    pub(crate) struct Memory {
+        pub(crate) cases: BTreeMap<String, proto::Case>,
+        pub(crate) history: BTreeMap<String, Vec<Slot>>,
     }
 
     impl RecordSource for Memory {
@@ -696,10 +703,10 @@ mod tests {
             id: &str,
             visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
         ) -> Result<()> {
-            for entry in self.history.get(id).into_iter().flatten() {
+            for (slot, entry) in self.history.get(id).into_iter().flatten() {
                 let raw = RawEntry {
-                    slot: Some(entry.sequence),
-                    entry: Ok(entry),
+                    slot: Some(*slot),
+                    entry: entry.as_ref().map_err(String::as_str),
                 };
                 if visit(raw).is_break() {
                     break;
@@ -712,6 +719,12 @@ mod tests {
             Ok(Vec::new())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Memory;
+    use super::*;
 
     fn case(id: &str, workflow: &str, sequence: u64) -> proto::Case {
         proto::Case {
@@ -750,7 +763,8 @@ mod tests {
         let mut base = Memory::default();
         for (id, workflow, n) in [("a", "w", 2), ("c", "w", 1), ("d", "other", 1)] {
             base.cases.insert(id.into(), case(id, workflow, n));
-            base.history.insert(id.into(), entries(id, 1..=n));
+            let slots = entries(id, 1..=n).into_iter().map(|e| (e.sequence, Ok(e)));
+            base.history.insert(id.into(), slots.collect());
         }
         let a_after = case("a", "w", 3);
         let a_new = entries("a", 2..=3);

@@ -742,62 +742,14 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::ops::ControlFlow;
 
     use chrono::{DateTime, TimeDelta};
     use serde_json::json;
 
     use super::*;
-    use crate::audit::source::RawEntry;
+    use crate::audit::source::testing::{Memory, Slot};
     use crate::engine::core::{self, Actor};
     use crate::store::records;
-
-    /// A stored history record: its slot, and the entry or why it does not decode.
-    type Slot = (u64, std::result::Result<proto::HistoryEntry, String>);
-
-    /// Records held in memory, stored under the slots given.
-    #[derive(Default)]
-    struct Memory {
-        cases: BTreeMap<String, proto::Case>,
-        history: BTreeMap<String, Vec<Slot>>,
-    }
-
-    impl RecordSource for Memory {
-        fn case_ids(&self, after: &str, limit: usize) -> Result<Vec<String>> {
-            Ok(self
-                .cases
-                .keys()
-                .filter(|k| k.as_str() > after)
-                .take(limit)
-                .cloned()
-                .collect())
-        }
-
-        fn case_record(&self, id: &str) -> Result<Option<CaseRecord>> {
-            Ok(self.cases.get(id).cloned().map(Ok))
-        }
-
-        fn visit_history(
-            &self,
-            id: &str,
-            visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
-        ) -> Result<()> {
-            for (slot, entry) in self.history.get(id).into_iter().flatten() {
-                let raw = RawEntry {
-                    slot: Some(*slot),
-                    entry: entry.as_ref().map_err(String::as_str),
-                };
-                if visit(raw).is_break() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-
-        fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>> {
-            Ok(Vec::new())
-        }
-    }
 
     fn chain(id: &str, n: u64) -> Vec<proto::HistoryEntry> {
         let t0 = DateTime::from_timestamp(1_590_973_200, 0).expect("time");

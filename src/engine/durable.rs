@@ -930,7 +930,7 @@ impl Batch<'_> {
     /// would leave a record the store refuses as too large, the batch is left
     /// as it was before it, so one request can never make a commit fail.
     fn atomically<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        self.undo.clear();
+        // Empty here: every step is recorded inside this, which empties it.
         let feed_len = self.feed.len();
         let result = run(self).and_then(|done| match self.oversized() {
             Some(problem) => Err(EngineError::InvalidArgument(problem)),
