@@ -397,7 +397,8 @@ impl Engine {
         })?;
         let (tx, rx) = mpsc::channel();
         let rules = Arc::new(RwLock::new(Arc::new(rules)));
-        let durable = Arc::new(tokio::sync::watch::Sender::new(store.last_position()?));
+        let last_position = store.last_position()?;
+        let durable = Arc::new(tokio::sync::watch::Sender::new(last_position));
         let started = std::time::Instant::now();
         let mut requests = RequestIndex::new();
         let last_commit = store.scan_requests(&mut |id, commit| requests.insert(id, commit))?;
@@ -416,7 +417,7 @@ impl Engine {
             cache_cases: options.cache_cases,
             requests: RefCell::new(requests),
             sent: Cell::new(last_commit),
-            next_position: Cell::new(store.last_position()? + 1),
+            next_position: Cell::new(last_position + 1),
             durable: Arc::clone(&durable),
             progress: Arc::clone(&progress),
         };
