@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub seconds: u64,
     pub cases: usize,
     pub scale: Vec<usize>,
+    /// With `scale`: how many cases, spread evenly over the store, the
+    /// active-set figure is measured on.
+    pub active: usize,
     /// In process: the engine's and the store's memory.
     pub engine: EngineOptions,
     pub store_cache_bytes: u64,
@@ -306,12 +309,14 @@ impl Bench {
         Ok(started.elapsed())
     }
 
-    /// Durable progress reports from `clients` callers for `seconds`.
+    /// Durable progress reports from `clients` callers for `seconds`, on the
+    /// cases `walk` picks.
     async fn transitions(
         &self,
         clients: usize,
         seconds: u64,
         round: &str,
+        walk: Walk,
     ) -> Result<(u64, Duration, Histogram<u64>, Option<u64>)> {
         let deadline = Instant::now() + Duration::from_secs(seconds);
         // Request ids new to the store even when the bench runs again on it.
@@ -321,7 +326,6 @@ impl Bench {
         let mut tasks = Vec::new();
         for client in 0..clients {
             let driver = self.target.clone();
-            let cases = self.cases;
             let round = round.to_owned();
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Histogram::<u64>::new(3)?;
@@ -331,7 +335,7 @@ impl Bench {
                 while Instant::now() < deadline {
                     let at = Instant::now();
                     driver
-                        .report(i % cases, format!("{round}-{client}-{n}"))
+                        .report(walk.case(i), format!("{round}-{client}-{n}"))
                         .await?;
                     latencies.record(at.elapsed().as_micros() as u64)?;
                     n += 1;
@@ -381,6 +385,38 @@ impl Bench {
             }
         }
         Ok((list, started.elapsed() / ROUNDS))
+    }
+}
+
+/// Which cases a transition run walks through: `count` of them, `stride`
+/// apart (bench cases are numbered 0, 1, 2, … in the order they were opened).
+#[derive(Debug, Clone, Copy)]
+struct Walk {
+    count: usize,
+    stride: usize,
+}
+
+impl Walk {
+    /// Every one of `cases` cases.
+    fn every(cases: usize) -> Walk {
+        Walk {
+            count: cases,
+            stride: 1,
+        }
+    }
+
+    /// `active` cases spread evenly over `cases`.
+    fn spread(active: usize, cases: usize) -> Walk {
+        let count = active.clamp(1, cases);
+        Walk {
+            count,
+            stride: cases / count,
+        }
+    }
+
+    /// The case of the `i`-th step.
+    fn case(self, i: usize) -> usize {
+        (i % self.count) * self.stride
     }
 }
 
@@ -471,25 +507,47 @@ pub async fn run(options: BenchOptions) -> Result<()> {
             }
         );
         let (total, elapsed, h, syncs) = bench
-            .transitions(options.clients, options.seconds, "run")
+            .transitions(
+                options.clients,
+                options.seconds,
+                "run",
+                Walk::every(options.cases),
+            )
             .await?;
         print_transitions(total, elapsed, &h, syncs, options.clients);
     } else {
-        println!("| cases | list page (µs) | inbox page (µs) | transitions/s | p99 (ms) |");
-        println!("| ---: | ---: | ---: | ---: | ---: |");
+        let active = options.active;
+        println!(
+            "| cases | list page (µs) | inbox page (µs) | transitions/s on {active} cases | p99 (ms) | transitions/s sweeping every case | p99 (ms) |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (round, &target) in options.scale.iter().enumerate() {
             bench.grow(target, options.clients).await?;
             let (list, inbox) = bench.read_costs()?;
-            let (total, elapsed, h, _) = bench
-                .transitions(options.clients, options.seconds, &format!("scale{round}"))
-                .await?;
-            println!(
-                "| {target} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            let mut row = format!(
+                "| {target} | {:.0} | {:.0} |",
                 list.as_secs_f64() * 1e6,
-                inbox.as_secs_f64() * 1e6,
-                total as f64 / elapsed.as_secs_f64(),
-                h.value_at_quantile(0.99) as f64 / 1000.0
+                inbox.as_secs_f64() * 1e6
             );
+            for (walk, name) in [
+                (Walk::spread(active, target), "active"),
+                (Walk::every(target), "sweep"),
+            ] {
+                let (total, elapsed, h, _) = bench
+                    .transitions(
+                        options.clients,
+                        options.seconds,
+                        &format!("scale{round}-{name}"),
+                        walk,
+                    )
+                    .await?;
+                row += &format!(
+                    " {:.0} | {:.2} |",
+                    total as f64 / elapsed.as_secs_f64(),
+                    h.value_at_quantile(0.99) as f64 / 1000.0
+                );
+            }
+            println!("{row}");
         }
     }
     if let Some((stop, task)) = bench.server.take() {
@@ -498,4 +556,30 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     }
     bench.engine.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Walk;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn an_active_set_is_spread_over_the_whole_store_and_stays_inside_it() {
+        let walk = Walk::spread(10_000, 1_000_000);
+        let visited: BTreeSet<usize> = (0..20_000).map(|i| walk.case(i)).collect();
+        assert_eq!(visited.len(), 10_000);
+        assert_eq!(visited.first(), Some(&0));
+        assert_eq!(visited.last(), Some(&999_900));
+        // Asking for more active cases than the store holds walks them all.
+        let small = Walk::spread(10_000, 300);
+        let visited: BTreeSet<usize> = (0..600).map(|i| small.case(i)).collect();
+        assert_eq!(visited, (0..300).collect());
+    }
+
+    #[test]
+    fn a_sweep_visits_every_case_in_turn() {
+        let walk = Walk::every(5);
+        let steps: Vec<usize> = (0..7).map(|i| walk.case(i)).collect();
+        assert_eq!(steps, [0, 1, 2, 3, 4, 0, 1]);
+    }
 }

@@ -122,6 +122,11 @@ enum Command {
         /// inbox and transition costs at each (e.g. `--scale 10000,1000000`).
         #[arg(long, value_delimiter = ',')]
         scale: Vec<usize>,
+        /// With `--scale`: the cases the first transition figure at each size
+        /// is measured on, spread evenly over the store (the second sweeps
+        /// every case, so nearly every step finds its case cold).
+        #[arg(long, default_value_t = 10_000, requires = "scale")]
+        active: usize,
         /// The workflows folder.
         #[arg(long, default_value = "workflows")]
         workflows: PathBuf,
@@ -280,6 +285,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seconds,
             cases,
             scale,
+            active,
             workflows,
             data,
             cache_cases,
@@ -294,6 +300,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seconds,
                 cases,
                 scale,
+                active,
                 engine: govflow::engine::durable::EngineOptions { cache_cases },
                 store_cache_bytes: store_cache_mib << 20,
             };

@@ -301,18 +301,24 @@ async fn many_callers_on_one_case_lose_no_update() {
     assert_eq!(won, 1);
 }
 
-#[tokio::test]
-async fn many_callers_on_many_cases_finish_without_deadlock() {
-    let (_dir, _clock, engine) = fresh_engine();
+/// Notes each caller fires.
+const NOTES: usize = 100;
+
+/// 40 callers on `cases` cases (started first), each firing [`NOTES`] notes on
+/// its case.
+async fn many_callers_on_many_cases(engine: &Engine, cases: usize) {
+    for c in 0..cases {
+        let id = format!("case-{c}");
+        engine.start(start_ledger(&id)).await.expect("start");
+    }
     let tasks: Vec<_> = (0..40)
-        .map(|c| {
+        .map(|caller| {
             let engine = engine.clone();
             tokio::spawn(async move {
-                let id = format!("case-{c}");
-                engine.start(start_ledger(&id)).await.expect("start");
-                for n in 0..10 {
+                let id = format!("case-{}", caller % cases);
+                for n in 0..NOTES {
                     engine
-                        .fire(note(&id, &format!("{id}-{n}")))
+                        .fire(note(&id, &format!("{caller}-{n}")))
                         .await
                         .expect("fire");
                 }
@@ -325,16 +331,43 @@ async fn many_callers_on_many_cases_finish_without_deadlock() {
             .expect("no deadlock")
             .expect("task");
     }
-    for c in 0..40 {
-        assert_eq!(
-            engine.case(&format!("case-{c}")).expect("case").sequence,
-            11
-        );
+    let notes_each = NOTES * 40 / cases;
+    for c in 0..cases {
+        let id = format!("case-{c}");
+        let case = engine.case(&id).expect("case");
+        assert_eq!(case.sequence, 1 + notes_each as u64, "{id}");
+        let notes = records::from_struct(case.variables.as_ref())["notes"].clone();
+        assert_eq!(notes, json!(notes_each), "{id}");
+        assert!(chain_intact(&engine.history(&id).expect("history")), "{id}");
     }
     let inbox = engine
         .inbox("hebei.sjz.zhengding", "", 1000)
         .expect("inbox");
-    assert_eq!(inbox.cases.len(), 40);
+    assert_eq!(inbox.cases.len(), cases);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_callers_on_many_cases_finish_without_deadlock() {
+    let (_dir, _clock, engine) = fresh_engine();
+    many_callers_on_many_cases(&engine, 40).await;
+}
+
+/// With a cache of two cases for ten, nearly every step is on a case the
+/// writer has forgotten, so callers read it ahead; with four callers on each
+/// case, the case often changes, and is forgotten again, between a caller's
+/// read and its step. A copy that is no longer the latest must not be used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_callers_on_many_cases_lose_no_update_with_a_small_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store opens"));
+    let engine = Engine::open_with(
+        store,
+        &load(&[data()]).expect("loads"),
+        Arc::new(ManualClock::new(t0())),
+        govflow::engine::durable::EngineOptions { cache_cases: 2 },
+    )
+    .expect("engine opens");
+    many_callers_on_many_cases(&engine, 10).await;
 }
 
 #[tokio::test]

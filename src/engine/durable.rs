@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::core::{self, Input, Rejection, Step};
+use super::prefetch::{CacheShadow, Prefetched};
 use super::requests::RequestIndex;
 use crate::lang::deployed::DeployedSources;
 use crate::lang::diag::Diagnostic;
@@ -144,7 +145,12 @@ pub struct Deployed {
 
 enum Command {
     Start(StartRequest, oneshot::Sender<Result<proto::Case>>),
-    Fire(FireRequest, Audience, oneshot::Sender<Result<proto::Case>>),
+    Fire(
+        FireRequest,
+        Audience,
+        Option<Prefetched>,
+        oneshot::Sender<Result<proto::Case>>,
+    ),
     Tick(oneshot::Sender<Result<usize>>),
     Deploy(String, DeployOptions, oneshot::Sender<Result<Deployed>>),
 }
@@ -275,6 +281,7 @@ struct Inner {
     rules: Arc<RwLock<Arc<Rules>>>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    shadow: Arc<CacheShadow>,
 }
 
 impl Inner {
@@ -409,12 +416,14 @@ impl Engine {
         );
         // Commit numbers go on from the store's last one.
         let progress = Arc::new(Progress::at(last_commit));
+        let shadow = Arc::new(CacheShadow::new());
         let writer = Writer {
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
             rules: Arc::clone(&rules),
             cache: RefCell::default(),
             cache_cases: options.cache_cases,
+            shadow: Arc::clone(&shadow),
             requests: RefCell::new(requests),
             sent: Cell::new(last_commit),
             next_position: Cell::new(last_position + 1),
@@ -436,6 +445,7 @@ impl Engine {
                 rules,
                 commands: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                shadow,
             }),
         })
     }
@@ -464,7 +474,8 @@ impl Engine {
 
     /// Fires an event; answers once the step is durable.
     pub async fn fire(&self, request: FireRequest) -> Result<proto::Case> {
-        self.command(|tx| Command::Fire(request, Audience::Anyone, tx))
+        let prefetched = self.prefetch(&request.case_id);
+        self.command(|tx| Command::Fire(request, Audience::Anyone, prefetched, tx))
             .await
     }
 
@@ -472,8 +483,22 @@ impl Engine {
     /// holds a role: any other case is answered as not found, as a missing
     /// one is, so that its existence does not leak.
     pub async fn fire_as_party(&self, request: FireRequest) -> Result<proto::Case> {
-        self.command(|tx| Command::Fire(request, Audience::Parties, tx))
+        let prefetched = self.prefetch(&request.case_id);
+        self.command(|tx| Command::Fire(request, Audience::Parties, prefetched, tx))
             .await
+    }
+
+    /// Reads the case a fire is for on the caller's thread, unless the
+    /// writer may hold it (see [`super::prefetch`]). A failed read is left
+    /// to the writer, which reads again.
+    fn prefetch(&self, id: &str) -> Option<Prefetched> {
+        let shadow = &self.inner.shadow;
+        if shadow.may_hold(id) {
+            return None;
+        }
+        let generation = shadow.generation();
+        let case = Box::new(self.inner.store.case(id).ok().flatten()?);
+        Some(Prefetched { case, generation })
     }
 
     /// Fires every timer due by now, in due order; returns how many fired.
@@ -783,9 +808,18 @@ fn bounded(mut r: Rejection) -> Rejection {
 
 impl Batch<'_> {
     fn case(&self, id: &str) -> Result<Option<Arc<proto::Case>>> {
+        self.case_or_prefetched(id, None)
+    }
+
+    /// The case as this batch left it, else as the writer knows it.
+    fn case_or_prefetched(
+        &self,
+        id: &str,
+        prefetched: Option<Prefetched>,
+    ) -> Result<Option<Arc<proto::Case>>> {
         match self.cases.get(id) {
             Some(p) => Ok(Some(Arc::clone(&p.after))),
-            None => self.writer.case(id),
+            None => self.writer.case_or_prefetched(id, prefetched),
         }
     }
 
@@ -1046,14 +1080,19 @@ impl Batch<'_> {
         result
     }
 
-    fn fire(&mut self, r: FireRequest, audience: Audience) -> Result<proto::Case> {
+    fn fire(
+        &mut self,
+        r: FireRequest,
+        audience: Audience,
+        prefetched: Option<Prefetched>,
+    ) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
         if let Some(first) = self.replay(&r.request_id, &fp)? {
             return first;
         }
         let case = self
-            .case(&r.case_id)?
+            .case_or_prefetched(&r.case_id, prefetched)?
             .filter(|c| audience == Audience::Anyone || c.bindings.values().any(|a| *a == r.agency))
             .ok_or_else(|| EngineError::NotFound(r.case_id.clone()))?;
         if let Some(expected) = r.expected_sequence
@@ -1329,6 +1368,8 @@ struct Writer {
     /// how the writer sees batches the syncer has not applied yet.
     cache: RefCell<HashMap<String, Arc<proto::Case>>>,
     cache_cases: usize,
+    /// What callers know of the cache, to read cases before the writer must.
+    shadow: Arc<CacheShadow>,
     /// Which commit holds the outcome of each request id answered.
     requests: RefCell<RequestIndex>,
     /// The number of the last batch handed on (batches are the store's
@@ -1398,17 +1439,33 @@ impl Outgoing {
 
 impl Writer {
     fn case(&self, id: &str) -> Result<Option<Arc<proto::Case>>> {
+        self.case_or_prefetched(id, None)
+    }
+
+    /// The case, from the cache, else from `prefetched` if that copy is
+    /// still the latest, else from the store.
+    fn case_or_prefetched(
+        &self,
+        id: &str,
+        prefetched: Option<Prefetched>,
+    ) -> Result<Option<Arc<proto::Case>>> {
         if let Some(case) = self.cache.borrow().get(id) {
             return Ok(Some(Arc::clone(case)));
         }
-        // What the store holds is the latest: the cache forgets a case only
-        // once every batch is applied. Kept, so a step reads its case once.
-        let Some(case) = self.store.case(id)?.map(Arc::new) else {
-            return Ok(None);
+        let case = match prefetched {
+            Some(p) if self.shadow.current(&p) => Arc::new(*p.case),
+            // What the store holds is the latest: the cache forgets a case
+            // only once every batch is applied.
+            _ => match self.store.case(id)? {
+                Some(case) => Arc::new(case),
+                None => return Ok(None),
+            },
         };
+        // Kept, so a step reads its case once.
         self.cache
             .borrow_mut()
             .insert(id.to_owned(), Arc::clone(&case));
+        self.shadow.mark(id);
         Ok(Some(case))
     }
 
@@ -1456,9 +1513,11 @@ impl Writer {
                     kept += 1;
                     kept <= self.cache_cases / 2
                 });
+                self.shadow.forgot(cache.keys().map(String::as_str));
             }
             for write in &commit.cases {
                 cache.insert(write.after.id.clone(), Arc::clone(&write.after));
+                self.shadow.mark(&write.after.id);
             }
         }
         let mut requests = self.requests.borrow_mut();
@@ -1524,8 +1583,8 @@ impl Writer {
             for command in commands {
                 replies.push(match command {
                     Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
-                    Command::Fire(r, audience, tx) => {
-                        Reply::Case(tx, Box::new(batch.fire(r, audience)))
+                    Command::Fire(r, audience, prefetched, tx) => {
+                        Reply::Case(tx, Box::new(batch.fire(r, audience, prefetched)))
                     }
                     Command::Tick(tx) => Reply::Count(tx, batch.tick()),
                     Command::Deploy(source, options, tx) => {
@@ -1668,7 +1727,7 @@ impl Command {
     /// Refuses a command because storage has failed.
     fn refuse(self, error: &str) {
         let reply = match self {
-            Command::Start(_, tx) | Command::Fire(_, _, tx) => {
+            Command::Start(_, tx) | Command::Fire(_, _, _, tx) => {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
@@ -1765,5 +1824,104 @@ mod tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+    use crate::engine::testkit;
+    use crate::store::SledStore;
+
+    /// An engine whose writer keeps at most one case, so that starting
+    /// another makes it forget the rest.
+    fn forgetful_engine(dir: &std::path::Path) -> Engine {
+        let store = Arc::new(SledStore::open(dir).expect("store opens"));
+        let sources = testkit::sources(&testkit::standard_docs(), Some(testkit::CALENDAR));
+        Engine::open_with(
+            store,
+            &sources,
+            Arc::new(ManualClock::new(testkit::at("2020-06-01T09:00:00Z"))),
+            EngineOptions { cache_cases: 1 },
+        )
+        .expect("engine opens")
+    }
+
+    async fn start_permit(engine: &Engine, id: &str) {
+        let mut variables = JsonMap::new();
+        variables.insert("county".into(), Json::from("k"));
+        engine
+            .start(StartRequest {
+                request_id: format!("start-{id}"),
+                case_id: id.into(),
+                workflow: "permit".into(),
+                agency: "ent".into(),
+                bindings: [("tax".to_owned(), "tax".to_owned())].into(),
+                variables,
+            })
+            .await
+            .expect("start");
+    }
+
+    fn submit(id: &str, request_id: &str) -> FireRequest {
+        let mut payload = JsonMap::new();
+        payload.insert("amount".into(), Json::from(5));
+        FireRequest {
+            request_id: request_id.into(),
+            case_id: id.into(),
+            event: "submit".into(),
+            agency: "ent".into(),
+            payload,
+            expected_sequence: None,
+        }
+    }
+
+    async fn fire_with(
+        engine: &Engine,
+        request: FireRequest,
+        copy: Option<Prefetched>,
+    ) -> Result<proto::Case> {
+        engine
+            .command(|tx| Command::Fire(request, Audience::Anyone, copy, tx))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_copy_read_before_the_case_last_changed_is_not_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = forgetful_engine(dir.path());
+        start_permit(&engine, "x").await;
+        start_permit(&engine, "y").await; // the writer forgets x
+        let stale = engine.prefetch("x").expect("x is read ahead");
+        assert_eq!(stale.case.state, "draft");
+        engine.fire(submit("x", "submit-1")).await.expect("submit");
+        start_permit(&engine, "z").await; // and forgets x again
+        // Were the copy taken for the case, a second submit would be
+        // accepted from `draft` and overwrite the first step.
+        let again = fire_with(&engine, submit("x", "submit-2"), Some(stale)).await;
+        assert!(
+            matches!(again, Err(EngineError::Rejected(_))),
+            "a stale copy was used: {again:?}"
+        );
+        let history = engine.history("x").expect("history");
+        assert_eq!(history.len(), 2, "start and one submit");
+        assert_eq!(engine.case("x").expect("x").state, "review");
+    }
+
+    #[tokio::test]
+    async fn a_current_copy_is_used_instead_of_reading_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = forgetful_engine(dir.path());
+        start_permit(&engine, "x").await;
+        start_permit(&engine, "y").await;
+        let mut copy = engine.prefetch("x").expect("x is read ahead");
+        // Marked, so that the step shows which record it started from.
+        copy.case.bindings.insert("tax".into(), "amr".into());
+        let fired = fire_with(&engine, submit("x", "submit-1"), Some(copy))
+            .await
+            .expect("submit");
+        assert_eq!(fired.bindings["tax"], "amr");
+        // A case the writer holds is not read ahead.
+        assert!(engine.prefetch("x").is_none());
     }
 }

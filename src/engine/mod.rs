@@ -8,6 +8,7 @@
 pub mod core;
 pub mod coverage;
 pub mod durable;
+mod prefetch;
 pub mod replay;
 mod requests;
 
