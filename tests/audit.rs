@@ -140,7 +140,7 @@ fn ckey(case: &str) -> Vec<u8> {
 /// Opens the shut-down store's folder with sled directly and lets `f` change it.
 fn tamper(built: &Built, f: impl FnOnce(&sled::Db)) {
     let db = loop {
-        match sled::open(built.path()) {
+        match govflow::store::sled_config(built.path(), 64 << 20).open() {
             Ok(db) => break db,
             // The engine's sled may still be closing its files.
             Err(sled::Error::Io(e)) if e.to_string().contains("lock") => {
