@@ -4,6 +4,7 @@ mod audit;
 mod cli;
 mod common;
 mod crash;
+mod damaged_workflows;
 mod durable;
 mod grpc;
 mod invalid_files;
