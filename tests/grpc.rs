@@ -710,9 +710,15 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
                 "RenderWorkflow" => definitions.render_workflow(authed(t, proto::RenderWorkflowRequest { name: "workflows/zzfl_abolish".into(), format: proto::RenderFormat::Svg as i32 })).await.map(|_| ()),
                 other => panic!("unknown rpc {other}"),
             };
-            let code = got.err().map_or(Code::Ok, |s| s.code());
+            let code = got.as_ref().err().map_or(Code::Ok, |s| s.code());
             if code != codes[i] {
                 failures.push(format!("{rpc} as {who}: {code:?}, expected {:?}", codes[i]));
+            }
+            if let Err(s) = &got
+                && code == Code::Unauthenticated
+                && reason(s) != "no-credential"
+            {
+                failures.push(format!("{rpc} as {who}: reason `{}`", reason(s)));
             }
         }
     }
@@ -809,7 +815,18 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             payload: structure(payload),
             expected_sequence: expected,
         };
+    let with_header = |value: &str| {
+        let mut request = Request::new(proto::GetCaseRequest {
+            name: "cases/b-1".into(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("header"));
+        request
+    };
     let checks: Vec<(&str, Result<(), Status>, Code, &str)> = vec![
+        ("unknown token", cases.get_case(with_header("Bearer not-a-token")).await.map(|_| ()), Code::Unauthenticated, "unknown-credential"),
+        ("not a bearer token", cases.get_case(with_header(&format!("Basic {platform}"))).await.map(|_| ()), Code::Unauthenticated, "malformed-credential"),
         ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
         ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),

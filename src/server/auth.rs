@@ -157,7 +157,10 @@ impl Credentials {
                 return Ok(request);
             }
             let header = request.metadata().get("authorization").ok_or_else(|| {
-                Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
+                unauthenticated(
+                    "no-credential",
+                    "no credential: send `authorization: Bearer <token>`",
+                )
             })?;
             let token = header
                 .to_str()
@@ -167,17 +170,25 @@ impl Credentials {
                         .or_else(|| h.strip_prefix("bearer "))
                 })
                 .ok_or_else(|| {
-                    Status::unauthenticated("the authorization header must be `Bearer <token>`")
+                    unauthenticated(
+                        "malformed-credential",
+                        "the authorization header must be `Bearer <token>`",
+                    )
                 })?;
             let principal = credentials
                 .principal(token.trim())
                 .cloned()
-                .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+                .ok_or_else(|| unauthenticated("unknown-credential", "unknown or revoked token"))?;
             tracing::debug!(principal = principal.name(), "authenticated by token");
             request.extensions_mut().insert(principal);
             Ok(request)
         }
     }
+}
+
+/// `UNAUTHENTICATED` with its machine-readable reason, as every error is.
+fn unauthenticated(reason: &str, message: &str) -> Status {
+    super::api::status(tonic::Code::Unauthenticated, reason, message, &[])
 }
 
 fn principal(
