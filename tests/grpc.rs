@@ -828,6 +828,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("unknown token", cases.get_case(with_header("Bearer not-a-token")).await.map(|_| ()), Code::Unauthenticated, "unknown-credential"),
         ("not a bearer token", cases.get_case(with_header(&format!("Basic {platform}"))).await.map(|_| ()), Code::Unauthenticated, "malformed-credential"),
         ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
+        ("a step past the head", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Sequence(99)) })).await.map(|_| ()), Code::OutOfRange, "out-of-range"),
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
         ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
         ("no request id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: String::new(), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
@@ -921,10 +922,14 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ))
         .await
         .expect_err("too big");
-    if big.code() != Code::ResourceExhausted && big.code() != Code::OutOfRange {
+    if big.code() != Code::ResourceExhausted
+        || reason(&big) != "message-too-large"
+        || !big.message().contains("1048576 bytes")
+    {
         failures.push(format!(
-            "oversized request: {:?} {}",
+            "oversized request: {:?} [{}] {}",
             big.code(),
+            reason(&big),
             big.message()
         ));
     }

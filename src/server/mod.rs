@@ -39,6 +39,31 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED naming the limit.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// tonic refuses a request over the decoding limit with OUT_OF_RANGE and no
+/// details, where gRPC's own servers answer RESOURCE_EXHAUSTED; department
+/// systems look for the latter. Every status govflow makes carries an
+/// `ErrorInfo`, so an OUT_OF_RANGE without details is tonic's, and is
+/// answered here as RESOURCE_EXHAUSTED with reason `message-too-large`.
+fn oversized_as_resource_exhausted(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let tonic_refusal = headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11")
+        && !headers.contains_key("grpc-status-details-bin");
+    if tonic_refusal {
+        let status = api::status(
+            tonic::Code::ResourceExhausted,
+            "message-too-large",
+            format!("the request is over the limit of {MAX_MESSAGE_BYTES} bytes (1 MiB)"),
+            &[("limit_bytes", MAX_MESSAGE_BYTES.to_string())],
+        );
+        if let Err(e) = status.add_header(headers) {
+            tracing::warn!("cannot rewrite an oversized request's status: {e}");
+        }
+    }
+    response
+}
+
 /// `govflow.toml`: every key optional.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -316,6 +341,9 @@ pub async fn serve_on(
     }
     let serving = builder
         .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_as_resource_exhausted,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
