@@ -433,6 +433,54 @@ impl Agent {
     }
 }
 
+/// A department system in another language: `examples/python/gaozhi_client.py`
+/// (grpcio, stubs generated from `proto/`) runs a 告知承诺 case with each
+/// agency's own token and checks the refusals and their reasons, the retry,
+/// the inbox and the watch. It needs a Python with
+/// `examples/python/requirements.txt` in `GOVFLOW_GRPC_PYTHON`; without one
+/// the test is skipped, unless `GOVFLOW_REQUIRE_PYTHON` is set (as `.ci/run`
+/// sets both).
+#[tokio::test]
+async fn a_python_grpcio_client_runs_a_gaozhi_case_with_each_agencys_token() {
+    let Some(python) = std::env::var_os("GOVFLOW_GRPC_PYTHON") else {
+        assert!(
+            std::env::var_os("GOVFLOW_REQUIRE_PYTHON").is_none(),
+            "GOVFLOW_REQUIRE_PYTHON is set but GOVFLOW_GRPC_PYTHON is not"
+        );
+        eprintln!("SKIPPED the Python gRPC client: GOVFLOW_GRPC_PYTHON is not set");
+        return;
+    };
+    let (dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/gaozhi_client.py");
+    let credentials = dir.path().join("data/credentials.toml");
+    let address = format!("127.0.0.1:{}", server.port);
+    // Off the runtime's thread, which serves the client's calls meanwhile.
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(["--server", &address, "--case-id", "gz-python"])
+            .arg("--credentials")
+            .arg(&credentials)
+            .output()
+    })
+    .await
+    .expect("joins")
+    .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("watched start → apply → inform → commit → grant"),
+        "{text}"
+    );
+    let case = server.engine.case("gz-python").expect("the case is stored");
+    assert_eq!(case.state, "operating");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_credential() {
     let (_dir, data) = data_dir();
