@@ -938,7 +938,7 @@ impl Batch<'_> {
         let (before, previous_hash, mut entries) = match self.cases.remove(&id) {
             Some(p) => (p.before, p.after.head_hash.clone(), p.entries),
             None => {
-                let before = self.writer.case(&id).ok().flatten();
+                let before = self.writer.case_or_prefetched(&id, None).ok().flatten();
                 let head = before
                     .as_ref()
                     .map(|c| c.head_hash.clone())
@@ -1438,10 +1438,6 @@ impl Outgoing {
 }
 
 impl Writer {
-    fn case(&self, id: &str) -> Result<Option<Arc<proto::Case>>> {
-        self.case_or_prefetched(id, None)
-    }
-
     /// The case, from the cache, else from `prefetched` if that copy is
     /// still the latest, else from the store.
     fn case_or_prefetched(
