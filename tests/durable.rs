@@ -623,10 +623,22 @@ async fn a_progress_report_keeps_the_running_deadline() {
     assert_ne!(noted.timers, started.timers);
 }
 
-/// A store that counts the case records read from it.
+/// A store that counts the case records read from it, and the due timers it
+/// hands out.
 struct CountingStore {
     inner: SledStore,
     case_reads: std::sync::atomic::AtomicUsize,
+    timers_handed_out: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingStore {
+    fn open(dir: &std::path::Path) -> CountingStore {
+        CountingStore {
+            inner: SledStore::open(dir).expect("store opens"),
+            case_reads: Default::default(),
+            timers_handed_out: Default::default(),
+        }
+    }
 }
 
 impl Store for CountingStore {
@@ -664,8 +676,12 @@ impl Store for CountingStore {
         &self,
         until: chrono::DateTime<chrono::Utc>,
         limit: usize,
+        skip: &dyn Fn(&govflow::store::DueTimer) -> bool,
     ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
-        self.inner.due_timers(until, limit)
+        let due = self.inner.due_timers(until, limit, skip)?;
+        self.timers_handed_out
+            .fetch_add(due.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(due)
     }
     fn list(
         &self,
@@ -701,10 +717,7 @@ impl Store for CountingStore {
 #[tokio::test]
 async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(CountingStore {
-        inner: SledStore::open(dir.path()).expect("store opens"),
-        case_reads: Default::default(),
-    });
+    let store = Arc::new(CountingStore::open(dir.path()));
     let sources = load(&[data()]).expect("loads");
     let engine = Engine::open_with(
         store.clone(),
@@ -804,4 +817,91 @@ async fn a_request_too_large_to_store_is_refused_alone_and_the_engine_goes_on() 
         .fire(note("a", "still"))
         .await
         .expect("the engine goes on");
+}
+
+/// A workflow whose deadline step can never be stored: it triples a text
+/// that is already over a third of the record limit.
+const SWELL: &str = r#"Workflow(
+    name: "swell",
+    title: "膨胀",
+    roles: [Role(name: "handler", title: "承办单位", binding: Given)],
+    variables: [Variable(name: "text", type: String, default: "")],
+    start: "open",
+    states: [
+        State(name: "open", title: "办理中",
+            deadline: Deadline(within: Days(1), on_expiry: "expire"),
+            transitions: [
+                Transition(event: "expire", title: "逾期", to: "expired",
+                    effects: [Set(var: "text", value: "vars.text + vars.text + vars.text")]),
+            ]),
+        State(name: "expired", title: "逾期", outcome: "expired"),
+    ],
+)"#;
+
+/// Regression: timers whose steps are refused stayed first in due order, and
+/// a tick looked only at the first 256 due, so 256 of them held back every
+/// later deadline for good; and each was tried, and logged, at every tick.
+#[tokio::test]
+async fn refused_timers_wait_and_never_hold_back_later_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let workflows = dir.path().join("workflows");
+    std::fs::create_dir_all(&workflows).expect("mkdir");
+    for file in ["agencies.ron", "ledger.ron"] {
+        std::fs::copy(data().join(file), workflows.join(file)).expect("copy");
+    }
+    std::fs::write(workflows.join("swell.ron"), SWELL).expect("write");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let store = Arc::new(CountingStore::open(&dir.path().join("store")));
+    let engine = Engine::open(
+        store.clone(),
+        &load(&[workflows]).expect("loads"),
+        clock.clone(),
+    )
+    .expect("engine opens");
+    let handed_out = || {
+        store
+            .timers_handed_out
+            .swap(0, std::sync::atomic::Ordering::SeqCst)
+    };
+    let text = "x".repeat(25_000);
+    for i in 0..300 {
+        engine
+            .start(StartRequest {
+                request_id: format!("start-swell-{i}"),
+                case_id: format!("swell-{i:03}"),
+                workflow: "swell".into(),
+                agency: COUNTY.into(),
+                bindings: [("handler".to_owned(), COUNTY.to_owned())].into(),
+                variables: obj(json!({ "text": text })),
+            })
+            .await
+            .expect("start swell");
+    }
+    // Due an hour after every swell timer.
+    clock.set(t0() + TimeDelta::hours(1));
+    engine.start(start_ledger("a")).await.expect("start ledger");
+
+    clock.set(t0() + TimeDelta::days(4));
+    assert_eq!(
+        engine.tick().await.expect("tick"),
+        2,
+        "the ledger's reminder and expiry"
+    );
+    assert_eq!(engine.case("a").expect("a").state, "escalated");
+    assert_eq!(engine.case("swell-000").expect("swell").state, "open");
+    handed_out();
+    // Refused ones wait a minute before they are tried again, then longer.
+    clock.set(t0() + TimeDelta::days(4) + TimeDelta::seconds(30));
+    assert_eq!(engine.tick().await.expect("tick"), 0);
+    assert_eq!(handed_out(), 0, "none is tried while it waits");
+    clock.set(t0() + TimeDelta::days(4) + TimeDelta::minutes(1));
+    assert_eq!(engine.tick().await.expect("tick"), 0);
+    assert!(
+        handed_out() >= 300,
+        "each is tried again once its wait is over"
+    );
+    clock.set(t0() + TimeDelta::days(4) + TimeDelta::minutes(2));
+    assert_eq!(engine.tick().await.expect("tick"), 0);
+    assert_eq!(handed_out(), 0, "the second wait is two minutes");
+    assert_eq!(engine.history("swell-000").expect("history").len(), 1);
 }

@@ -425,6 +425,7 @@ impl Engine {
             cache_cases: options.cache_cases,
             shadow: Arc::clone(&shadow),
             requests: RefCell::new(requests),
+            stalled: RefCell::default(),
             sent: Cell::new(last_commit),
             next_position: Cell::new(last_position + 1),
             durable: Arc::clone(&durable),
@@ -1123,22 +1124,40 @@ impl Batch<'_> {
         let library = Arc::clone(&self.rules.library);
         let mut fired = 0;
         let mut seen = BTreeSet::new();
+        // A refused timer waiting long past its retry time is gone from its
+        // case (a waiting one is tried at the first tick after that time).
+        self.writer
+            .stalled
+            .borrow_mut()
+            .retain(|_, s| s.retry_at > self.now - STALLED_TIMER_MAX_WAIT);
         loop {
-            let due = self.writer.store.due_timers(self.now, 256)?;
-            // Timers of cases changed in this batch are read from the batch.
+            let stalled = self.writer.stalled.borrow();
+            let waiting = |case_id: &str, timer_id: &str| {
+                stalled
+                    .get(&(case_id.to_owned(), timer_id.to_owned()))
+                    .is_some_and(|s| s.retry_at > self.now)
+            };
+            // Timers of cases changed in this batch are read from the batch;
+            // timers tried in this tick, or refused and waiting, are passed
+            // over without counting, so that they never hide later ones.
+            let due = self.writer.store.due_timers(self.now, 256, &|d| {
+                self.cases.contains_key(&d.case_id)
+                    || seen.contains(&(d.due, d.case_id.clone(), d.timer_id.clone()))
+                    || waiting(&d.case_id, &d.timer_id)
+            })?;
             let mut candidates: Vec<(DateTime<Utc>, String, String)> = due
                 .into_iter()
-                .filter(|d| !self.cases.contains_key(&d.case_id))
                 .map(|d| (d.due, d.case_id, d.timer_id))
                 .collect();
             for p in self.cases.values() {
                 for t in &p.after.timers {
                     let at = records::from_timestamp(t.due_time.as_ref());
-                    if at <= self.now {
+                    if at <= self.now && !waiting(&p.after.id, &t.id) {
                         candidates.push((at, p.after.id.clone(), t.id.clone()));
                     }
                 }
             }
+            drop(stalled);
             candidates.sort();
             candidates.retain(|c| !seen.contains(c));
             let Some(next) = candidates.into_iter().next() else {
@@ -1153,15 +1172,29 @@ impl Batch<'_> {
             if !case.timers.iter().any(|t| t.id == timer_id) {
                 continue;
             }
+            let key = (case_id, timer_id.clone());
             let input = Input::Timer { timer_id };
             let step = self.atomically(|batch| {
                 let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
                 Ok(batch.cascade(step, "")?)
             });
+            let mut stalled = self.writer.stalled.borrow_mut();
             match step {
-                Ok(_) => fired += 1,
-                // Left due: it is tried again at the next tick.
-                Err(e) => tracing::warn!(case = %case_id, "timer not fired: {e}"),
+                Ok(_) => {
+                    fired += 1;
+                    stalled.remove(&key);
+                }
+                // Left due, and tried again after a wait that doubles.
+                Err(e) => {
+                    let failures = stalled.get(&key).map_or(1, |s| s.failures + 1);
+                    let wait = STALLED_TIMER_FIRST_WAIT
+                        .checked_mul(1 << (failures - 1).min(10))
+                        .unwrap_or(STALLED_TIMER_MAX_WAIT)
+                        .min(STALLED_TIMER_MAX_WAIT);
+                    let retry_at = self.now + wait;
+                    tracing::warn!(case = %key.0, timer = %key.1, failures, %retry_at, "timer not fired: {e}");
+                    stalled.insert(key, Stalled { retry_at, failures });
+                }
             }
             if fired >= MAX_BATCH * 4 {
                 return Ok(fired);
@@ -1372,6 +1405,10 @@ struct Writer {
     shadow: Arc<CacheShadow>,
     /// Which commit holds the outcome of each request id answered.
     requests: RefCell<RequestIndex>,
+    /// Timers whose step was refused, by (case, timer): tried again only
+    /// from the time given, so that they neither fill every tick with the
+    /// same failure nor hold back the timers due after them.
+    stalled: RefCell<HashMap<(String, String), Stalled>>,
     /// The number of the last batch handed on (batches are the store's
     /// commits, numbered on from the store's last one).
     sent: Cell<u64>,
@@ -1381,6 +1418,17 @@ struct Writer {
     durable: Arc<tokio::sync::watch::Sender<u64>>,
     progress: Arc<Progress>,
 }
+
+/// A timer whose step was refused, and when it is tried again.
+struct Stalled {
+    retry_at: DateTime<Utc>,
+    failures: u32,
+}
+
+/// The first wait before a refused timer is tried again; it doubles with
+/// each refusal, up to [`STALLED_TIMER_MAX_WAIT`].
+const STALLED_TIMER_FIRST_WAIT: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+const STALLED_TIMER_MAX_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// How far the syncer has got; the writer waits on it before it may read
 /// from the store something an unapplied batch wrote.

@@ -183,8 +183,14 @@ pub trait Store: Send + Sync + 'static {
         request_id: &str,
     ) -> Result<Option<proto::RequestOutcome>>;
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
-    /// Timers due at or before `until`, earliest first.
-    fn due_timers(&self, until: DateTime<Utc>, limit: usize) -> Result<Vec<DueTimer>>;
+    /// Timers due at or before `until`, earliest first: up to `limit` of
+    /// them that `skip` does not pass over (those do not count).
+    fn due_timers(
+        &self,
+        until: DateTime<Utc>,
+        limit: usize,
+        skip: &dyn Fn(&DueTimer) -> bool,
+    ) -> Result<Vec<DueTimer>>;
     /// Cases matching `filter`, by id, from after `page_token`.
     fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page>;
     /// Cases in which `agency` can act now, by id.

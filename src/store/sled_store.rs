@@ -600,7 +600,12 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn due_timers(&self, until: DateTime<Utc>, limit: usize) -> Result<Vec<DueTimer>> {
+    fn due_timers(
+        &self,
+        until: DateTime<Utc>,
+        limit: usize,
+        skip: &dyn Fn(&DueTimer) -> bool,
+    ) -> Result<Vec<DueTimer>> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix([b'T', SEP]) {
             let (k, _) = item?;
@@ -610,12 +615,15 @@ impl Store for SledStore {
             }
             let rest = &k[10..];
             let split = rest.iter().position(|b| *b == SEP).unwrap_or(rest.len());
-            out.push(DueTimer {
+            let timer = DueTimer {
                 due,
                 case_id: String::from_utf8_lossy(&rest[..split]).into_owned(),
                 timer_id: String::from_utf8_lossy(rest.get(split + 1..).unwrap_or_default())
                     .into_owned(),
-            });
+            };
+            if !skip(&timer) {
+                out.push(timer);
+            }
         }
         Ok(out)
     }
@@ -1002,7 +1010,7 @@ mod tests {
         assert_eq!(store.history("a", 0).expect("read").len(), 3);
         // Only the last commit's timer and index entries are left.
         let due = store
-            .due_timers(at("2021-01-01T00:00:00Z"), 10)
+            .due_timers(at("2021-01-01T00:00:00Z"), 10, &|_| false)
             .expect("timers");
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].due, at("2020-06-03T00:00:00Z"));
@@ -1086,7 +1094,7 @@ mod tests {
         assert_eq!(store.workflow_versions().expect("read").len(), 1);
         // a's timer left with its state; b's is still due.
         let due = store
-            .due_timers(at("2030-01-01T00:00:00Z"), 10)
+            .due_timers(at("2030-01-01T00:00:00Z"), 10, &|_| false)
             .expect("read");
         assert_eq!(
             due.iter().map(|d| d.case_id.as_str()).collect::<Vec<_>>(),
@@ -1095,7 +1103,7 @@ mod tests {
         assert_eq!(due[0].due, at("2020-06-01T00:00:00Z"));
         assert!(
             store
-                .due_timers(at("2020-05-31T00:00:00Z"), 10)
+                .due_timers(at("2020-05-31T00:00:00Z"), 10, &|_| false)
                 .expect("read")
                 .is_empty()
         );
