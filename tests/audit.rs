@@ -1269,7 +1269,7 @@ async fn run_durably(
                     assert!(round < 10_000, "{name}: a deadline loop");
                     let due = engine
                         .store()
-                        .due_timers(until, 1, &|_| false)
+                        .due_timers(until, None, 1, &|_| false)
                         .expect("due timers");
                     let Some(next) = due.first() else {
                         break;

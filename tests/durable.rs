@@ -675,10 +675,11 @@ impl Store for CountingStore {
     fn due_timers(
         &self,
         until: chrono::DateTime<chrono::Utc>,
+        after: Option<&govflow::store::DueTimer>,
         limit: usize,
         skip: &dyn Fn(&govflow::store::DueTimer) -> bool,
     ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
-        let due = self.inner.due_timers(until, limit, skip)?;
+        let due = self.inner.due_timers(until, after, limit, skip)?;
         self.timers_handed_out
             .fetch_add(due.len(), std::sync::atomic::Ordering::SeqCst);
         Ok(due)

@@ -28,8 +28,8 @@ use crate::lang::diag::Diagnostic;
 use crate::lang::load::{self, Document};
 use crate::lang::validate::{Library, validate};
 use crate::store::{
-    CaseFilter, CaseWrite, Commit, FeedItem, IndexKey, MAX_RECORD_BYTES, Page, Store, StoreError,
-    proto, records,
+    CaseFilter, CaseWrite, Commit, DueTimer, FeedItem, IndexKey, MAX_RECORD_BYTES, Page, Store,
+    StoreError, proto, records,
 };
 
 /// Where time comes from: the system clock, or a manual one in tests.
@@ -1124,6 +1124,9 @@ impl Batch<'_> {
         let library = Arc::clone(&self.rules.library);
         let mut fired = 0;
         let mut seen = BTreeSet::new();
+        // The store's timers do not change during a tick (only commits
+        // change them), so those before the last one taken from it are done.
+        let mut cursor: Option<DueTimer> = None;
         // A refused timer waiting long past its retry time is gone from its
         // case (a waiting one is tried at the first tick after that time).
         self.writer
@@ -1140,11 +1143,17 @@ impl Batch<'_> {
             // Timers of cases changed in this batch are read from the batch;
             // timers tried in this tick, or refused and waiting, are passed
             // over without counting, so that they never hide later ones.
-            let due = self.writer.store.due_timers(self.now, 256, &|d| {
-                self.cases.contains_key(&d.case_id)
-                    || seen.contains(&(d.due, d.case_id.clone(), d.timer_id.clone()))
-                    || waiting(&d.case_id, &d.timer_id)
-            })?;
+            let due = self
+                .writer
+                .store
+                .due_timers(self.now, cursor.as_ref(), 256, &|d| {
+                    self.cases.contains_key(&d.case_id)
+                        || seen.contains(&(d.due, d.case_id.clone(), d.timer_id.clone()))
+                        || waiting(&d.case_id, &d.timer_id)
+                })?;
+            let first_stored = due
+                .first()
+                .map(|d| (d.due, d.case_id.clone(), d.timer_id.clone()));
             let mut candidates: Vec<(DateTime<Utc>, String, String)> = due
                 .into_iter()
                 .map(|d| (d.due, d.case_id, d.timer_id))
@@ -1164,6 +1173,13 @@ impl Batch<'_> {
                 return Ok(fired);
             };
             seen.insert(next.clone());
+            if first_stored.as_ref() == Some(&next) {
+                cursor = Some(DueTimer {
+                    due: next.0,
+                    case_id: next.1.clone(),
+                    timer_id: next.2.clone(),
+                });
+            }
             let (_, case_id, timer_id) = next;
             let Some(case) = self.case(&case_id)? else {
                 continue;

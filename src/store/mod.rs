@@ -183,11 +183,13 @@ pub trait Store: Send + Sync + 'static {
         request_id: &str,
     ) -> Result<Option<proto::RequestOutcome>>;
     fn workflow_versions(&self) -> Result<Vec<proto::WorkflowVersion>>;
-    /// Timers due at or before `until`, earliest first: up to `limit` of
-    /// them that `skip` does not pass over (those do not count).
+    /// Timers due at or before `until`, earliest first, from after `after`
+    /// (in that order) when given: up to `limit` of them that `skip` does
+    /// not pass over (those do not count).
     fn due_timers(
         &self,
         until: DateTime<Utc>,
+        after: Option<&DueTimer>,
         limit: usize,
         skip: &dyn Fn(&DueTimer) -> bool,
     ) -> Result<Vec<DueTimer>>;

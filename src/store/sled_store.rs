@@ -603,11 +603,17 @@ impl Store for SledStore {
     fn due_timers(
         &self,
         until: DateTime<Utc>,
+        after: Option<&DueTimer>,
         limit: usize,
         skip: &dyn Fn(&DueTimer) -> bool,
     ) -> Result<Vec<DueTimer>> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix([b'T', SEP]) {
+        let start = match after {
+            Some(t) => Bound::Excluded(timer_key(t.due, &t.case_id, &t.timer_id)),
+            None => Bound::Included(vec![b'T', SEP]),
+        };
+        let end = Bound::Excluded(prefix_end(&[b'T', SEP]));
+        for item in self.db.range::<Vec<u8>, _>((start, end)) {
             let (k, _) = item?;
             let due = time_from_ordered(&k[2..10]);
             if due > until || out.len() >= limit {
@@ -973,6 +979,37 @@ mod tests {
     }
 
     #[test]
+    fn due_timers_come_in_due_order_from_a_cursor_and_skipped_ones_do_not_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let cases: Vec<CaseWrite> = [("c", 3), ("a", 1), ("b", 2), ("d", 4)]
+            .into_iter()
+            .map(|(id, day)| {
+                let due = at(&format!("2020-06-0{day}T00:00:00Z"));
+                write(None, case(id, "s", Some(due)), &[])
+            })
+            .collect();
+        store
+            .commit(&Commit {
+                cases,
+                ..Default::default()
+            })
+            .expect("commit");
+        let ids = |due: Vec<DueTimer>| due.into_iter().map(|d| d.case_id).collect::<Vec<_>>();
+        let until = at("2020-06-03T12:00:00Z");
+        let all = store.due_timers(until, None, 10, &|_| false).expect("read");
+        assert_eq!(ids(all.clone()), ["a", "b", "c"], "d is not due yet");
+        let after_a = store.due_timers(until, Some(&all[0]), 10, &|_| false);
+        assert_eq!(ids(after_a.expect("read")), ["b", "c"]);
+        let skipping_a = store.due_timers(until, None, 1, &|d| d.case_id == "a");
+        assert_eq!(
+            ids(skipping_a.expect("read")),
+            ["b"],
+            "a is passed over, not counted"
+        );
+    }
+
+    #[test]
     fn commits_applied_together_end_as_if_applied_one_after_the_other() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
@@ -1010,7 +1047,7 @@ mod tests {
         assert_eq!(store.history("a", 0).expect("read").len(), 3);
         // Only the last commit's timer and index entries are left.
         let due = store
-            .due_timers(at("2021-01-01T00:00:00Z"), 10, &|_| false)
+            .due_timers(at("2021-01-01T00:00:00Z"), None, 10, &|_| false)
             .expect("timers");
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].due, at("2020-06-03T00:00:00Z"));
@@ -1094,7 +1131,7 @@ mod tests {
         assert_eq!(store.workflow_versions().expect("read").len(), 1);
         // a's timer left with its state; b's is still due.
         let due = store
-            .due_timers(at("2030-01-01T00:00:00Z"), 10, &|_| false)
+            .due_timers(at("2030-01-01T00:00:00Z"), None, 10, &|_| false)
             .expect("read");
         assert_eq!(
             due.iter().map(|d| d.case_id.as_str()).collect::<Vec<_>>(),
@@ -1103,7 +1140,7 @@ mod tests {
         assert_eq!(due[0].due, at("2020-06-01T00:00:00Z"));
         assert!(
             store
-                .due_timers(at("2020-05-31T00:00:00Z"), 10, &|_| false)
+                .due_timers(at("2020-05-31T00:00:00Z"), None, 10, &|_| false)
                 .expect("read")
                 .is_empty()
         );
