@@ -217,7 +217,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("govflow: {e:#}");
+            eprintln!("govflow: {}", chain(&e));
             ExitCode::from(2)
         }
     }
@@ -455,9 +455,26 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
 /// Exit 1 with the reason when a client command failed.
 fn answer(result: Result<ExitCode>) -> ExitCode {
     result.unwrap_or_else(|e| {
-        eprintln!("govflow: {e:#}");
+        eprintln!("govflow: {}", chain(&e));
         ExitCode::from(1)
     })
+}
+
+/// An error and its causes, each cause only if the text so far does not
+/// already say it (many errors repeat their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
 }
 
 fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode> {
@@ -558,4 +575,22 @@ fn graph_command(
         None => std::io::stdout().lock().write_all(picture.as_bytes())?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("storage: {0}")]
+    struct Repeats(#[from] std::io::Error);
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::from(Repeats(io)).context("opening the store");
+        assert_eq!(chain(&e), "opening the store: storage: disk on fire");
+        let plain = anyhow::anyhow!("no such case").context("reading a case");
+        assert_eq!(chain(&plain), "reading a case: no such case");
+    }
 }

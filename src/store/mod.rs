@@ -46,6 +46,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("a record of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    #[error(
+        "the store {path} is in use by another process (a govflow already running on it?): stop that one, or give another data folder"
+    )]
+    InUse { path: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -300,7 +300,15 @@ impl SledStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let db = open_db(sled_config(dir, cache_bytes))?;
+        let db = open_db(sled_config(dir, cache_bytes)).map_err(|e| {
+            if is_lock_error(&e) {
+                StoreError::InUse {
+                    path: dir.display().to_string(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),
@@ -976,6 +984,19 @@ mod tests {
             stored_segment_size(b"segment_size: x\nuse_compression: false\n"),
             None
         );
+    }
+
+    #[test]
+    fn a_store_in_use_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _open = SledStore::open(dir.path()).expect("open");
+        match SledStore::open(dir.path()) {
+            Err(e @ StoreError::InUse { .. }) => {
+                assert!(e.to_string().contains("in use by another process"), "{e}")
+            }
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("a store was opened twice"),
+        }
     }
 
     #[test]
