@@ -20,7 +20,7 @@ use tonic::transport::Server;
 
 use self::api::Api;
 use self::auth::{ADMIN, Credentials};
-use crate::engine::durable::{Engine, EngineError, SystemClock};
+use crate::engine::durable::{Engine, EngineError, EngineOptions, SystemClock};
 use crate::lang::load::{self, LoadError};
 use crate::store::proto::{
     audit_service_server::AuditServiceServer, cases_service_server::CasesServiceServer,
@@ -86,6 +86,10 @@ pub struct Config {
     /// `cursor` it is given); also how long stopping waits for streams whose
     /// client does not read. At least 1.
     pub watch_cutoff_ms: u64,
+    /// Cases the engine keeps decoded in memory (its hot state).
+    pub cache_cases: usize,
+    /// sled's page cache, in MiB. At least 1.
+    pub store_cache_mib: u64,
 }
 
 /// [`Config::watch_cutoff_ms`] when the configuration does not set it.
@@ -113,6 +117,8 @@ impl Default for Config {
             tls: None,
             client_certificates: BTreeMap::new(),
             watch_cutoff_ms: DEFAULT_WATCH_CUTOFF.as_millis() as u64,
+            cache_cases: EngineOptions::default().cache_cases,
+            store_cache_mib: crate::store::DEFAULT_CACHE_BYTES >> 20,
         }
     }
 }
@@ -156,6 +162,9 @@ impl Config {
         if self.watch_cutoff_ms == 0 {
             return Err("watch_cutoff_ms must be at least 1 (milliseconds)".into());
         }
+        if self.store_cache_mib == 0 {
+            return Err("store_cache_mib must be at least 1 (MiB)".into());
+        }
         Ok(())
     }
 
@@ -198,8 +207,14 @@ pub fn prepare_with_clock(
         .map(|a| a.id.clone())
         .collect();
     let auditors: BTreeSet<String> = config.auditors.iter().cloned().collect();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data.join("store"))?);
-    let engine = Engine::open(store, &sources, clock).map_err(|e| match e {
+    let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache(
+        &config.data.join("store"),
+        config.store_cache_mib.saturating_mul(1 << 20),
+    )?);
+    let options = EngineOptions {
+        cache_cases: config.cache_cases,
+    };
+    let engine = Engine::open_with(store, &sources, clock, options).map_err(|e| match e {
         EngineError::Invalid(diagnostics) => ServeError::Invalid(
             diagnostics
                 .iter()
@@ -412,5 +427,23 @@ mod tests {
         std::fs::write(&path, "watch_cutoff_ms = 0\n").expect("write");
         let refused = Config::load(&path).expect_err("zero refused");
         assert!(refused.to_string().contains("watch_cutoff_ms"), "{refused}");
+    }
+
+    #[test]
+    fn the_engines_memory_is_configurable_and_a_server_prepares_with_it() {
+        let defaults = Config::default();
+        assert_eq!(defaults.cache_cases, EngineOptions::default().cache_cases);
+        assert_eq!(defaults.store_cache_mib, 1024);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("govflow.toml");
+        std::fs::write(&path, "cache_cases = 2\nstore_cache_mib = 64\n").expect("write");
+        let mut config = Config::load(&path).expect("loads");
+        assert_eq!((config.cache_cases, config.store_cache_mib), (2, 64));
+        config.data = dir.path().join("data");
+        config.workflows = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+        prepare(&config).expect("a server with a two-case cache prepares");
+        std::fs::write(&path, "store_cache_mib = 0\n").expect("write");
+        let refused = Config::load(&path).expect_err("zero refused");
+        assert!(refused.to_string().contains("store_cache_mib"), "{refused}");
     }
 }
