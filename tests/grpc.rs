@@ -872,7 +872,31 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             .insert("authorization", value.parse().expect("header"));
         request
     };
+    // NaN and infinities: valid protobuf, but no JSON form.
+    let number = |n: f64| prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(n)),
+    };
+    let mut nan_in_a_list = structure(json!({"reason": "x"})).expect("struct");
+    nan_in_a_list.fields.insert(
+        "scores".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(
+                prost_types::ListValue {
+                    values: vec![number(1.0), number(f64::NAN)],
+                },
+            )),
+        },
+    );
+    let mut infinite_start = start.clone();
+    infinite_start.case_id = "b-inf".into();
+    infinite_start.request_id = "b-inf-start".into();
+    if let Some(v) = infinite_start.variables.as_mut() {
+        v.fields
+            .insert("enterprise_name".into(), number(f64::INFINITY));
+    }
     let checks: Vec<(&str, Result<(), Status>, Code, &str)> = vec![
+        ("NaN in a payload list", cases.fire_event(authed(Some(&amr), proto::FireEventRequest { payload: Some(nan_in_a_list), ..fire("refuse", json!({}), None, "f-nan") })).await.map(|_| ()), Code::InvalidArgument, "non-finite-number"),
+        ("an infinite variable", cases.create_case(authed(t, infinite_start)).await.map(|_| ()), Code::InvalidArgument, "non-finite-number"),
         ("unknown token", cases.get_case(with_header("Bearer not-a-token")).await.map(|_| ()), Code::Unauthenticated, "unknown-credential"),
         ("not a bearer token", cases.get_case(with_header(&format!("Basic {platform}"))).await.map(|_| ()), Code::Unauthenticated, "malformed-credential"),
         ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),

@@ -720,8 +720,39 @@ impl Api {
     }
 }
 
-fn struct_to_map(s: Option<prost_types::Struct>) -> serde_json::Map<String, serde_json::Value> {
-    records::from_struct(s.as_ref())
+/// A request's `field` (variables, payload) as JSON. NaN and the
+/// infinities have no JSON form (they would be stored as null), so they are
+/// refused, naming where they are.
+fn struct_to_map(
+    s: Option<prost_types::Struct>,
+    field: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, Status> {
+    fn non_finite(v: &prost_types::Value, path: String) -> Option<String> {
+        use prost_types::value::Kind;
+        match &v.kind {
+            Some(Kind::NumberValue(n)) if !n.is_finite() => Some(path),
+            Some(Kind::ListValue(l)) => l
+                .values
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| non_finite(v, format!("{path}[{i}]"))),
+            Some(Kind::StructValue(s)) => in_struct(s, &path),
+            _ => None,
+        }
+    }
+    fn in_struct(s: &prost_types::Struct, path: &str) -> Option<String> {
+        s.fields
+            .iter()
+            .find_map(|(k, v)| non_finite(v, format!("{path}.{k}")))
+    }
+    if let Some(path) = s.as_ref().and_then(|s| in_struct(s, field)) {
+        return Err(invalid(
+            "non-finite-number",
+            &path,
+            format!("`{path}` is not a finite number (NaN and infinities have no JSON form)"),
+        ));
+    }
+    Ok(records::from_struct(s.as_ref()))
 }
 
 /// Steps a watch stream holds for a client that has not taken them yet.
@@ -798,7 +829,7 @@ impl CasesService for Api {
                 workflow: r.workflow,
                 agency,
                 bindings: r.bindings.into_iter().collect(),
-                variables: struct_to_map(r.variables),
+                variables: struct_to_map(r.variables, "variables")?,
             })
             .await
             .map_err(engine_status)?;
@@ -831,7 +862,7 @@ impl CasesService for Api {
                 case_id: id,
                 event: r.event,
                 agency,
-                payload: struct_to_map(r.payload),
+                payload: struct_to_map(r.payload, "payload")?,
                 expected_sequence: r.expected_sequence,
             })
             .await
