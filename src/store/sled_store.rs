@@ -898,6 +898,16 @@ mod tests {
         write_from(before, &[], after, index)
     }
 
+    /// Commits the writes of `cases`, and nothing else.
+    fn commit_cases(store: &SledStore, cases: Vec<CaseWrite>) {
+        store
+            .commit(&Commit {
+                cases,
+                ..Default::default()
+            })
+            .expect("commit");
+    }
+
     /// sled writes a leaf of several large records (workflow sources) to a
     /// blob file it never syncs; the store's sync syncs it with the log.
     #[test]
@@ -972,12 +982,7 @@ mod tests {
         assert_ne!(default, SEGMENT_BYTES);
         // sled would refuse it with any other segment size.
         let store = SledStore::open(old.path()).expect("an old store opens");
-        store
-            .commit(&Commit {
-                cases: vec![write(None, case("a", "s", None), &[])],
-                ..Default::default()
-            })
-            .expect("and takes commits");
+        commit_cases(&store, vec![write(None, case("a", "s", None), &[])]);
         drop(store);
         assert_eq!(segment_size_of(old.path()), Some(default));
         assert_eq!(
@@ -1010,12 +1015,7 @@ mod tests {
                 write(None, case(id, "s", Some(due)), &[])
             })
             .collect();
-        store
-            .commit(&Commit {
-                cases,
-                ..Default::default()
-            })
-            .expect("commit");
+        commit_cases(&store, cases);
         let ids = |due: Vec<DueTimer>| due.into_iter().map(|d| d.case_id).collect::<Vec<_>>();
         let until = at("2020-06-03T12:00:00Z");
         let all = store.due_timers(until, None, 10, &|_| false).expect("read");
@@ -1195,12 +1195,7 @@ mod tests {
                 )
             })
             .collect();
-        store
-            .commit(&Commit {
-                cases,
-                ..Default::default()
-            })
-            .expect("commit");
+        commit_cases(&store, cases);
         let mut seen = Vec::new();
         let mut token = String::new();
         loop {
@@ -1225,12 +1220,7 @@ mod tests {
         let store = SledStore::open(dir.path())
             .expect("open")
             .with_observer(Arc::new(move |s| log.lock().expect("lock").push(s)));
-        store
-            .commit(&Commit {
-                cases: vec![write(None, case("a", "open", None), &[])],
-                ..Default::default()
-            })
-            .expect("commit");
+        commit_cases(&store, vec![write(None, case("a", "open", None), &[])]);
         assert_eq!(
             *steps.lock().expect("lock"),
             [
