@@ -17,7 +17,7 @@ use prost::Message;
 
 use super::{AuditError, Result};
 use crate::store::keys::{SEP, case_key, history_prefix, prefix_end, split_history_key};
-use crate::store::{CaseFilter, Store, StoreError, is_lock_error, open_db, proto, sled_config};
+use crate::store::{CaseFilter, Store, StoreError, open_db, proto};
 
 /// One stored history record, as the source found it.
 #[derive(Debug)]
@@ -194,12 +194,10 @@ impl SledSource {
         }
         // An audit reads each record once, in key order: a large page cache
         // only costs memory and page faults (sled's default is 1 GiB).
-        let db = open_db(sled_config(dir, AUDIT_CACHE_BYTES)).map_err(|e| {
-            if is_lock_error(&e) {
-                AuditError::StoreInUse(dir.display().to_string())
-            } else {
-                e.into()
-            }
+        let db = open_db(dir, AUDIT_CACHE_BYTES).map_err(|e| match e {
+            StoreError::InUse { path } => AuditError::StoreInUse(path),
+            StoreError::Sled(e) => AuditError::Sled(e),
+            other => AuditError::Store(other),
         })?;
         if db.scan_prefix([b'W', SEP]).next().transpose()?.is_none() {
             return Err(AuditError::EmptyStore(dir.display().to_string()));

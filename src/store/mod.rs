@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+pub(crate) use sled_store::open_db;
 pub use sled_store::{
     DEFAULT_CACHE_BYTES, MAX_RECORD_BYTES, SEGMENT_BYTES, SledStore, SyncObserver, SyncStep,
     sled_config,
 };
-pub(crate) use sled_store::{is_lock_error, open_db};
 
 /// The prost messages of `proto/govflow/v1`: the records on disk and on the wire.
 #[allow(clippy::all, missing_docs)]

@@ -221,7 +221,7 @@ fn decode<M: Message + Default>(bytes: &[u8], what: impl Fn() -> String) -> Resu
 }
 
 /// Whether sled refused to open because another handle holds its folder.
-pub(crate) fn is_lock_error(e: &sled::Error) -> bool {
+fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
 }
 
@@ -266,11 +266,13 @@ fn stored_segment_size(conf: &[u8]) -> Option<usize> {
     })
 }
 
-/// Opens a sled database. sled closes its files from background threads
-/// after the last handle drops, so a quick reopen (a restart, a test, an
-/// audit of a store just closed) may find the lock held for a moment: it is
-/// tried again for up to two seconds.
-pub(crate) fn open_db(config: sled::Config) -> sled::Result<sled::Db> {
+/// Opens the sled database of the store in `dir` ([`sled_config`]). sled
+/// closes its files from background threads after the last handle drops, so
+/// a quick reopen (a restart, a test, an audit of a store just closed) may
+/// find the lock held for a moment: it is tried again for up to two seconds,
+/// and then the store is [`StoreError::InUse`].
+pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    let config = sled_config(dir, cache_bytes);
     let mut attempts = 0;
     loop {
         match config.open() {
@@ -278,7 +280,12 @@ pub(crate) fn open_db(config: sled::Config) -> sled::Result<sled::Db> {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => return other,
+            Err(e) if is_lock_error(&e) => {
+                return Err(StoreError::InUse {
+                    path: dir.display().to_string(),
+                });
+            }
+            other => return Ok(other?),
         }
     }
 }
@@ -300,15 +307,7 @@ impl SledStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let db = open_db(sled_config(dir, cache_bytes)).map_err(|e| {
-            if is_lock_error(&e) {
-                StoreError::InUse {
-                    path: dir.display().to_string(),
-                }
-            } else {
-                e.into()
-            }
-        })?;
+        let db = open_db(dir, cache_bytes)?;
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),
@@ -962,7 +961,12 @@ mod tests {
 
     /// Makes an empty store in `dir` the way sled does by default.
     fn made_with_default_segments(dir: &Path) {
-        drop(open_db(sled::Config::new().path(dir)).expect("a store with default segments"));
+        drop(
+            sled::Config::new()
+                .path(dir)
+                .open()
+                .expect("a store with default segments"),
+        );
     }
 
     fn segment_size_of(dir: &Path) -> Option<usize> {
