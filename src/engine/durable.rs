@@ -1135,61 +1135,47 @@ impl Batch<'_> {
             .retain(|_, s| s.retry_at > self.now - STALLED_TIMER_MAX_WAIT);
         loop {
             let stalled = self.writer.stalled.borrow();
-            let waiting = |case_id: &str, timer_id: &str| {
-                stalled
-                    .get(&(case_id.to_owned(), timer_id.to_owned()))
-                    .is_some_and(|s| s.retry_at > self.now)
-            };
+            let waiting = |t: &DueTimer| stalled.get(t).is_some_and(|s| s.retry_at > self.now);
             // Timers of cases changed in this batch are read from the batch;
             // timers tried in this tick, or refused and waiting, are passed
             // over without counting, so that they never hide later ones.
-            let due = self
-                .writer
-                .store
-                .due_timers(self.now, cursor.as_ref(), 256, &|d| {
-                    self.cases.contains_key(&d.case_id)
-                        || seen.contains(&(d.due, d.case_id.clone(), d.timer_id.clone()))
-                        || waiting(&d.case_id, &d.timer_id)
-                })?;
-            let first_stored = due
-                .first()
-                .map(|d| (d.due, d.case_id.clone(), d.timer_id.clone()));
-            let mut candidates: Vec<(DateTime<Utc>, String, String)> = due
-                .into_iter()
-                .map(|d| (d.due, d.case_id, d.timer_id))
-                .collect();
+            let mut candidates =
+                self.writer
+                    .store
+                    .due_timers(self.now, cursor.as_ref(), 256, &|d| {
+                        self.cases.contains_key(&d.case_id) || seen.contains(d) || waiting(d)
+                    })?;
+            let first_stored = candidates.first().cloned();
             for p in self.cases.values() {
                 for t in &p.after.timers {
-                    let at = records::from_timestamp(t.due_time.as_ref());
-                    if at <= self.now && !waiting(&p.after.id, &t.id) {
-                        candidates.push((at, p.after.id.clone(), t.id.clone()));
+                    let timer = DueTimer {
+                        due: records::from_timestamp(t.due_time.as_ref()),
+                        case_id: p.after.id.clone(),
+                        timer_id: t.id.clone(),
+                    };
+                    if timer.due <= self.now && !seen.contains(&timer) && !waiting(&timer) {
+                        candidates.push(timer);
                     }
                 }
             }
             drop(stalled);
-            candidates.sort();
-            candidates.retain(|c| !seen.contains(c));
-            let Some(next) = candidates.into_iter().next() else {
+            let Some(next) = candidates.into_iter().min() else {
                 return Ok(fired);
             };
             seen.insert(next.clone());
             if first_stored.as_ref() == Some(&next) {
-                cursor = Some(DueTimer {
-                    due: next.0,
-                    case_id: next.1.clone(),
-                    timer_id: next.2.clone(),
-                });
+                cursor = Some(next.clone());
             }
-            let (_, case_id, timer_id) = next;
-            let Some(case) = self.case(&case_id)? else {
+            let Some(case) = self.case(&next.case_id)? else {
                 continue;
             };
             // The store's timer index may lag a batch behind the writer.
-            if !case.timers.iter().any(|t| t.id == timer_id) {
+            if !case.timers.iter().any(|t| t.id == next.timer_id) {
                 continue;
             }
-            let key = (case_id, timer_id.clone());
-            let input = Input::Timer { timer_id };
+            let input = Input::Timer {
+                timer_id: next.timer_id.clone(),
+            };
             let step = self.atomically(|batch| {
                 let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
                 Ok(batch.cascade(step, "")?)
@@ -1198,18 +1184,18 @@ impl Batch<'_> {
             match step {
                 Ok(_) => {
                     fired += 1;
-                    stalled.remove(&key);
+                    stalled.remove(&next);
                 }
                 // Left due, and tried again after a wait that doubles.
                 Err(e) => {
-                    let failures = stalled.get(&key).map_or(1, |s| s.failures + 1);
+                    let failures = stalled.get(&next).map_or(1, |s| s.failures + 1);
                     let wait = STALLED_TIMER_FIRST_WAIT
                         .checked_mul(1 << (failures - 1).min(10))
                         .unwrap_or(STALLED_TIMER_MAX_WAIT)
                         .min(STALLED_TIMER_MAX_WAIT);
                     let retry_at = self.now + wait;
-                    tracing::warn!(case = %key.0, timer = %key.1, failures, %retry_at, "timer not fired: {e}");
-                    stalled.insert(key, Stalled { retry_at, failures });
+                    tracing::warn!(case = %next.case_id, timer = %next.timer_id, failures, %retry_at, "timer not fired: {e}");
+                    stalled.insert(next, Stalled { retry_at, failures });
                 }
             }
             if fired >= MAX_BATCH * 4 {
@@ -1421,10 +1407,10 @@ struct Writer {
     shadow: Arc<CacheShadow>,
     /// Which commit holds the outcome of each request id answered.
     requests: RefCell<RequestIndex>,
-    /// Timers whose step was refused, by (case, timer): tried again only
-    /// from the time given, so that they neither fill every tick with the
-    /// same failure nor hold back the timers due after them.
-    stalled: RefCell<HashMap<(String, String), Stalled>>,
+    /// Timers whose step was refused: tried again only from the time given,
+    /// so that they neither fill every tick with the same failure nor hold
+    /// back the timers due after them.
+    stalled: RefCell<HashMap<DueTimer, Stalled>>,
     /// The number of the last batch handed on (batches are the store's
     /// commits, numbered on from the store's last one).
     sent: Cell<u64>,

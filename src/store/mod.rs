@@ -120,8 +120,9 @@ impl Commit {
     }
 }
 
-/// A timer that has come due.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// A timer that has come due. Ordered as timers fire: by due time, then
+/// case, then timer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DueTimer {
     pub due: DateTime<Utc>,
     pub case_id: String,
