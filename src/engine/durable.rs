@@ -1562,8 +1562,13 @@ impl Writer {
                 self.shadow.forgot(cache.keys().map(String::as_str));
             }
             for write in &commit.cases {
-                cache.insert(write.after.id.clone(), Arc::clone(&write.after));
-                self.shadow.mark(&write.after.id);
+                // A case already held is already marked in the shadow.
+                if cache
+                    .insert(write.after.id.clone(), Arc::clone(&write.after))
+                    .is_none()
+                {
+                    self.shadow.mark(&write.after.id);
+                }
             }
         }
         let mut requests = self.requests.borrow_mut();
