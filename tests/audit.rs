@@ -1701,16 +1701,10 @@ async fn offline_audit_commands_outside_the_repository_name_the_workflows_folder
     assert_eq!(code, Some(0), "{stdout}{stderr}");
 }
 
-/// A copy of the files of the store in `store`, in `scratch/name`.
+/// A copy of the store in `store`, in `scratch/name`.
 fn copy_store(store: &Path, scratch: &Path, name: &str) -> std::path::PathBuf {
     let dir = scratch.join(name);
-    std::fs::create_dir(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(store).expect("read dir") {
-        let entry = entry.expect("entry");
-        if entry.file_type().expect("type").is_file() {
-            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-        }
-    }
+    crate::common::copy_tree(store, &dir);
     dir
 }
 

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::env_or;
+use crate::common::{copy_tree, env_or};
 
 /// A small deterministic generator (xorshift64*), so that a seed replays.
 struct Rng(u64);
@@ -132,19 +132,6 @@ fn files_under(dir: &Path, found: &mut Vec<PathBuf>) {
             Some("ron" | "csv")
         ) {
             found.push(path);
-        }
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
         }
     }
 }
