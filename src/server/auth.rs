@@ -258,24 +258,31 @@ struct TokenFile {
     tokens: BTreeMap<String, String>,
 }
 
-/// Writes a file that only its owner may read (mode 0600 on Unix).
+/// Writes a file that only its owner may read (mode 0600 on Unix), whole or
+/// not at all: the text goes to a new file beside it, synced, then renamed
+/// over it, and the folder synced. Rewriting the file in place would leave
+/// it empty or cut short if the server died during the write, and the next
+/// start would then replace every agency's token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        builder.permissions(std::fs::Permissions::from_mode(0o600));
     }
+    let mut file = builder.tempfile_in(folder)?;
     file.write_all(text.as_bytes())?;
-    file.sync_all()
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(folder)?.sync_all()
 }
 
 #[cfg(test)]
@@ -334,5 +341,38 @@ mod tests {
         let (second, added) = ensure_token_file(&path, &more).expect("updated");
         assert_eq!(added, 1);
         assert_eq!(second["a"], first["a"]);
+    }
+
+    /// Regression: the file was truncated and rewritten in place, so a crash
+    /// during the write left it empty or cut short, and the next start gave
+    /// every agency a new token. Now the old file is never touched: a reader
+    /// holding it open still reads it whole after the update.
+    #[test]
+    fn adding_a_token_replaces_the_file_whole_and_never_rewrites_it_in_place() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentials.toml");
+        let names: BTreeSet<String> = ["a".to_owned(), ADMIN.to_owned()].into();
+        ensure_token_file(&path, &names).expect("written");
+        let before = std::fs::read_to_string(&path).expect("read");
+        let mut held = std::fs::File::open(&path).expect("open");
+        let more: BTreeSet<String> = ["a".to_owned(), "b".to_owned(), ADMIN.to_owned()].into();
+        ensure_token_file(&path, &more).expect("updated");
+        let mut still = String::new();
+        held.read_to_string(&mut still).expect("read the old file");
+        assert_eq!(still, before, "the old file was changed in place");
+        let after = std::fs::read_to_string(&path).expect("read");
+        assert!(after.contains("b = ") && after.starts_with("# govflow bearer tokens"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("credentials.toml")]);
     }
 }
