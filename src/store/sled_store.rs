@@ -466,8 +466,10 @@ fn add_to_batch(batch: &mut sled::Batch, commit: &Commit) -> Result<()> {
         for k in before_timers.iter().filter(|k| !after_timers.contains(k)) {
             batch.remove(k.clone());
         }
-        for k in after_timers {
-            batch.insert(k, &[] as &[u8]);
+        // A timer kept across the step (a `keep_deadline` self-transition) is
+        // not written again: every key written costs sled a log record.
+        for k in after_timers.iter().filter(|k| !before_timers.contains(k)) {
+            batch.insert(k.clone(), &[] as &[u8]);
         }
         for index in write.index_before.difference(&write.index_after) {
             batch.remove(index_key(index, id));
@@ -1102,14 +1104,11 @@ mod tests {
         let first = case("a", "open", Some(at("2020-06-02T00:00:00Z")));
         {
             let store = SledStore::open(dir.path()).expect("open");
+            let second = case("b", "open", Some(at("2020-06-01T00:00:00Z")));
             let commit = Commit {
                 cases: vec![
                     write(None, first.clone(), &[IndexKey::Inbox("county".into())]),
-                    write(
-                        None,
-                        case("b", "open", Some(at("2020-06-01T00:00:00Z"))),
-                        &[],
-                    ),
+                    write(None, second.clone(), &[]),
                 ],
                 number: 1,
                 requests: vec![recorded("req-1", "guard-false")],
@@ -1125,14 +1124,20 @@ mod tests {
             moved.state = "closed".into();
             moved.sequence = 2;
             moved.timers.clear();
+            // A step that keeps its deadline (its timer is not written again).
+            let mut kept = second.clone();
+            kept.sequence = 2;
             store
                 .commit(&Commit {
-                    cases: vec![write_from(
-                        Some(first.clone()),
-                        &[IndexKey::Inbox("county".into())],
-                        moved,
-                        &[],
-                    )],
+                    cases: vec![
+                        write_from(
+                            Some(first.clone()),
+                            &[IndexKey::Inbox("county".into())],
+                            moved,
+                            &[],
+                        ),
+                        write_from(Some(second), &[], kept, &[]),
+                    ],
                     ..Default::default()
                 })
                 .expect("commit");
