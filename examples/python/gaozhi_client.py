@@ -13,8 +13,10 @@ Exit status 0 when every step answered as expected, 1 otherwise (naming the step
 """
 
 import argparse
+import atexit
 import importlib
 import pathlib
+import shutil
 import sys
 import tempfile
 import tomllib
@@ -32,6 +34,8 @@ HOUSING, TAX = "hebei.sjz.housing", "hebei.sjz.tax"
 def stubs():
     """Generates the Python stubs of proto/govflow/v1 into a temporary folder."""
     out = tempfile.mkdtemp(prefix="govflow-stubs-")
+    # Generated once per run, so not left behind in the temporary folder.
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     files = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "govflow" / "v1").glob("*.proto"))
     include = str(pathlib.Path(protoc.__file__).parent / "_proto")
     if protoc.main(["protoc", f"-I{PROTO}", f"-I{include}", f"--python_out={out}",
