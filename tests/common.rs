@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as Json, json};
 
 use govflow::engine::durable::{Engine, FireRequest, ManualClock, StartRequest};
 use govflow::lang::load::load;
-use govflow::store::{SledStore, Store};
+use govflow::store::{CaseFilter, SledStore, Store, StoreError, proto};
 
 /// The engine's test workflows (`ledger`, `batch`, `item`).
 pub(crate) fn data() -> PathBuf {
@@ -116,5 +117,105 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
+    }
+}
+
+/// A sled store the tests watch and break: it counts the case records read
+/// from it and the due timers it hands out, and once told to, fails every
+/// sync as a full or failing disk would.
+pub(crate) struct TestStore {
+    inner: SledStore,
+    pub case_reads: AtomicUsize,
+    pub timers_handed_out: AtomicUsize,
+    pub fail_syncs: AtomicBool,
+}
+
+impl TestStore {
+    pub(crate) fn open(dir: &Path) -> TestStore {
+        TestStore {
+            inner: SledStore::open(dir).expect("store opens"),
+            case_reads: Default::default(),
+            timers_handed_out: Default::default(),
+            fail_syncs: Default::default(),
+        }
+    }
+}
+
+impl Store for TestStore {
+    fn apply_all(&self, commits: &[&govflow::store::Commit]) -> govflow::store::Result<()> {
+        self.inner.apply_all(commits)
+    }
+    fn write_out(&self) -> govflow::store::Result<()> {
+        self.inner.write_out()
+    }
+    fn sync(&self) -> govflow::store::Result<()> {
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                path: "db".into(),
+                source: std::io::Error::other("no space left on device (a test's failing disk)"),
+            });
+        }
+        self.inner.sync()
+    }
+    fn case(&self, id: &str) -> govflow::store::Result<Option<proto::Case>> {
+        self.case_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.case(id)
+    }
+    fn history(&self, id: &str, from: u64) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
+        self.inner.history(id, from)
+    }
+    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> govflow::store::Result<u64> {
+        self.inner.scan_requests(each)
+    }
+    fn request_outcome(
+        &self,
+        number: u64,
+        request_id: &str,
+    ) -> govflow::store::Result<Option<proto::RequestOutcome>> {
+        self.inner.request_outcome(number, request_id)
+    }
+    fn workflow_versions(&self) -> govflow::store::Result<Vec<proto::WorkflowVersion>> {
+        self.inner.workflow_versions()
+    }
+    fn due_timers(
+        &self,
+        until: chrono::DateTime<chrono::Utc>,
+        after: Option<&govflow::store::DueTimer>,
+        limit: usize,
+        skip: &dyn Fn(&govflow::store::DueTimer) -> bool,
+    ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
+        let due = self.inner.due_timers(until, after, limit, skip)?;
+        self.timers_handed_out
+            .fetch_add(due.len(), Ordering::SeqCst);
+        Ok(due)
+    }
+    fn list(
+        &self,
+        filter: &CaseFilter,
+        page_token: &str,
+        page_size: usize,
+    ) -> govflow::store::Result<govflow::store::Page> {
+        self.inner.list(filter, page_token, page_size)
+    }
+    fn inbox(
+        &self,
+        agency: &str,
+        page_token: &str,
+        page_size: usize,
+    ) -> govflow::store::Result<govflow::store::Page> {
+        self.inner.inbox(agency, page_token, page_size)
+    }
+    fn case_ids(&self, after: &str, limit: usize) -> govflow::store::Result<Vec<String>> {
+        self.inner.case_ids(after, limit)
+    }
+    fn feed(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> govflow::store::Result<Vec<govflow::store::FeedItem>> {
+        self.inner.feed(after, limit)
+    }
+    fn last_position(&self) -> govflow::store::Result<u64> {
+        self.inner.last_position()
     }
 }

@@ -13,7 +13,8 @@ use govflow::lang::load::load;
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
 use crate::common::{
-    CITY, COUNTY, data, fire, fresh_engine, obj, open_engine, start_batch, start_ledger, t0,
+    CITY, COUNTY, TestStore, data, fire, fresh_engine, obj, open_engine, start_batch, start_ledger,
+    t0,
 };
 
 fn note(id: &str, request: &str) -> FireRequest {
@@ -623,102 +624,10 @@ async fn a_progress_report_keeps_the_running_deadline() {
     assert_ne!(noted.timers, started.timers);
 }
 
-/// A store that counts the case records read from it, and the due timers it
-/// hands out.
-struct CountingStore {
-    inner: SledStore,
-    case_reads: std::sync::atomic::AtomicUsize,
-    timers_handed_out: std::sync::atomic::AtomicUsize,
-}
-
-impl CountingStore {
-    fn open(dir: &std::path::Path) -> CountingStore {
-        CountingStore {
-            inner: SledStore::open(dir).expect("store opens"),
-            case_reads: Default::default(),
-            timers_handed_out: Default::default(),
-        }
-    }
-}
-
-impl Store for CountingStore {
-    fn apply_all(&self, commits: &[&govflow::store::Commit]) -> govflow::store::Result<()> {
-        self.inner.apply_all(commits)
-    }
-    fn write_out(&self) -> govflow::store::Result<()> {
-        self.inner.write_out()
-    }
-    fn sync(&self) -> govflow::store::Result<()> {
-        self.inner.sync()
-    }
-    fn case(&self, id: &str) -> govflow::store::Result<Option<proto::Case>> {
-        self.case_reads
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.case(id)
-    }
-    fn history(&self, id: &str, from: u64) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
-        self.inner.history(id, from)
-    }
-    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> govflow::store::Result<u64> {
-        self.inner.scan_requests(each)
-    }
-    fn request_outcome(
-        &self,
-        number: u64,
-        request_id: &str,
-    ) -> govflow::store::Result<Option<proto::RequestOutcome>> {
-        self.inner.request_outcome(number, request_id)
-    }
-    fn workflow_versions(&self) -> govflow::store::Result<Vec<proto::WorkflowVersion>> {
-        self.inner.workflow_versions()
-    }
-    fn due_timers(
-        &self,
-        until: chrono::DateTime<chrono::Utc>,
-        after: Option<&govflow::store::DueTimer>,
-        limit: usize,
-        skip: &dyn Fn(&govflow::store::DueTimer) -> bool,
-    ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
-        let due = self.inner.due_timers(until, after, limit, skip)?;
-        self.timers_handed_out
-            .fetch_add(due.len(), std::sync::atomic::Ordering::SeqCst);
-        Ok(due)
-    }
-    fn list(
-        &self,
-        filter: &CaseFilter,
-        page_token: &str,
-        page_size: usize,
-    ) -> govflow::store::Result<govflow::store::Page> {
-        self.inner.list(filter, page_token, page_size)
-    }
-    fn inbox(
-        &self,
-        agency: &str,
-        page_token: &str,
-        page_size: usize,
-    ) -> govflow::store::Result<govflow::store::Page> {
-        self.inner.inbox(agency, page_token, page_size)
-    }
-    fn case_ids(&self, after: &str, limit: usize) -> govflow::store::Result<Vec<String>> {
-        self.inner.case_ids(after, limit)
-    }
-    fn feed(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> govflow::store::Result<Vec<govflow::store::FeedItem>> {
-        self.inner.feed(after, limit)
-    }
-    fn last_position(&self) -> govflow::store::Result<u64> {
-        self.inner.last_position()
-    }
-}
-
 #[tokio::test]
 async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(CountingStore::open(dir.path()));
+    let store = Arc::new(TestStore::open(dir.path()));
     let sources = load(&[data()]).expect("loads");
     let engine = Engine::open_with(
         store.clone(),
@@ -852,7 +761,7 @@ async fn refused_timers_wait_and_never_hold_back_later_ones() {
     }
     std::fs::write(workflows.join("swell.ron"), SWELL).expect("write");
     let clock = Arc::new(ManualClock::new(t0()));
-    let store = Arc::new(CountingStore::open(&dir.path().join("store")));
+    let store = Arc::new(TestStore::open(&dir.path().join("store")));
     let engine = Engine::open(
         store.clone(),
         &load(&[workflows]).expect("loads"),
@@ -905,4 +814,30 @@ async fn refused_timers_wait_and_never_hold_back_later_ones() {
     assert_eq!(engine.tick().await.expect("tick"), 0);
     assert_eq!(handed_out(), 0, "the second wait is two minutes");
     assert_eq!(engine.history("swell-000").expect("history").len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_sync_stops_every_change_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(TestStore::open(dir.path()));
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
+        .expect("engine opens");
+    engine.start(start_ledger("a")).await.expect("start");
+    assert_eq!(engine.storage_failure(), None);
+    store
+        .fail_syncs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = engine.fire(note("a", "n1")).await;
+    assert!(matches!(refused, Err(EngineError::Store(_))), "{refused:?}");
+    let reason = engine.storage_failure().expect("the failure is known");
+    assert!(reason.contains("no space left on device"), "{reason}");
+    // The disk is back, but what sled holds may differ from it: nothing more
+    // is written until the engine is opened again.
+    store
+        .fail_syncs
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let still = engine.fire(note("a", "n2")).await;
+    assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
+    assert!(engine.case("a").is_ok(), "reads still answer");
 }

@@ -20,7 +20,7 @@ use govflow::store::proto::{
 };
 use govflow::store::records;
 
-use crate::common::{at, shipped};
+use crate::common::{TestStore, at, shipped};
 
 struct Server {
     endpoint: String,
@@ -50,6 +50,11 @@ impl Server {
         };
         configure(&mut config);
         let prepared = server::prepare_with_clock(&config, clock.clone()).expect("server prepares");
+        Server::serve(data, prepared).await
+    }
+
+    /// Serves what was prepared for the data folder `data`.
+    async fn serve(data: &Path, prepared: server::Prepared) -> Server {
         let engine = prepared.engine.clone();
         let watchers = prepared.watchers.clone();
         let text =
@@ -1845,4 +1850,94 @@ async fn the_readme_token_function_reads_every_credential() {
             "token {principal}"
         );
     }
+}
+
+#[tokio::test]
+async fn health_checks_answer_not_serving_once_storage_has_failed() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T01:00:00Z")));
+    let config = Config {
+        data: data.clone(),
+        workflows: shipped(),
+        ..Config::default()
+    };
+    let mut prepared = server::prepare_with_clock(&config, clock.clone()).expect("prepares");
+    // The server's engine, on a store whose disk the test can make fail.
+    let store = Arc::new(TestStore::open(&data.join("failing-store")));
+    prepared.engine = Engine::open(
+        store.clone(),
+        &govflow::lang::load::load(&[shipped()]).expect("loads"),
+        clock.clone(),
+    )
+    .expect("engine opens");
+    let server = Server::serve(&data, prepared).await;
+    let health = HealthClient::new(server.channel().await);
+    let status = |service: &str| {
+        let mut health = health.clone();
+        let service = service.to_owned();
+        async move {
+            health
+                .check(HealthCheckRequest { service })
+                .await
+                .expect("health answers")
+                .into_inner()
+                .status
+        }
+    };
+    let services = ["", "govflow.v1.CasesService", "govflow.v1.AuditService"];
+    for service in services {
+        assert_eq!(
+            status(service).await,
+            ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    let (mut cases, _, _) = server.clients().await;
+    let platform = server.token("hebei.sjz.platform");
+    let start = registration(
+        "start-h",
+        "h",
+        json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
+    );
+    cases
+        .create_case(authed(Some(&platform), start.clone()))
+        .await
+        .expect("starts while the disk works");
+    store
+        .fail_syncs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = cases
+        .create_case(authed(
+            Some(&platform),
+            proto::CreateCaseRequest {
+                request_id: "start-h2".into(),
+                case_id: "h2".into(),
+                ..start
+            },
+        ))
+        .await
+        .expect_err("the disk failed");
+    assert_eq!(
+        (refused.code(), reason(&refused)),
+        (Code::Internal, "storage".to_owned())
+    );
+    let mut told = false;
+    for _ in 0..100 {
+        if status("").await == ServingStatus::NotServing as i32 {
+            told = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "health still answers SERVING after storage failed");
+    for service in services {
+        assert_eq!(
+            status(service).await,
+            ServingStatus::NotServing as i32,
+            "{service}"
+        );
+    }
+    server.stop().await;
 }

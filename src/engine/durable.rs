@@ -282,6 +282,7 @@ struct Inner {
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     shadow: Arc<CacheShadow>,
+    failure: Failure,
 }
 
 impl Inner {
@@ -432,9 +433,10 @@ impl Engine {
             progress: Arc::clone(&progress),
         };
         let failure: Failure = Arc::default();
+        let writer_failure = Arc::clone(&failure);
         let handle = thread::Builder::new()
             .name("govflow-writer".into())
-            .spawn(move || writer.run(rx, failure))
+            .spawn(move || writer.run(rx, writer_failure))
             .map_err(|e| {
                 EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))
             })?;
@@ -447,6 +449,7 @@ impl Engine {
                 commands: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
                 shadow,
+                failure,
             }),
         })
     }
@@ -602,6 +605,13 @@ impl Engine {
 
     pub fn now(&self) -> DateTime<Utc> {
         self.inner.clock.now()
+    }
+
+    /// Why storage failed, once it has. From then on the engine refuses
+    /// every change until it is opened again: what sled holds in memory may
+    /// no longer be what is on disk. Reads still answer.
+    pub fn storage_failure(&self) -> Option<String> {
+        failed(&self.inner.failure)
     }
 
     /// The last event-feed position that is durable, and its changes.

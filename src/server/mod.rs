@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use self::api::Api;
 use self::auth::{ADMIN, Credentials};
@@ -267,6 +269,30 @@ fn tls_config(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, Serv
     Ok(config)
 }
 
+/// Sets the health status of the server as a whole (the service named "")
+/// and of each of its services.
+async fn report_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <CasesServiceServer<Api> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <DefinitionsServiceServer<Api> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <AuditServiceServer<Api> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
 /// Serves until `shutdown` completes, then drains calls under way and stops
 /// the engine (which finishes and syncs its last batch).
 pub async fn serve(
@@ -313,15 +339,7 @@ pub async fn serve_on(
     };
     let interceptor = credentials.interceptor();
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CasesServiceServer<Api>>()
-        .await;
-    health_reporter
-        .set_serving::<DefinitionsServiceServer<Api>>()
-        .await;
-    health_reporter
-        .set_serving::<AuditServiceServer<Api>>()
-        .await;
+    report_health(&health_reporter, ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -332,9 +350,11 @@ pub async fn serve_on(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // Fires due timers, and tells health checks once storage has failed.
     let timers = {
         let engine = engine.clone();
         tokio::spawn(async move {
+            let mut serving = true;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Err(e) = engine.tick().await {
@@ -342,6 +362,13 @@ pub async fn serve_on(
                     if matches!(e, EngineError::Stopped) {
                         return;
                     }
+                }
+                if serving && let Some(reason) = engine.storage_failure() {
+                    tracing::error!(
+                        "storage failed: every change is refused until the server is restarted, and health checks answer NOT_SERVING: {reason}"
+                    );
+                    report_health(&health_reporter, ServingStatus::NotServing).await;
+                    serving = false;
                 }
             }
         })
