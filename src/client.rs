@@ -736,6 +736,7 @@ fn workflow_name(name: &str, version: Option<u32>) -> String {
 /// `govflow serve`: prints how to use the tokens, then serves until SIGINT or SIGTERM.
 pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
     let prepared = govflow::server::prepare(&config)?;
+    let listener = govflow::server::bind(config.listen).await?;
     if let Some(path) = &prepared.token_file {
         eprintln!(
             "govflow: bearer tokens for every agency and for `admin` are in {} (owner-only).",
@@ -753,7 +754,7 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
             "workflow",
             "workflows"
         ),
-        config.listen,
+        listener.local_addr().unwrap_or(config.listen),
         config.data.display()
     );
     let shutdown = async {
@@ -775,7 +776,7 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
         }
         eprintln!("govflow: stopping: finishing calls under way");
     };
-    govflow::server::serve(prepared, config.listen, shutdown).await?;
+    govflow::server::serve_on(prepared, listener, shutdown).await?;
     eprintln!("govflow: stopped; every acknowledged step is on disk");
     Ok(ExitCode::SUCCESS)
 }

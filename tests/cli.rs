@@ -142,3 +142,63 @@ fn a_missing_path_is_reported_once() {
         "govflow: no/such.ron: No such file or directory (os error 2)"
     );
 }
+
+/// `govflow serve` with `args` in a fresh data folder, expected to refuse to
+/// start: its exit code and what it printed.
+fn serve_refused(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let workflows = root().join("workflows");
+    let out = govflow()
+        .current_dir(dir)
+        .args(["serve", "--data", "data", "--workflows"])
+        .arg(&workflows)
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Regression: a taken port, or a TLS file that cannot be used, was found
+/// only after the server had printed that it was serving, and the port's
+/// error called the address "the configuration".
+#[test]
+fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("addr").to_string();
+    let (code, text) = serve_refused(dir.path(), &["--listen", &address]);
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains(&format!("cannot listen on {address}: ")),
+        "{text}"
+    );
+    assert!(!text.contains("serving"), "{text}");
+
+    std::fs::write(dir.path().join("key.pem"), "not a key\n").expect("write");
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate\n").expect("write");
+    std::fs::write(
+        dir.path().join("missing.toml"),
+        "[tls]\ncert = \"nowhere.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write");
+    let (code, text) = serve_refused(dir.path(), &["--config", "missing.toml"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains("reading the TLS certificate (cert) nowhere.pem"),
+        "{text}"
+    );
+    std::fs::write(
+        dir.path().join("garbage.toml"),
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write");
+    let (code, text) = serve_refused(dir.path(), &["--config", "garbage.toml"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains("the TLS certificate and key (`tls` in the configuration) cannot be used"),
+        "{text}"
+    );
+    assert!(!text.contains("serving"), "{text}");
+}

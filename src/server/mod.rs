@@ -129,6 +129,16 @@ impl Default for Config {
 pub enum ServeError {
     #[error("reading the configuration {path}: {message}")]
     Config { path: String, message: String },
+    #[error("reading the TLS {what} {path} (`tls` in the configuration): {message}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("cannot listen on {address}: {message}")]
+    Listen { address: String, message: String },
+    #[error("the TLS certificate and key (`tls` in the configuration) cannot be used")]
+    TlsInvalid(#[source] tonic::transport::Error),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("the workflows do not validate:\n{0}")]
@@ -227,6 +237,12 @@ pub fn prepare_with_clock(
         other => ServeError::Engine(other),
     })?;
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    if let Some(tls) = &tls {
+        // Parsed now, so that a bad file stops the start before it serves.
+        Server::builder()
+            .tls_config(tls.clone())
+            .map_err(ServeError::TlsInvalid)?;
+    }
     let (credentials, token_file) = if config.credentials.is_empty() {
         let path = config.data.join("credentials.toml");
         let mut names = agencies.clone();
@@ -255,16 +271,23 @@ pub fn prepare_with_clock(
 }
 
 fn tls_config(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| ServeError::Config {
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| ServeError::TlsFile {
+            what,
             path: path.display().to_string(),
             message: e.to_string(),
         })
     };
-    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let identity = tonic::transport::Identity::from_pem(
+        read("certificate (cert)", &tls.cert)?,
+        read("private key (key)", &tls.key)?,
+    );
     let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            "client-certificate authority (client_ca)",
+            ca,
+        )?));
     }
     Ok(config)
 }
@@ -293,23 +316,19 @@ async fn report_health(reporter: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// Serves until `shutdown` completes, then drains calls under way and stops
-/// the engine (which finishes and syncs its last batch).
-pub async fn serve(
-    prepared: Prepared,
-    listen: SocketAddr,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(listen)
+/// The socket the server listens on, bound before it says it serves.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| ServeError::Config {
-            path: listen.to_string(),
-            message: format!("cannot listen: {e}"),
-        })?;
-    serve_on(prepared, listener, shutdown).await
+        .map_err(|e| ServeError::Listen {
+            address: listen.to_string(),
+            message: e.to_string(),
+        })
 }
 
-/// [`serve`] on a socket already bound (tests bind port 0).
+/// Serves on `listener` (see [`bind`]; tests bind port 0) until `shutdown`
+/// completes, then drains calls under way and stops the engine (which
+/// finishes and syncs its last batch).
 pub async fn serve_on(
     prepared: Prepared,
     listener: tokio::net::TcpListener,
