@@ -35,7 +35,8 @@ macro_rules! out {
 /// How to reach the server.
 #[derive(Args, Clone)]
 pub struct Connection {
-    /// The server's address.
+    /// The server's address: `http://HOST:PORT`, or `HOST:PORT` as the
+    /// server prints it.
     #[arg(
         long,
         global = true,
@@ -141,6 +142,16 @@ pub enum WorkflowCommand {
     },
 }
 
+/// The server's address as a URI: `HOST:PORT`, as `govflow serve` prints
+/// it, means plain HTTP/2 on that port.
+fn server_uri(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
+
 struct Client {
     channel: Channel,
     token: Option<String>,
@@ -148,11 +159,12 @@ struct Client {
 
 impl Client {
     async fn connect(c: &Connection) -> Result<Client> {
-        let channel = Channel::from_shared(c.server.clone())
+        let server = server_uri(&c.server);
+        let channel = Channel::from_shared(server.clone())
             .with_context(|| format!("`{}` is not a server address", c.server))?
             .connect()
             .await
-            .with_context(|| format!("cannot reach the server at {}", c.server))?;
+            .with_context(|| format!("cannot reach the server at {server}"))?;
         Ok(Client {
             channel,
             token: c.token.clone(),
@@ -445,6 +457,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 None => Default::default(),
             };
             let mut token = String::new();
+            let mut listed = 0;
             loop {
                 let page = cases
                     .list_cases(client.request(proto::ListCasesRequest {
@@ -474,10 +487,14 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                         );
                     }
                 }
+                listed += page.cases.len();
                 if page.next_page_token.is_empty() {
                     break;
                 }
                 token = page.next_page_token;
+            }
+            if listed == 0 && !as_json {
+                out!("no cases");
             }
         }
         CaseCommand::Watch { cursor } => {
@@ -510,39 +527,52 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             }
         }
         CaseCommand::Inbox => {
-            let page = cases
-                .list_inbox(client.request(proto::ListInboxRequest {
-                    page_size: 1000,
-                    page_token: String::new(),
-                })?)
-                .await
-                .map_err(|s| failure(&s))?
-                .into_inner();
-            let cases = || page.items.iter().filter_map(|i| i.case.as_ref());
-            let wf = width(cases().map(|c| c.workflow.as_str()), 24);
-            let st = width(cases().map(|c| c.state.as_str()), 22);
-            for item in &page.items {
-                let Some(c) = &item.case else { continue };
-                let deadline = item
-                    .deadline
-                    .as_ref()
-                    .map(|d| records::rfc3339(Some(d)))
-                    .unwrap_or_else(|| "—".into());
-                if as_json {
-                    out!(
-                        "{}",
-                        json!({"case": case_json(c), "events": item.events, "deadline": deadline})
-                    );
-                } else {
-                    out!(
-                        "{:<36} {:<wf$} {:<st$} due {}  can: {}",
-                        c.id,
-                        c.workflow,
-                        c.state,
-                        deadline,
-                        item.events.join(", ")
-                    );
+            let mut token = String::new();
+            let mut listed = 0;
+            loop {
+                let page = cases
+                    .list_inbox(client.request(proto::ListInboxRequest {
+                        page_size: 200,
+                        page_token: token,
+                    })?)
+                    .await
+                    .map_err(|s| failure(&s))?
+                    .into_inner();
+                let cases = || page.items.iter().filter_map(|i| i.case.as_ref());
+                // Each page is sized to its own longest values (an inbox can be long).
+                let wf = width(cases().map(|c| c.workflow.as_str()), 24);
+                let st = width(cases().map(|c| c.state.as_str()), 22);
+                for item in &page.items {
+                    let Some(c) = &item.case else { continue };
+                    let deadline = item
+                        .deadline
+                        .as_ref()
+                        .map(|d| records::rfc3339(Some(d)))
+                        .unwrap_or_else(|| "—".into());
+                    if as_json {
+                        out!(
+                            "{}",
+                            json!({"case": case_json(c), "events": item.events, "deadline": deadline})
+                        );
+                    } else {
+                        out!(
+                            "{:<36} {:<wf$} {:<st$} due {}  can: {}",
+                            c.id,
+                            c.workflow,
+                            c.state,
+                            deadline,
+                            item.events.join(", ")
+                        );
+                    }
                 }
+                listed += page.items.len();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if listed == 0 && !as_json {
+                out!("nothing to act on");
             }
         }
     }
@@ -798,6 +828,22 @@ fn print_source_violations(details: &tonic_types::ErrorDetails, file: &std::path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: `--server 127.0.0.1:50051`, the address `govflow serve`
+    /// prints, failed with "invalid URL, scheme is missing".
+    #[test]
+    fn a_server_address_without_a_scheme_is_plain_http() {
+        assert_eq!(server_uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(server_uri("[::1]:50051"), "http://[::1]:50051");
+        assert_eq!(
+            server_uri("http://127.0.0.1:50051"),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            server_uri("https://gov.example:443"),
+            "https://gov.example:443"
+        );
+    }
 
     fn due(s: &str) -> Option<prost_types::Timestamp> {
         let t = chrono::DateTime::parse_from_rfc3339(s).expect("time");

@@ -193,6 +193,18 @@ fn seed_source(name: &str) -> String {
     std::fs::read_to_string(shipped().join(format!("{name}.ron"))).expect("read")
 }
 
+/// Runs the `govflow` command line (off the test's runtime threads).
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
+            .args(args)
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("joins")
+}
+
 fn reason(status: &Status) -> String {
     status
         .get_error_details()
@@ -1739,14 +1751,6 @@ async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_wo
     let files = tempfile::tempdir().expect("tempdir");
     let file = files.path().join("baolian_escalation.ron");
     std::fs::write(&file, &breaking).expect("write");
-    let cli = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
-                .args(args)
-                .output()
-                .expect("runs")
-        })
-    };
     let with = |token: &str, rest: &[&str]| {
         let mut args: Vec<String> = rest.iter().map(|a| (*a).to_owned()).collect();
         args.extend([
@@ -1762,8 +1766,7 @@ async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_wo
         &server.token("hebei.sjz.audit"),
         &["workflow", "check-migration"],
     ))
-    .await
-    .expect("joins");
+    .await;
     let text = String::from_utf8_lossy(&checked.stdout);
     assert_eq!(checked.status.code(), Some(1), "{text}");
     assert!(
@@ -1774,8 +1777,7 @@ async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_wo
         &admin,
         &["workflow", "deploy", "--require-migration-check"],
     ))
-    .await
-    .expect("joins");
+    .await;
     let text = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{text}");
     assert!(text.contains("[migration-check-failed]"), "{text}");
@@ -1939,5 +1941,66 @@ async fn health_checks_answer_not_serving_once_storage_has_failed() {
             "{service}"
         );
     }
+    server.stop().await;
+}
+
+/// Regression: `govflow case inbox` showed only the first 1,000 entries, and
+/// `case list` and `case inbox` printed nothing at all when there were none.
+#[tokio::test]
+async fn the_command_line_pages_through_a_long_inbox_and_says_when_there_is_nothing() {
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let (mut cases, _, _) = server.clients().await;
+    let amr = server.token("hebei.sjz.amr");
+    // More than a page can hold (1,000 at most).
+    let count = 1005;
+    for n in 0..count {
+        cases
+            .create_case(authed(
+                Some(&amr),
+                registration(
+                    &format!("start-r{n}"),
+                    &format!("r{n:04}"),
+                    json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
+                ),
+            ))
+            .await
+            .expect("starts");
+    }
+    // The address as `govflow serve` prints it, without a scheme.
+    let address = format!("127.0.0.1:{}", server.port);
+    let run = |token: String, what: &'static str| {
+        cli(vec![
+            "case".into(),
+            what.into(),
+            "--server".into(),
+            address.clone(),
+            "--token".into(),
+            token,
+        ])
+    };
+    for what in ["inbox", "list"] {
+        let out = run(amr.clone(), what).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ids: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(ids.len(), count, "{what}: {text}");
+        assert!(ids.contains("r0000") && ids.contains("r1004"), "{what}");
+    }
+    let tax = server.token("hebei.sjz.tax");
+    let inbox = run(tax.clone(), "inbox").await;
+    assert_eq!(
+        String::from_utf8_lossy(&inbox.stdout).trim(),
+        "nothing to act on"
+    );
+    let list = run(tax, "list").await;
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "no cases");
     server.stop().await;
 }
