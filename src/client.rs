@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{Value as Json, json};
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 
 use govflow::lang::validate::count;
@@ -36,7 +36,8 @@ macro_rules! out {
 #[derive(Args, Clone)]
 pub struct Connection {
     /// The server's address: `http://HOST:PORT`, or `HOST:PORT` as the
-    /// server prints it.
+    /// server prints it; `https://HOST:PORT` for a server with TLS (with
+    /// `--ca-cert`).
     #[arg(
         long,
         global = true,
@@ -47,6 +48,27 @@ pub struct Connection {
     /// Your agency's bearer token (see `govflow-data/credentials.toml`).
     #[arg(long, global = true, env = "GOVFLOW_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The certificate authority (PEM) that signed the server's TLS
+    /// certificate, for an `https://` server.
+    #[arg(long, global = true, env = "GOVFLOW_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Your agency's client certificate (PEM), for a server with mutual TLS:
+    /// the certificate is then your credential. With `--client-key`.
+    #[arg(
+        long,
+        global = true,
+        env = "GOVFLOW_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--client-cert`.
+    #[arg(
+        long,
+        global = true,
+        env = "GOVFLOW_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -152,6 +174,37 @@ fn server_uri(server: &str) -> String {
     }
 }
 
+/// The TLS settings for `server` (`None` for plain `http://`).
+fn client_tls(c: &Connection, server: &str) -> Result<Option<ClientTlsConfig>> {
+    let read = |what: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+    };
+    if !server.starts_with("https://") {
+        if c.ca_cert.is_some() || c.client_cert.is_some() {
+            anyhow::bail!(
+                "TLS options were given for {server}: use `https://` for a server with TLS"
+            );
+        }
+        return Ok(None);
+    }
+    let Some(ca) = &c.ca_cert else {
+        anyhow::bail!(
+            "{server} needs `--ca-cert FILE`: the certificate authority (PEM) that signed the server's certificate"
+        );
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+        "certificate authority (--ca-cert)",
+        ca,
+    )?));
+    if let (Some(cert), Some(key)) = (&c.client_cert, &c.client_key) {
+        tls = tls.identity(Identity::from_pem(
+            read("client certificate (--client-cert)", cert)?,
+            read("client key (--client-key)", key)?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
 struct Client {
     channel: Channel,
     token: Option<String>,
@@ -160,8 +213,14 @@ struct Client {
 impl Client {
     async fn connect(c: &Connection) -> Result<Client> {
         let server = server_uri(&c.server);
-        let channel = Channel::from_shared(server.clone())
-            .with_context(|| format!("`{}` is not a server address", c.server))?
+        let mut endpoint = Channel::from_shared(server.clone())
+            .with_context(|| format!("`{}` is not a server address", c.server))?;
+        if let Some(tls) = client_tls(c, &server)? {
+            endpoint = endpoint
+                .tls_config(tls)
+                .context("the TLS settings cannot be used")?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach the server at {server}"))?;

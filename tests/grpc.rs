@@ -1620,6 +1620,43 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
             .await;
         assert!(answer.is_err(), "a plaintext call was answered");
     }
+
+    // The command line, with the platform's certificate as its credential.
+    let ca = write("ca.pem", ca_cert.pem());
+    let cert = write("platform.pem", platform_cert.pem());
+    let key = write("platform.key", platform_key.serialize_pem());
+    let path = |p: &std::path::Path| p.display().to_string();
+    let https = format!("https://localhost:{port}");
+    let show = |tls: Vec<String>| {
+        let mut args: Vec<String> = ["case", "show", "tls-1", "--json", "--server", &https]
+            .map(str::to_owned)
+            .into();
+        args.extend(tls);
+        cli(args)
+    };
+    let shown = show(vec![
+        "--ca-cert".into(),
+        path(&ca),
+        "--client-cert".into(),
+        path(&cert),
+        "--client-key".into(),
+        path(&key),
+    ])
+    .await;
+    assert_eq!(
+        shown.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"tls-1\""));
+    let without_ca = show(Vec::new()).await;
+    assert_ne!(without_ca.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&without_ca.stderr).contains("needs `--ca-cert FILE`"),
+        "{}",
+        String::from_utf8_lossy(&without_ca.stderr)
+    );
     server.stop().await;
 }
 
