@@ -135,6 +135,8 @@ pub enum ServeError {
         path: String,
         message: String,
     },
+    #[error("the data folder {path}: {message}")]
+    DataFolder { path: String, message: String },
     #[error("cannot listen on {address}: {message}")]
     Listen { address: String, message: String },
     #[error("the TLS certificate and key (`tls` in the configuration) cannot be used")]
@@ -219,6 +221,7 @@ pub fn prepare_with_clock(
         .map(|a| a.id.clone())
         .collect();
     let auditors: BTreeSet<String> = config.auditors.iter().cloned().collect();
+    make_data_folder(&config.data)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache(
         &config.data.join("store"),
         config.store_cache_mib.saturating_mul(1 << 20),
@@ -268,6 +271,41 @@ pub fn prepare_with_clock(
         watch_cutoff: config.watch_cutoff(),
         watchers: api::Watchers::default(),
     })
+}
+
+/// Creates the data folder readable by its owner only: it holds every case
+/// and the agencies' tokens. A folder that exists is left as the operator
+/// made it, with a warning when other users can read it.
+fn make_data_folder(path: &Path) -> Result<(), ServeError> {
+    let error = |e: std::io::Error| ServeError::DataFolder {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::metadata(path) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        "the data folder {} can be read by other users (mode {mode:o}): `chmod 700 {}` keeps its cases and tokens private",
+                        path.display(),
+                        path.display()
+                    );
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(error),
+            Err(e) => Err(error(e)),
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(path).map_err(error)
 }
 
 fn tls_config(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
@@ -491,5 +529,25 @@ mod tests {
         std::fs::write(&path, "store_cache_mib = 0\n").expect("write");
         let refused = Config::load(&path).expect_err("zero refused");
         assert!(refused.to_string().contains("store_cache_mib"), "{refused}");
+    }
+
+    /// The data folder holds every case and the agencies' tokens: it was
+    /// made with the process's umask (usually readable by every user).
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_folder_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data: dir.path().join("new/data"),
+            workflows: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+            ..Config::default()
+        };
+        prepare(&config).expect("prepares");
+        let mode = std::fs::metadata(&config.data)
+            .expect("made")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 }
