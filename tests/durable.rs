@@ -476,8 +476,14 @@ async fn a_running_case_stays_on_its_version_and_a_bad_deploy_changes_nothing() 
         .expect("close")
         + start;
     let v2_source = format!("{}{}", &source[..start], &source[end..]);
-    let deployed = engine.deploy(v2_source).await.expect("deploy");
+    // Saved by Notepad: a byte-order mark first, which is not part of the text.
+    let deployed = engine
+        .deploy(format!("\u{feff}{v2_source}"))
+        .await
+        .expect("deploy");
     assert_eq!((deployed.version, deployed.created), (2, true));
+    let again = engine.deploy(v2_source).await.expect("deploy");
+    assert_eq!((again.version, again.created), (2, false));
     engine
         .fire(note("old", "n-old"))
         .await

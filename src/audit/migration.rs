@@ -100,6 +100,7 @@ pub fn migration_check(
     path: &Path,
     new_source: &str,
 ) -> Result<MigrationReport> {
+    let new_source = crate::lang::load::source_text(new_source);
     let map = SourceMap::new(new_source);
     let mut diagnostics = Vec::new();
     let Some(Document::Workflow(workflow)) =

@@ -180,6 +180,7 @@ impl Rules {
     /// workflows, the directory, the catalogues): the workflow's name and the
     /// outcome. A source that is not a workflow is `Invalid` at once.
     fn check(&self, source: &str) -> Result<(String, crate::lang::validate::Validated)> {
+        let source = load::source_text(source);
         let map = crate::lang::locate::SourceMap::new(source);
         let mut diagnostics = Vec::new();
         let path = PathBuf::from("deploy.ron");

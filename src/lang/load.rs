@@ -175,6 +175,7 @@ pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Cale
     };
     let mut have_agencies = false;
     for (path, text) in files {
+        let text = source_text(&text).to_owned();
         let map = SourceMap::new(&text);
         let index = sources.files.len();
         let document = parse_document(&path, &text, &map, &mut sources.diagnostics);
@@ -190,6 +191,12 @@ pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Cale
         }
     }
     sources
+}
+
+/// A source's text as govflow reads it: without the byte-order mark that
+/// Windows editors (Notepad among them) put at the start of UTF-8 files.
+pub fn source_text(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 /// Parses one RON text, classified by its top-level name.
