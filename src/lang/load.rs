@@ -138,12 +138,16 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     dedup(&mut ron_files);
     dedup(&mut calendar_files);
     let mut texts = Vec::new();
+    let mut read_diagnostics = Vec::new();
     for path in ron_files {
-        let text = fs::read_to_string(&path).map_err(|error| LoadError::Io {
+        let bytes = fs::read(&path).map_err(|error| LoadError::Io {
             path: path.clone(),
             error,
         })?;
-        texts.push((path, text));
+        match String::from_utf8(bytes) {
+            Ok(text) => texts.push((path, text)),
+            Err(e) => read_diagnostics.push(not_utf8(&path, e.as_bytes(), e.utf8_error())),
+        }
     }
     let mut calendar_diagnostics = Vec::new();
     let calendar = calendar_files
@@ -162,8 +166,29 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
             }
         });
     let mut sources = from_texts(texts, calendar);
+    sources.diagnostics.extend(read_diagnostics);
     sources.diagnostics.extend(calendar_diagnostics);
     Ok(sources)
+}
+
+/// A file that is not UTF-8 (older Chinese editors save GBK or GB18030),
+/// located at its first byte that is not.
+fn not_utf8(path: &Path, bytes: &[u8], error: std::str::Utf8Error) -> Diagnostic {
+    let valid = std::str::from_utf8(&bytes[..error.valid_up_to()]).unwrap_or_default();
+    let line_start = valid.rfind('\n').map_or(0, |i| i + 1);
+    let at = LineCol {
+        line: valid.matches('\n').count() + 1,
+        col: valid[line_start..].chars().count() + 1,
+    };
+    Diagnostic::at(
+        path,
+        at,
+        "not-utf8",
+        "the file is not UTF-8 text from here on, so it was not read",
+    )
+    .with_hint(Some(
+        "save it as UTF-8 (a file saved as GBK or GB18030 needs converting, e.g. `iconv -f GB18030 -t UTF-8`)".to_owned(),
+    ))
 }
 
 /// Sources from texts already in memory (a deploy, or files read by [`load`]).
