@@ -147,6 +147,8 @@ const WAY_ERROR_LIST: &str = "直接取消审批, 审批改为备案, 实行告�
 /// A problem with an imported CSV file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
+    #[error("{file}: neither UTF-8 nor GB18030 (GBK) text: save the CSV as UTF-8")]
+    Encoding { file: String },
     /// The CSV itself is malformed (e.g. an unclosed quote).
     #[error("{file}:{line}: malformed CSV: {message}")]
     Csv {
@@ -443,6 +445,22 @@ impl<'a> Matcher<'a> {
             .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
             .map(|m| m.2)
     }
+}
+
+/// The text of a CSV file and the encoding it was read in: UTF-8, or else
+/// GB18030 (which includes GBK and GB2312), as Excel on Chinese Windows
+/// saves CSV files.
+pub fn csv_text(file_name: &str, bytes: &[u8]) -> Result<(String, &'static str), ImportError> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Ok((text.to_owned(), "UTF-8"));
+    }
+    let (text, had_errors) = encoding_rs::GB18030.decode_without_bom_handling(bytes);
+    if had_errors {
+        return Err(ImportError::Encoding {
+            file: file_name.into(),
+        });
+    }
+    Ok((text.into_owned(), "GB18030"))
 }
 
 /// Reads one official annex as CSV and returns catalogue rows in the order of
@@ -833,6 +851,25 @@ fn header_comment(catalogue: &Catalogue) -> String {
 mod tests {
     use super::*;
     use crate::lang::model::Agencies;
+
+    #[test]
+    fn a_csv_is_read_as_utf8_else_gb18030_else_refused() {
+        let text = "事项名称,改革方式\n食品经营许可,优化审批服务\n";
+        assert_eq!(
+            csv_text("a.csv", text.as_bytes()).expect("utf-8"),
+            (text.to_owned(), "UTF-8")
+        );
+        let (gbk, _, _) = encoding_rs::GBK.encode(text);
+        assert_eq!(
+            csv_text("a.csv", &gbk).expect("gbk"),
+            (text.to_owned(), "GB18030")
+        );
+        let refused = csv_text("a.csv", &[0x80, 0xff, 0x41]).expect_err("neither");
+        assert_eq!(
+            refused.to_string(),
+            "a.csv: neither UTF-8 nor GB18030 (GBK) text: save the CSV as UTF-8"
+        );
+    }
 
     const SAMPLE: &str = include_str!("../tests/data/catalogue/official_sample.csv");
     const AGENCIES: &str = include_str!("../workflows/agencies.ron");

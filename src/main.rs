@@ -410,17 +410,28 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
         default_supervisor,
         id_prefix,
     } = command;
-    use govflow::catalogue::{ImportLevel, ImportOptions, import_csv, merge, to_ron};
+    use govflow::catalogue::{ImportLevel, ImportOptions, csv_text, import_csv, merge, to_ron};
     let level = match level {
         Level::Central => ImportLevel::Central,
         Level::Hebei => ImportLevel::Hebei,
     };
-    let read = |path: &PathBuf| {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    let read =
+        |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let read_text = |path: &PathBuf| {
+        String::from_utf8(read(path)?).with_context(|| format!("{} is not UTF-8", path.display()))
     };
     let mut diagnostics = Vec::new();
-    let directory = load::parse(&agencies, &read(&agencies)?, &mut diagnostics);
-    let target = load::parse(&catalogue, &read(&catalogue)?, &mut diagnostics);
+    let (agencies_text, catalogue_text) = (read_text(&agencies)?, read_text(&catalogue)?);
+    let directory = load::parse(
+        &agencies,
+        load::source_text(&agencies_text),
+        &mut diagnostics,
+    );
+    let target = load::parse(
+        &catalogue,
+        load::source_text(&catalogue_text),
+        &mut diagnostics,
+    );
     let (Some(directory), Some(mut target)) = (directory, target) else {
         for d in &diagnostics {
             eprintln!("{d}");
@@ -433,12 +444,12 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
         default_supervisor,
         ..ImportOptions::new(level)
     };
-    let rows = import_csv(
-        &csv.display().to_string(),
-        &read(&csv)?,
-        &directory,
-        &options,
-    )?;
+    let csv_name = csv.display().to_string();
+    let (text, encoding) = csv_text(&csv_name, &read(&csv)?)?;
+    if encoding != "UTF-8" {
+        eprintln!("govflow: {csv_name} is not UTF-8; read as {encoding}");
+    }
+    let rows = import_csv(&csv_name, &text, &directory, &options)?;
     let count = rows.len();
     merge(&mut target, level, rows);
     std::fs::write(&catalogue, to_ron(&target))

@@ -65,43 +65,64 @@ fn usage_errors_exit_2() {
     assert_eq!(no_args.status.code(), Some(2));
 }
 
+/// The official annex is imported whether it was saved as UTF-8 or, as
+/// Excel on Chinese Windows saves CSV files, as GB18030 (GBK).
 #[test]
 fn catalogue_import_rewrites_the_catalogue_and_validation_checks_its_totals() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalogue = dir.path().join("permits.ron");
-    std::fs::copy(root().join("workflows/catalogues/permits.ron"), &catalogue).expect("copy");
-    std::fs::copy(
-        root().join("workflows/agencies.ron"),
-        dir.path().join("agencies.ron"),
-    )
-    .expect("copy");
-    let out = govflow()
-        .args(["catalogue", "import", "--level", "hebei", "--csv"])
-        .arg(root().join("tests/data/catalogue/official_sample.csv"))
-        .arg("--catalogue")
-        .arg(&catalogue)
-        .arg("--agencies")
-        .arg(dir.path().join("agencies.ron"))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 6 hebei rows"));
-    // Six official rows replaced seventeen placeholders: the declared totals no longer hold.
-    let check = govflow()
-        .arg("validate")
-        .arg(dir.path())
-        .output()
-        .expect("runs");
-    assert_eq!(check.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        text.contains("declares 17 rows with level = `hebei`, found 6"),
-        "{text}"
-    );
+    let sample = root().join("tests/data/catalogue/official_sample.csv");
+    let text = std::fs::read_to_string(&sample).expect("read");
+    let (gbk, _, unmappable) = encoding_rs::GB18030.encode(&text);
+    assert!(!unmappable);
+    for (encoding, bytes) in [("UTF-8", text.as_bytes()), ("GB18030", &gbk[..])] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let csv = dir.path().join("annex.csv");
+        std::fs::write(&csv, bytes).expect("write");
+        let catalogue = dir.path().join("permits.ron");
+        std::fs::copy(root().join("workflows/catalogues/permits.ron"), &catalogue).expect("copy");
+        std::fs::copy(
+            root().join("workflows/agencies.ron"),
+            dir.path().join("agencies.ron"),
+        )
+        .expect("copy");
+        let out = govflow()
+            .args(["catalogue", "import", "--level", "hebei", "--csv"])
+            .arg(&csv)
+            .arg("--catalogue")
+            .arg(&catalogue)
+            .arg("--agencies")
+            .arg(dir.path().join("agencies.ron"))
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{encoding}: {err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("imported 6 hebei rows"),
+            "{encoding}"
+        );
+        assert_eq!(
+            err.contains("read as GB18030"),
+            encoding == "GB18030",
+            "{err}"
+        );
+        assert!(
+            std::fs::read_to_string(&catalogue)
+                .expect("read")
+                .contains("食品"),
+            "{encoding}: the Chinese text came through"
+        );
+        // Six official rows replaced seventeen placeholders: the declared totals no longer hold.
+        let check = govflow()
+            .arg("validate")
+            .arg(dir.path())
+            .output()
+            .expect("runs");
+        assert_eq!(check.status.code(), Some(1));
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            text.contains("declares 17 rows with level = `hebei`, found 6"),
+            "{text}"
+        );
+    }
 }
 
 #[test]
