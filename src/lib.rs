@@ -6,6 +6,7 @@ pub mod audit;
 pub mod calendar;
 pub mod catalogue;
 pub mod engine;
+pub mod files;
 pub mod lang;
 pub mod render;
 pub mod scenario;

@@ -452,7 +452,7 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
     let rows = import_csv(&csv_name, &text, &directory, &options)?;
     let count = rows.len();
     merge(&mut target, level, rows);
-    std::fs::write(&catalogue, to_ron(&target))
+    govflow::files::replace(&catalogue, to_ron(&target).as_bytes(), None)
         .with_context(|| format!("writing {}", catalogue.display()))?;
     println!(
         "imported {count} {} rows into {} (status {:?}); run `govflow validate` to check the declared totals",

@@ -259,30 +259,17 @@ struct TokenFile {
 }
 
 /// Writes a file that only its owner may read (mode 0600 on Unix), whole or
-/// not at all: the text goes to a new file beside it, synced, then renamed
-/// over it, and the folder synced. Rewriting the file in place would leave
-/// it empty or cut short if the server died during the write, and the next
-/// start would then replace every agency's token.
+/// not at all: rewritten in place, a crash during the write left it empty or
+/// cut short, and the next start then replaced every agency's token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let prefix = format!(".{name}.");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
     #[cfg(unix)]
-    {
+    let permissions = {
         use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o600));
-    }
-    let mut file = builder.tempfile_in(folder)?;
-    file.write_all(text.as_bytes())?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(folder)?.sync_all()
+        Some(std::fs::Permissions::from_mode(0o600))
+    };
+    #[cfg(not(unix))]
+    let permissions = None;
+    crate::files::replace(path, text.as_bytes(), permissions)
 }
 
 #[cfg(test)]
