@@ -43,6 +43,9 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    /// Regression (the tokens file, then an imported catalogue): files were
+    /// truncated and rewritten in place. A reader holding the old file must
+    /// still read it whole after the replacement.
     #[test]
     fn a_replaced_file_is_never_rewritten_in_place_and_keeps_its_permissions() {
         let dir = tempfile::tempdir().expect("tempdir");
