@@ -121,13 +121,15 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// A sled store the tests watch and break: it counts the case records read
-/// from it and the due timers it hands out, and once told to, fails every
-/// sync as a full or failing disk would.
+/// from it and the due timers it hands out; once told to, it fails every
+/// sync as a full or failing disk would, or panics when asked for due
+/// timers, as a bug would.
 pub(crate) struct TestStore {
     inner: SledStore,
     pub case_reads: AtomicUsize,
     pub timers_handed_out: AtomicUsize,
     pub fail_syncs: AtomicBool,
+    pub panic_on_due_timers: AtomicBool,
 }
 
 impl TestStore {
@@ -137,6 +139,7 @@ impl TestStore {
             case_reads: Default::default(),
             timers_handed_out: Default::default(),
             fail_syncs: Default::default(),
+            panic_on_due_timers: Default::default(),
         }
     }
 }
@@ -184,6 +187,10 @@ impl Store for TestStore {
         limit: usize,
         skip: &dyn Fn(&govflow::store::DueTimer) -> bool,
     ) -> govflow::store::Result<Vec<govflow::store::DueTimer>> {
+        assert!(
+            !self.panic_on_due_timers.load(Ordering::SeqCst),
+            "a test's panic in the store"
+        );
         let due = self.inner.due_timers(until, after, limit, skip)?;
         self.timers_handed_out
             .fetch_add(due.len(), Ordering::SeqCst);

@@ -847,3 +847,33 @@ async fn a_failed_sync_stops_every_change_and_says_why() {
     assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
     assert!(engine.case("a").is_ok(), "reads still answer");
 }
+
+/// A bug that panics inside the engine used to end the writer thread: every
+/// later request then found the engine stopped.
+#[tokio::test]
+async fn a_panic_on_one_request_fails_it_alone_and_the_engine_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(TestStore::open(dir.path()));
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
+        .expect("engine opens");
+    engine.start(start_ledger("a")).await.expect("start");
+    store
+        .panic_on_due_timers
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = engine.tick().await;
+    assert!(
+        matches!(&failed, Err(EngineError::Internal(m)) if m.contains("a test's panic")),
+        "{failed:?}"
+    );
+    store
+        .panic_on_due_timers
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let noted = engine
+        .fire(note("a", "n1"))
+        .await
+        .expect("the engine goes on");
+    assert_eq!(noted.sequence, 2);
+    assert_eq!(engine.tick().await.expect("tick"), 0);
+    assert_eq!(engine.storage_failure(), None);
+}

@@ -92,6 +92,10 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine failed on this request (a bug); nothing it did is kept,
+    /// and the engine goes on with the next.
+    #[error("the engine failed on this request: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -984,26 +988,60 @@ impl Batch<'_> {
             None => Ok(done),
         });
         if result.is_err() {
-            while let Some((id, was)) = self.undo.pop() {
-                match was {
-                    None => {
-                        self.cases.remove(&id);
-                    }
-                    Some((after, entries)) => {
-                        if let Some(p) = self.cases.get_mut(&id) {
-                            p.after = after;
-                            p.entries.truncate(entries);
-                        }
-                    }
-                }
-            }
-            self.feed.truncate(feed_len);
+            self.roll_back(feed_len);
         }
         self.undo.clear();
         result.map_err(|e| match e {
             EngineError::Rejected(r) => EngineError::Rejected(bounded(r)),
             other => other,
         })
+    }
+
+    /// Undoes the steps the request under way recorded; `feed_len` is the
+    /// feed's length before it.
+    fn roll_back(&mut self, feed_len: usize) {
+        while let Some((id, was)) = self.undo.pop() {
+            match was {
+                None => {
+                    self.cases.remove(&id);
+                }
+                Some((after, entries)) => {
+                    if let Some(p) = self.cases.get_mut(&id) {
+                        p.after = after;
+                        p.entries.truncate(entries);
+                    }
+                }
+            }
+        }
+        self.feed.truncate(feed_len);
+    }
+
+    /// Runs one request of the batch. A panic in it (a bug) fails that
+    /// request alone, with what it did to the batch undone; unguarded, it
+    /// would end the writer thread, and every later request would find the
+    /// engine stopped.
+    fn guarded<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let (feed_len, workflows_len, rules) = (
+            self.feed.len(),
+            self.workflows.len(),
+            Arc::clone(&self.rules),
+        );
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self))) {
+            Ok(result) => result,
+            Err(panic) => {
+                self.roll_back(feed_len);
+                self.undo.clear();
+                self.workflows.truncate(workflows_len);
+                self.rules = rules;
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                tracing::error!("the engine failed on a request, which is refused: {message}");
+                Err(EngineError::Internal(message))
+            }
+        }
     }
 
     /// What is wrong if a case the request under way changed, or a history
@@ -1644,13 +1682,16 @@ impl Writer {
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
                 replies.push(match command {
-                    Command::Start(r, tx) => Reply::Case(tx, Box::new(batch.start(r))),
-                    Command::Fire(r, audience, prefetched, tx) => {
-                        Reply::Case(tx, Box::new(batch.fire(r, audience, prefetched)))
+                    Command::Start(r, tx) => {
+                        Reply::Case(tx, Box::new(batch.guarded(|b| b.start(r))))
                     }
-                    Command::Tick(tx) => Reply::Count(tx, batch.tick()),
+                    Command::Fire(r, audience, prefetched, tx) => Reply::Case(
+                        tx,
+                        Box::new(batch.guarded(|b| b.fire(r, audience, prefetched))),
+                    ),
+                    Command::Tick(tx) => Reply::Count(tx, batch.guarded(|b| b.tick())),
                     Command::Deploy(source, options, tx) => {
-                        Reply::Deployed(tx, batch.deploy(source, options))
+                        Reply::Deployed(tx, batch.guarded(|b| b.deploy(source, options)))
                     }
                 });
             }

@@ -132,6 +132,7 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::WouldBreak(report) => migration_status(&report),
         EngineError::Stopped => status(Code::Unavailable, "stopped", "the engine is stopping", &[]),
         EngineError::Store(e) => status(Code::Internal, "storage", e.to_string(), &[]),
+        EngineError::Internal(message) => status(Code::Internal, "internal", message, &[]),
     }
 }
 
