@@ -123,13 +123,14 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) {
 /// A sled store the tests watch and break: it counts the case records read
 /// from it and the due timers it hands out; once told to, it fails every
 /// sync as a full or failing disk would, or panics when asked for due
-/// timers, as a bug would.
+/// timers or to apply a commit, as a bug would.
 pub(crate) struct TestStore {
     inner: SledStore,
     pub case_reads: AtomicUsize,
     pub timers_handed_out: AtomicUsize,
     pub fail_syncs: AtomicBool,
     pub panic_on_due_timers: AtomicBool,
+    pub panic_on_apply: AtomicBool,
 }
 
 impl TestStore {
@@ -140,12 +141,17 @@ impl TestStore {
             timers_handed_out: Default::default(),
             fail_syncs: Default::default(),
             panic_on_due_timers: Default::default(),
+            panic_on_apply: Default::default(),
         }
     }
 }
 
 impl Store for TestStore {
     fn apply_all(&self, commits: &[&govflow::store::Commit]) -> govflow::store::Result<()> {
+        assert!(
+            !self.panic_on_apply.load(Ordering::SeqCst),
+            "a test's panic in the store"
+        );
         self.inner.apply_all(commits)
     }
     fn write_out(&self) -> govflow::store::Result<()> {

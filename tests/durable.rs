@@ -877,3 +877,32 @@ async fn a_panic_on_one_request_fails_it_alone_and_the_engine_goes_on() {
     assert_eq!(engine.tick().await.expect("tick"), 0);
     assert_eq!(engine.storage_failure(), None);
 }
+
+/// A panic inside the store (sled's apply, on the applier thread) used to
+/// end that thread with the batch's answers: callers got "stopped", and the
+/// engine looked alive while it refused everything. It is a storage failure.
+#[tokio::test]
+async fn a_panic_inside_the_store_is_a_storage_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(TestStore::open(dir.path()));
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
+        .expect("engine opens");
+    engine.start(start_ledger("a")).await.expect("start");
+    store
+        .panic_on_apply
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = engine.fire(note("a", "n1")).await;
+    assert!(matches!(refused, Err(EngineError::Store(_))), "{refused:?}");
+    let reason = engine.storage_failure().expect("the failure is known");
+    assert!(
+        reason.contains("panic in apply: a test's panic"),
+        "{reason}"
+    );
+    store
+        .panic_on_apply
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let still = engine.fire(note("a", "n2")).await;
+    assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
+    assert!(engine.case("a").is_ok(), "reads still answer");
+}

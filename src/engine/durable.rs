@@ -612,9 +612,10 @@ impl Engine {
         self.inner.clock.now()
     }
 
-    /// Why storage failed, once it has. From then on the engine refuses
-    /// every change until it is opened again: what sled holds in memory may
-    /// no longer be what is on disk. Reads still answer.
+    /// Why storage failed, once it has (a panic inside the store counts).
+    /// From then on the engine refuses every change until it is opened
+    /// again: what sled holds in memory may no longer be what is on disk.
+    /// Reads still answer.
     pub fn storage_failure(&self) -> Option<String> {
         failed(&self.inner.failure)
     }
@@ -1033,11 +1034,7 @@ impl Batch<'_> {
                 self.undo.clear();
                 self.workflows.truncate(workflows_len);
                 self.rules = rules;
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".to_owned());
+                let message = panic_message(&*panic);
                 tracing::error!("the engine failed on a request, which is refused: {message}");
                 Err(EngineError::Internal(message))
             }
@@ -1736,6 +1733,28 @@ fn next_group<T>(rx: &mpsc::Receiver<T>, most: usize) -> Option<Vec<T>> {
     Some(group)
 }
 
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// Runs a call into the store on the applier or syncer thread. A panic in it
+/// (in sled, or a bug) is a storage failure like any other, so the callers
+/// waiting are answered and writing stops, instead of the thread ending
+/// with their answers.
+fn store_call(what: &str, call: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        Err(StoreError::Panicked(format!(
+            "{what}: {}",
+            panic_message(&*panic)
+        )))
+    })
+}
+
 /// Records a storage failure: from then on nothing more is written or acknowledged.
 fn fail(failure: &Failure, e: StoreError) {
     let error = e.to_string();
@@ -1760,7 +1779,7 @@ fn apply_loop(
         let started = std::time::Instant::now();
         let commits: Vec<&Commit> = waiting.iter().map(|b| &b.commit).collect();
         if failed(failure).is_none()
-            && let Err(e) = store.apply_all(&commits)
+            && let Err(e) = store_call("apply", || store.apply_all(&commits))
         {
             fail(failure, e);
         }
@@ -1769,7 +1788,7 @@ fn apply_loop(
         }
         let applied_us = started.elapsed().as_micros() as u64;
         if failed(failure).is_none()
-            && let Err(e) = store.write_out()
+            && let Err(e) = store_call("write-out", || store.write_out())
         {
             fail(failure, e);
         }
@@ -1799,7 +1818,7 @@ fn sync_loop(
     while let Some(waiting) = next_group(batches, usize::MAX) {
         let started = std::time::Instant::now();
         if failed(failure).is_none()
-            && let Err(e) = store.sync()
+            && let Err(e) = store_call("sync", || store.sync())
         {
             fail(failure, e);
         }

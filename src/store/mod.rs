@@ -44,6 +44,8 @@ pub enum StoreError {
     },
     #[error("storage holds a damaged record: {0}")]
     Corrupt(String),
+    #[error("storage failed with a panic in {0}")]
+    Panicked(String),
     #[error("a record of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
     #[error(
