@@ -14,6 +14,11 @@ pub(crate) fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// `V·format`: the store's format number.
+pub(crate) fn format_key() -> Vec<u8> {
+    key(b'V', &[b"format"])
+}
+
 /// `C·{case}`: the case record.
 pub(crate) fn case_key(id: &str) -> Vec<u8> {
     key(b'C', &[id.as_bytes()])

@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 
 pub(crate) use sled_store::open_db;
 pub use sled_store::{
-    DEFAULT_CACHE_BYTES, MAX_RECORD_BYTES, SEGMENT_BYTES, SledStore, SyncObserver, SyncStep,
-    sled_config,
+    DEFAULT_CACHE_BYTES, FORMAT, MAX_RECORD_BYTES, SEGMENT_BYTES, SledStore, SyncObserver,
+    SyncStep, sled_config,
 };
 
 /// The prost messages of `proto/govflow/v1`: the records on disk and on the wire.
@@ -46,6 +46,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("storage failed with a panic in {0}")]
     Panicked(String),
+    #[error(
+        "the store {path} is of format {found}, written by a newer govflow; this one reads format {} and older: use a govflow that reads it",
+        sled_store::FORMAT
+    )]
+    NewerFormat { path: String, found: u32 },
     #[error("a record of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
     #[error(

@@ -13,6 +13,7 @@
 //!
 //! | key | value |
 //! | --- | --- |
+//! | `V·format` | the store's format ([`FORMAT`]), u32 |
 //! | `C·{case}` | `Case` |
 //! | `H·{case}·{sequence u64}` | `HistoryEntry` |
 //! | `T·{due ns i64 as ordered u64}{case}·{timer}` | empty |
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use prost::Message;
 
-use super::keys::{SEP, case_key, history_key, history_prefix, key, prefix_end};
+use super::keys::{SEP, case_key, format_key, history_key, history_prefix, key, prefix_end};
 use super::{
     CaseFilter, Commit, DueTimer, FeedItem, IndexKey, Page, Result, Store, StoreError, proto,
     records,
@@ -266,15 +267,22 @@ fn stored_segment_size(conf: &[u8]) -> Option<usize> {
     })
 }
 
-/// Opens the sled database of the store in `dir` ([`sled_config`]). sled
-/// closes its files from background threads after the last handle drops, so
-/// a quick reopen (a restart, a test, an audit of a store just closed) may
-/// find the lock held for a moment: it is tried again for up to two seconds,
-/// and then the store is [`StoreError::InUse`].
+/// The store layout this govflow writes and reads, recorded in each store
+/// when it is made (a store made before the record has format 1). A later
+/// layout gets a higher number, so that an older govflow refuses a store it
+/// would misread instead of damaging it.
+pub const FORMAT: u32 = 1;
+
+/// Opens the sled database of the store in `dir` ([`sled_config`]), unless
+/// it is of a newer format than [`FORMAT`]. sled closes its files from
+/// background threads after the last handle drops, so a quick reopen (a
+/// restart, a test, an audit of a store just closed) may find the lock held
+/// for a moment: it is tried again for up to two seconds, and then the store
+/// is [`StoreError::InUse`].
 pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
     let config = sled_config(dir, cache_bytes);
     let mut attempts = 0;
-    loop {
+    let db = loop {
         match config.open() {
             Err(e) if is_lock_error(&e) && attempts < 100 => {
                 attempts += 1;
@@ -285,9 +293,29 @@ pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
                     path: dir.display().to_string(),
                 });
             }
-            other => return Ok(other?),
+            other => break other?,
         }
+    };
+    if let Some(found) = stored_format(&db)?
+        && found > FORMAT
+    {
+        return Err(StoreError::NewerFormat {
+            path: dir.display().to_string(),
+            found,
+        });
     }
+    Ok(db)
+}
+
+/// The format a store records, if it records one.
+fn stored_format(db: &sled::Db) -> Result<Option<u32>> {
+    db.get(format_key())?
+        .map(|v| {
+            <[u8; 4]>::try_from(v.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt(format!("the store's format record {v:?}")))
+        })
+        .transpose()
 }
 
 /// sled's own default page cache: 1 GiB.
@@ -308,6 +336,11 @@ impl SledStore {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = open_db(dir, cache_bytes)?;
+        if stored_format(&db)?.is_none() {
+            // Made now, or by a govflow from before formats were recorded
+            // (format 1); synced with the first commit.
+            db.insert(format_key(), &FORMAT.to_be_bytes())?;
+        }
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),
@@ -1008,6 +1041,47 @@ mod tests {
             Err(other) => panic!("expected InUse, got {other}"),
             Ok(_) => panic!("a store was opened twice"),
         }
+    }
+
+    /// A store records its format; one made before formats were recorded
+    /// gets format 1; one of a newer format is refused, by the store and by
+    /// the audit alike, and left as it was.
+    #[test]
+    fn a_store_records_its_format_and_one_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = || open_db(dir.path(), DEFAULT_CACHE_BYTES).expect("open");
+        {
+            // As a govflow from before formats were recorded left it.
+            raw().insert(case_key("a"), &[] as &[u8]).expect("insert");
+        }
+        drop(SledStore::open(dir.path()).expect("an older store opens"));
+        assert_eq!(stored_format(&raw()).expect("read"), Some(FORMAT));
+        {
+            let db = raw();
+            db.insert(format_key(), &(FORMAT + 1).to_be_bytes())
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        match SledStore::open(dir.path()) {
+            Err(e @ StoreError::NewerFormat { .. }) => assert!(
+                e.to_string().contains(&format!(
+                    "is of format {}, written by a newer govflow",
+                    FORMAT + 1
+                )),
+                "{e}"
+            ),
+            Err(other) => panic!("expected NewerFormat, got {other}"),
+            Ok(_) => panic!("a store of a newer format was opened"),
+        }
+        let audited = crate::audit::SledSource::open(dir.path())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            audited
+                .as_deref()
+                .is_some_and(|e| e.contains("newer govflow")),
+            "{audited:?}"
+        );
     }
 
     #[test]
