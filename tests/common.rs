@@ -123,7 +123,7 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) {
 /// A sled store the tests watch and break: it counts the case records read
 /// from it and the due timers it hands out; once told to, it fails every
 /// sync as a full or failing disk would, or panics when asked for due
-/// timers or to apply a commit, as a bug would.
+/// timers, for a given case or to apply a commit, as a bug would.
 pub(crate) struct TestStore {
     inner: SledStore,
     pub case_reads: AtomicUsize,
@@ -131,6 +131,7 @@ pub(crate) struct TestStore {
     pub fail_syncs: AtomicBool,
     pub panic_on_due_timers: AtomicBool,
     pub panic_on_apply: AtomicBool,
+    pub panic_on_case: std::sync::Mutex<Option<String>>,
 }
 
 impl TestStore {
@@ -142,6 +143,7 @@ impl TestStore {
             fail_syncs: Default::default(),
             panic_on_due_timers: Default::default(),
             panic_on_apply: Default::default(),
+            panic_on_case: Default::default(),
         }
     }
 }
@@ -168,6 +170,11 @@ impl Store for TestStore {
     }
     fn case(&self, id: &str) -> govflow::store::Result<Option<proto::Case>> {
         self.case_reads.fetch_add(1, Ordering::SeqCst);
+        let panic_on = self.panic_on_case.lock().expect("lock").clone();
+        assert!(
+            panic_on.as_deref() != Some(id),
+            "a test's panic in the store"
+        );
         self.inner.case(id)
     }
     fn history(&self, id: &str, from: u64) -> govflow::store::Result<Vec<proto::HistoryEntry>> {

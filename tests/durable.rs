@@ -906,3 +906,50 @@ async fn a_panic_inside_the_store_is_a_storage_failure() {
     assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
     assert!(engine.case("a").is_ok(), "reads still answer");
 }
+
+/// A panic in the middle of a request's steps (here a child's step, when its
+/// parent is read to tell it) undoes that request's steps whole: none of it
+/// is stored, neither the case nor its history nor the event feed.
+#[tokio::test]
+async fn a_panic_inside_a_request_undoes_its_steps_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(TestStore::open(dir.path()));
+    let sources = load(&[data()]).expect("loads");
+    let clock = Arc::new(ManualClock::new(t0()));
+    let open = || Engine::open(store.clone(), &sources, clock.clone()).expect("engine opens");
+    let engine = open();
+    engine.start(start_batch("p", "p")).await.expect("start");
+    let items = json!({"items": ["甲", "乙"]});
+    engine
+        .fire(fire("p", "d", "dispatch", CITY, items))
+        .await
+        .expect("dispatch");
+    engine.shutdown();
+    drop(engine);
+    // A new engine holds no case, so settling the child reads its parent.
+    let engine = open();
+    let feed_before = engine.feed(0, 1000).expect("feed").len();
+    *store.panic_on_case.lock().expect("lock") = Some("p".into());
+    let finish = fire("p/0", "f0", "finish", CITY, json!({}));
+    let failed = engine.fire(finish.clone()).await;
+    assert!(
+        matches!(&failed, Err(EngineError::Internal(m)) if m.contains("a test's panic")),
+        "{failed:?}"
+    );
+    assert_eq!(engine.case("p/0").expect("child").state, "open");
+    assert_eq!(engine.history("p/0").expect("history").len(), 1);
+    assert_eq!(engine.feed(0, 1000).expect("feed").len(), feed_before);
+    *store.panic_on_case.lock().expect("lock") = None;
+    let done = engine.fire(finish).await.expect("the retry is run afresh");
+    assert_eq!(done.state, "done");
+    assert_eq!(engine.feed(0, 1000).expect("feed").len(), feed_before + 2);
+    assert_eq!(
+        engine
+            .history("p")
+            .expect("history")
+            .last()
+            .expect("entry")
+            .event,
+        "child-settled"
+    );
+}

@@ -984,7 +984,10 @@ impl Batch<'_> {
     fn atomically<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         // Empty here: every step is recorded inside this, which empties it.
         let feed_len = self.feed.len();
-        let result = run(self).and_then(|done| match self.oversized() {
+        // A panic (a bug) is refused like any failure, its steps undone.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)))
+            .unwrap_or_else(|panic| Err(internal(&*panic)));
+        let result = result.and_then(|done| match self.oversized() {
             Some(problem) => Err(EngineError::InvalidArgument(problem)),
             None => Ok(done),
         });
@@ -1018,27 +1021,20 @@ impl Batch<'_> {
     }
 
     /// Runs one request of the batch. A panic in it (a bug) fails that
-    /// request alone, with what it did to the batch undone; unguarded, it
-    /// would end the writer thread, and every later request would find the
-    /// engine stopped.
+    /// request alone; unguarded, it would end the writer thread, and every
+    /// later request would find the engine stopped. Steps are recorded only
+    /// inside [`Batch::atomically`], which undoes its own on a panic, so
+    /// what is left to undo here is a deploy's; the steps of timers a tick
+    /// fired before the panic are whole, and kept.
     fn guarded<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        let (feed_len, workflows_len, rules) = (
-            self.feed.len(),
-            self.workflows.len(),
-            Arc::clone(&self.rules),
-        );
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self))) {
-            Ok(result) => result,
-            Err(panic) => {
-                self.roll_back(feed_len);
-                self.undo.clear();
+        let (workflows_len, rules) = (self.workflows.len(), Arc::clone(&self.rules));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self))).unwrap_or_else(
+            |panic| {
                 self.workflows.truncate(workflows_len);
                 self.rules = rules;
-                let message = panic_message(&*panic);
-                tracing::error!("the engine failed on a request, which is refused: {message}");
-                Err(EngineError::Internal(message))
-            }
-        }
+                Err(internal(&*panic))
+            },
+        )
     }
 
     /// What is wrong if a case the request under way changed, or a history
@@ -1740,6 +1736,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// A request refused because the engine panicked on it (a bug).
+fn internal(panic: &(dyn std::any::Any + Send)) -> EngineError {
+    let message = panic_message(panic);
+    tracing::error!("the engine failed on a request, which is refused: {message}");
+    EngineError::Internal(message)
 }
 
 /// Runs a call into the store on the applier or syncer thread. A panic in it
