@@ -201,10 +201,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // An audit names a store it cannot read itself, once: sled's own log
     // lines about it would only repeat it (GOVFLOW_LOG still shows them).
-    let quiet = if matches!(cli.command, Command::Audit(_)) {
-        "warn,sled=off"
-    } else {
-        "warn"
+    let quiet = match cli.command {
+        Command::Audit(_) => "warn,sled=off",
+        // A server logs each call (`govflow::requests`); GOVFLOW_LOG=warn stops it.
+        Command::Serve { .. } => "warn,govflow::requests=info",
+        _ => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

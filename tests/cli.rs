@@ -223,3 +223,79 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
     );
     assert!(!text.contains("serving"), "{text}");
 }
+
+/// `govflow serve` logs one line per call, with the caller (never its
+/// token), the status code and reason, also for calls it refuses.
+#[test]
+fn serve_logs_each_call_with_its_caller_and_status() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let address = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        free.local_addr().expect("addr").to_string()
+    };
+    let mut server = govflow()
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--data",
+            "data",
+            "--listen",
+            &address,
+            "--workflows",
+        ])
+        .arg(root().join("workflows"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut log = BufReader::new(server.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert_ne!(
+            log.read_line(&mut line).expect("read"),
+            0,
+            "the server ended"
+        );
+    }
+    let tokens: toml::Table = toml::from_str(
+        &std::fs::read_to_string(dir.path().join("data/credentials.toml")).expect("tokens"),
+    )
+    .expect("toml");
+    let tax = tokens["tokens"]["hebei.sjz.tax"].as_str().expect("token");
+    let shown = govflow()
+        .args(["case", "show", "nope", "--server", &address, "--token", tax])
+        .output()
+        .expect("runs");
+    assert_ne!(shown.status.code(), Some(0));
+    let listed = govflow()
+        .args(["case", "list", "--server", &address])
+        .env_remove("GOVFLOW_TOKEN")
+        .output()
+        .expect("runs");
+    assert_ne!(listed.status.code(), Some(0));
+    let listed = govflow()
+        .args(["case", "list", "--server", &address, "--token", tax])
+        .output()
+        .expect("runs");
+    assert_eq!(listed.status.code(), Some(0));
+    server.kill().expect("kill");
+    let _ = server.wait();
+    let mut rest = String::new();
+    log.read_to_string(&mut rest).expect("read");
+    assert!(
+        rest.contains(r#"method="/govflow.v1.CasesService/GetCase" caller="hebei.sjz.tax" code=NotFound reason="case-not-found""#),
+        "{rest}"
+    );
+    assert!(
+        rest.contains(r#"method="/govflow.v1.CasesService/ListCases" caller="-" code=Unauthenticated reason="no-credential""#),
+        "{rest}"
+    );
+    assert!(
+        rest.contains(
+            r#"method="/govflow.v1.CasesService/ListCases" caller="hebei.sjz.tax" code=Ok"#
+        ),
+        "{rest}"
+    );
+    assert!(!rest.contains(tax), "a token was logged");
+}

@@ -148,11 +148,18 @@ impl Credentials {
                 let fingerprint: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
                 credentials.by_certificate.get(&fingerprint).cloned()
             });
+            let caller = request
+                .extensions()
+                .get::<super::request_log::Caller>()
+                .cloned();
             if let Some(principal) = by_certificate {
                 tracing::debug!(
                     principal = principal.name(),
                     "authenticated by client certificate"
                 );
+                if let Some(caller) = caller {
+                    caller.set(principal.name());
+                }
                 request.extensions_mut().insert(principal);
                 return Ok(request);
             }
@@ -180,6 +187,9 @@ impl Credentials {
                 .cloned()
                 .ok_or_else(|| unauthenticated("unknown-credential", "unknown or revoked token"))?;
             tracing::debug!(principal = principal.name(), "authenticated by token");
+            if let Some(caller) = caller {
+                caller.set(principal.name());
+            }
             request.extensions_mut().insert(principal);
             Ok(request)
         }

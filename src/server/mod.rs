@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod request_log;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -440,6 +441,8 @@ pub async fn serve_on(
     }
     let serving = builder
         .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        // Outermost, so that it logs the status the caller gets.
+        .layer(request_log::RequestLogLayer)
         .layer(tower::util::MapResponseLayer::new(
             oversized_as_resource_exhausted,
         ))

@@ -1,0 +1,113 @@
+//! One log line per gRPC call (target `govflow::requests`, level INFO): the
+//! method, the caller, the status code and reason, and the time taken.
+//!
+//! The caller is known only once the authentication interceptor has run,
+//! deep inside the service: this layer, outside it, puts a [`Caller`] slot
+//! into the request, and the interceptor fills it in.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::codegen::http;
+use tonic_types::StatusExt;
+
+/// Who made a call, as the interceptor found it.
+#[derive(Clone, Default)]
+pub struct Caller(Arc<OnceLock<String>>);
+
+impl Caller {
+    pub fn set(&self, name: &str) {
+        let _ = self.0.set(name.to_owned());
+    }
+}
+
+/// Wraps the server's services with [`RequestLog`].
+#[derive(Clone, Copy, Default)]
+pub struct RequestLogLayer;
+
+impl<S> tower::Layer<S> for RequestLogLayer {
+    type Service = RequestLog<S>;
+
+    fn layer(&self, inner: S) -> RequestLog<S> {
+        RequestLog { inner }
+    }
+}
+
+/// Logs each call once it is answered (a stream: once it is opened).
+#[derive(Clone)]
+pub struct RequestLog<S> {
+    inner: S,
+}
+
+type Answer<S, B> = <S as tower::Service<http::Request<B>>>::Response;
+type Failure<S, B> = <S as tower::Service<http::Request<B>>>::Error;
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestLog<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = Answer<S, B>;
+    type Error = Failure<S, B>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Answer<S, B>, Failure<S, B>>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let caller = Caller::default();
+        request.extensions_mut().insert(caller.clone());
+        let started = Instant::now();
+        let answered = self.inner.call(request);
+        Box::pin(async move {
+            let response = answered.await;
+            if let Ok(response) = &response {
+                log(&method, &caller, response.headers(), started);
+            }
+            response
+        })
+    }
+}
+
+fn log(method: &str, caller: &Caller, headers: &http::HeaderMap, started: Instant) {
+    if !tracing::enabled!(target: "govflow::requests", tracing::Level::INFO) {
+        return;
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let caller = caller.0.get().map_or("-", String::as_str);
+    // A unary call that succeeds sends its status in trailers, after these
+    // headers; any other status comes in them.
+    match tonic::Status::from_header_map(headers) {
+        Some(status) if status.code() != tonic::Code::Ok => {
+            let reason = status
+                .get_error_details()
+                .error_info()
+                .map(|info| info.reason.clone())
+                .unwrap_or_default();
+            tracing::info!(
+                target: "govflow::requests",
+                method,
+                caller,
+                code = ?status.code(),
+                reason,
+                ms = format_args!("{ms:.1}"),
+                detail = status.message(),
+                "call"
+            );
+        }
+        _ => tracing::info!(
+            target: "govflow::requests",
+            method,
+            caller,
+            code = ?tonic::Code::Ok,
+            ms = format_args!("{ms:.1}"),
+            "call"
+        ),
+    }
+}
