@@ -799,9 +799,16 @@ impl CasesService for Api {
             cutoff: self.watch_cutoff,
         };
         let running = Counted::new(&self.watchers.tasks);
+        let (caller, started) = (watch.principal.name().to_owned(), std::time::Instant::now());
         tokio::spawn(async move {
             let _running = running;
             if let Some(status) = watch.run(&tx).await {
+                super::request_log::stream_ended(
+                    "/govflow.v1.CasesService/WatchEvents",
+                    &caller,
+                    &status,
+                    started,
+                );
                 let _ = end_tx.send(status);
             }
             // Dropping `tx` ends the stream after the steps it holds and the status.

@@ -79,11 +79,28 @@ fn log(method: &str, caller: &Caller, headers: &http::HeaderMap, started: Instan
     if !tracing::enabled!(target: "govflow::requests", tracing::Level::INFO) {
         return;
     }
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    let caller = caller.0.get().map_or("-", String::as_str);
     // A unary call that succeeds sends its status in trailers, after these
     // headers; any other status comes in them.
-    match tonic::Status::from_header_map(headers) {
+    let status = tonic::Status::from_header_map(headers);
+    let caller = caller.0.get().map_or("-", String::as_str);
+    record("call", method, caller, status.as_ref(), started);
+}
+
+/// Logs a stream (a watch) that the server ended with `status`, such as a
+/// watcher cut off for reading too slowly: its call was logged when it opened.
+pub fn stream_ended(method: &str, caller: &str, status: &tonic::Status, started: Instant) {
+    record("stream ended", method, caller, Some(status), started);
+}
+
+fn record(
+    what: &str,
+    method: &str,
+    caller: &str,
+    status: Option<&tonic::Status>,
+    started: Instant,
+) {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match status {
         Some(status) if status.code() != tonic::Code::Ok => {
             let reason = status
                 .get_error_details()
@@ -98,7 +115,7 @@ fn log(method: &str, caller: &Caller, headers: &http::HeaderMap, started: Instan
                 reason,
                 ms = format_args!("{ms:.1}"),
                 detail = status.message(),
-                "call"
+                "{what}"
             );
         }
         _ => tracing::info!(
@@ -107,7 +124,67 @@ fn log(method: &str, caller: &Caller, headers: &http::HeaderMap, started: Instan
             caller,
             code = ?tonic::Code::Ok,
             ms = format_args!("{ms:.1}"),
-            "call"
+            "{what}"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Log output kept in memory.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl tracing_subscriber::fmt::MakeWriter<'_> for Captured {
+        type Writer = Captured;
+        fn make_writer(&self) -> Captured {
+            self.clone()
+        }
+    }
+
+    /// A watcher cut off for reading too slowly was logged nowhere: its
+    /// call had been logged as `Ok` when the stream opened.
+    #[test]
+    fn a_stream_the_server_ends_is_logged_with_its_caller_and_reason() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let status = crate::server::api::status(
+                tonic::Code::ResourceExhausted,
+                "slow-watcher",
+                "cut off",
+                &[("cursor", "12".to_owned())],
+            );
+            stream_ended(
+                "/govflow.v1.CasesService/WatchEvents",
+                "hebei.sjz.tax",
+                &status,
+                Instant::now(),
+            );
+        });
+        let text = String::from_utf8_lossy(&captured.0.lock().expect("log")).into_owned();
+        assert!(
+            text.contains(r#"stream ended method="/govflow.v1.CasesService/WatchEvents" caller="hebei.sjz.tax" code=ResourceExhausted reason="slow-watcher""#),
+            "{text}"
+        );
     }
 }
