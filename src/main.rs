@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use govflow::lang::load::{self, Document};
 use govflow::lang::validate::{count, validate};
@@ -207,13 +208,23 @@ fn main() -> ExitCode {
         Command::Serve { .. } => "warn,govflow::requests=info",
         _ => "warn",
     };
+    // A server's log is written by a thread of its own, so that a slow
+    // reader of stderr (a terminal, a busy journal) never slows its calls:
+    // past 128,000 lines waiting, lines are dropped rather than waited for.
+    // The guard writes what is left when `main` returns.
+    let (writer, _written_on_exit) = if matches!(cli.command, Command::Serve { .. }) {
+        let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GOVFLOW_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet)),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     match run(cli) {
         Ok(code) => code,

@@ -279,8 +279,13 @@ fn serve_logs_each_call_with_its_caller_and_status() {
         .output()
         .expect("runs");
     assert_eq!(listed.status.code(), Some(0));
-    server.kill().expect("kill");
-    let _ = server.wait();
+    // Stopped as a service manager stops it: the log is written out on the way.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    assert!(server.wait().expect("waits").success());
     let mut rest = String::new();
     log.read_to_string(&mut rest).expect("read");
     assert!(
