@@ -13,8 +13,8 @@ use govflow::lang::load::load;
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
 use crate::common::{
-    CITY, COUNTY, TestStore, data, fire, fresh_engine, obj, open_engine, start_batch, start_ledger,
-    t0,
+    CITY, COUNTY, TestStore, data, env_or, fire, fresh_engine, obj, open_engine, start_batch,
+    start_ledger, t0,
 };
 
 fn note(id: &str, request: &str) -> FireRequest {
@@ -951,5 +951,50 @@ async fn a_panic_inside_a_request_undoes_its_steps_whole() {
             .expect("entry")
             .event,
         "child-settled"
+    );
+}
+
+/// When the deepest of a chain of nested cases settles, every level above
+/// settles in the same request. The writer told each parent by recursion,
+/// so a deep enough chain (300 levels in a debug build) overflowed its
+/// stack and took the process down.
+#[tokio::test]
+async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() {
+    let (_dir, _clock, engine) = fresh_engine();
+    let depth = env_or("GOVFLOW_NEST_DEPTH", 1000usize);
+    engine
+        .start(StartRequest {
+            request_id: "start-n".into(),
+            case_id: "n".into(),
+            workflow: "nest".into(),
+            agency: CITY.into(),
+            bindings: [("handler".to_owned(), CITY.to_owned())].into(),
+            variables: Map::new(),
+        })
+        .await
+        .expect("start");
+    let mut id = "n".to_owned();
+    for level in 0..depth {
+        let handed = engine
+            .fire(fire(
+                &id,
+                &format!("h{level}"),
+                "hand_down",
+                CITY,
+                json!({}),
+            ))
+            .await
+            .expect("hand down");
+        id = handed.children.first().expect("a child").case_id.clone();
+    }
+    let done = engine
+        .fire(fire(&id, "finish", "finish", CITY, json!({})))
+        .await
+        .expect("the deepest finishes");
+    assert_eq!(done.state, "done");
+    let root = engine.case("n").expect("root");
+    assert_eq!(
+        (root.state.as_str(), root.outcome.as_str()),
+        ("done", "done")
     );
 }

@@ -1063,8 +1063,27 @@ impl Batch<'_> {
         None
     }
 
-    /// Records a step and everything it sets off: children started, parents told.
+    /// Records a step and everything it sets off: children started, and
+    /// parents told, level by level up a chain of nested cases. Up the chain
+    /// is a loop, not recursion: a chain may be thousands of cases deep, and
+    /// recursion overflowed the writer's stack, taking the process down.
     fn cascade(&mut self, step: Step, request_id: &str) -> Result<Arc<proto::Case>, Rejection> {
+        let (record, mut told) = self.record_and_spawn(step, request_id)?;
+        while let Some(parent_step) = told {
+            told = self.record_and_spawn(parent_step, request_id)?.1;
+        }
+        Ok(record)
+    }
+
+    /// Records one step and starts the children it spawns (each through
+    /// [`Batch::cascade`]: a child that settles at once tells this case);
+    /// then, if the case settled, gives the step its parent makes on being
+    /// told. Start steps spawn nothing, so this recurses one level at most.
+    fn record_and_spawn(
+        &mut self,
+        step: Step,
+        request_id: &str,
+    ) -> Result<(Arc<proto::Case>, Option<Step>), Rejection> {
         let library = Arc::clone(&self.rules.library);
         let record = self.record(&step, request_id);
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
@@ -1072,24 +1091,23 @@ impl Batch<'_> {
             let child = core::start_child(&library, &step.case, request, &starter, self.now)?;
             self.cascade(child, request_id)?;
         }
-        if let (Some(outcome), Some(parent_id)) = (&step.settled, &step.case.parent) {
-            let parent = self.case(parent_id).ok().flatten();
-            if let Some(parent) = parent {
-                let input = Input::ChildSettled {
-                    child_id: step.case.id.clone(),
-                    outcome: outcome.clone(),
-                };
-                match core::apply(&library, &records::from_case(&parent), &input, self.now) {
-                    Ok(parent_step) => {
-                        self.cascade(parent_step, request_id)?;
-                    }
-                    Err(r) => {
-                        tracing::warn!(parent = %parent_id, child = %step.case.id, "parent not told of settled child: {r}")
-                    }
-                }
+        let (Some(outcome), Some(parent_id)) = (&step.settled, &step.case.parent) else {
+            return Ok((record, None));
+        };
+        let Some(parent) = self.case(parent_id).ok().flatten() else {
+            return Ok((record, None));
+        };
+        let input = Input::ChildSettled {
+            child_id: step.case.id.clone(),
+            outcome: outcome.clone(),
+        };
+        match core::apply(&library, &records::from_case(&parent), &input, self.now) {
+            Ok(parent_step) => Ok((record, Some(parent_step))),
+            Err(r) => {
+                tracing::warn!(parent = %parent_id, child = %step.case.id, "parent not told of settled child: {r}");
+                Ok((record, None))
             }
         }
-        Ok(record)
     }
 
     fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
