@@ -2041,3 +2041,98 @@ async fn the_command_line_pages_through_a_long_inbox_and_says_when_there_is_noth
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "no cases");
     server.stop().await;
 }
+
+/// Sends its bytes as they are, so that a test can send what no generated
+/// client would: bytes that are not a protobuf message.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let bytes = bytes::Buf::chunk(src).to_vec();
+        bytes::Buf::advance(src, bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+/// Regression: a request that does not decode as its message got tonic's
+/// INTERNAL ("failed to decode Protobuf message"), on every method.
+#[tokio::test]
+async fn bytes_that_are_not_the_methods_message_are_invalid_argument_on_every_rpc() {
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let admin = server.token("admin");
+    let methods = [
+        ("CasesService", "CreateCase", false),
+        ("CasesService", "FireEvent", false),
+        ("CasesService", "GetCase", false),
+        ("CasesService", "ListCases", false),
+        ("CasesService", "ListInbox", false),
+        ("CasesService", "WatchEvents", true),
+        ("DefinitionsService", "DeployWorkflow", false),
+        ("DefinitionsService", "ValidateWorkflow", false),
+        ("DefinitionsService", "ListWorkflows", false),
+        ("DefinitionsService", "GetWorkflow", false),
+        ("DefinitionsService", "RenderWorkflow", false),
+        ("AuditService", "ListHistoryEntries", false),
+        ("AuditService", "VerifyHistory", false),
+        ("AuditService", "ReplayCase", false),
+        ("AuditService", "GetCaseAt", false),
+        ("AuditService", "ExportHistory", true),
+        ("AuditService", "CheckMigration", false),
+    ];
+    // A field key that is not a varint, then a length past the end.
+    let garbage = vec![
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0a, 0x7f,
+    ];
+    for (service, method, streams) in methods {
+        let mut grpc = tonic::client::Grpc::new(server.channel().await);
+        grpc.ready().await.expect("ready");
+        let path: tonic::codegen::http::uri::PathAndQuery =
+            format!("/govflow.v1.{service}/{method}")
+                .parse()
+                .expect("path");
+        let request = authed(Some(&admin), garbage.clone());
+        let refused = if streams {
+            grpc.server_streaming(request, path, RawCodec)
+                .await
+                .map(|_| ())
+        } else {
+            grpc.unary(request, path, RawCodec).await.map(|_| ())
+        }
+        .expect_err(method);
+        assert_eq!(
+            (refused.code(), reason(&refused)),
+            (Code::InvalidArgument, "malformed-message".to_owned()),
+            "{method}: {refused:?}"
+        );
+    }
+    server.stop().await;
+}

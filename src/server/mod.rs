@@ -42,27 +42,48 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED naming the limit.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// tonic refuses a request over the decoding limit with OUT_OF_RANGE and no
-/// details, where gRPC's own servers answer RESOURCE_EXHAUSTED; department
-/// systems look for the latter. Every status govflow makes carries an
-/// `ErrorInfo`, so an OUT_OF_RANGE without details is tonic's, and is
-/// answered here as RESOURCE_EXHAUSTED with reason `message-too-large`.
-fn oversized_as_resource_exhausted(
+/// tonic refuses some requests itself, before govflow sees them, with
+/// statuses that carry no `ErrorInfo`. Every status govflow makes carries
+/// one, so these are recognised and answered as govflow would:
+/// - a request over the decoding limit is OUT_OF_RANGE, where gRPC's own
+///   servers answer RESOURCE_EXHAUSTED (department systems look for the
+///   latter): reason `message-too-large`, with the limit;
+/// - a request that does not decode as its protobuf message is INTERNAL,
+///   which must never answer bad input: INVALID_ARGUMENT, reason
+///   `malformed-message`.
+fn tonic_refusals_rewritten(
     mut response: tonic::codegen::http::Response<tonic::body::Body>,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
     let headers = response.headers_mut();
-    let tonic_refusal = headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11")
-        && !headers.contains_key("grpc-status-details-bin");
-    if tonic_refusal {
-        let status = api::status(
+    if headers.contains_key("grpc-status-details-bin") {
+        return response;
+    }
+    let replacement = match headers.get("grpc-status").map(|v| v.as_bytes()) {
+        Some(b"11") => Some(api::status(
             tonic::Code::ResourceExhausted,
             "message-too-large",
             format!("the request is over the limit of {MAX_MESSAGE_BYTES} bytes (1 MiB)"),
             &[("limit_bytes", MAX_MESSAGE_BYTES.to_string())],
-        );
-        if let Err(e) = status.add_header(headers) {
-            tracing::warn!("cannot rewrite an oversized request's status: {e}");
-        }
+        )),
+        Some(b"13") => tonic::Status::from_header_map(headers)
+            .map(|refusal| refusal.message().to_owned())
+            .filter(|message| message.starts_with("failed to decode"))
+            .map(|message| {
+                api::status(
+                    tonic::Code::InvalidArgument,
+                    "malformed-message",
+                    format!(
+                        "the request is not a well-formed protobuf message of its method: {message}"
+                    ),
+                    &[],
+                )
+            }),
+        _ => None,
+    };
+    if let Some(status) = replacement
+        && let Err(e) = status.add_header(headers)
+    {
+        tracing::warn!("cannot rewrite tonic's refusal of a request: {e}");
     }
     response
 }
@@ -443,9 +464,7 @@ pub async fn serve_on(
         .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
         // Outermost, so that it logs the status the caller gets.
         .layer(request_log::RequestLogLayer)
-        .layer(tower::util::MapResponseLayer::new(
-            oversized_as_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(tonic_refusals_rewritten))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
