@@ -2136,3 +2136,59 @@ async fn bytes_that_are_not_the_methods_message_are_invalid_argument_on_every_rp
     }
     server.stop().await;
 }
+
+/// Some clients and gateways compress their requests by default; without
+/// gzip the server answered them UNIMPLEMENTED.
+#[tokio::test]
+async fn a_client_that_compresses_with_gzip_is_served_and_answered_compressed() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let mut cases = CasesServiceClient::new(server.channel().await)
+        .send_compressed(Gzip)
+        .accept_compressed(Gzip);
+    let amr = server.token("hebei.sjz.amr");
+    let start = registration(
+        "start-gz",
+        "gz",
+        json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
+    );
+    cases
+        .create_case(authed(Some(&amr), start))
+        .await
+        .expect("a compressed request is served");
+    let shown = cases
+        .get_case(authed(
+            Some(&amr),
+            proto::GetCaseRequest {
+                name: "cases/gz".into(),
+            },
+        ))
+        .await
+        .expect("get");
+    assert_eq!(
+        shown
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap_or_default()),
+        Some("gzip"),
+        "the answer is compressed for a client that accepts it"
+    );
+    assert_eq!(shown.into_inner().case.expect("case").id, "gz");
+    // Small compressed, over the limit once inflated: refused as any
+    // oversized request is (tonic's own refusal carried no reason).
+    let inflated = registration(
+        "start-big",
+        "big",
+        json!({"enterprise_name": "0".repeat(20 << 20), "credit_code": "91130100MA0TEST001"}),
+    );
+    let refused = cases
+        .create_case(authed(Some(&amr), inflated))
+        .await
+        .expect_err("over the limit once inflated");
+    assert_eq!(
+        (refused.code(), reason(&refused)),
+        (Code::ResourceExhausted, "message-too-large".to_owned()),
+        "{refused:?}"
+    );
+    server.stop().await;
+}

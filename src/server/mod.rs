@@ -47,7 +47,9 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// one, so these are recognised and answered as govflow would:
 /// - a request over the decoding limit is OUT_OF_RANGE, where gRPC's own
 ///   servers answer RESOURCE_EXHAUSTED (department systems look for the
-///   latter): reason `message-too-large`, with the limit;
+///   latter), and a compressed one that inflates past it is
+///   RESOURCE_EXHAUSTED without a reason: both get reason
+///   `message-too-large`, with the limit;
 /// - a request that does not decode as its protobuf message is INTERNAL,
 ///   which must never answer bad input: INVALID_ARGUMENT, reason
 ///   `malformed-message`.
@@ -59,7 +61,7 @@ fn tonic_refusals_rewritten(
         return response;
     }
     let replacement = match headers.get("grpc-status").map(|v| v.as_bytes()) {
-        Some(b"11") => Some(api::status(
+        Some(b"11" | b"8") => Some(api::status(
             tonic::Code::ResourceExhausted,
             "message-too-large",
             format!("the request is over the limit of {MAX_MESSAGE_BYTES} bytes (1 MiB)"),
@@ -352,6 +354,17 @@ fn tls_config(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, Serv
     Ok(config)
 }
 
+/// Lets a service take gzip-compressed requests and, to a client that asks
+/// for it, send gzip-compressed answers: some clients and gateways compress
+/// by default, and without this get UNIMPLEMENTED.
+macro_rules! compressed {
+    ($service:expr) => {
+        $service
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
+
 /// Sets the health status of the server as a whole (the service named "")
 /// and of each of its services.
 async fn report_health(reporter: &HealthReporter, status: ServingStatus) {
@@ -469,15 +482,20 @@ pub async fn serve_on(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            CasesServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            compressed!(
+                CasesServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+            ),
             interceptor.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            DefinitionsServiceServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            compressed!(
+                DefinitionsServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            ),
             interceptor.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AuditServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            compressed!(AuditServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES)),
             interceptor,
         ))
         .serve_with_incoming_shutdown(
