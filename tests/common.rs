@@ -89,6 +89,16 @@ pub(crate) fn open_engine(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
     Engine::open(store, &sources, clock.clone()).expect("engine opens")
 }
 
+/// An engine on a [`TestStore`] in a new temporary folder, its clock at [`t0`].
+pub(crate) fn engine_on_test_store() -> (tempfile::TempDir, Arc<TestStore>, Engine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(TestStore::open(dir.path()));
+    let sources = load(&[data()]).expect("loads");
+    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
+        .expect("engine opens");
+    (dir, store, engine)
+}
+
 /// [`open_engine`] on a new temporary folder, its clock at [`t0`].
 pub(crate) fn fresh_engine() -> (tempfile::TempDir, Arc<ManualClock>, Engine) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -2,6 +2,7 @@
 //! timers and children that survive restarts.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::TimeDelta;
@@ -13,8 +14,8 @@ use govflow::lang::load::load;
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
 use crate::common::{
-    CITY, COUNTY, TestStore, data, env_or, fire, fresh_engine, obj, open_engine, start_batch,
-    start_ledger, t0,
+    CITY, COUNTY, TestStore, data, engine_on_test_store, env_or, fire, fresh_engine, obj,
+    open_engine, start_batch, start_ledger, t0,
 };
 
 fn note(id: &str, request: &str) -> FireRequest {
@@ -648,7 +649,7 @@ async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again()
             .await
             .expect("start");
     }
-    let reads = || store.case_reads.load(std::sync::atomic::Ordering::SeqCst);
+    let reads = || store.case_reads.load(Ordering::SeqCst);
     let after_starts = reads();
     for n in 0..20 {
         let id = format!("c{}", n % 4);
@@ -774,11 +775,7 @@ async fn refused_timers_wait_and_never_hold_back_later_ones() {
         clock.clone(),
     )
     .expect("engine opens");
-    let handed_out = || {
-        store
-            .timers_handed_out
-            .swap(0, std::sync::atomic::Ordering::SeqCst)
-    };
+    let handed_out = || store.timers_handed_out.swap(0, Ordering::SeqCst);
     let text = "x".repeat(25_000);
     for i in 0..300 {
         engine
@@ -822,53 +819,58 @@ async fn refused_timers_wait_and_never_hold_back_later_ones() {
     assert_eq!(engine.history("swell-000").expect("history").len(), 1);
 }
 
+/// A storage failure stops every change, says why, and leaves reads
+/// answering: a failed sync (as from a full disk), and a panic inside the
+/// store (sled's apply, on the applier thread), which used to end that
+/// thread with the batch's answers (callers got "stopped", and the engine
+/// looked alive while it refused everything).
 #[tokio::test]
-async fn a_failed_sync_stops_every_change_and_says_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(TestStore::open(dir.path()));
-    let sources = load(&[data()]).expect("loads");
-    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
-        .expect("engine opens");
-    engine.start(start_ledger("a")).await.expect("start");
-    assert_eq!(engine.storage_failure(), None);
-    store
-        .fail_syncs
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let refused = engine.fire(note("a", "n1")).await;
-    assert!(matches!(refused, Err(EngineError::Store(_))), "{refused:?}");
-    let reason = engine.storage_failure().expect("the failure is known");
-    assert!(reason.contains("no space left on device"), "{reason}");
-    // The disk is back, but what sled holds may differ from it: nothing more
-    // is written until the engine is opened again.
-    store
-        .fail_syncs
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    let still = engine.fire(note("a", "n2")).await;
-    assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
-    assert!(engine.case("a").is_ok(), "reads still answer");
+async fn a_storage_failure_stops_every_change_and_says_why() {
+    type Switch = fn(&TestStore) -> &AtomicBool;
+    let failures: [(Switch, &str); 2] = [
+        (|store| &store.fail_syncs, "no space left on device"),
+        (
+            |store| &store.panic_on_apply,
+            "panic in apply: a test's panic",
+        ),
+    ];
+    for (switch, why) in failures {
+        let (_dir, store, engine) = engine_on_test_store();
+        engine.start(start_ledger("a")).await.expect("start");
+        assert_eq!(engine.storage_failure(), None);
+        switch(&store).store(true, Ordering::SeqCst);
+        let refused = engine.fire(note("a", "n1")).await;
+        assert!(
+            matches!(refused, Err(EngineError::Store(_))),
+            "{why}: {refused:?}"
+        );
+        let reason = engine.storage_failure().expect("the failure is known");
+        assert!(reason.contains(why), "{reason}");
+        // The disk is back, but what sled holds may differ from it: nothing
+        // more is written until the engine is opened again.
+        switch(&store).store(false, Ordering::SeqCst);
+        let still = engine.fire(note("a", "n2")).await;
+        assert!(
+            matches!(still, Err(EngineError::Store(_))),
+            "{why}: {still:?}"
+        );
+        assert!(engine.case("a").is_ok(), "reads still answer");
+    }
 }
 
 /// A bug that panics inside the engine used to end the writer thread: every
 /// later request then found the engine stopped.
 #[tokio::test]
 async fn a_panic_on_one_request_fails_it_alone_and_the_engine_goes_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(TestStore::open(dir.path()));
-    let sources = load(&[data()]).expect("loads");
-    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
-        .expect("engine opens");
+    let (_dir, store, engine) = engine_on_test_store();
     engine.start(start_ledger("a")).await.expect("start");
-    store
-        .panic_on_due_timers
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.panic_on_due_timers.store(true, Ordering::SeqCst);
     let failed = engine.tick().await;
     assert!(
         matches!(&failed, Err(EngineError::Internal(m)) if m.contains("a test's panic")),
         "{failed:?}"
     );
-    store
-        .panic_on_due_timers
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    store.panic_on_due_timers.store(false, Ordering::SeqCst);
     let noted = engine
         .fire(note("a", "n1"))
         .await
@@ -876,35 +878,6 @@ async fn a_panic_on_one_request_fails_it_alone_and_the_engine_goes_on() {
     assert_eq!(noted.sequence, 2);
     assert_eq!(engine.tick().await.expect("tick"), 0);
     assert_eq!(engine.storage_failure(), None);
-}
-
-/// A panic inside the store (sled's apply, on the applier thread) used to
-/// end that thread with the batch's answers: callers got "stopped", and the
-/// engine looked alive while it refused everything. It is a storage failure.
-#[tokio::test]
-async fn a_panic_inside_the_store_is_a_storage_failure() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(TestStore::open(dir.path()));
-    let sources = load(&[data()]).expect("loads");
-    let engine = Engine::open(store.clone(), &sources, Arc::new(ManualClock::new(t0())))
-        .expect("engine opens");
-    engine.start(start_ledger("a")).await.expect("start");
-    store
-        .panic_on_apply
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let refused = engine.fire(note("a", "n1")).await;
-    assert!(matches!(refused, Err(EngineError::Store(_))), "{refused:?}");
-    let reason = engine.storage_failure().expect("the failure is known");
-    assert!(
-        reason.contains("panic in apply: a test's panic"),
-        "{reason}"
-    );
-    store
-        .panic_on_apply
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    let still = engine.fire(note("a", "n2")).await;
-    assert!(matches!(still, Err(EngineError::Store(_))), "{still:?}");
-    assert!(engine.case("a").is_ok(), "reads still answer");
 }
 
 /// A panic in the middle of a request's steps (here a child's step, when its
