@@ -235,6 +235,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime of the commands that run or reach a server. Its threads
+/// validate deployed workflows and run audits, so they get the stack that
+/// expressions may need (`lang::expr::STACK_BYTES`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(govflow::lang::expr::STACK_BYTES)
+        .build()
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate {
@@ -274,20 +284,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(workflows) = workflows {
                 config.workflows = workflows;
             }
-            tokio::runtime::Runtime::new()?.block_on(client::serve(config))
+            runtime()?.block_on(client::serve(config))
         }
         // A refusal from the server is the command's answer (exit 1), not a usage error.
         Command::Case {
             connection,
             command,
         } => Ok(answer(
-            tokio::runtime::Runtime::new()?.block_on(client::case(connection, command)),
+            runtime()?.block_on(client::case(connection, command)),
         )),
         Command::Workflow {
             connection,
             command,
         } => Ok(answer(
-            tokio::runtime::Runtime::new()?.block_on(client::workflow(connection, command)),
+            runtime()?.block_on(client::workflow(connection, command)),
         )),
         Command::Bench {
             in_process: _,
@@ -316,7 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 engine: govflow::engine::durable::EngineOptions { cache_cases },
                 store_cache_bytes: store_cache_mib << 20,
             };
-            tokio::runtime::Runtime::new()?.block_on(bench::run(options))?;
+            runtime()?.block_on(bench::run(options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CrashWorker {
@@ -325,8 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run,
             tasks,
         } => {
-            tokio::runtime::Runtime::new()?
-                .block_on(workload::crash_worker(&data, &workflows, run, tasks))?;
+            runtime()?.block_on(workload::crash_worker(&data, &workflows, run, tasks))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Test {

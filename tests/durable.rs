@@ -971,3 +971,44 @@ async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() 
         ("done", "done")
     );
 }
+
+/// An expression as deep as the length limit allows is checked, and refused
+/// or run, on the writer thread. Deep member chains (`vars.a.a.a…`) are what
+/// recursion goes deepest on: with a thread's default stack, one 5,000 deep
+/// aborted the process (a release build), and the limit still allows ~1,000.
+#[tokio::test]
+async fn an_expression_nested_as_deep_as_allowed_is_checked_and_run() {
+    let (_dir, _clock, engine) = fresh_engine();
+    let source = std::fs::read_to_string(data().join("ledger.ron")).expect("read");
+    let with_guard = |guard: &str| {
+        let deployed = source.replace(
+            r#"effects: [Set(var: "notes", value: "vars.notes + 1")]),"#,
+            &format!(
+                r#"guard: "{guard}", effects: [Set(var: "notes", value: "vars.notes + 1")]),"#
+            ),
+        );
+        assert_ne!(deployed, source);
+        deployed
+    };
+    let chain = format!("vars{} == 1", ".a".repeat(995));
+    match engine.deploy(with_guard(&chain)).await {
+        Err(EngineError::Invalid(diagnostics)) => {
+            assert!(
+                diagnostics.iter().all(|d| d.code != "expr-too-long"),
+                "{diagnostics:?}"
+            )
+        }
+        other => panic!("expected the chain refused by the checker, got {other:?}"),
+    }
+    let negations = format!("{}true", "!".repeat(1994));
+    engine
+        .deploy(with_guard(&negations))
+        .await
+        .expect("deployed");
+    engine.start(start_ledger("deep")).await.expect("start");
+    let noted = engine
+        .fire(note("deep", "n1"))
+        .await
+        .expect("the guard holds");
+    assert_eq!(noted.sequence, 2);
+}

@@ -623,8 +623,18 @@ pub(crate) fn in_parts<S>(
         work();
     } else {
         std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(work);
+            // Replaying evaluates the workflows' expressions (see STACK_BYTES).
+            let started = (0..threads)
+                .filter(|_| {
+                    std::thread::Builder::new()
+                        .stack_size(crate::lang::expr::STACK_BYTES)
+                        .spawn_scoped(s, work)
+                        .is_ok()
+                })
+                .count();
+            // Parts are taken from a shared counter, so any thread does them all.
+            if started == 0 {
+                work();
             }
         });
     }

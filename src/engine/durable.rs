@@ -441,6 +441,8 @@ impl Engine {
         let writer_failure = Arc::clone(&failure);
         let handle = thread::Builder::new()
             .name("govflow-writer".into())
+            // It compiles deployed workflows and evaluates their expressions.
+            .stack_size(crate::lang::expr::STACK_BYTES)
             .spawn(move || writer.run(rx, writer_failure))
             .map_err(|e| {
                 EngineError::InvalidArgument(format!("cannot start the writer thread: {e}"))

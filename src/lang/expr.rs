@@ -146,8 +146,37 @@ pub struct Compiled {
     pub uses: BTreeSet<(String, Option<String>)>,
 }
 
+/// The longest expression accepted, in characters. The parser, the checker
+/// and the interpreter each recurse once per level of an expression, and a
+/// chain (`!!!…x`, `a.b.c…`, `x || y || …`) nests a level every character
+/// or few: unbounded, one long enough overflowed the thread's stack and
+/// aborted the process. The longest shipped expression is 324 characters.
+pub const MAX_EXPRESSION_CHARS: usize = 2000;
+
+/// The stack of every thread that compiles or evaluates expressions (the
+/// engine's writer, the server's runtime, the audit's workers): enough for
+/// an expression of [`MAX_EXPRESSION_CHARS`] nested at every character,
+/// measured at under 2 KiB a level in a release build, with room for a
+/// debug build's larger frames. Reserved, not used, until needed.
+pub const STACK_BYTES: usize = 64 << 20;
+
 /// Compiles `source` and checks it against `scope`.
 pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> {
+    let length = source.chars().count();
+    if length > MAX_EXPRESSION_CHARS {
+        return Err(vec![ExprIssue {
+            code: "expr-too-long",
+            message: format!(
+                "the expression is {length} characters long, over the limit of {MAX_EXPRESSION_CHARS}"
+            ),
+            hint: Some(
+                "split it over several guards or effects, or keep a long list in a catalogue"
+                    .to_owned(),
+            ),
+            line: 1,
+            col: 1,
+        }]);
+    }
     let program = Program::compile(source).map_err(|errors| {
         // The first error is the cause; ANTLR's later ones are its echoes.
         errors
@@ -183,9 +212,18 @@ pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> 
 
 /// ANTLR's message without its long list of expected tokens.
 fn syntax_message(msg: &str) -> String {
+    const TOO_DEEP: &str = "Recursion limit of ";
     let msg = msg.strip_prefix("Syntax error: ").unwrap_or(msg);
     if msg.starts_with("mismatched input '<EOF>'") {
         return "it ends too early".to_owned();
+    }
+    // The parser's own error, quoted in its debugging form.
+    if let Some(at) = msg.find(TOO_DEEP) {
+        let limit: String = msg[at + TOO_DEEP.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        return format!("it nests more than {limit} levels deep");
     }
     match msg.find(" expecting {") {
         Some(cut) => msg[..cut].to_owned(),
@@ -696,5 +734,39 @@ mod tests {
         assert_eq!(found[0].1, "expr-syntax");
         assert_eq!(found[0].2, 13);
         assert_eq!(found[0].0, "expression does not compile: it ends too early");
+    }
+
+    /// Regression: an expression of any length was compiled, and one long
+    /// enough (a chain of `.level` 5,000 long) overflowed the stack of the
+    /// thread that compiled it, aborting the server.
+    #[test]
+    fn an_expression_over_the_length_limit_is_refused_before_it_is_parsed() {
+        let long = format!("payload{}", ".level".repeat(400));
+        let found = issues(&long);
+        assert_eq!(found[0].1, "expr-too-long");
+        assert_eq!(
+            found[0].0,
+            "the expression is 2407 characters long, over the limit of 2000"
+        );
+    }
+
+    /// Regression: the parser's debugging form of its error was shown
+    /// (`OtherError(ParseError { source: None, pos: (96, -1), … })`).
+    /// Run, as expressions are, on a thread with `STACK_BYTES` of stack:
+    /// the parser goes through a dozen rules per parenthesis, and in a
+    /// debug build a test thread's default stack is too small for 96.
+    #[test]
+    fn an_expression_nested_too_deep_says_so_plainly() {
+        let found = std::thread::Builder::new()
+            .stack_size(STACK_BYTES)
+            .spawn(|| issues(&format!("{}1{}", "(".repeat(200), ")".repeat(200))))
+            .expect("thread")
+            .join()
+            .expect("no panic");
+        assert_eq!(found[0].1, "expr-syntax");
+        assert_eq!(
+            found[0].0,
+            "expression does not compile: it nests more than 96 levels deep"
+        );
     }
 }
