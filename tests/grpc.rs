@@ -188,6 +188,16 @@ fn registration(request_id: &str, id: &str, variables: Json) -> proto::CreateCas
     }
 }
 
+/// A 证照分离 registration `id` of the tests' trading company (request id
+/// `start-{id}`).
+fn trading_registration(id: &str) -> proto::CreateCaseRequest {
+    registration(
+        &format!("start-{id}"),
+        id,
+        json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
+    )
+}
+
 /// The text of the seed workflow `name` (`workflows/{name}.ron`).
 fn seed_source(name: &str) -> String {
     std::fs::read_to_string(shipped().join(format!("{name}.ron"))).expect("read")
@@ -699,13 +709,7 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
     let (mut cases, mut definitions, mut audit) = server.clients().await;
     let platform = server.token("hebei.sjz.platform");
-    let start = |id: &str| {
-        registration(
-            &format!("start-{id}"),
-            id,
-            json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
-        )
-    };
+    let start = trading_registration;
     cases
         .create_case(authed(Some(&platform), start("m-1")))
         .await
@@ -1935,11 +1939,7 @@ async fn health_checks_answer_not_serving_once_storage_has_failed() {
     }
     let (mut cases, _, _) = server.clients().await;
     let platform = server.token("hebei.sjz.platform");
-    let start = registration(
-        "start-h",
-        "h",
-        json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
-    );
+    let start = trading_registration("h");
     cases
         .create_case(authed(Some(&platform), start.clone()))
         .await
@@ -1994,11 +1994,7 @@ async fn the_command_line_pages_through_a_long_inbox_and_says_when_there_is_noth
         cases
             .create_case(authed(
                 Some(&amr),
-                registration(
-                    &format!("start-r{n}"),
-                    &format!("r{n:04}"),
-                    json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
-                ),
+                trading_registration(&format!("r{n:04}")),
             ))
             .await
             .expect("starts");
@@ -2147,11 +2143,7 @@ async fn a_client_that_compresses_with_gzip_is_served_and_answered_compressed() 
         .send_compressed(Gzip)
         .accept_compressed(Gzip);
     let amr = server.token("hebei.sjz.amr");
-    let start = registration(
-        "start-gz",
-        "gz",
-        json!({"enterprise_name": "石家庄某商贸有限公司", "credit_code": "91130100MA0TEST001"}),
-    );
+    let start = trading_registration("gz");
     cases
         .create_case(authed(Some(&amr), start))
         .await
