@@ -587,10 +587,8 @@ fn graph_command(
 ) -> Result<ExitCode> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let text = load::source_text(&text);
-    let map = govflow::lang::locate::SourceMap::new(text);
     let mut diagnostics = Vec::new();
-    let workflow = match load::parse_document(file, text, &map, &mut diagnostics) {
+    let workflow = match load::read_source(file, &text, &mut diagnostics).1 {
         Some(Document::Workflow(w)) => w,
         Some(_) => anyhow::bail!("{} is not a workflow file", file.display()),
         None => {

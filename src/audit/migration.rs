@@ -21,8 +21,8 @@ use super::source::RecordSource;
 use super::{AuditError, Result};
 use crate::engine::replay::replay;
 use crate::lang::diag::Diagnostic;
-use crate::lang::load::{Document, parse_document};
-use crate::lang::locate::SourceMap;
+use crate::lang::load::{Document, read_source};
+use crate::lang::locate::LineCol;
 use crate::lang::validate::{CompiledWorkflow, Library, validate};
 use crate::store::proto;
 
@@ -100,16 +100,13 @@ pub fn migration_check(
     path: &Path,
     new_source: &str,
 ) -> Result<MigrationReport> {
-    let new_source = crate::lang::load::source_text(new_source);
-    let map = SourceMap::new(new_source);
     let mut diagnostics = Vec::new();
-    let Some(Document::Workflow(workflow)) =
-        parse_document(path, new_source, &map, &mut diagnostics)
+    let (_, Some(Document::Workflow(workflow))) = read_source(path, new_source, &mut diagnostics)
     else {
         if diagnostics.is_empty() {
             diagnostics.push(Diagnostic::at(
                 path,
-                map.line_col(0),
+                LineCol { line: 1, col: 1 },
                 "unknown-kind",
                 "a migration check takes a `Workflow(` file",
             ));

@@ -184,17 +184,15 @@ impl Rules {
     /// workflows, the directory, the catalogues): the workflow's name and the
     /// outcome. A source that is not a workflow is `Invalid` at once.
     fn check(&self, source: &str) -> Result<(String, crate::lang::validate::Validated)> {
-        let source = load::source_text(source);
-        let map = crate::lang::locate::SourceMap::new(source);
         let mut diagnostics = Vec::new();
         let path = PathBuf::from("deploy.ron");
-        let Some(Document::Workflow(workflow)) =
-            load::parse_document(&path, source, &map, &mut diagnostics)
+        let (_, Some(Document::Workflow(workflow))) =
+            load::read_source(&path, source, &mut diagnostics)
         else {
             if diagnostics.is_empty() {
                 diagnostics.push(Diagnostic::at(
                     &path,
-                    map.line_col(0),
+                    crate::lang::locate::LineCol { line: 1, col: 1 },
                     "unknown-kind",
                     "expected a `Workflow(` file",
                 ));

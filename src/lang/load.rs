@@ -200,10 +200,10 @@ pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Cale
     };
     let mut have_agencies = false;
     for (path, text) in files {
+        // Kept as read, so that the map's positions index into it.
         let text = source_text(&text).to_owned();
-        let map = SourceMap::new(&text);
+        let (map, document) = read_source(&path, &text, &mut sources.diagnostics);
         let index = sources.files.len();
-        let document = parse_document(&path, &text, &map, &mut sources.diagnostics);
         if let Some(Document::Agencies(_)) = &document {
             if have_agencies {
                 continue;
@@ -222,6 +222,19 @@ pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Cale
 /// Windows editors (Notepad among them) put at the start of UTF-8 files.
 pub fn source_text(text: &str) -> &str {
     text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// Reads one source as govflow reads every source ([`source_text`]): the
+/// map that locates its diagnostics, and its document if it parses.
+pub fn read_source(
+    path: &Path,
+    text: &str,
+    out: &mut Vec<Diagnostic>,
+) -> (SourceMap, Option<Document>) {
+    let text = source_text(text);
+    let map = SourceMap::new(text);
+    let document = parse_document(path, text, &map, out);
+    (map, document)
 }
 
 /// Parses one RON text, classified by its top-level name.
