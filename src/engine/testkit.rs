@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 
 use crate::calendar::Calendar;
-use crate::lang::load::{SourceFile, Sources, parse_document};
-use crate::lang::locate::SourceMap;
+use crate::lang::load::{Sources, from_texts};
 use crate::lang::validate::{Library, validate};
 
 pub const AGENCIES: &str = r#"Agencies(agencies: [
@@ -178,26 +177,15 @@ pub const CALENDAR: &str = "date,kind
 
 /// Sources from inline texts (named like files), plus the calendar if given.
 pub fn sources(docs: &[(&str, &str)], calendar: Option<&str>) -> Sources {
-    let mut sources = Sources::default();
-    for (name, text) in docs {
-        let path = PathBuf::from(name);
-        let map = SourceMap::new(text);
-        let document = parse_document(&path, text, &map, &mut sources.diagnostics);
-        let index = sources.files.len();
-        sources.files.push(SourceFile {
-            path,
-            text: (*text).to_owned(),
-            map,
-        });
-        if let Some(d) = document {
-            sources.documents.push((index, d));
-        }
-    }
-    if let Some(text) = calendar {
+    let calendar = calendar.map(|text| {
         let cal = Calendar::parse("cn_holidays.csv", text).expect("test calendar parses");
-        sources.calendar = Some((PathBuf::from("calendar/cn_holidays.csv"), cal));
-    }
-    sources
+        (PathBuf::from("calendar/cn_holidays.csv"), cal)
+    });
+    let files = docs
+        .iter()
+        .map(|(name, text)| (PathBuf::from(name), (*text).to_owned()))
+        .collect();
+    from_texts(files, calendar)
 }
 
 pub fn standard_docs() -> Vec<(&'static str, &'static str)> {

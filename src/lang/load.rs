@@ -238,7 +238,7 @@ pub fn read_source(
 }
 
 /// Parses one RON text, classified by its top-level name.
-pub fn parse_document(
+fn parse_document(
     path: &Path,
     text: &str,
     map: &SourceMap,
