@@ -631,15 +631,12 @@ fn at(case: &str, when: At, rules: &RulesArgs, json: bool) -> Result<ExitCode> {
 fn export(data: &Path, filter: &ExportFilter, output: Option<&Path>) -> Result<ExitCode> {
     let store = open(data)?;
     let summary = match output {
-        Some(path) => {
-            let mut file = std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            let summary =
-                audit::export(&store.source, filter, &mut file).map_err(|e| store.failed(e))?;
-            file.sync_all()
-                .with_context(|| format!("writing {}", path.display()))?;
-            summary
-        }
+        // Whole or not at all: an export cut short by an error or a crash
+        // must not pass for a complete one, nor replace an earlier export.
+        Some(path) => govflow::files::write_whole(path, None, |file| {
+            audit::export(&store.source, filter, file).map_err(|e| store.failed(e))
+        })
+        .with_context(|| format!("writing {}", path.display()))?,
         None => {
             let mut out = std::io::stdout().lock();
             audit::export(&store.source, filter, &mut out).map_err(|e| store.failed(e))?

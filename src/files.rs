@@ -4,14 +4,26 @@ use std::fs::Permissions;
 use std::io::{self, Write};
 use std::path::Path;
 
-/// Replaces the file at `path` with `contents`, whole or not at all: they go
-/// to a new file beside it, which is synced and renamed over it, then the
-/// folder is synced. Rewriting a file in place would leave it empty or cut
-/// short if the process died (or the disk filled) during the write.
-///
-/// The new file gets `permissions`; with `None`, those of the file it
-/// replaces (owner-only when there was none).
+/// Replaces the file at `path` with `contents`, whole or not at all (see
+/// [`write_whole`]).
 pub fn replace(path: &Path, contents: &[u8], permissions: Option<Permissions>) -> io::Result<()> {
+    write_whole(path, permissions, |file| file.write_all(contents))
+}
+
+/// Writes the file at `path` whole or not at all: `write` fills a new file
+/// beside it, which is synced and renamed over it, then the folder is
+/// synced. Writing in place would leave the file empty or cut short if the
+/// process died (or the disk filled) during the write, and an earlier
+/// version of it lost. If `write` fails, `path` is left as it was and the
+/// new file is removed.
+///
+/// The file gets `permissions`; with `None`, those of the file it replaces,
+/// or those of any new file (subject to the umask) when there was none.
+pub fn write_whole<T, E: From<io::Error>>(
+    path: &Path,
+    permissions: Option<Permissions>,
+    write: impl FnOnce(&mut dyn Write) -> Result<T, E>,
+) -> Result<T, E> {
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -22,8 +34,8 @@ pub fn replace(path: &Path, contents: &[u8], permissions: Option<Permissions>) -
         Some(p) => Some(p),
         None => match std::fs::metadata(path) {
             Ok(meta) => Some(meta.permissions()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => new_file_permissions(),
+            Err(e) => return Err(e.into()),
         },
     };
     let mut builder = tempfile::Builder::new();
@@ -31,11 +43,26 @@ pub fn replace(path: &Path, contents: &[u8], permissions: Option<Permissions>) -
     if let Some(permissions) = permissions {
         builder.permissions(permissions);
     }
-    let mut file = builder.tempfile_in(folder)?;
-    file.write_all(contents)?;
+    let file = builder.tempfile_in(folder)?;
+    let mut out = io::BufWriter::new(file);
+    let written = write(&mut out)?;
+    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(folder)?.sync_all()
+    std::fs::File::open(folder)?.sync_all()?;
+    Ok(written)
+}
+
+/// What a file created the ordinary way gets: read and write for all, less
+/// the umask (the temporary file's own default is owner-only).
+fn new_file_permissions() -> Option<Permissions> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Some(Permissions::from_mode(0o666))
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 #[cfg(test)]
@@ -73,5 +100,44 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("permits.ron")]);
+    }
+
+    /// Regression (`audit export -o`, `graph -o`): an output was created in
+    /// place, so an export that failed half-way left a file that passed for
+    /// a complete one, in place of the earlier export.
+    #[test]
+    fn a_write_that_fails_half_way_leaves_the_earlier_file_and_no_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("export.jsonl");
+        std::fs::write(&path, "earlier export\n").expect("write");
+        let failed: io::Result<()> = write_whole(&path, None, |file| {
+            file.write_all(b"first half\n")?;
+            Err(io::Error::other("the store failed"))
+        });
+        assert_eq!(failed.expect_err("fails").to_string(), "the store failed");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "earlier export\n"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("export.jsonl")]);
+    }
+
+    /// A new file gets what any new file gets (the umask applies), not the
+    /// owner-only mode of a temporary file: a drawn graph is for sharing.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_file_gets_the_permissions_of_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ordinary = dir.path().join("ordinary.svg");
+        std::fs::write(&ordinary, "<svg/>").expect("write");
+        let path = dir.path().join("graph.svg");
+        replace(&path, b"<svg/>", None).expect("written");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&ordinary));
     }
 }

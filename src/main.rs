@@ -559,6 +559,13 @@ fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode>
     })
 }
 
+/// Writes a file the user named, whole or not at all: an earlier picture
+/// is never left cut short.
+fn write_file(path: &std::path::Path, contents: &[u8]) -> Result<()> {
+    govflow::files::replace(path, contents, None)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Writes every workflow found under `paths` in every picture format.
 fn draw_all(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
     let sources = load::load(paths)?;
@@ -571,8 +578,7 @@ fn draw_all(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
             (render::Format::Svg, "svg"),
         ] {
             let path = dir.join(format!("{}.{ext}", workflow.name));
-            std::fs::write(&path, render::render(workflow, format))
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_file(&path, render::render(workflow, format).as_bytes())?;
         }
         count += 1;
     }
@@ -600,9 +606,7 @@ fn graph_command(
     };
     let picture = render::render(&workflow, format);
     match output {
-        Some(path) => {
-            std::fs::write(&path, picture).with_context(|| format!("writing {}", path.display()))?
-        }
+        Some(path) => write_file(&path, picture.as_bytes())?,
         None => std::io::stdout().lock().write_all(picture.as_bytes())?,
     }
     Ok(ExitCode::SUCCESS)
