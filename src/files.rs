@@ -19,6 +19,8 @@ pub fn replace(path: &Path, contents: &[u8], permissions: Option<Permissions>) -
 ///
 /// The file gets `permissions`; with `None`, those of the file it replaces,
 /// or those of any new file (subject to the umask) when there was none.
+/// A symbolic link, a device or a pipe at `path` is written through in
+/// place instead, as by any other program (so without that guarantee).
 pub fn write_whole<T, E: From<io::Error>>(
     path: &Path,
     permissions: Option<Permissions>,
@@ -30,14 +32,29 @@ pub fn write_whole<T, E: From<io::Error>>(
     };
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let prefix = format!(".{name}.");
-    let permissions = match permissions {
-        Some(p) => Some(p),
-        None => match std::fs::metadata(path) {
-            Ok(meta) => Some(meta.permissions()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => new_file_permissions(),
-            Err(e) => return Err(e.into()),
-        },
+    let existing = match std::fs::symlink_metadata(path) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
     };
+    // A link, a device or a pipe (`-o /dev/stdout`) is written through, as
+    // any program would: renaming over it would replace the link itself.
+    if existing
+        .as_ref()
+        .is_some_and(|meta| !meta.is_file() && !meta.is_dir())
+    {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        let mut out = io::BufWriter::new(file);
+        let written = write(&mut out)?;
+        out.flush()?;
+        return Ok(written);
+    }
+    let permissions = permissions
+        .or_else(|| existing.map(|meta| meta.permissions()))
+        .or_else(new_file_permissions);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
     if let Some(permissions) = permissions {
@@ -139,5 +156,26 @@ mod tests {
         replace(&path, b"<svg/>", None).expect("written");
         let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode(&path), mode(&ordinary));
+    }
+
+    /// Regression: `graph -o /dev/stdout` renamed a file over the link
+    /// `/dev/stdout` (seen as root). A link, a device or a pipe is written
+    /// through, never replaced.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_or_a_device_is_written_through_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("shared-permits.ron");
+        std::fs::write(&target, "old").expect("write");
+        let link = dir.path().join("permits.ron");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        replace(&link, b"new", None).expect("written");
+        assert!(std::fs::symlink_metadata(&link).expect("meta").is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "new");
+
+        replace(Path::new("/dev/null"), b"picture", None).expect("written");
+        let null = std::fs::symlink_metadata("/dev/null").expect("meta");
+        assert!(null.file_type().is_char_device());
     }
 }
