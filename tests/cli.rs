@@ -149,18 +149,49 @@ fn catalogue_import_of_a_bad_csv_names_the_line_and_changes_nothing() {
 }
 
 /// Regression: a missing file's I/O error was printed twice (once in the
-/// message, once as its cause).
+/// message, once as its cause). A relative path is shown with the folder it
+/// was looked for in.
 #[test]
-fn a_missing_path_is_reported_once() {
+fn a_missing_path_is_reported_once_with_where_it_was_looked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let out = govflow()
+        .current_dir(dir.path())
         .args(["validate", "no/such.ron"])
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8_lossy(&out.stderr);
+    // The child's working folder as it reads it: links resolved.
+    let shown = dir.path().canonicalize().expect("canonical");
     assert_eq!(
         text.trim(),
-        "govflow: no/such.ron: No such file or directory (os error 2)"
+        format!(
+            "govflow: no/such.ron: no such file or folder (looked in {})",
+            shown.display()
+        )
+    );
+}
+
+/// Regression: `govflow serve` run from another folder than the
+/// repository's said only "workflows: No such file or directory".
+#[test]
+fn serve_from_another_folder_says_where_it_looked_for_the_workflows_and_how_to_name_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = govflow()
+        .current_dir(dir.path())
+        .args(["serve", "--data", "data"])
+        .output()
+        .expect("runs");
+    assert_ne!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("the workflows folder: workflows: no such file or folder (looked in "),
+        "{text}"
+    );
+    assert!(text.contains("name it with --workflows"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a data folder was made: {text}"
     );
 }
 

@@ -25,6 +25,18 @@ pub enum LoadError {
     },
     #[error("{0}: not a .ron file or a folder")]
     NotRon(PathBuf),
+    /// A file or folder named to be loaded is not there; a relative name is
+    /// shown with the folder it was looked for in, the usual mistake being to
+    /// run govflow from another folder.
+    #[error("{}: no such file or folder{}", path.display(), looked_in(path))]
+    Missing { path: PathBuf },
+}
+
+fn looked_in(path: &Path) -> String {
+    match std::env::current_dir() {
+        Ok(dir) if path.is_relative() => format!(" (looked in {})", dir.display()),
+        _ => String::new(),
+    }
 }
 
 /// One source file, with its text and positioned tree.
@@ -98,9 +110,12 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     let mut ron_files = Vec::new();
     let mut shared_dirs = Vec::new();
     for path in paths {
-        let meta = fs::metadata(path).map_err(|error| LoadError::Io {
-            path: path.clone(),
-            error,
+        let meta = fs::metadata(path).map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => LoadError::Missing { path: path.clone() },
+            _ => LoadError::Io {
+                path: path.clone(),
+                error,
+            },
         })?;
         if meta.is_dir() {
             collect_ron(path, &mut ron_files)?;

@@ -167,6 +167,10 @@ pub enum ServeError {
     TlsInvalid(#[source] tonic::transport::Error),
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(
+        "the workflows folder: {0}; run govflow from the folder that holds it, or name it with --workflows (or `workflows` in the configuration)"
+    )]
+    NoWorkflows(#[source] LoadError),
     #[error("the workflows do not validate:\n{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -235,7 +239,10 @@ pub fn prepare_with_clock(
     config: &Config,
     clock: Arc<dyn crate::engine::durable::Clock>,
 ) -> Result<Prepared, ServeError> {
-    let sources = load::load(std::slice::from_ref(&config.workflows))?;
+    let sources = load::load(std::slice::from_ref(&config.workflows)).map_err(|e| match e {
+        LoadError::Missing { .. } => ServeError::NoWorkflows(e),
+        e => ServeError::Load(e),
+    })?;
     let agencies: BTreeSet<String> = sources
         .agencies()
         .ok_or(ServeError::NoDirectory)?
