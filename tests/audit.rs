@@ -1652,7 +1652,7 @@ async fn the_audit_error_says_each_cause_once() {
     assert_eq!(
         chain,
         format!(
-            "loading the workflows: {}: No such file or directory (os error 2)",
+            "loading the workflows: {}: no such file or folder",
             missing.display()
         )
     );
@@ -1680,9 +1680,17 @@ async fn offline_audit_commands_outside_the_repository_name_the_workflows_folder
         assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
         assert_eq!(
             stderr,
-            "govflow: loading the workflows: workflows: No such file or directory (os error 2)\n\
-             hint: give the workflows folder (agency directory, catalogues, calendar, workflows) \
-             with --workflows DIR; the default is ./workflows, relative to the current folder\n",
+            format!(
+                "govflow: loading the workflows: workflows: no such file or folder (looked in {})\n\
+                 hint: give the workflows folder (agency directory, catalogues, calendar, \
+                 workflows) with --workflows DIR; the default is ./workflows, relative to the \
+                 current folder\n",
+                elsewhere
+                    .path()
+                    .canonicalize()
+                    .expect("canonical")
+                    .display()
+            ),
             "{args:?}"
         );
     }
