@@ -1012,3 +1012,72 @@ async fn an_expression_nested_as_deep_as_allowed_is_checked_and_run() {
         .expect("the guard holds");
     assert_eq!(noted.sequence, 2);
 }
+
+/// Regression: a case could be started under an id of the form
+/// `{parent}/{n}`, which is how spawned children are named; when `b` later
+/// spawned its first child, `b/0`, the child was written over that case,
+/// its history overwritten from the first entry. `/` is now kept for
+/// children: a started case's id may not hold one.
+#[tokio::test]
+async fn a_started_case_cannot_take_a_childs_id() {
+    let (_dir, _clock, engine) = fresh_engine();
+    let refused = engine.start(start_ledger("b/0")).await;
+    assert!(
+        matches!(&refused, Err(EngineError::InvalidArgument(m)) if m.contains("`/`")),
+        "{refused:?}"
+    );
+    engine.start(start_batch("b", "b")).await.expect("start");
+    let items = json!({"items": ["x", "y"]});
+    engine
+        .fire(fire("b", "d", "dispatch", CITY, items))
+        .await
+        .expect("dispatch");
+    let child = engine.case("b/0").expect("the child");
+    assert_eq!(child.parent, "b");
+    assert_eq!(engine.history("b/0").expect("history").len(), 1);
+}
+
+/// A store written before that rule may hold a started case under a
+/// child's id: spawning that child is refused, and the case is untouched.
+#[tokio::test]
+async fn a_spawn_never_writes_a_child_over_a_case_of_its_id() {
+    let (dir, clock, engine) = fresh_engine();
+    engine.start(start_ledger("a")).await.expect("start");
+    engine.fire(note("a", "n1")).await.expect("note");
+    // What an older govflow let a department do: a case started as `b/0`.
+    let store = engine.store();
+    let mut legacy = store.case("a").expect("read").expect("present");
+    legacy.id = "b/0".into();
+    let mut entries = store.history("a", 0).expect("history");
+    for entry in &mut entries {
+        entry.case_id = "b/0".into();
+    }
+    let commit = govflow::store::Commit {
+        cases: vec![govflow::store::CaseWrite {
+            before: None,
+            after: Arc::new(legacy.clone()),
+            entries: entries.clone(),
+            index_before: Default::default(),
+            index_after: Default::default(),
+        }],
+        ..Default::default()
+    };
+    store.apply_all(&[&commit]).expect("applied");
+    store.write_out().expect("written out");
+    store.sync().expect("synced");
+    engine.shutdown();
+    drop(engine);
+    let engine = open_engine(dir.path(), &clock);
+
+    engine.start(start_batch("b", "b")).await.expect("start");
+    let items = json!({"items": ["x", "y"]});
+    let refused = engine.fire(fire("b", "d", "dispatch", CITY, items)).await;
+    assert!(
+        matches!(&refused, Err(EngineError::Rejected(r))
+            if r.code == RejectCode::EffectFailed && r.message.contains("`b/0`")),
+        "{refused:?}"
+    );
+    assert_eq!(engine.case("b/0").expect("kept"), legacy);
+    assert_eq!(engine.history("b/0").expect("kept"), entries);
+    assert_eq!(engine.case("b").expect("parent").sequence, 1);
+}

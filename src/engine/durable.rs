@@ -638,18 +638,21 @@ impl Engine {
     }
 }
 
-/// A case id may be used in keys and resource names.
+/// The id of a case being started may be used in keys and resource names,
+/// and holds no `/`: that is kept for the children a case spawns
+/// (`{parent}/{n}`), so that no started case can take a child's id.
 fn check_case_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(EngineError::InvalidArgument(format!(
-            "case id `{id}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : /"
+            "case id `{}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : (`/` is kept for the children a case spawns)",
+            id.escape_debug()
         )))
     }
 }
@@ -1089,6 +1092,24 @@ impl Batch<'_> {
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
         for request in &step.spawn {
             let child = core::start_child(&library, &step.case, request, &starter, self.now)?;
+            // Started cases cannot take a child's id, but a store written
+            // before that rule may hold one: never write a child over it.
+            let taken = self.case(&child.case.id).map_err(|e| Rejection {
+                code: core::RejectCode::EffectFailed,
+                message: format!(
+                    "cannot tell whether child id `{}` is free: {e}",
+                    child.case.id
+                ),
+            })?;
+            if taken.is_some() {
+                return Err(Rejection {
+                    code: core::RejectCode::EffectFailed,
+                    message: format!(
+                        "cannot spawn child `{}`: a case of that id already exists",
+                        child.case.id
+                    ),
+                });
+            }
             self.cascade(child, request_id)?;
         }
         let (Some(outcome), Some(parent_id)) = (&step.settled, &step.case.parent) else {
