@@ -1081,3 +1081,43 @@ async fn a_spawn_never_writes_a_child_over_a_case_of_its_id() {
     assert_eq!(engine.history("b/0").expect("kept"), entries);
     assert_eq!(engine.case("b").expect("parent").sequence, 1);
 }
+
+/// Regression: request ids were one namespace for every agency, so a
+/// department system whose ids happened to match another's (`1`, `2`, …)
+/// was refused as `request-id-reused`, and learnt which ids the other had
+/// used. Each agency's ids are now its own, also after a restart.
+#[tokio::test]
+async fn two_agencies_may_use_the_same_request_id() {
+    let (dir, clock, engine) = fresh_engine();
+    let mut county = start_ledger("a");
+    county.request_id = "1".into();
+    let mut city = start_batch("1", "b");
+    city.request_id = "1".into();
+    let a = engine
+        .start(county.clone())
+        .await
+        .expect("the county's start");
+    let b = engine
+        .start(city.clone())
+        .await
+        .expect("the city's start, id 1 too");
+    let note = fire("a", "2", "note", COUNTY, json!({"text": "进展"}));
+    let noted = engine.fire(note.clone()).await.expect("the county's note");
+    let dispatch = fire("b", "2", "dispatch", CITY, json!({"items": ["x"]}));
+    let dispatched = engine.fire(dispatch.clone()).await.expect("the city's 2");
+    engine.shutdown();
+    drop(engine);
+    let engine = open_engine(dir.path(), &clock);
+    assert_eq!(engine.start(county).await.expect("retry"), a);
+    assert_eq!(engine.start(city).await.expect("retry"), b);
+    assert_eq!(engine.fire(note).await.expect("retry"), noted);
+    assert_eq!(engine.fire(dispatch).await.expect("retry"), dispatched);
+    assert_eq!(engine.history("a").expect("history").len(), 2);
+    assert_eq!(engine.history("b").expect("history").len(), 2);
+    // Within one agency, an id used for another request is still refused.
+    let other = fire("a", "2", "note", COUNTY, json!({"text": "另一条"}));
+    assert!(matches!(
+        engine.fire(other).await,
+        Err(EngineError::RequestIdReused(_))
+    ));
+}

@@ -657,6 +657,15 @@ fn check_case_id(id: &str) -> Result<()> {
     }
 }
 
+/// What a request's outcome is kept under: its id within the agency that
+/// sent it. Department systems choose their ids on their own, so one
+/// agency's request `1` is not another's, and no agency learns which ids
+/// another has used. The agency's length comes first, so that no two
+/// pairs share a key.
+fn request_key(agency: &str, request_id: &str) -> String {
+    format!("{}:{agency}:{request_id}", agency.len())
+}
+
 fn check_request_id(id: &str) -> Result<()> {
     if id.is_empty() || id.len() > 256 {
         return Err(EngineError::InvalidArgument(
@@ -890,13 +899,23 @@ impl Batch<'_> {
     }
 
     /// The first answer to a request id, if it was seen before.
-    fn replay(&self, request_id: &str, fingerprint: &[u8]) -> Result<Option<Result<proto::Case>>> {
-        let stored = match self.outcomes.get(request_id) {
-            Some(outcome) => Some(outcome.clone()),
-            None => self.writer.outcome(request_id, self.failure)?,
-        };
-        let Some(stored) = stored else {
-            return Ok(None);
+    /// The first answer to the request `request_id` of `agency`, if it was
+    /// answered before (an error if the id was used for another request).
+    fn replay(
+        &self,
+        agency: &str,
+        request_id: &str,
+        fingerprint: &[u8],
+    ) -> Result<Option<Result<proto::Case>>> {
+        let stored = match self.outcome(&request_key(agency, request_id))? {
+            Some(stored) => stored,
+            // Stores of format 1 kept outcomes under the bare id, for every
+            // agency at once: such an outcome is this request's only if its
+            // fingerprint, which names the agency, is the same.
+            None => match self.outcome(request_id)? {
+                Some(stored) if stored.fingerprint == fingerprint => stored,
+                _ => return Ok(None),
+            },
         };
         if stored.fingerprint != fingerprint {
             return Err(EngineError::RequestIdReused(request_id.to_owned()));
@@ -917,7 +936,21 @@ impl Batch<'_> {
         }))
     }
 
-    fn remember(&mut self, request_id: &str, fingerprint: Vec<u8>, result: &Result<proto::Case>) {
+    /// The outcome kept under `key`, in this batch or before it.
+    fn outcome(&self, key: &str) -> Result<Option<proto::RequestOutcome>> {
+        match self.outcomes.get(key) {
+            Some(outcome) => Ok(Some(outcome.clone())),
+            None => self.writer.outcome(key, self.failure),
+        }
+    }
+
+    fn remember(
+        &mut self,
+        agency: &str,
+        request_id: &str,
+        fingerprint: Vec<u8>,
+        result: &Result<proto::Case>,
+    ) {
         let result = match result {
             // The step, not a copy of the case: the case as of that step is
             // rebuilt from the history if a retry ever needs it.
@@ -938,7 +971,8 @@ impl Batch<'_> {
             fingerprint,
             result: Some(result),
         };
-        self.outcomes.insert(request_id.to_owned(), outcome);
+        self.outcomes
+            .insert(request_key(agency, request_id), outcome);
     }
 
     /// Records a step of a case, chaining its history entry.
@@ -1139,7 +1173,7 @@ impl Batch<'_> {
         }
         check_case_id(&r.case_id)?;
         let fp = start_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, &fp)? {
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp)? {
             return first;
         }
         if self.case(&r.case_id)?.is_some() {
@@ -1158,7 +1192,7 @@ impl Batch<'_> {
             )?;
             Ok((*batch.cascade(step, &r.request_id)?).clone())
         });
-        self.remember(&r.request_id, fp, &result);
+        self.remember(&r.agency, &r.request_id, fp, &result);
         result
     }
 
@@ -1170,7 +1204,7 @@ impl Batch<'_> {
     ) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
-        if let Some(first) = self.replay(&r.request_id, &fp)? {
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp)? {
             return first;
         }
         let case = self
@@ -1196,7 +1230,7 @@ impl Batch<'_> {
             let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
             Ok((*batch.cascade(step, &r.request_id)?).clone())
         });
-        self.remember(&r.request_id, fp, &result);
+        self.remember(&r.agency, &r.request_id, fp, &result);
         result
     }
 
@@ -2048,6 +2082,53 @@ mod prefetch_tests {
         engine
             .command(|tx| Command::Fire(request, Audience::Anyone, copy, tx))
             .await
+    }
+
+    /// Stores of format 1 kept request outcomes under the bare request id:
+    /// after the upgrade a retry of such a request still gets its first
+    /// answer, and another agency's request with that id is its own.
+    #[tokio::test]
+    async fn an_outcome_kept_under_the_bare_request_id_still_answers_its_retry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = forgetful_engine(dir.path());
+        start_permit(&engine, "x").await;
+        let first = engine.fire(submit("x", "submit-1")).await.expect("submit");
+        // The outcome of a submit `legacy`, as a format-1 govflow kept it.
+        let legacy = proto::RecordedRequest {
+            request_id: "legacy".into(),
+            outcome: Some(proto::RequestOutcome {
+                fingerprint: fire_fingerprint(&submit("x", "legacy")),
+                result: Some(proto::request_outcome::Result::Step(proto::CaseStep {
+                    case_id: "x".into(),
+                    sequence: first.sequence,
+                })),
+            }),
+        };
+        let commit = Commit {
+            number: 1000,
+            requests: vec![legacy],
+            ..Default::default()
+        };
+        let store = Arc::clone(engine.store());
+        engine.shutdown();
+        drop(engine);
+        store.apply_all(&[&commit]).expect("applied");
+        store.write_out().expect("written out");
+        drop(store);
+        let engine = forgetful_engine(dir.path());
+
+        let retried = engine.fire(submit("x", "legacy")).await.expect("retry");
+        assert_eq!((retried.sequence, retried.state.as_str()), (2, "review"));
+        assert_eq!(engine.history("x").expect("history").len(), 2);
+        let other = FireRequest {
+            agency: "tax".into(),
+            ..submit("x", "legacy")
+        };
+        let answered = engine.fire(other).await;
+        assert!(
+            !matches!(answered, Err(EngineError::RequestIdReused(_))),
+            "{answered:?}"
+        );
     }
 
     #[tokio::test]

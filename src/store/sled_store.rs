@@ -268,10 +268,14 @@ fn stored_segment_size(conf: &[u8]) -> Option<usize> {
 }
 
 /// The store layout this govflow writes and reads, recorded in each store
-/// when it is made (a store made before the record has format 1). A later
-/// layout gets a higher number, so that an older govflow refuses a store it
-/// would misread instead of damaging it.
-pub const FORMAT: u32 = 1;
+/// (a store made before the record has format 1). A later layout gets a
+/// higher number, so that an older govflow refuses a store it would misread
+/// instead of damaging it; opening an older store records this number.
+///
+/// 2: request outcomes are kept under the agency and its request id, not
+/// the bare id (a format-1 govflow would not find them, and would run a
+/// retried request again).
+pub const FORMAT: u32 = 2;
 
 /// Opens the sled database of the store in `dir` ([`sled_config`]), unless
 /// it is of a newer format than [`FORMAT`]. sled closes its files from
@@ -336,9 +340,12 @@ impl SledStore {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = open_db(dir, cache_bytes)?;
-        if stored_format(&db)?.is_none() {
-            // Made now, or by a govflow from before formats were recorded
-            // (format 1); synced with the first commit.
+        if stored_format(&db)?.is_none_or(|found| found < FORMAT) {
+            // Made now, by a govflow from before formats were recorded
+            // (format 1), or of an older format that this one reads: from
+            // now on only a govflow that reads this format may open it.
+            // Synced with the first commit, before which nothing of the new
+            // format is written.
             db.insert(format_key(), &FORMAT.to_be_bytes())?;
         }
         let log_path = dir.join("db");
@@ -1043,9 +1050,10 @@ mod tests {
         }
     }
 
-    /// A store records its format; one made before formats were recorded
-    /// gets format 1; one of a newer format is refused, by the store and by
-    /// the audit alike, and left as it was.
+    /// A store records its format; one made before formats were recorded,
+    /// or of an older format, is recorded as this one when opened; one of a
+    /// newer format is refused, by the store and by the audit alike, and
+    /// left as it was.
     #[test]
     fn a_store_records_its_format_and_one_of_a_newer_format_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1055,6 +1063,16 @@ mod tests {
             raw().insert(case_key("a"), &[] as &[u8]).expect("insert");
         }
         drop(SledStore::open(dir.path()).expect("an older store opens"));
+        assert_eq!(stored_format(&raw()).expect("read"), Some(FORMAT));
+        {
+            // As a govflow of format 1 left it: opened, it is recorded as
+            // this format, so that a format-1 govflow refuses it from then on.
+            let db = raw();
+            db.insert(format_key(), &1u32.to_be_bytes())
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        drop(SledStore::open(dir.path()).expect("a format-1 store opens"));
         assert_eq!(stored_format(&raw()).expect("read"), Some(FORMAT));
         {
             let db = raw();
