@@ -397,6 +397,17 @@ impl Calendar {
         self.last_year
     }
 
+    /// How many days after the Shanghai date of `now` the covered years end
+    /// (0 on their last day, negative once they have ended), when that is at
+    /// most `horizon_days`: soon, a deadline counted from `now` will need a
+    /// year the file does not hold, and be [`CalendarError::OutOfRange`].
+    pub fn ends_within(&self, now: DateTime<Utc>, horizon_days: i64) -> Option<i64> {
+        let today = shanghai_date(now)?;
+        let last = NaiveDate::from_ymd_opt(self.last_year, 12, 31)?;
+        let left = (last - today).num_days();
+        (left <= horizon_days).then_some(left)
+    }
+
     /// Whether `d` is a working day: a listed make-up workday, or a Monday to Friday that is
     /// not a listed holiday. [`CalendarError::OutOfRange`] outside the covered years.
     pub fn is_working_day(&self, d: NaiveDate) -> Result<bool, CalendarError> {
@@ -670,6 +681,17 @@ mod tests {
 
     fn utc(s: &str) -> DateTime<Utc> {
         s.parse().expect("valid RFC 3339 instant")
+    }
+
+    #[test]
+    fn the_end_of_the_covered_years_is_announced_within_the_horizon_only() {
+        let cal = Calendar::parse("t.csv", "2026-10-01,holiday\n").expect("parses");
+        let at = |t: &str| t.parse::<DateTime<Utc>>().expect("time");
+        assert_eq!(cal.ends_within(at("2026-10-01T00:00:00Z"), 60), None);
+        assert_eq!(cal.ends_within(at("2026-11-27T04:00:00Z"), 60), Some(34));
+        // 16:00 UTC on the 31st is already 1 January in Shanghai.
+        assert_eq!(cal.ends_within(at("2026-12-31T15:59:59Z"), 60), Some(0));
+        assert_eq!(cal.ends_within(at("2026-12-31T16:00:00Z"), 60), Some(-1));
     }
 
     #[test]

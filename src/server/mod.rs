@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -23,6 +24,7 @@ use tonic_health::server::HealthReporter;
 
 use self::api::Api;
 use self::auth::{ADMIN, Credentials};
+use crate::calendar::Calendar;
 use crate::engine::durable::{Engine, EngineError, EngineOptions, SystemClock};
 use crate::lang::load::{self, LoadError};
 use crate::store::proto::{
@@ -227,6 +229,8 @@ pub struct Prepared {
     pub watch_cutoff: Duration,
     /// Watch streams whose task is running (for monitoring and tests).
     pub watchers: api::Watchers,
+    /// The working-day calendar and its file, whose end is announced ahead.
+    pub calendar: Option<(PathBuf, Calendar)>,
 }
 
 /// Opens the engine and the credentials the configuration describes.
@@ -301,7 +305,31 @@ pub fn prepare_with_clock(
         token_file,
         watch_cutoff: config.watch_cutoff(),
         watchers: api::Watchers::default(),
+        calendar: sources.calendar.clone(),
     })
+}
+
+/// How many days ahead `serve` says that the working-day calendar ends.
+const CALENDAR_NOTICE_DAYS: i64 = 60;
+
+/// What to tell the operator when the years the working-day calendar covers
+/// end within [`CALENDAR_NOTICE_DAYS`] of `now`: from then on every step
+/// whose deadline needs a later day is refused, until the file is extended.
+fn calendar_ending(calendar: &(PathBuf, Calendar), now: DateTime<Utc>) -> Option<String> {
+    let (path, cal) = calendar;
+    let left = cal.ends_within(now, CALENDAR_NOTICE_DAYS)?;
+    let (last, next) = (cal.last_year(), cal.last_year() + 1);
+    let when = match left {
+        0 => "today".to_owned(),
+        1 => "tomorrow".to_owned(),
+        n if n < 0 => format!("{} days ago", -n),
+        n => format!("in {n} days"),
+    };
+    Some(format!(
+        "the working-day calendar {} ({}) ends with {last}-12-31, {when}: a step whose deadline or reminder needs a day of {next} is refused (reason `calendar`) until the State Council's public holidays for {next} are added to that file and the server is restarted",
+        cal.version(),
+        path.display(),
+    ))
 }
 
 /// Creates the data folder readable by its owner only: it holds every case
@@ -420,6 +448,7 @@ pub async fn serve_on(
         tls,
         watch_cutoff,
         watchers,
+        calendar,
         ..
     } = prepared;
     let (stop_watchers, stopping) = tokio::sync::watch::channel(false);
@@ -449,12 +478,22 @@ pub async fn serve_on(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    // Fires due timers, and tells health checks once storage has failed.
+    // Fires due timers, tells health checks once storage has failed, and
+    // says each day (from the start) when the working-day calendar ends soon.
     let timers = {
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut serving = true;
+            let mut calendar_check = tokio::time::Instant::now();
             loop {
+                if let Some(calendar) = &calendar
+                    && tokio::time::Instant::now() >= calendar_check
+                {
+                    if let Some(notice) = calendar_ending(calendar, engine.now()) {
+                        tracing::warn!("{notice}");
+                    }
+                    calendar_check += Duration::from_secs(24 * 3600);
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Err(e) = engine.tick().await {
                     tracing::warn!("timers: {e}");
@@ -546,6 +585,34 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The working-day calendar ends with 2026, and the server runs in late
+    /// 2026: without a word ahead, steps with a deadline in 2027 would start
+    /// being refused one day. The operator is told from 60 days before.
+    #[test]
+    fn the_operator_is_told_ahead_that_the_working_day_calendar_ends() {
+        let path = PathBuf::from("workflows/calendar/cn_holidays.csv");
+        let calendar = (
+            path,
+            Calendar::parse("cn_holidays.csv", "2026-10-01,holiday\n").expect("parses"),
+        );
+        let at = |t: &str| t.parse::<DateTime<Utc>>().expect("time");
+        assert_eq!(calendar_ending(&calendar, at("2026-10-01T00:00:00Z")), None);
+        let notice = calendar_ending(&calendar, at("2026-11-27T04:00:00Z")).expect("told");
+        assert!(
+            notice.starts_with(&format!(
+                "the working-day calendar {} (workflows/calendar/cn_holidays.csv) ends with 2026-12-31, in 34 days: ",
+                calendar.1.version()
+            )),
+            "{notice}"
+        );
+        assert!(
+            notice.contains("public holidays for 2027 are added to that file"),
+            "{notice}"
+        );
+        let late = calendar_ending(&calendar, at("2027-01-05T04:00:00Z")).expect("told");
+        assert!(late.contains("ends with 2026-12-31, 5 days ago"), "{late}");
+    }
 
     #[test]
     fn the_watch_cutoff_is_ten_seconds_unless_configured_and_never_zero() {
