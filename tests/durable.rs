@@ -1114,6 +1114,19 @@ async fn two_agencies_may_use_the_same_request_id() {
     assert_eq!(engine.fire(dispatch).await.expect("retry"), dispatched);
     assert_eq!(engine.history("a").expect("history").len(), 2);
     assert_eq!(engine.history("b").expect("history").len(), 2);
+    // Started without a case id, the same request id of two agencies
+    // starts two cases (the id is derived from the agency's request).
+    let mut county = start_ledger("");
+    county.request_id = "3".into();
+    let mut city = start_ledger("");
+    city.request_id = "3".into();
+    city.agency = CITY.into();
+    city.bindings = [("handler".to_owned(), CITY.to_owned())].into();
+    let first = engine.start(county.clone()).await.expect("the county's 3");
+    let second = engine.start(city.clone()).await.expect("the city's 3");
+    assert_ne!(first.id, second.id);
+    assert_eq!(engine.start(county).await.expect("retry").id, first.id);
+    assert_eq!(engine.start(city).await.expect("retry").id, second.id);
     // Within one agency, an id used for another request is still refused.
     let other = fire("a", "2", "note", COUNTY, json!({"text": "另一条"}));
     assert!(matches!(

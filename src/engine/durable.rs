@@ -657,6 +657,13 @@ fn check_case_id(id: &str) -> Result<()> {
     }
 }
 
+/// The id of a case started without one: `{workflow}-` and 12 hex digits
+/// of the SHA-256 of `seed`, the same on a retry.
+fn derived_case_id(workflow: &str, seed: &str) -> String {
+    let digest = hex::encode(Sha256::digest(seed.as_bytes()));
+    format!("{workflow}-{}", &digest[..12])
+}
+
 /// What a request's outcome is kept under: its id within the agency that
 /// sent it. Department systems choose their ids on their own, so one
 /// agency's request `1` is not another's, and no agency learns which ids
@@ -901,25 +908,27 @@ impl Batch<'_> {
     /// The first answer to a request id, if it was seen before.
     /// The first answer to the request `request_id` of `agency`, if it was
     /// answered before (an error if the id was used for another request).
+    ///
+    /// Stores of format 1 kept outcomes under the bare id, for every agency
+    /// at once: such an outcome is this request's only if its fingerprint,
+    /// which names the agency, is `format_1_fingerprint` (the request as
+    /// format 1 saw it; it differs only for a start whose case id is
+    /// derived).
     fn replay(
         &self,
         agency: &str,
         request_id: &str,
         fingerprint: &[u8],
+        format_1_fingerprint: &[u8],
     ) -> Result<Option<Result<proto::Case>>> {
         let stored = match self.outcome(&request_key(agency, request_id))? {
-            Some(stored) => stored,
-            // Stores of format 1 kept outcomes under the bare id, for every
-            // agency at once: such an outcome is this request's only if its
-            // fingerprint, which names the agency, is the same.
+            Some(stored) if stored.fingerprint == fingerprint => stored,
+            Some(_) => return Err(EngineError::RequestIdReused(request_id.to_owned())),
             None => match self.outcome(request_id)? {
-                Some(stored) if stored.fingerprint == fingerprint => stored,
+                Some(stored) if stored.fingerprint == format_1_fingerprint => stored,
                 _ => return Ok(None),
             },
         };
-        if stored.fingerprint != fingerprint {
-            return Err(EngineError::RequestIdReused(request_id.to_owned()));
-        }
         Ok(Some(match stored.result {
             Some(proto::request_outcome::Result::Case(case)) => Ok(case),
             Some(proto::request_outcome::Result::Step(step)) => {
@@ -1167,13 +1176,22 @@ impl Batch<'_> {
 
     fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
+        let mut format_1_fingerprint = None;
         if r.case_id.is_empty() {
-            let digest = hex::encode(Sha256::digest(r.request_id.as_bytes()));
-            r.case_id = format!("{}-{}", r.workflow, &digest[..12]);
+            // Derived from the request's key, so that two agencies' requests
+            // of the same id start two cases. Format 1 derived it from the
+            // bare id: a retry of such a start is known by that.
+            let format_1 = StartRequest {
+                case_id: derived_case_id(&r.workflow, &r.request_id),
+                ..r.clone()
+            };
+            format_1_fingerprint = Some(start_fingerprint(&format_1));
+            r.case_id = derived_case_id(&r.workflow, &request_key(&r.agency, &r.request_id));
         }
         check_case_id(&r.case_id)?;
         let fp = start_fingerprint(&r);
-        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp)? {
+        let format_1_fp = format_1_fingerprint.as_deref().unwrap_or(&fp);
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp, format_1_fp)? {
             return first;
         }
         if self.case(&r.case_id)?.is_some() {
@@ -1204,7 +1222,7 @@ impl Batch<'_> {
     ) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
-        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp)? {
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp, &fp)? {
             return first;
         }
         let case = self
@@ -2045,20 +2063,21 @@ mod prefetch_tests {
         .expect("engine opens")
     }
 
-    async fn start_permit(engine: &Engine, id: &str) {
+    fn permit_start(id: &str) -> StartRequest {
         let mut variables = JsonMap::new();
         variables.insert("county".into(), Json::from("k"));
-        engine
-            .start(StartRequest {
-                request_id: format!("start-{id}"),
-                case_id: id.into(),
-                workflow: "permit".into(),
-                agency: "ent".into(),
-                bindings: [("tax".to_owned(), "tax".to_owned())].into(),
-                variables,
-            })
-            .await
-            .expect("start");
+        StartRequest {
+            request_id: format!("start-{id}"),
+            case_id: id.into(),
+            workflow: "permit".into(),
+            agency: "ent".into(),
+            bindings: [("tax".to_owned(), "tax".to_owned())].into(),
+            variables,
+        }
+    }
+
+    async fn start_permit(engine: &Engine, id: &str) {
+        engine.start(permit_start(id)).await.expect("start");
     }
 
     fn submit(id: &str, request_id: &str) -> FireRequest {
@@ -2104,9 +2123,26 @@ mod prefetch_tests {
                 })),
             }),
         };
+        // And of a start `legacy-start` without a case id, whose id format 1
+        // derived from the bare request id.
+        let derived = derived_case_id("permit", "legacy-start");
+        start_permit(&engine, &derived).await;
+        let mut legacy_start = permit_start("");
+        legacy_start.request_id = "legacy-start".into();
+        legacy_start.case_id.clone_from(&derived);
+        let legacy_started = proto::RecordedRequest {
+            request_id: "legacy-start".into(),
+            outcome: Some(proto::RequestOutcome {
+                fingerprint: start_fingerprint(&legacy_start),
+                result: Some(proto::request_outcome::Result::Step(proto::CaseStep {
+                    case_id: derived.clone(),
+                    sequence: 1,
+                })),
+            }),
+        };
         let commit = Commit {
             number: 1000,
-            requests: vec![legacy],
+            requests: vec![legacy, legacy_started],
             ..Default::default()
         };
         let store = Arc::clone(engine.store());
@@ -2117,6 +2153,17 @@ mod prefetch_tests {
         drop(store);
         let engine = forgetful_engine(dir.path());
 
+        legacy_start.case_id.clear();
+        let restarted = engine.start(legacy_start).await.expect("retry");
+        assert_eq!(restarted.id, derived);
+        assert_eq!(
+            engine
+                .list(&Default::default(), "", 100)
+                .expect("list")
+                .cases
+                .len(),
+            2
+        );
         let retried = engine.fire(submit("x", "legacy")).await.expect("retry");
         assert_eq!((retried.sequence, retried.state.as_str()), (2, "review"));
         assert_eq!(engine.history("x").expect("history").len(), 2);
