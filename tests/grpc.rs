@@ -2184,3 +2184,73 @@ async fn a_client_that_compresses_with_gzip_is_served_and_answered_compressed() 
     );
     server.stop().await;
 }
+
+/// Regression: a page of up to 1,000 cases was sent whole, however large;
+/// with big cases (records may be up to 64 KiB) a client on its default
+/// limit (4 MiB in grpc-go, grpc-java, grpcio, and tonic's client here)
+/// could not read it. A page now ends early, with a token for the rest.
+#[tokio::test]
+async fn pages_of_large_cases_fit_what_clients_accept_by_default() {
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
+    // Cases of about 31 KB (a start's history entry holds its variables
+    // twice, within the 64 KiB a record may have).
+    let long_name = "x".repeat(30_000);
+    for n in 0..150 {
+        let start = new_case(
+            &format!("big-{n:03}"),
+            "gaozhi_chengnuo",
+            &[
+                ("approval", "hebei.sjz.approval"),
+                ("supervision", "hebei.sjz.housing"),
+                ("registration", "hebei.sjz.amr"),
+            ],
+            json!({"permit_id": "SGXK-1", "permit_name": long_name, "enterprise_name": "某公司", "credit_code": "91130102MA0HOUS001"}),
+        );
+        platform.create(start).await.expect("started");
+    }
+    let (mut listed, mut inboxed, mut pages) = (Vec::new(), Vec::new(), 0);
+    let mut token = String::new();
+    loop {
+        let request = proto::ListCasesRequest {
+            page_size: 1000,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let page = platform
+            .cases
+            .list_cases(authed(Some(&platform.token), request))
+            .await
+            .expect("a page the client can read")
+            .into_inner();
+        pages += 1;
+        listed.extend(page.cases.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    token.clear();
+    loop {
+        let request = proto::ListInboxRequest {
+            page_size: 1000,
+            page_token: token.clone(),
+        };
+        let page = platform
+            .cases
+            .list_inbox(authed(Some(&platform.token), request))
+            .await
+            .expect("an inbox page the client can read")
+            .into_inner();
+        inboxed.extend(page.items.into_iter().filter_map(|i| i.case).map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let all: Vec<String> = (0..150).map(|n| format!("big-{n:03}")).collect();
+    assert!(pages > 1, "150 cases of 31 KB came in one page");
+    assert_eq!(listed, all);
+    assert_eq!(inboxed, all);
+    server.stop().await;
+}

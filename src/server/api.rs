@@ -282,6 +282,34 @@ fn visible(engine: &Engine, principal: &Principal, id: &str) -> Result<proto::Ca
     }
 }
 
+/// At most about this many bytes of records go in one page: gRPC clients
+/// refuse larger answers by default (4 MiB in grpc-go, grpc-java and
+/// Python's grpcio), and a page of 1,000 cases of up to 64 KiB each would
+/// be far over. A page that reaches it ends early, with a page token.
+const PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// How many of `records`, from the first, fit in one page (at least one).
+fn fitting<T: prost::Message>(records: &[T]) -> usize {
+    let mut bytes = 0;
+    records
+        .iter()
+        .position(|r| {
+            bytes += r.encoded_len();
+            bytes > PAGE_BYTES
+        })
+        .map_or(records.len(), |n| n.max(1))
+}
+
+/// Ends a page of cases early when it would be too large to send (see
+/// [`PAGE_BYTES`]); the next page starts after its last case.
+fn fit_page(page: &mut crate::store::Page) {
+    let fit = fitting(&page.cases);
+    if fit < page.cases.len() {
+        page.cases.truncate(fit);
+        page.next_page_token = page.cases.last().map(|c| c.id.clone()).unwrap_or_default();
+    }
+}
+
 fn page_size(requested: i32, default: usize) -> Result<usize, Status> {
     match requested {
         0 => Ok(default),
@@ -916,10 +944,11 @@ impl CasesService for Api {
             agency: principal.agency().map(str::to_owned),
             variable: non_empty(r.variable_name).map(|n| (n, r.variable_value)),
         };
-        let page = self
+        let mut page = self
             .engine
             .list(&filter, &r.page_token, size)
             .map_err(engine_status)?;
+        fit_page(&mut page);
         Ok(Response::new(proto::ListCasesResponse {
             cases: page.cases,
             next_page_token: page.next_page_token,
@@ -936,10 +965,11 @@ impl CasesService for Api {
         };
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
-        let page = self
+        let mut page = self
             .engine
             .inbox(&agency, &r.page_token, size)
             .map_err(engine_status)?;
+        fit_page(&mut page);
         let library = self.engine.library();
         let items = page
             .cases
@@ -1384,12 +1414,13 @@ impl AuditService for Api {
             .store()
             .history(&id, from)
             .map_err(|e| engine_status(e.into()))?;
-        let next_page_token = if entries.len() > size {
-            (from + size as u64).to_string()
+        let kept = size.min(fitting(&entries));
+        let next_page_token = if entries.len() > kept {
+            (from + kept as u64).to_string()
         } else {
             String::new()
         };
-        entries.truncate(size);
+        entries.truncate(kept);
         Ok(Response::new(proto::ListHistoryEntriesResponse {
             history_entries: entries,
             next_page_token,
