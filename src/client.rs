@@ -384,6 +384,22 @@ fn workflow_lines(workflows: &[proto::WorkflowSummary]) -> Vec<String> {
         .collect()
 }
 
+/// A change that failed: as [`failure`], and when the answer was lost on
+/// the way (the server went away, the call timed out) so that the change
+/// may or may not have been made, how to find out safely.
+fn change_failure(status: &Status, request_id: &str) -> anyhow::Error {
+    use tonic::Code;
+    let error = failure(status);
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            anyhow::anyhow!(
+                "{error}\nhint: the change may or may not have been made; run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
+            )
+        }
+        _ => error,
+    }
+}
+
 /// A server error, said plainly: code, message and machine-readable reason.
 fn failure(status: &Status) -> anyhow::Error {
     use tonic_types::StatusExt;
@@ -420,8 +436,9 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 .iter()
                 .map(|b| pair(b, "ROLE=AGENCY"))
                 .collect::<Result<_>>()?;
+            let rid = request_id(rid);
             let request = proto::CreateCaseRequest {
-                request_id: request_id(rid),
+                request_id: rid.clone(),
                 case_id: id.unwrap_or_default(),
                 workflow,
                 bindings,
@@ -430,7 +447,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             let response = cases
                 .create_case(client.request(request)?)
                 .await
-                .map_err(|s| failure(&s))?;
+                .map_err(|s| change_failure(&s, &rid))?;
             if let Some(case) = response.into_inner().case {
                 print_case(&case, as_json);
             }
@@ -442,8 +459,9 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             expect_sequence,
             request_id: rid,
         } => {
+            let rid = request_id(rid);
             let request = proto::FireEventRequest {
-                request_id: request_id(rid),
+                request_id: rid.clone(),
                 case: case_name(&case),
                 event,
                 payload: Some(to_struct(&fields)?),
@@ -452,7 +470,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             let response = cases
                 .fire_event(client.request(request)?)
                 .await
-                .map_err(|s| failure(&s))?;
+                .map_err(|s| change_failure(&s, &rid))?;
             if let Some(case) = response.into_inner().case {
                 print_case(&case, as_json);
             }
@@ -887,6 +905,20 @@ fn print_source_violations(details: &tonic_types::ErrorDetails, file: &std::path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change whose answer was lost on the way tells how to find out
+    /// whether it was made; a refusal is only itself.
+    #[test]
+    fn a_lost_answer_says_how_to_retry_safely() {
+        let lost = change_failure(&Status::unavailable("connection reset"), "cli-42").to_string();
+        assert!(
+            lost.starts_with("Unavailable: connection reset\nhint: "),
+            "{lost}"
+        );
+        assert!(lost.contains("--request-id cli-42"), "{lost}");
+        let refused = change_failure(&Status::failed_precondition("wrong state"), "cli-42");
+        assert_eq!(refused.to_string(), "FailedPrecondition: wrong state");
+    }
 
     /// Regression: `--server 127.0.0.1:50051`, the address `govflow serve`
     /// prints, failed with "invalid URL, scheme is missing".
