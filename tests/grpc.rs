@@ -2254,3 +2254,43 @@ async fn pages_of_large_cases_fit_what_clients_accept_by_default() {
     assert_eq!(inboxed, all);
     server.stop().await;
 }
+
+/// Regression: one caller could open watch streams without limit, each
+/// holding a task and a queue of steps, so a department system that opened
+/// watches and never closed them could exhaust the server for every other
+/// agency. One caller now holds at most `MAX_WATCHES_PER_CALLER`; the next
+/// is RESOURCE_EXHAUSTED `too-many-watches`, other callers are unaffected,
+/// and closing one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_holds_a_bounded_number_of_watches_without_affecting_others() {
+    use govflow::server::api::MAX_WATCHES_PER_CALLER;
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_WATCHES_PER_CALLER {
+        open.push(open_watch(&server, WATCHER, "", None).await);
+    }
+    let mut client = CasesServiceClient::new(server.channel().await);
+    let one_more = || {
+        authed(
+            Some(&server.token(WATCHER)),
+            proto::WatchEventsRequest::default(),
+        )
+    };
+    let refused = client
+        .watch_events(one_more())
+        .await
+        .expect_err("one watch too many");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(reason(&refused), "too-many-watches");
+    let _other = open_watch(&server, "hebei.sjz.approval", "", None).await;
+    drop(open.pop());
+    assert!(
+        within_a_minute(|| server.watchers.open() == MAX_WATCHES_PER_CALLER).await,
+        "the closed watch was not given back"
+    );
+    client
+        .watch_events(one_more())
+        .await
+        .expect("room again once one is closed");
+    server.stop().await;
+}

@@ -341,9 +341,49 @@ pub struct Api {
 pub struct Watchers {
     tasks: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
+    /// Streams open per caller, for [`MAX_WATCHES_PER_CALLER`].
+    per_caller: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// Watch streams one caller (an agency, an auditor, the admin) may hold open
+/// at once. Each holds a task and up to [`WATCH_QUEUE`] steps in memory, so
+/// without a bound one department system that opens watches and never
+/// closes them could exhaust the server for every other.
+pub const MAX_WATCHES_PER_CALLER: usize = 32;
+
+/// One of a caller's open watch streams, given back when it is dropped.
+struct CallerWatch {
+    per_caller: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    caller: String,
+}
+
+impl Drop for CallerWatch {
+    fn drop(&mut self) {
+        let mut open = self.per_caller.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl Watchers {
+    /// A stream for `caller`, unless it holds [`MAX_WATCHES_PER_CALLER`].
+    fn admit(&self, caller: &str) -> Option<CallerWatch> {
+        let mut open = self.per_caller.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(caller.to_owned()).or_default();
+        if *n >= MAX_WATCHES_PER_CALLER {
+            return None;
+        }
+        *n += 1;
+        Some(CallerWatch {
+            per_caller: Arc::clone(&self.per_caller),
+            caller: caller.to_owned(),
+        })
+    }
+
     /// Watch tasks running.
     pub fn running(&self) -> usize {
         self.tasks.load(Ordering::SeqCst)
@@ -381,6 +421,7 @@ pub struct WatchStream {
     steps: tokio::sync::mpsc::Receiver<proto::WatchEventsResponse>,
     end: Option<tokio::sync::oneshot::Receiver<Status>>,
     _open: Counted,
+    _caller: CallerWatch,
 }
 
 impl tokio_stream::Stream for WatchStream {
@@ -816,6 +857,17 @@ impl CasesService for Api {
                 )
             })?
         };
+        let caller_watch = self.watchers.admit(principal.name()).ok_or_else(|| {
+            status(
+                Code::ResourceExhausted,
+                "too-many-watches",
+                format!(
+                    "`{}` already has {MAX_WATCHES_PER_CALLER} watches open, the most one caller may; close one (a watch resumes from its cursor)",
+                    principal.name()
+                ),
+                &[],
+            )
+        })?;
         let (tx, steps) = tokio::sync::mpsc::channel(WATCH_QUEUE);
         let (end_tx, end) = tokio::sync::oneshot::channel();
         let watch = Watch {
@@ -845,6 +897,7 @@ impl CasesService for Api {
             steps,
             end: Some(end),
             _open: Counted::new(&self.watchers.streams),
+            _caller: caller_watch,
         }))
     }
 
