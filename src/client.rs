@@ -864,6 +864,10 @@ pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
         listener.local_addr().unwrap_or(config.listen),
         config.data.display()
     );
+    if let Some(warning) = govflow::server::plaintext_warning(config.listen, prepared.tls.is_some())
+    {
+        eprintln!("govflow: warning: {warning}");
+    }
     let shutdown = async {
         let term = async {
             #[cfg(unix)]

@@ -309,6 +309,17 @@ pub fn prepare_with_clock(
     })
 }
 
+/// What to tell the operator of a server that listens beyond this machine
+/// without TLS: every bearer token and every case would cross the network
+/// in clear.
+pub fn plaintext_warning(listen: SocketAddr, tls: bool) -> Option<String> {
+    (!tls && !listen.ip().is_loopback()).then(|| {
+        format!(
+            "listening on {listen} without TLS: bearer tokens and case data cross the network in clear; set `tls` (and `client_certificates` for mutual TLS) in the configuration, or listen on 127.0.0.1 behind a TLS proxy"
+        )
+    })
+}
+
 /// How many days ahead `serve` says that the working-day calendar ends.
 const CALENDAR_NOTICE_DAYS: i64 = 60;
 
@@ -585,6 +596,20 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_reachable_from_the_network_without_tls_is_warned_about() {
+        let at = |a: &str| a.parse::<SocketAddr>().expect("address");
+        let warning = plaintext_warning(at("0.0.0.0:50051"), false).expect("warned");
+        assert!(
+            warning.starts_with("listening on 0.0.0.0:50051 without TLS: bearer tokens"),
+            "{warning}"
+        );
+        assert!(plaintext_warning(at("10.1.2.3:50051"), false).is_some());
+        assert_eq!(plaintext_warning(at("0.0.0.0:50051"), true), None);
+        assert_eq!(plaintext_warning(at("127.0.0.1:50051"), false), None);
+        assert_eq!(plaintext_warning(at("[::1]:50051"), false), None);
+    }
 
     /// The working-day calendar ends with 2026, and the server runs in late
     /// 2026: without a word ahead, steps with a deadline in 2027 would start
