@@ -187,8 +187,13 @@ impl Store for TestStore {
         );
         self.inner.case(id)
     }
-    fn history(&self, id: &str, from: u64) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
-        self.inner.history(id, from)
+    fn history(
+        &self,
+        id: &str,
+        from: u64,
+        limit: usize,
+    ) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
+        self.inner.history(id, from, limit)
     }
     fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> govflow::store::Result<u64> {
         self.inner.scan_requests(each)

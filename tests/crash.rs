@@ -97,7 +97,9 @@ fn check_store(dir: &Path, acked: &BTreeMap<String, u64>) -> Result<usize, Strin
             .case(id)
             .map_err(|e| e.to_string())?
             .ok_or("listed case vanished")?;
-        let history = store.history(id, 0).map_err(|e| e.to_string())?;
+        let history = store
+            .history(id, 0, usize::MAX)
+            .map_err(|e| e.to_string())?;
         if history.len() as u64 != case.sequence {
             return Err(format!(
                 "case {id} is at sequence {} but has {} entries: half-written",

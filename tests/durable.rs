@@ -31,7 +31,7 @@ fn snapshot(engine: &Engine) -> BTreeMap<String, (proto::Case, Vec<proto::Histor
         .into_iter()
         .map(|id| {
             let case = store.case(&id).expect("read").expect("present");
-            let history = store.history(&id, 0).expect("history");
+            let history = store.history(&id, 0, usize::MAX).expect("history");
             (id, (case, history))
         })
         .collect()
@@ -1048,7 +1048,7 @@ async fn a_spawn_never_writes_a_child_over_a_case_of_its_id() {
     let store = engine.store();
     let mut legacy = store.case("a").expect("read").expect("present");
     legacy.id = "b/0".into();
-    let mut entries = store.history("a", 0).expect("history");
+    let mut entries = store.history("a", 0, usize::MAX).expect("history");
     for entry in &mut entries {
         entry.case_id = "b/0".into();
     }

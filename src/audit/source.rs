@@ -503,7 +503,7 @@ impl RecordSource for StoreSource<'_> {
         id: &str,
         visit: &mut dyn FnMut(RawEntry<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
-        match self.0.history(id, 0) {
+        match self.0.history(id, 0, usize::MAX) {
             Ok(entries) => {
                 Self::emit(&entries, visit);
                 Ok(())
@@ -514,7 +514,7 @@ impl RecordSource for StoreSource<'_> {
                 let (mut bad, mut good) = (0u64, u64::MAX);
                 while good - bad > 1 {
                     let mid = bad + (good - bad) / 2;
-                    match self.0.history(id, mid) {
+                    match self.0.history(id, mid, usize::MAX) {
                         Ok(_) => good = mid,
                         Err(StoreError::Decode { .. }) => bad = mid,
                         Err(e) => return Err(e.into()),
@@ -544,7 +544,7 @@ impl RecordSource for StoreSource<'_> {
                 {
                     return Ok(());
                 }
-                let rest = self.0.history(id, last_bad.saturating_add(1))?;
+                let rest = self.0.history(id, last_bad.saturating_add(1), usize::MAX)?;
                 Self::emit(&rest, visit);
                 Ok(())
             }

@@ -556,7 +556,7 @@ impl Engine {
 
     pub fn history(&self, id: &str) -> Result<Vec<proto::HistoryEntry>> {
         self.case(id)?;
-        Ok(self.inner.store.history(id, 0)?)
+        Ok(self.inner.store.history(id, 0, usize::MAX)?)
     }
 
     pub fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page> {
@@ -870,7 +870,8 @@ impl Batch<'_> {
         }
         // The history may still be on its way to the store.
         self.writer.settle(self.failure);
-        let mut history = self.writer.store.history(id, 1)?;
+        let steps = usize::try_from(sequence).unwrap_or(usize::MAX);
+        let mut history = self.writer.store.history(id, 1, steps)?;
         if let Some(pending) = self.cases.get(id) {
             let known = history.len() as u64;
             history.extend(
@@ -881,7 +882,7 @@ impl Batch<'_> {
                     .cloned(),
             );
         }
-        history.truncate(usize::try_from(sequence).unwrap_or(usize::MAX));
+        history.truncate(steps);
         let entries: Vec<core::Entry> = history.iter().map(records::from_entry).collect();
         let parent = (!current.parent.is_empty()).then_some(current.parent.as_str());
         let cases = super::replay::replay(

@@ -546,7 +546,8 @@ impl Watch {
             let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
                 continue;
             };
-            for entry in self.engine.store().history(id, first)? {
+            let steps = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+            for entry in self.engine.store().history(id, first, steps)? {
                 if entry.sequence > last {
                     break;
                 }
@@ -1465,7 +1466,7 @@ impl AuditService for Api {
         let mut entries = self
             .engine
             .store()
-            .history(&id, from)
+            .history(&id, from, size + 1)
             .map_err(|e| engine_status(e.into()))?;
         let kept = size.min(fitting(&entries));
         let next_page_token = if entries.len() > kept {

@@ -181,8 +181,15 @@ pub trait Store: Send + Sync + 'static {
         self.sync()
     }
     fn case(&self, id: &str) -> Result<Option<proto::Case>>;
-    /// History entries of a case from `from_sequence` on, in order.
-    fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>>;
+    /// History entries of a case from `from_sequence` on, in order, at most
+    /// `limit` of them (a page, a watch's few steps: not the rest of a long
+    /// history each time).
+    fn history(
+        &self,
+        id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<proto::HistoryEntry>>;
     /// Calls `each` with every recorded request id and the number of the
     /// commit holding its outcome (0 for a record of the earlier layout, one
     /// key per request), in commit order; returns the highest commit number.

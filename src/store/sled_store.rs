@@ -579,10 +579,16 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn history(&self, id: &str, from_sequence: u64) -> Result<Vec<proto::HistoryEntry>> {
+    fn history(
+        &self,
+        id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<proto::HistoryEntry>> {
         let prefix = history_prefix(id);
         self.db
             .range(history_key(id, from_sequence)..prefix_end(&prefix))
+            .take(limit)
             .map(|item| {
                 let (k, v) = item?;
                 decode(&v, || {
@@ -1163,7 +1169,7 @@ mod tests {
             store.case("a").expect("read").map(|c| c.state),
             Some("closed".into())
         );
-        assert_eq!(store.history("a", 0).expect("read").len(), 3);
+        assert_eq!(store.history("a", 0, usize::MAX).expect("read").len(), 3);
         // Only the last commit's timer and index entries are left.
         let due = store
             .due_timers(at("2021-01-01T00:00:00Z"), None, 10, &|_| false)
@@ -1239,8 +1245,11 @@ mod tests {
             store.case("a").expect("read").map(|c| c.state),
             Some("closed".into())
         );
-        assert_eq!(store.history("a", 0).expect("read").len(), 2);
-        assert_eq!(store.history("a", 2).expect("read").len(), 1);
+        assert_eq!(store.history("a", 0, usize::MAX).expect("read").len(), 2);
+        assert_eq!(store.history("a", 2, usize::MAX).expect("read").len(), 1);
+        // A page reads no further than it needs.
+        let all = store.history("a", 0, usize::MAX).expect("read");
+        assert_eq!(store.history("a", 0, 1).expect("read"), all[..1]);
         assert_eq!(
             store.request_outcome(1, "req-1").expect("read"),
             recorded("req-1", "guard-false").outcome
