@@ -142,6 +142,7 @@ pub(crate) struct TestStore {
     pub panic_on_due_timers: AtomicBool,
     pub panic_on_apply: AtomicBool,
     pub panic_on_case: std::sync::Mutex<Option<String>>,
+    pub history_entries_read: AtomicUsize,
 }
 
 impl TestStore {
@@ -154,6 +155,7 @@ impl TestStore {
             panic_on_due_timers: Default::default(),
             panic_on_apply: Default::default(),
             panic_on_case: Default::default(),
+            history_entries_read: Default::default(),
         }
     }
 }
@@ -193,7 +195,10 @@ impl Store for TestStore {
         from: u64,
         limit: usize,
     ) -> govflow::store::Result<Vec<proto::HistoryEntry>> {
-        self.inner.history(id, from, limit)
+        let entries = self.inner.history(id, from, limit)?;
+        self.history_entries_read
+            .fetch_add(entries.len(), Ordering::SeqCst);
+        Ok(entries)
     }
     fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> govflow::store::Result<u64> {
         self.inner.scan_requests(each)

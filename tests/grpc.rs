@@ -2294,3 +2294,101 @@ async fn one_caller_holds_a_bounded_number_of_watches_without_affecting_others()
         .expect("room again once one is closed");
     server.stop().await;
 }
+
+/// Regression: a watch read, for each batch of 64 steps, every case's
+/// history from the batch's first step to the end of the case, so catching
+/// up on a long case read its history over and over (quadratic). It now
+/// reads each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
+    const REPORTS: usize = 300;
+    let (_dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
+    let config = Config {
+        data: data.clone(),
+        workflows: shipped(),
+        ..Config::default()
+    };
+    let mut prepared = server::prepare_with_clock(&config, clock.clone()).expect("prepares");
+    let store = Arc::new(TestStore::open(&data.join("counted-store")));
+    prepared.engine = Engine::open(
+        store.clone(),
+        &govflow::lang::load::load(&[shipped()]).expect("loads"),
+        clock.clone(),
+    )
+    .expect("engine opens");
+    let engine = prepared.engine.clone();
+    let server = Server::serve(&data, prepared).await;
+    let work_team = "hebei.sjz.drc";
+    engine
+        .start(govflow::engine::durable::StartRequest {
+            request_id: "start".into(),
+            case_id: "long".into(),
+            workflow: "baolian_escalation".into(),
+            agency: "hebei.sjz.platform".into(),
+            bindings: [
+                ("work_team".to_owned(), work_team.to_owned()),
+                (
+                    "responsible_dept".to_owned(),
+                    "hebei.sjz.industry".to_owned(),
+                ),
+                ("leader".to_owned(), "hebei.sjz.office".to_owned()),
+            ]
+            .into(),
+            variables: crate::common::obj(json!({
+                "enterprise_name": "石家庄测试企业有限公司",
+                "credit_code": "91130100MA00000001",
+                "county": "hebei.sjz.changan",
+                "problem_summary": "用地手续办理缓慢",
+            })),
+        })
+        .await
+        .expect("start");
+    let fire = |request_id: String, event: &str, agency: &str, payload: Json| {
+        govflow::engine::durable::FireRequest {
+            request_id,
+            case_id: "long".into(),
+            event: event.into(),
+            agency: agency.into(),
+            payload: crate::common::obj(payload),
+            expected_sequence: None,
+        }
+    };
+    engine
+        .fire(fire(
+            "classify".into(),
+            "classify",
+            work_team,
+            json!({"level": "county"}),
+        ))
+        .await
+        .expect("classify");
+    for n in 0..REPORTS {
+        let report = json!({"progress": "已协调自然资源部门，正在办理"});
+        engine
+            .fire(fire(
+                format!("r{n}"),
+                "report_progress",
+                "hebei.sjz.changan",
+                report,
+            ))
+            .await
+            .expect("report");
+    }
+    let steps = REPORTS + 2;
+    store
+        .history_entries_read
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let mut watch = open_watch(&server, work_team, "0", None).await;
+    for _ in 0..steps {
+        watch.message().await.expect("a step").expect("not ended");
+    }
+    let read = store
+        .history_entries_read
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        read <= steps + 64,
+        "{read} history entries read to send {steps} steps"
+    );
+    server.stop().await;
+}
