@@ -1895,27 +1895,34 @@ async fn the_readme_token_function_reads_every_credential() {
     }
 }
 
-#[tokio::test]
-async fn health_checks_answer_not_serving_once_storage_has_failed() {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-06-01T01:00:00Z")));
+/// A server on the shipped workflows, its clock at `now`, whose engine is on
+/// a [`TestStore`] (so that the test can make its disk fail, or count reads).
+async fn serve_on_test_store(now: &str) -> (tempfile::TempDir, Arc<TestStore>, Server) {
+    let (dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at(now)));
     let config = Config {
         data: data.clone(),
         workflows: shipped(),
         ..Config::default()
     };
     let mut prepared = server::prepare_with_clock(&config, clock.clone()).expect("prepares");
-    // The server's engine, on a store whose disk the test can make fail.
-    let store = Arc::new(TestStore::open(&data.join("failing-store")));
+    let store = Arc::new(TestStore::open(&data.join("test-store")));
     prepared.engine = Engine::open(
         store.clone(),
         &govflow::lang::load::load(&[shipped()]).expect("loads"),
-        clock.clone(),
+        clock,
     )
     .expect("engine opens");
     let server = Server::serve(&data, prepared).await;
+    (dir, store, server)
+}
+
+#[tokio::test]
+async fn health_checks_answer_not_serving_once_storage_has_failed() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    // The server's engine, on a store whose disk the test can make fail.
+    let (_dir, store, server) = serve_on_test_store("2020-06-01T01:00:00Z").await;
     let health = HealthClient::new(server.channel().await);
     let status = |service: &str| {
         let mut health = health.clone();
@@ -2302,23 +2309,8 @@ async fn one_caller_holds_a_bounded_number_of_watches_without_affecting_others()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
     const REPORTS: usize = 300;
-    let (_dir, data) = data_dir();
-    let clock = Arc::new(ManualClock::new(at("2020-09-21T09:00:00+08:00")));
-    let config = Config {
-        data: data.clone(),
-        workflows: shipped(),
-        ..Config::default()
-    };
-    let mut prepared = server::prepare_with_clock(&config, clock.clone()).expect("prepares");
-    let store = Arc::new(TestStore::open(&data.join("counted-store")));
-    prepared.engine = Engine::open(
-        store.clone(),
-        &govflow::lang::load::load(&[shipped()]).expect("loads"),
-        clock.clone(),
-    )
-    .expect("engine opens");
-    let engine = prepared.engine.clone();
-    let server = Server::serve(&data, prepared).await;
+    let (_dir, store, server) = serve_on_test_store("2020-09-21T09:00:00+08:00").await;
+    let engine = server.engine.clone();
     let work_team = "hebei.sjz.drc";
     engine
         .start(govflow::engine::durable::StartRequest {
