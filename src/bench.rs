@@ -14,7 +14,9 @@ use serde_json::{Map, Value as Json, json};
 use tonic::Request;
 use tonic::transport::Channel;
 
-use govflow::engine::durable::{Engine, EngineOptions, FireRequest, StartRequest, SystemClock};
+use govflow::engine::durable::{
+    Engine, EngineOptions, FireRequest, Monotonic, StartRequest, SystemClock,
+};
 use govflow::lang::load::load;
 use govflow::store::proto::{self, cases_service_client::CasesServiceClient};
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, records};
@@ -232,8 +234,13 @@ impl Bench {
             }),
         );
         let store: Arc<dyn Store> = Arc::new(store);
-        let engine = Engine::open_with(store, &sources, Arc::new(SystemClock), options.engine)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let engine = Engine::open_with(
+            store,
+            &sources,
+            Arc::new(Monotonic::new(SystemClock)),
+            options.engine,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Bench {
             target: Target::Engine(engine.clone()),
             engine,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use govflow::engine::durable::{Engine, FireRequest, StartRequest, SystemClock};
+use govflow::engine::durable::{Engine, FireRequest, Monotonic, StartRequest, SystemClock};
 use govflow::lang::load::load;
 use govflow::store::{SledStore, Store};
 
@@ -17,7 +17,7 @@ pub fn open_engine(data: &Path, workflows: &Path) -> Result<Engine> {
     let sources = load(&[workflows.to_path_buf()])?;
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(data).with_context(|| format!("opening {}", data.display()))?);
-    Engine::open(store, &sources, Arc::new(SystemClock)).map_err(|e| match e {
+    Engine::open(store, &sources, Arc::new(Monotonic::new(SystemClock))).map_err(|e| match e {
         govflow::engine::durable::EngineError::Invalid(diagnostics) => {
             let text: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
             anyhow::anyhow!("the workflows do not validate:\n{}", text.join("\n"))

@@ -9,7 +9,9 @@ use chrono::TimeDelta;
 use serde_json::{Map, json};
 
 use govflow::engine::RejectCode;
-use govflow::engine::durable::{Engine, EngineError, FireRequest, ManualClock, StartRequest};
+use govflow::engine::durable::{
+    Engine, EngineError, FireRequest, ManualClock, Monotonic, StartRequest,
+};
 use govflow::lang::load::load;
 use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
@@ -1133,4 +1135,30 @@ async fn two_agencies_may_use_the_same_request_id() {
         engine.fire(other).await,
         Err(EngineError::RequestIdReused(_))
     ));
+}
+
+/// Regression: the server's engine took each batch's time from the system
+/// clock as it was, so when the clock was set back (an NTP step, a virtual
+/// machine restored) a case's next step was recorded before the one it
+/// follows. The server's clock (`Monotonic`) never goes back.
+#[tokio::test]
+async fn a_clock_set_back_never_makes_a_history_go_back_in_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Arc::new(ManualClock::new(t0()));
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store opens"));
+    let clock = Arc::new(Monotonic::new(Arc::clone(&system)));
+    let engine = Engine::open(store, &load(&[data()]).expect("loads"), clock).expect("opens");
+    engine.start(start_ledger("a")).await.expect("start");
+    system.set(t0() + TimeDelta::hours(1));
+    engine.fire(note("a", "n1")).await.expect("note");
+    system.set(t0());
+    engine.fire(note("a", "n2")).await.expect("note");
+    let times: Vec<_> = engine
+        .history("a")
+        .expect("history")
+        .iter()
+        .map(|e| records::from_timestamp(e.time.as_ref()))
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert_eq!(times[2], t0() + TimeDelta::hours(1));
 }

@@ -45,6 +45,38 @@ impl Clock for SystemClock {
     }
 }
 
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> DateTime<Utc> {
+        (**self).now()
+    }
+}
+
+/// A clock that never goes back: `inner`'s time, or the last time it gave
+/// if `inner` has since been set back (an NTP step, a virtual machine
+/// restored), so that a case's next step is never recorded before the one
+/// it follows. The server and the benchmark run on it over [`SystemClock`].
+pub struct Monotonic<C> {
+    inner: C,
+    last: Mutex<DateTime<Utc>>,
+}
+
+impl<C: Clock> Monotonic<C> {
+    pub fn new(inner: C) -> Self {
+        Monotonic {
+            inner,
+            last: Mutex::new(DateTime::<Utc>::MIN_UTC),
+        }
+    }
+}
+
+impl<C: Clock> Clock for Monotonic<C> {
+    fn now(&self) -> DateTime<Utc> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = (*last).max(self.inner.now());
+        *last
+    }
+}
+
 /// A clock that moves only when told to (virtual time).
 pub struct ManualClock(Mutex<DateTime<Utc>>);
 

@@ -25,7 +25,7 @@ use tonic_health::server::HealthReporter;
 use self::api::Api;
 use self::auth::{ADMIN, Credentials};
 use crate::calendar::Calendar;
-use crate::engine::durable::{Engine, EngineError, EngineOptions, SystemClock};
+use crate::engine::durable::{Engine, EngineError, EngineOptions, Monotonic, SystemClock};
 use crate::lang::load::{self, LoadError};
 use crate::store::proto::{
     audit_service_server::AuditServiceServer, cases_service_server::CasesServiceServer,
@@ -235,7 +235,7 @@ pub struct Prepared {
 
 /// Opens the engine and the credentials the configuration describes.
 pub fn prepare(config: &Config) -> Result<Prepared, ServeError> {
-    prepare_with_clock(config, Arc::new(SystemClock))
+    prepare_with_clock(config, Arc::new(Monotonic::new(SystemClock)))
 }
 
 /// [`prepare`] with a given clock (virtual time in tests).
