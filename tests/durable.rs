@@ -1161,4 +1161,21 @@ async fn a_clock_set_back_never_makes_a_history_go_back_in_time() {
         .collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert_eq!(times[2], t0() + TimeDelta::hours(1));
+    // Set back while the server was down: it starts its clock no earlier
+    // than the last step the store holds.
+    engine.shutdown();
+    drop(engine);
+    system.set(t0() - TimeDelta::days(1));
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("store reopens"));
+    let clock = Arc::new(Monotonic::new(Arc::clone(&system)));
+    let engine =
+        Engine::open(store, &load(&[data()]).expect("loads"), clock.clone()).expect("reopens");
+    let last = engine.last_step_time().expect("read").expect("a step");
+    assert_eq!(last, t0() + TimeDelta::hours(1));
+    clock.raise_to(last);
+    let noted = engine.fire(note("a", "n3")).await.expect("note");
+    assert_eq!(
+        records::from_timestamp(noted.update_time.as_ref()),
+        t0() + TimeDelta::hours(1)
+    );
 }

@@ -67,6 +67,13 @@ impl<C: Clock> Monotonic<C> {
             last: Mutex::new(DateTime::<Utc>::MIN_UTC),
         }
     }
+
+    /// Never gives a time before `t` (the last step a store holds, so that
+    /// a clock set back while the server was down is covered too).
+    pub fn raise_to(&self, t: DateTime<Utc>) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = (*last).max(t);
+    }
 }
 
 impl<C: Clock> Clock for Monotonic<C> {
@@ -667,6 +674,18 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// When the last durable step happened, if any has.
+    pub fn last_step_time(&self) -> Result<Option<DateTime<Utc>>> {
+        let last = *self.inner.durable.borrow();
+        let Some(item) = self.feed(last.saturating_sub(1), 1)?.pop() else {
+            return Ok(None);
+        };
+        let entry = self.inner.store.history(&item.case_id, item.sequence, 1)?;
+        Ok(entry
+            .first()
+            .map(|e| records::from_timestamp(e.time.as_ref())))
     }
 }
 

@@ -235,7 +235,16 @@ pub struct Prepared {
 
 /// Opens the engine and the credentials the configuration describes.
 pub fn prepare(config: &Config) -> Result<Prepared, ServeError> {
-    prepare_with_clock(config, Arc::new(Monotonic::new(SystemClock)))
+    let clock = Arc::new(Monotonic::new(SystemClock));
+    let prepared = prepare_with_clock(config, clock.clone())?;
+    if let Some(last) = prepared
+        .engine
+        .last_step_time()
+        .map_err(ServeError::Engine)?
+    {
+        clock.raise_to(last);
+    }
+    Ok(prepared)
 }
 
 /// [`prepare`] with a given clock (virtual time in tests).
