@@ -1179,3 +1179,37 @@ async fn a_clock_set_back_never_makes_a_history_go_back_in_time() {
         t0() + TimeDelta::hours(1)
     );
 }
+
+/// Regression: deadlines that expire as soon as they are set, in a loop (here
+/// two states of `pause` = 0 hours), made one case take every tick's whole
+/// budget (4,096 steps a tick, about 4,000 a second on a server), writing
+/// history without end and holding back every other case's timers. A case
+/// now takes at most 16 timer steps a tick; then its timer waits an hour.
+#[tokio::test]
+async fn deadlines_that_loop_without_time_passing_are_held_back() {
+    let (_dir, clock, engine) = fresh_engine();
+    engine
+        .start(StartRequest {
+            request_id: "relay".into(),
+            case_id: "relay".into(),
+            workflow: "relay".into(),
+            agency: COUNTY.into(),
+            bindings: [("handler".to_owned(), COUNTY.to_owned())].into(),
+            variables: Map::new(),
+        })
+        .await
+        .expect("start");
+    engine.tick().await.expect("tick");
+    let after_first = engine.case("relay").expect("case").sequence;
+    assert!(after_first <= 1 + 16, "{after_first} steps in one tick");
+    engine.tick().await.expect("tick");
+    clock.set(t0() + TimeDelta::minutes(59));
+    engine.tick().await.expect("tick");
+    assert_eq!(engine.case("relay").expect("case").sequence, after_first);
+    // The case can still be moved by hand, and stopped.
+    engine
+        .fire(fire("relay", "stop", "stop", COUNTY, json!({})))
+        .await
+        .expect("stop");
+    assert_eq!(engine.case("relay").expect("case").outcome, "stopped");
+}

@@ -1308,6 +1308,7 @@ impl Batch<'_> {
     fn tick(&mut self) -> Result<usize> {
         let library = Arc::clone(&self.rules.library);
         let mut fired = 0;
+        let mut fired_by_case: HashMap<String, usize> = HashMap::new();
         let mut seen = BTreeSet::new();
         // The store's timers do not change during a tick (only commits
         // change them), so those before the last one taken from it are done.
@@ -1361,21 +1362,38 @@ impl Batch<'_> {
             let input = Input::Timer {
                 timer_id: next.timer_id.clone(),
             };
-            let step = self.atomically(|batch| {
-                let step = core::apply(&library, &records::from_case(&case), &input, batch.now)?;
-                Ok(batch.cascade(step, "")?)
-            });
+            let by_case = fired_by_case.entry(next.case_id.clone()).or_default();
+            let looping = *by_case >= TIMER_STEPS_PER_CASE_PER_TICK;
+            let step = if !looping {
+                self.atomically(|batch| {
+                    let step =
+                        core::apply(&library, &records::from_case(&case), &input, batch.now)?;
+                    Ok(batch.cascade(step, "")?)
+                })
+                .map_err(|e| e.to_string())
+            } else {
+                // Deadlines that expire as soon as they are set, in a loop
+                // (zero lengths, days already past): left unchecked, one
+                // case would take every tick and write history without end.
+                Err(format!(
+                    "{TIMER_STEPS_PER_CASE_PER_TICK} of this case's deadlines in a row expired as soon as they were set: its workflow's deadlines loop without time passing (a zero length, or a day already past); give them a length"
+                ))
+            };
             let mut stalled = self.writer.stalled.borrow_mut();
             match step {
                 Ok(_) => {
                     fired += 1;
+                    *by_case += 1;
                     stalled.remove(&next);
                 }
-                // Left due, and tried again after a wait that doubles.
+                // Left due, and tried again after a wait that doubles; a
+                // loop after the longest wait at once, as firing it again
+                // only starts the loop again.
                 Err(e) => {
                     let failures = stalled.get(&next).map_or(1, |s| s.failures + 1);
                     let wait = STALLED_TIMER_FIRST_WAIT
                         .checked_mul(1 << (failures - 1).min(10))
+                        .filter(|_| !looping)
                         .unwrap_or(STALLED_TIMER_MAX_WAIT)
                         .min(STALLED_TIMER_MAX_WAIT);
                     let retry_at = self.now + wait;
@@ -1611,6 +1629,14 @@ struct Stalled {
     retry_at: DateTime<Utc>,
     failures: u32,
 }
+
+/// Timer steps one case may take in one tick. After a long stop a case may
+/// have a few overdue (reminders, then its deadline); a case with more is
+/// in a loop of deadlines that take no time, and its next timer waits
+/// [`STALLED_TIMER_MAX_WAIT`] as if refused, so that the case neither
+/// starves other cases' timers nor writes history without end (at most this
+/// many steps an hour).
+const TIMER_STEPS_PER_CASE_PER_TICK: usize = 16;
 
 /// The first wait before a refused timer is tried again; it doubles with
 /// each refusal, up to [`STALLED_TIMER_MAX_WAIT`].

@@ -858,6 +858,17 @@ impl WorkflowChecker<'_> {
             let dp = sp.field("deadline");
             self.check_amount(r, &dp.field("within"), &deadline.within);
             self.check_anchor(r, &dp.field("within"), &deadline.within, false);
+            if deadline.within.amount() == Some(&Amount::Fixed(0)) {
+                r.error(
+                    "zero-deadline",
+                    &dp.field("within"),
+                    format!(
+                        "a deadline of `{}` expires the moment state `{}` is entered",
+                        deadline.within, state.name
+                    ),
+                    Some("give it a length; to move on at once, send the transition that enters this state to the next state directly".into()),
+                );
+            }
             for (j, reminder) in deadline.reminders.iter().enumerate() {
                 let path = dp.field("reminders").index(j);
                 self.check_amount(r, &path, reminder);
