@@ -400,6 +400,19 @@ fn change_failure(status: &Status, request_id: &str) -> anyhow::Error {
     }
 }
 
+/// A watch that ended (the server stopping, a slow reader cut off, the
+/// connection lost): as [`failure`], and how to go on without a gap or a
+/// repeat, from the last cursor shown.
+fn watch_failure(status: &Status, last_cursor: &str) -> anyhow::Error {
+    let error = failure(status);
+    if last_cursor.is_empty() {
+        return error;
+    }
+    anyhow::anyhow!(
+        "{error}\nhint: go on from where it stopped with `govflow case watch --cursor {last_cursor}`"
+    )
+}
+
 /// A server error, said plainly: code, message and machine-readable reason.
 fn failure(status: &Status) -> anyhow::Error {
     use tonic_types::StatusExt;
@@ -576,11 +589,19 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
         }
         CaseCommand::Watch { cursor } => {
             let mut stream = cases
-                .watch_events(client.request(proto::WatchEventsRequest { cursor })?)
+                .watch_events(client.request(proto::WatchEventsRequest {
+                    cursor: cursor.clone(),
+                })?)
                 .await
                 .map_err(|s| failure(&s))?
                 .into_inner();
-            while let Some(message) = stream.message().await.map_err(|s| failure(&s))? {
+            let mut last = cursor;
+            while let Some(message) = stream
+                .message()
+                .await
+                .map_err(|s| watch_failure(&s, &last))?
+            {
+                last.clone_from(&message.cursor);
                 let Some(e) = message.history_entry else {
                     continue;
                 };
@@ -912,6 +933,22 @@ mod tests {
 
     /// A change whose answer was lost on the way tells how to find out
     /// whether it was made; a refusal is only itself.
+    #[test]
+    fn a_watch_that_ends_says_where_to_go_on_from() {
+        let ended = watch_failure(&Status::unavailable("the server is stopping"), "41");
+        assert!(
+            ended.to_string().ends_with(
+                "hint: go on from where it stopped with `govflow case watch --cursor 41`"
+            ),
+            "{ended}"
+        );
+        let before_any = watch_failure(&Status::unavailable("the server is stopping"), "");
+        assert_eq!(
+            before_any.to_string(),
+            "Unavailable: the server is stopping"
+        );
+    }
+
     #[test]
     fn a_lost_answer_says_how_to_retry_safely() {
         let lost = change_failure(&Status::unavailable("connection reset"), "cli-42").to_string();
