@@ -2384,3 +2384,54 @@ async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
     );
     server.stop().await;
 }
+
+/// Regression: taking an agency out of the directory stopped the server
+/// from starting ("credential for `hebei.drc`: no such agency in the
+/// directory"), over the token govflow itself had generated for it. Its
+/// token is now kept but not accepted, and works again if it returns.
+#[tokio::test]
+async fn an_agency_taken_out_of_the_directory_loses_its_access_not_the_server() {
+    let (dir, data) = data_dir();
+    let clock = Arc::new(ManualClock::new(at("2020-06-01T09:00:00+08:00")));
+    let server = Server::start(&data, &clock).await;
+    let (removed, kept) = (
+        server.token("hebei.drc"),
+        server.token("hebei.sjz.platform"),
+    );
+    server.stop().await;
+    let workflows = dir.path().join("workflows");
+    crate::common::copy_tree(&shipped(), &workflows);
+    let directory = workflows.join("agencies.ron");
+    let text = std::fs::read_to_string(&directory).expect("read");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("id: \"hebei.drc\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, text, "the directory lists hebei.drc");
+    std::fs::write(&directory, without).expect("write");
+
+    let server = Server::start_with(&data, &clock, |c| c.workflows = workflows.clone()).await;
+    let (mut cases, _, _) = server.clients().await;
+    let listed = |token: &str| authed(Some(token), proto::ListCasesRequest::default());
+    let refused = cases
+        .list_cases(listed(&removed))
+        .await
+        .expect_err("revoked");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert_eq!(reason(&refused), "unknown-credential");
+    cases
+        .list_cases(listed(&kept))
+        .await
+        .expect("others keep theirs");
+    server.stop().await;
+
+    let server = Server::start(&data, &clock).await;
+    assert_eq!(server.token("hebei.drc"), removed, "the same token");
+    let (mut cases, _, _) = server.clients().await;
+    cases
+        .list_cases(listed(&removed))
+        .await
+        .expect("back again");
+    server.stop().await;
+}

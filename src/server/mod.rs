@@ -294,7 +294,22 @@ pub fn prepare_with_clock(
         let path = config.data.join("credentials.toml");
         let mut names = agencies.clone();
         names.insert(ADMIN.to_owned());
-        let (tokens, _) = auth::ensure_token_file(&path, &names)?;
+        let (mut tokens, _) = auth::ensure_token_file(&path, &names)?;
+        // An agency taken out of the directory (merged, renamed, a mistake)
+        // keeps its generated token in the file, unused: refusing to start
+        // over it left the operator to edit a file govflow writes, and
+        // generating a new one should the agency come back would break the
+        // department system that holds the old one.
+        tokens.retain(|name, _| {
+            let current = names.contains(name);
+            if !current {
+                tracing::warn!(
+                    "the token of `{name}` in {} is not accepted: no such agency in the directory (it works again if the agency returns)",
+                    path.display()
+                );
+            }
+            current
+        });
         (
             Credentials::from_tokens(&tokens, &agencies, &auditors)?,
             Some(path),
