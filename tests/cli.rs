@@ -335,3 +335,28 @@ fn serve_logs_each_call_with_its_caller_and_status() {
     );
     assert!(!rest.contains(tax), "a token was logged");
 }
+
+/// Regression: a data folder that is a file was reported as "storage I/O on
+/// FILE/store: Not a directory", after the credentials were looked for in it.
+#[test]
+fn serve_names_a_data_folder_that_is_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("data");
+    std::fs::write(&file, "not a folder").expect("write");
+    let out = govflow()
+        .current_dir(dir.path())
+        .args(["serve", "--data", "data", "--workflows"])
+        .arg(root().join("workflows"))
+        .output()
+        .expect("runs");
+    assert_ne!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("the data folder data: it is a file, not a folder"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("read"),
+        "not a folder"
+    );
+}

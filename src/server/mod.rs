@@ -379,6 +379,10 @@ fn make_data_folder(path: &Path) -> Result<(), ServeError> {
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_dir() => Err(ServeError::DataFolder {
+                path: path.display().to_string(),
+                message: "it is a file, not a folder".into(),
+            }),
             Ok(meta) => {
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
