@@ -743,6 +743,8 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                     return Ok(ExitCode::from(2));
                 }
             };
+            // A server from before the total was sent leaves it 0.
+            let breaking_total = r.breaking_cases_total.max(r.breaking_cases.len() as u64);
             if as_json {
                 let breaking: Vec<Json> = r
                     .breaking_cases
@@ -751,7 +753,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                     .collect();
                 out!(
                     "{}",
-                    json!({"workflow": r.workflow, "digest": r.digest, "running_cases": r.running_cases, "breaking_cases": breaking, "warnings": r.warnings})
+                    json!({"workflow": r.workflow, "digest": r.digest, "running_cases": r.running_cases, "breaking_cases": breaking, "breaking_cases_total": breaking_total, "warnings": r.warnings})
                 );
             } else {
                 for w in &r.warnings {
@@ -772,14 +774,16 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                     "{}: {} checked against the new version; {}",
                     r.workflow,
                     count(r.running_cases as usize, "running case", "running cases"),
-                    if r.breaking_cases.is_empty() {
-                        "none would break".to_owned()
-                    } else {
-                        format!("{} would break", r.breaking_cases.len())
+                    match (r.breaking_cases.len() as u64, breaking_total) {
+                        (0, 0) => "none would break".to_owned(),
+                        (shown, total) if shown < total => format!(
+                            "{total} would break ({shown} listed; `govflow audit migration-check` on the store folder lists every one)"
+                        ),
+                        (_, total) => format!("{total} would break"),
                     }
                 );
             }
-            if !r.breaking_cases.is_empty() {
+            if breaking_total > 0 {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -1713,6 +1713,7 @@ async fn a_deploy_requiring_the_migration_check_is_refused_when_running_cases_wo
         })
         .collect();
     assert_eq!(named, [("bl-1", 2, "history", "county_handling", 1)]);
+    assert_eq!(report.breaking_cases_total, 1);
     assert!(
         report.breaking_cases[0].reason.contains("to state"),
         "{}",

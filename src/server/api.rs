@@ -139,7 +139,7 @@ pub fn engine_status(e: EngineError) -> Status {
 /// At most this many characters of a reason go into a refused deploy's
 /// status (details travel in trailers, which clients limit in size).
 const REASON_CHARS: usize = 240;
-/// Cases a refused deploy's status names (CheckMigration lists them all).
+/// Cases a refused deploy's status names (CheckMigration lists as many as fit in a page).
 const CASES_NAMED: usize = 20;
 
 fn clip(text: &str, chars: usize) -> String {
@@ -1305,23 +1305,27 @@ impl AuditService for Api {
         .await
         .map_err(|e| status(Code::Internal, "audit-panicked", e.to_string(), &[]))?
         .map_err(engine_status)?;
+        let breaking_cases_total = report.breaking.len() as u64;
+        let mut breaking_cases: Vec<proto::MigrationBreak> = report
+            .breaking
+            .into_iter()
+            .map(|b| proto::MigrationBreak {
+                case_id: b.case_id,
+                workflow_version: b.version,
+                state: b.state,
+                sequence: b.sequence,
+                kind: break_kind(b.kind).to_owned(),
+                reason: b.reason,
+            })
+            .collect();
+        breaking_cases.truncate(fitting(&breaking_cases));
         Ok(Response::new(proto::CheckMigrationResponse {
             workflow: report.workflow,
             digest: report.new_digest,
             running_cases: report.running,
-            breaking_cases: report
-                .breaking
-                .into_iter()
-                .map(|b| proto::MigrationBreak {
-                    case_id: b.case_id,
-                    workflow_version: b.version,
-                    state: b.state,
-                    sequence: b.sequence,
-                    kind: break_kind(b.kind).to_owned(),
-                    reason: b.reason,
-                })
-                .collect(),
+            breaking_cases,
             warnings: report.warnings,
+            breaking_cases_total,
         }))
     }
 
@@ -1352,19 +1356,23 @@ impl AuditService for Api {
             crate::audit::verify(source, &scope, None)
         })
         .await?;
+        let findings_total = report.findings.len() as u64;
+        let mut findings: Vec<proto::Finding> = report
+            .findings
+            .into_iter()
+            .map(|f| proto::Finding {
+                case_id: f.case_id,
+                sequence: f.sequence,
+                kind: f.kind.as_str().to_owned(),
+                detail: f.detail,
+            })
+            .collect();
+        findings.truncate(fitting(&findings));
         Ok(Response::new(proto::VerifyHistoryResponse {
             cases: report.cases,
             entries: report.entries,
-            findings: report
-                .findings
-                .into_iter()
-                .map(|f| proto::Finding {
-                    case_id: f.case_id,
-                    sequence: f.sequence,
-                    kind: f.kind.as_str().to_owned(),
-                    detail: f.detail,
-                })
-                .collect(),
+            findings,
+            findings_total,
         }))
     }
 
@@ -1479,5 +1487,38 @@ impl AuditService for Api {
             history_entries: entries,
             next_page_token,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// A list is cut where its records pass [`PAGE_BYTES`]: never to
+    /// nothing while there is something, and not at all when all fit.
+    #[test]
+    fn a_list_is_cut_where_its_records_pass_the_page_size() {
+        let finding = |n: usize| proto::Finding {
+            case_id: format!("case-{n}"),
+            sequence: Some(1),
+            kind: "altered".into(),
+            detail: "x".repeat(1000),
+        };
+        let many: Vec<_> = (0..2 * PAGE_BYTES / 1000).map(finding).collect();
+        let fit = fitting(&many);
+        let bytes = |n: usize| many[..n].iter().map(Message::encoded_len).sum::<usize>();
+        assert!(fit < many.len(), "{fit}");
+        assert!(
+            bytes(fit) <= PAGE_BYTES && bytes(fit + 1) > PAGE_BYTES,
+            "{fit}"
+        );
+        assert_eq!(fitting(&many[..10]), 10);
+        assert_eq!(fitting::<proto::Finding>(&[]), 0);
+        let huge = proto::Finding {
+            detail: "x".repeat(PAGE_BYTES + 1),
+            ..finding(0)
+        };
+        assert_eq!(fitting(&[huge.clone(), huge]), 1);
     }
 }
