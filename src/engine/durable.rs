@@ -51,14 +51,20 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
     }
 }
 
-/// A clock that never goes back: `inner`'s time, or the last time it gave
-/// if `inner` has since been set back (an NTP step, a virtual machine
-/// restored), so that a case's next step is never recorded before the one
-/// it follows. The server and the benchmark run on it over [`SystemClock`].
+/// A clock that does not go back over a small step: `inner`'s time, or the
+/// last time it gave if `inner` has since been set back by at most
+/// [`CLOCK_HOLD`] (an NTP step), so that a case's next step is not recorded
+/// before the one it follows. A larger step back is the clock being
+/// corrected from a wrong time: holding on to the wrong time would count
+/// every deadline from it, so the clock is followed and the step logged.
+/// The server and the benchmark run on it over [`SystemClock`].
 pub struct Monotonic<C> {
     inner: C,
     last: Mutex<DateTime<Utc>>,
 }
+
+/// The largest step back [`Monotonic`] holds over.
+pub const CLOCK_HOLD: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 impl<C: Clock> Monotonic<C> {
     pub fn new(inner: C) -> Self {
@@ -68,8 +74,8 @@ impl<C: Clock> Monotonic<C> {
         }
     }
 
-    /// Never gives a time before `t` (the last step a store holds, so that
-    /// a clock set back while the server was down is covered too).
+    /// Gives no time before `t` (the last step a store holds, so that a
+    /// clock set back a little while the server was down is covered too).
     pub fn raise_to(&self, t: DateTime<Utc>) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         *last = (*last).max(t);
@@ -79,7 +85,17 @@ impl<C: Clock> Monotonic<C> {
 impl<C: Clock> Clock for Monotonic<C> {
     fn now(&self) -> DateTime<Utc> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        *last = (*last).max(self.inner.now());
+        let now = self.inner.now();
+        if now >= *last {
+            *last = now;
+        } else if *last - now > CLOCK_HOLD {
+            tracing::error!(
+                "the system clock went back from {} to {now}, more than {} minutes: following it (steps from now on are recorded before the last one); check the clock",
+                *last,
+                CLOCK_HOLD.num_minutes()
+            );
+            *last = now;
+        }
         *last
     }
 }
