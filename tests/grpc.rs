@@ -623,6 +623,7 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         .expect("verify")
         .into_inner();
     assert!(verified.findings.is_empty(), "{:?}", verified.findings);
+    assert_eq!(verified.findings_total, 0);
     assert_eq!(verified.entries, case.sequence);
     let replayed = audit
         .replay_case(authed(
@@ -636,6 +637,7 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         .into_inner();
     assert!(replayed.matches, "{}", replayed.divergence_reason);
     assert_eq!(replayed.steps.len() as u64, case.sequence);
+    assert_eq!(replayed.steps_total, case.sequence);
     assert_eq!(replayed.steps[1].actor, "agency:hebei.sjz.platform");
     let then = audit
         .get_case_at(authed(

@@ -1391,34 +1391,39 @@ impl AuditService for Api {
             .divergence
             .as_ref()
             .map_or((0, String::new()), |d| (d.sequence, d.reason.clone()));
+        let matches = report.matches();
+        let steps_total = report.steps.len() as u64;
+        let mut steps: Vec<proto::ReplayStep> = report
+            .steps
+            .into_iter()
+            .map(|step| proto::ReplayStep {
+                sequence: step.sequence,
+                time: Some(records::timestamp(step.time)),
+                actor: if step.actor.is_empty() {
+                    step.actor_kind.to_owned()
+                } else {
+                    format!("{}:{}", step.actor_kind, step.actor)
+                },
+                event: step.event,
+                from_state: step.from_state,
+                to_state: step.to_state,
+                variables_changed: Some(prost_types::Struct {
+                    fields: step
+                        .variables_changed
+                        .iter()
+                        .map(|(k, v)| (k.clone(), records::to_value(v)))
+                        .collect(),
+                }),
+                calendar_version: step.calendar_version.unwrap_or_default(),
+            })
+            .collect();
+        steps.truncate(fitting(&steps));
         Ok(Response::new(proto::ReplayCaseResponse {
-            matches: report.matches(),
-            steps: report
-                .steps
-                .into_iter()
-                .map(|step| proto::ReplayStep {
-                    sequence: step.sequence,
-                    time: Some(records::timestamp(step.time)),
-                    actor: if step.actor.is_empty() {
-                        step.actor_kind.to_owned()
-                    } else {
-                        format!("{}:{}", step.actor_kind, step.actor)
-                    },
-                    event: step.event,
-                    from_state: step.from_state,
-                    to_state: step.to_state,
-                    variables_changed: Some(prost_types::Struct {
-                        fields: step
-                            .variables_changed
-                            .iter()
-                            .map(|(k, v)| (k.clone(), records::to_value(v)))
-                            .collect(),
-                    }),
-                    calendar_version: step.calendar_version.unwrap_or_default(),
-                })
-                .collect(),
+            matches,
+            steps,
             divergence_sequence,
             divergence_reason,
+            steps_total,
         }))
     }
 
