@@ -460,39 +460,35 @@ impl Agent {
     }
 }
 
-/// A department system in another language: `examples/python/gaozhi_client.py`
-/// (grpcio, stubs generated from `proto/`) runs a 告知承诺 case with each
-/// agency's own token and checks the refusals and their reasons, the retry,
-/// the inbox and the watch. It needs a Python with
-/// `examples/python/requirements.txt` in `GOVFLOW_GRPC_PYTHON`; without one
-/// the test is skipped, unless `GOVFLOW_REQUIRE_PYTHON` is set (as `.ci/run`
-/// sets both).
-#[tokio::test]
-async fn a_python_grpcio_client_runs_a_gaozhi_case_with_each_agencys_token() {
-    let Some(python) = std::env::var_os("GOVFLOW_GRPC_PYTHON") else {
+/// The program an example client runs with, from `variable`, or `None`
+/// (the test is skipped) when it is not set and `required` is not either.
+fn example_client(variable: &str, required: &str) -> Option<std::ffi::OsString> {
+    let found = std::env::var_os(variable);
+    if found.is_none() {
         assert!(
-            std::env::var_os("GOVFLOW_REQUIRE_PYTHON").is_none(),
-            "GOVFLOW_REQUIRE_PYTHON is set but GOVFLOW_GRPC_PYTHON is not"
+            std::env::var_os(required).is_none(),
+            "{required} is set but {variable} is not"
         );
-        eprintln!("SKIPPED the Python gRPC client: GOVFLOW_GRPC_PYTHON is not set");
-        return;
-    };
+        eprintln!("SKIPPED an example client: {variable} is not set");
+    }
+    found
+}
+
+/// Runs an example department system (`client`, given the server, the case
+/// id and the token file) against a fresh server: it must end with the
+/// 告知承诺 case `case_id` granted and watched through.
+async fn example_client_runs_a_gaozhi_case(mut client: std::process::Command, case_id: &str) {
     let (dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/gaozhi_client.py");
-    let credentials = dir.path().join("data/credentials.toml");
-    let address = format!("127.0.0.1:{}", server.port);
+    client
+        .args(["--server", &format!("127.0.0.1:{}", server.port)])
+        .args(["--case-id", case_id])
+        .arg("--credentials")
+        .arg(dir.path().join("data/credentials.toml"));
     // Off the runtime's thread, which serves the client's calls meanwhile.
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .args(["--server", &address, "--case-id", "gz-python"])
-            .arg("--credentials")
-            .arg(&credentials)
-            .output()
-    })
-    .await
-    .expect("joins")
-    .expect("python runs");
+    let output = tokio::task::spawn_blocking(move || client.output())
+        .await
+        .expect("joins")
+        .expect("the client runs");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -503,9 +499,45 @@ async fn a_python_grpcio_client_runs_a_gaozhi_case_with_each_agencys_token() {
         text.contains("watched start → apply → inform → commit → grant"),
         "{text}"
     );
-    let case = server.engine.case("gz-python").expect("the case is stored");
+    let case = server.engine.case(case_id).expect("the case is stored");
     assert_eq!(case.state, "operating");
     server.stop().await;
+}
+
+/// A department system in another language: `examples/python/gaozhi_client.py`
+/// (grpcio, stubs generated from `proto/`) runs a 告知承诺 case with each
+/// agency's own token and checks the refusals and their reasons, the retry,
+/// the inbox and the watch. It needs a Python with
+/// `examples/python/requirements.txt` in `GOVFLOW_GRPC_PYTHON`; without one
+/// the test is skipped, unless `GOVFLOW_REQUIRE_PYTHON` is set (as `.ci/run`
+/// sets both).
+#[tokio::test]
+async fn a_python_grpcio_client_runs_a_gaozhi_case_with_each_agencys_token() {
+    let Some(python) = example_client("GOVFLOW_GRPC_PYTHON", "GOVFLOW_REQUIRE_PYTHON") else {
+        return;
+    };
+    let mut client = std::process::Command::new(python);
+    client.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/gaozhi_client.py"));
+    example_client_runs_a_gaozhi_case(client, "gz-python").await;
+}
+
+/// The same case from Node.js: `examples/node/gaozhi_client.mjs` (grpc-js,
+/// its own HTTP/2 stack, services loaded from `proto/` at run time). It needs
+/// `GOVFLOW_GRPC_NODE_DIR`, a folder where `npm ci` installed
+/// `examples/node/package.json`; the script is run from there. Skipped
+/// without it unless `GOVFLOW_REQUIRE_NODE` is set (as `.ci/run` sets both).
+#[tokio::test]
+async fn a_node_grpc_js_client_runs_a_gaozhi_case_with_each_agencys_token() {
+    let Some(dir) = example_client("GOVFLOW_GRPC_NODE_DIR", "GOVFLOW_REQUIRE_NODE") else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Beside its node_modules, where Node resolves the packages it imports.
+    let script = Path::new(&dir).join("gaozhi_client.mjs");
+    std::fs::copy(root.join("examples/node/gaozhi_client.mjs"), &script).expect("copied");
+    let mut client = std::process::Command::new("node");
+    client.arg(script).arg("--proto").arg(root.join("proto"));
+    example_client_runs_a_gaozhi_case(client, "gz-node").await;
 }
 
 #[tokio::test]
