@@ -1952,25 +1952,56 @@ async fn serve_on_test_store(now: &str) -> (tempfile::TempDir, Arc<TestStore>, S
     (dir, store, server)
 }
 
+/// What the server's health service answers for `service` ("" for the server).
+async fn health_of(server: &Server, service: &str) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    HealthClient::new(server.channel().await)
+        .check(request)
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+/// Polls until the server's health is `status`; false after five seconds.
+async fn health_becomes(
+    server: &Server,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+) -> bool {
+    for _ in 0..100 {
+        if health_of(server, "").await == status as i32 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Regression: when the engine stopped for good (its writer gone after a
+/// bug), the timer loop ended quietly and health went on answering SERVING
+/// while every change was refused.
+#[tokio::test]
+async fn health_checks_answer_not_serving_once_the_engine_has_stopped() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    assert_eq!(health_of(&server, "").await, ServingStatus::Serving as i32);
+    server.engine.shutdown();
+    assert!(
+        health_becomes(&server, ServingStatus::NotServing).await,
+        "health still answers SERVING with the engine stopped"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn health_checks_answer_not_serving_once_storage_has_failed() {
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     // The server's engine, on a store whose disk the test can make fail.
     let (_dir, store, server) = serve_on_test_store("2020-06-01T01:00:00Z").await;
-    let health = HealthClient::new(server.channel().await);
-    let status = |service: &str| {
-        let mut health = health.clone();
-        let service = service.to_owned();
-        async move {
-            health
-                .check(HealthCheckRequest { service })
-                .await
-                .expect("health answers")
-                .into_inner()
-                .status
-        }
-    };
+    let status = |service: &'static str| health_of(&server, service);
     let services = ["", "govflow.v1.CasesService", "govflow.v1.AuditService"];
     for service in services {
         assert_eq!(
@@ -2004,15 +2035,10 @@ async fn health_checks_answer_not_serving_once_storage_has_failed() {
         (refused.code(), reason(&refused)),
         (Code::Internal, "storage".to_owned())
     );
-    let mut told = false;
-    for _ in 0..100 {
-        if status("").await == ServingStatus::NotServing as i32 {
-            told = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(told, "health still answers SERVING after storage failed");
+    assert!(
+        health_becomes(&server, ServingStatus::NotServing).await,
+        "health still answers SERVING after storage failed"
+    );
     for service in services {
         assert_eq!(
             status(service).await,

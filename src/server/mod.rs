@@ -535,10 +535,16 @@ pub async fn serve_on(
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Err(e) = engine.tick().await {
-                    tracing::warn!("timers: {e}");
                     if matches!(e, EngineError::Stopped) {
+                        // Stopped for good (the server stopping, or its writer
+                        // gone after a bug): health must not go on saying SERVING.
+                        tracing::error!(
+                            "the engine has stopped: every change is refused, and health checks answer NOT_SERVING"
+                        );
+                        report_health(&health_reporter, ServingStatus::NotServing).await;
                         return;
                     }
+                    tracing::warn!("timers: {e}");
                 }
                 if serving && let Some(reason) = engine.storage_failure() {
                     tracing::error!(
