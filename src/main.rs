@@ -572,6 +572,14 @@ fn draw_all(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut count = 0;
     for (_, workflow) in sources.workflows() {
+        // The name becomes a file name: `../x` would be drawn outside `dir`.
+        if !govflow::lang::validate::is_workflow_name(&workflow.name) {
+            eprintln!(
+                "not drawn: workflow name `{}` is not a name (see its `bad-name` error)",
+                workflow.name.escape_debug()
+            );
+            continue;
+        }
         for (format, ext) in [
             (render::Format::Dot, "dot"),
             (render::Format::Mermaid, "mmd"),

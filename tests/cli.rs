@@ -360,3 +360,38 @@ fn serve_names_a_data_folder_that_is_a_file() {
         "not a folder"
     );
 }
+
+/// Regression: workflow names were not checked, and `--draw` wrote
+/// `{name}.svg` under the pictures folder: a workflow named `../escaped` was
+/// drawn outside it. The name is now a `bad-name` error, and not drawn.
+#[test]
+fn a_workflow_named_like_a_path_is_refused_and_not_drawn_outside_the_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().to_path_buf();
+    std::fs::copy(
+        root().join("tests/data/invalid/bad_name.ron"),
+        work.join("bad_name.ron"),
+    )
+    .expect("copy");
+    let out = govflow()
+        .args(["validate"])
+        .arg(work.join("bad_name.ron"))
+        .arg("--draw")
+        .arg(work.join("pictures"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("error[bad-name]"), "{text}");
+    // `pictures/../escaped.svg` would be in `work`, beside the workflow.
+    let mut beside: Vec<_> = std::fs::read_dir(&work)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["bad_name.ron", "pictures"], "{text}");
+}

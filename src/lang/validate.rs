@@ -120,6 +120,19 @@ pub struct Validated {
     pub library: Option<Library>,
 }
 
+/// The longest workflow name.
+const MAX_WORKFLOW_NAME: usize = 64;
+
+/// Whether `name` may name a workflow: 1 to [`MAX_WORKFLOW_NAME`] ASCII
+/// letters, digits, `_` or `-`, starting with a letter (so also a plain file
+/// name, a key part and a resource-name segment).
+pub fn is_workflow_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name.len() <= MAX_WORKFLOW_NAME
+}
+
 /// Validates everything loaded and compiles it.
 pub fn validate(sources: &Sources) -> Validated {
     let mut diagnostics = sources.diagnostics.clone();
@@ -513,6 +526,7 @@ struct WorkflowChecker<'a> {
 impl WorkflowChecker<'_> {
     fn check(mut self, r: &mut Reporter) -> (HashMap<String, Arc<Program>>, Reads) {
         let root = DocPath::root();
+        self.check_workflow_name(r);
         self.check_catalogue_names(r);
         self.check_roles(r);
         self.check_variables(r);
@@ -535,6 +549,24 @@ impl WorkflowChecker<'_> {
             self.check_graph(r);
         }
         (self.programs, self.reads)
+    }
+
+    /// A workflow's name names files (`graph --draw` writes `{name}.svg`),
+    /// store keys and resource names (`workflows/{name}/versions/{n}`): so
+    /// no path, no separator, nothing a reader could take two ways.
+    fn check_workflow_name(&self, r: &mut Reporter) {
+        let name = &self.w.name;
+        if !is_workflow_name(name) {
+            r.error(
+                "bad-name",
+                &DocPath::root().field("name"),
+                format!(
+                    "workflow name `{}` must be 1 to {MAX_WORKFLOW_NAME} ASCII letters, digits, `_` or `-`, starting with a letter",
+                    name.escape_debug()
+                ),
+                Some("it names files, store keys and resource names (`workflows/{name}`); put the Chinese name in `title`".into()),
+            );
+        }
     }
 
     fn role_names(&self) -> impl Iterator<Item = &str> + Clone {
