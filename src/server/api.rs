@@ -747,8 +747,14 @@ impl DefinitionsService for Api {
                 (render::Format::Dot, "text/vnd.graphviz")
             }
         };
+        // Laying out a picture takes up to a second or two: not on one of the
+        // threads that serve every call.
+        let compiled = Arc::clone(compiled);
+        let content = tokio::task::spawn_blocking(move || render::render(&compiled.def, format))
+            .await
+            .map_err(|e| status(Code::Internal, "render-panicked", e.to_string(), &[]))?;
         Ok(Response::new(proto::RenderWorkflowResponse {
-            content: render::render(&compiled.def, format),
+            content,
             content_type: content_type.into(),
         }))
     }
