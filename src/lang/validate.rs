@@ -527,6 +527,7 @@ impl WorkflowChecker<'_> {
     fn check(mut self, r: &mut Reporter) -> (HashMap<String, Arc<Program>>, Reads) {
         let root = DocPath::root();
         self.check_workflow_name(r);
+        self.check_plain_names(r);
         self.check_catalogue_names(r);
         self.check_roles(r);
         self.check_variables(r);
@@ -566,6 +567,49 @@ impl WorkflowChecker<'_> {
                 ),
                 Some("it names files, store keys and resource names (`workflows/{name}`); put the Chinese name in `title`".into()),
             );
+        }
+    }
+
+    /// The names of roles, variables, states and events go into store keys
+    /// (whose parts a NUL separates), index entries and every message: none
+    /// may be empty or hold a control character.
+    fn check_plain_names(&self, r: &mut Reporter) {
+        let root = DocPath::root();
+        let mut names: Vec<(&str, DocPath, &str)> = Vec::new();
+        for (i, role) in self.w.roles.iter().enumerate() {
+            names.push((
+                "role",
+                root.field("roles").index(i).field("name"),
+                &role.name,
+            ));
+        }
+        for (i, v) in self.w.variables.iter().enumerate() {
+            names.push((
+                "variable",
+                root.field("variables").index(i).field("name"),
+                &v.name,
+            ));
+        }
+        for (i, state) in self.w.states.iter().enumerate() {
+            let sp = root.field("states").index(i);
+            names.push(("state", sp.field("name"), &state.name));
+            for (j, t) in state.transitions.iter().enumerate() {
+                let tp = sp.field("transitions").index(j);
+                names.push(("event", tp.field("event"), &t.event));
+            }
+        }
+        for (what, path, name) in names {
+            if name.is_empty() || name.chars().any(char::is_control) {
+                r.error(
+                    "bad-name",
+                    &path,
+                    format!(
+                        "{what} name `{}` is empty or holds a control character",
+                        name.escape_debug()
+                    ),
+                    None,
+                );
+            }
         }
     }
 
