@@ -67,8 +67,35 @@ pub fn write_whole<T, E: From<io::Error>>(
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(folder)?.sync_all()?;
+    remove_stale(folder, &prefix);
     Ok(written)
 }
+
+/// New files of an earlier write of the same file that a crash left behind
+/// (`.{name}.XXXXXX.tmp`); one younger than [`STALE_AFTER`] may be another
+/// process's write under way, and is left alone. Best effort: they are
+/// clutter, not harm.
+fn remove_stale(folder: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = name.starts_with(prefix)
+            && name.ends_with(".tmp")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_AFTER));
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// How old a left-behind new file must be to be removed.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What a file created the ordinary way gets: read and write for all, less
 /// the umask (the temporary file's own default is owner-only).
@@ -177,5 +204,31 @@ mod tests {
         replace(Path::new("/dev/null"), b"picture", None).expect("written");
         let null = std::fs::symlink_metadata("/dev/null").expect("meta");
         assert!(null.file_type().is_char_device());
+    }
+
+    /// A new file a crash left behind is removed by the next write of the
+    /// same file once it is old; a young one (a write under way) is kept.
+    #[test]
+    fn files_left_by_a_crashed_write_are_removed_once_old() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentials.toml");
+        let old = dir.path().join(".credentials.toml.Ab12Cd.tmp");
+        let young = dir.path().join(".credentials.toml.Ef34Gh.tmp");
+        let other = dir.path().join(".permits.ron.Ij56Kl.tmp");
+        for leftover in [&old, &young, &other] {
+            std::fs::write(leftover, "half").expect("write");
+        }
+        let long_ago = std::time::SystemTime::now() - 2 * STALE_AFTER;
+        for aged in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(aged)
+                .and_then(|f| f.set_modified(long_ago))
+                .expect("aged");
+        }
+        replace(&path, b"tokens", None).expect("written");
+        assert!(!old.exists(), "an old leftover stays");
+        assert!(young.exists(), "a write under way was removed");
+        assert!(other.exists(), "another file's leftover was removed");
     }
 }
