@@ -310,6 +310,15 @@ fn fit_page(page: &mut crate::store::Page) {
     }
 }
 
+/// `items` as records, as many as fit in one answer (see [`fitting`]), and
+/// how many there were in all.
+fn fitted<U, T: prost::Message>(items: Vec<U>, record: impl FnMut(U) -> T) -> (Vec<T>, u64) {
+    let total = items.len() as u64;
+    let mut records: Vec<T> = items.into_iter().map(record).collect();
+    records.truncate(fitting(&records));
+    (records, total)
+}
+
 fn page_size(requested: i32, default: usize) -> Result<usize, Status> {
     match requested {
         0 => Ok(default),
@@ -1311,20 +1320,15 @@ impl AuditService for Api {
         .await
         .map_err(|e| status(Code::Internal, "audit-panicked", e.to_string(), &[]))?
         .map_err(engine_status)?;
-        let breaking_cases_total = report.breaking.len() as u64;
-        let mut breaking_cases: Vec<proto::MigrationBreak> = report
-            .breaking
-            .into_iter()
-            .map(|b| proto::MigrationBreak {
+        let (breaking_cases, breaking_cases_total) =
+            fitted(report.breaking, |b| proto::MigrationBreak {
                 case_id: b.case_id,
                 workflow_version: b.version,
                 state: b.state,
                 sequence: b.sequence,
                 kind: break_kind(b.kind).to_owned(),
                 reason: b.reason,
-            })
-            .collect();
-        breaking_cases.truncate(fitting(&breaking_cases));
+            });
         Ok(Response::new(proto::CheckMigrationResponse {
             workflow: report.workflow,
             digest: report.new_digest,
@@ -1362,18 +1366,12 @@ impl AuditService for Api {
             crate::audit::verify(source, &scope, None)
         })
         .await?;
-        let findings_total = report.findings.len() as u64;
-        let mut findings: Vec<proto::Finding> = report
-            .findings
-            .into_iter()
-            .map(|f| proto::Finding {
-                case_id: f.case_id,
-                sequence: f.sequence,
-                kind: f.kind.as_str().to_owned(),
-                detail: f.detail,
-            })
-            .collect();
-        findings.truncate(fitting(&findings));
+        let (findings, findings_total) = fitted(report.findings, |f| proto::Finding {
+            case_id: f.case_id,
+            sequence: f.sequence,
+            kind: f.kind.as_str().to_owned(),
+            detail: f.detail,
+        });
         Ok(Response::new(proto::VerifyHistoryResponse {
             cases: report.cases,
             entries: report.entries,
@@ -1398,32 +1396,26 @@ impl AuditService for Api {
             .as_ref()
             .map_or((0, String::new()), |d| (d.sequence, d.reason.clone()));
         let matches = report.matches();
-        let steps_total = report.steps.len() as u64;
-        let mut steps: Vec<proto::ReplayStep> = report
-            .steps
-            .into_iter()
-            .map(|step| proto::ReplayStep {
-                sequence: step.sequence,
-                time: Some(records::timestamp(step.time)),
-                actor: if step.actor.is_empty() {
-                    step.actor_kind.to_owned()
-                } else {
-                    format!("{}:{}", step.actor_kind, step.actor)
-                },
-                event: step.event,
-                from_state: step.from_state,
-                to_state: step.to_state,
-                variables_changed: Some(prost_types::Struct {
-                    fields: step
-                        .variables_changed
-                        .iter()
-                        .map(|(k, v)| (k.clone(), records::to_value(v)))
-                        .collect(),
-                }),
-                calendar_version: step.calendar_version.unwrap_or_default(),
-            })
-            .collect();
-        steps.truncate(fitting(&steps));
+        let (steps, steps_total) = fitted(report.steps, |step| proto::ReplayStep {
+            sequence: step.sequence,
+            time: Some(records::timestamp(step.time)),
+            actor: if step.actor.is_empty() {
+                step.actor_kind.to_owned()
+            } else {
+                format!("{}:{}", step.actor_kind, step.actor)
+            },
+            event: step.event,
+            from_state: step.from_state,
+            to_state: step.to_state,
+            variables_changed: Some(prost_types::Struct {
+                fields: step
+                    .variables_changed
+                    .iter()
+                    .map(|(k, v)| (k.clone(), records::to_value(v)))
+                    .collect(),
+            }),
+            calendar_version: step.calendar_version.unwrap_or_default(),
+        });
         Ok(Response::new(proto::ReplayCaseResponse {
             matches,
             steps,
