@@ -415,12 +415,7 @@ fn watch_failure(status: &Status, last_cursor: &str) -> anyhow::Error {
 
 /// A server error, said plainly: code, message and machine-readable reason.
 fn failure(status: &Status) -> anyhow::Error {
-    use tonic_types::StatusExt;
-    let reason = status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default();
+    let reason = govflow::server::api::reason(status);
     anyhow::anyhow!(
         "{:?}: {}{}",
         status.code(),

@@ -112,6 +112,16 @@ fn new_file_permissions() -> Option<Permissions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names of the files in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
     use std::io::Read;
 
     /// Regression (the tokens file, then an imported catalogue): files were
@@ -139,11 +149,7 @@ mod tests {
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o640);
         }
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("permits.ron")]);
+        assert_eq!(names_in(dir.path()), ["permits.ron"]);
     }
 
     /// Regression (`audit export -o`, `graph -o`): an output was created in
@@ -163,11 +169,7 @@ mod tests {
             std::fs::read_to_string(&path).expect("read"),
             "earlier export\n"
         );
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("export.jsonl")]);
+        assert_eq!(names_in(dir.path()), ["export.jsonl"]);
     }
 
     /// A new file gets what any new file gets (the umask applies), not the

@@ -53,15 +53,24 @@ pub(crate) fn start_ledger(id: &str) -> StartRequest {
     }
 }
 
+/// Starts case `id` of `workflow`, whose one role, `handler`, is `agency`'s
+/// (request `start-{id}`).
+pub(crate) fn start_handled(workflow: &str, id: &str, agency: &str) -> StartRequest {
+    StartRequest {
+        request_id: format!("start-{id}"),
+        case_id: id.into(),
+        workflow: workflow.into(),
+        agency: agency.into(),
+        bindings: [("handler".to_owned(), agency.to_owned())].into(),
+        variables: Map::new(),
+    }
+}
+
 /// Starts `batch` case `id`, handled by [`CITY`].
 pub(crate) fn start_batch(request: &str, id: &str) -> StartRequest {
     StartRequest {
         request_id: request.into(),
-        case_id: id.into(),
-        workflow: "batch".into(),
-        agency: CITY.into(),
-        bindings: [("handler".to_owned(), CITY.to_owned())].into(),
-        variables: Map::new(),
+        ..start_handled("batch", id, CITY)
     }
 }
 

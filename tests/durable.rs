@@ -17,7 +17,7 @@ use govflow::store::{CaseFilter, SledStore, Store, SyncStep, proto, records};
 
 use crate::common::{
     CITY, COUNTY, TestStore, data, engine_on_test_store, env_or, fire, fresh_engine, obj,
-    open_engine, start_batch, start_ledger, t0,
+    open_engine, start_batch, start_handled, start_ledger, t0,
 };
 
 fn note(id: &str, request: &str) -> FireRequest {
@@ -938,14 +938,7 @@ async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() 
     let (_dir, _clock, engine) = fresh_engine();
     let depth = env_or("GOVFLOW_NEST_DEPTH", 1000usize);
     engine
-        .start(StartRequest {
-            request_id: "start-n".into(),
-            case_id: "n".into(),
-            workflow: "nest".into(),
-            agency: CITY.into(),
-            bindings: [("handler".to_owned(), CITY.to_owned())].into(),
-            variables: Map::new(),
-        })
+        .start(start_handled("nest", "n", CITY))
         .await
         .expect("start");
     let mut id = "n".to_owned();
@@ -1192,14 +1185,7 @@ async fn a_clock_set_back_a_little_never_makes_a_history_go_back_in_time() {
 async fn deadlines_that_loop_without_time_passing_are_held_back() {
     let (_dir, clock, engine) = fresh_engine();
     engine
-        .start(StartRequest {
-            request_id: "relay".into(),
-            case_id: "relay".into(),
-            workflow: "relay".into(),
-            agency: COUNTY.into(),
-            bindings: [("handler".to_owned(), COUNTY.to_owned())].into(),
-            variables: Map::new(),
-        })
+        .start(start_handled("relay", "relay", COUNTY))
         .await
         .expect("start");
     engine.tick().await.expect("tick");

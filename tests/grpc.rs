@@ -216,11 +216,7 @@ async fn cli(args: Vec<String>) -> std::process::Output {
 }
 
 fn reason(status: &Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
+    server::api::reason(status)
 }
 
 fn data_dir() -> (tempfile::TempDir, PathBuf) {

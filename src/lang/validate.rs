@@ -575,40 +575,50 @@ impl WorkflowChecker<'_> {
     /// may be empty or hold a control character.
     fn check_plain_names(&self, r: &mut Reporter) {
         let root = DocPath::root();
-        let mut names: Vec<(&str, DocPath, &str)> = Vec::new();
+        let bad = |name: &str| name.is_empty() || name.chars().any(char::is_control);
+        // Paths are built only for names that are reported.
+        let mut report = |what: &str, path: DocPath, name: &str| {
+            r.error(
+                "bad-name",
+                &path,
+                format!(
+                    "{what} name `{}` is empty or holds a control character",
+                    name.escape_debug()
+                ),
+                None,
+            );
+        };
         for (i, role) in self.w.roles.iter().enumerate() {
-            names.push((
-                "role",
-                root.field("roles").index(i).field("name"),
-                &role.name,
-            ));
-        }
-        for (i, v) in self.w.variables.iter().enumerate() {
-            names.push((
-                "variable",
-                root.field("variables").index(i).field("name"),
-                &v.name,
-            ));
-        }
-        for (i, state) in self.w.states.iter().enumerate() {
-            let sp = root.field("states").index(i);
-            names.push(("state", sp.field("name"), &state.name));
-            for (j, t) in state.transitions.iter().enumerate() {
-                let tp = sp.field("transitions").index(j);
-                names.push(("event", tp.field("event"), &t.event));
+            if bad(&role.name) {
+                report(
+                    "role",
+                    root.field("roles").index(i).field("name"),
+                    &role.name,
+                );
             }
         }
-        for (what, path, name) in names {
-            if name.is_empty() || name.chars().any(char::is_control) {
-                r.error(
-                    "bad-name",
-                    &path,
-                    format!(
-                        "{what} name `{}` is empty or holds a control character",
-                        name.escape_debug()
-                    ),
-                    None,
+        for (i, v) in self.w.variables.iter().enumerate() {
+            if bad(&v.name) {
+                report(
+                    "variable",
+                    root.field("variables").index(i).field("name"),
+                    &v.name,
                 );
+            }
+        }
+        for (i, state) in self.w.states.iter().enumerate() {
+            let sp = || root.field("states").index(i);
+            if bad(&state.name) {
+                report("state", sp().field("name"), &state.name);
+            }
+            for (j, t) in state.transitions.iter().enumerate() {
+                if bad(&t.event) {
+                    report(
+                        "event",
+                        sp().field("transitions").index(j).field("event"),
+                        &t.event,
+                    );
+                }
             }
         }
     }

@@ -25,6 +25,17 @@ use crate::store::{CaseFilter, records};
 
 const DOMAIN: &str = "govflow";
 
+/// The machine-readable reason of a status (its `ErrorInfo`), or "" when it
+/// carries none: what [`status`] puts in, read back.
+pub fn reason(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
 /// A status with its machine-readable reason.
 pub fn status(
     code: Code,

@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tonic::codegen::http;
-use tonic_types::StatusExt;
 
 /// Who made a call, as the interceptor found it.
 #[derive(Clone, Default)]
@@ -104,11 +103,7 @@ fn record(
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     match status {
         Some(status) if status.code() != tonic::Code::Ok => {
-            let reason = status
-                .get_error_details()
-                .error_info()
-                .map(|info| info.reason.clone())
-                .unwrap_or_default();
+            let reason = super::api::reason(status);
             tracing::info!(
                 target: "govflow::requests",
                 method,
