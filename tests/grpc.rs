@@ -1071,6 +1071,23 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         "{:?}",
         diagnostics.diagnostics
     );
+    // Brackets nested far deeper than RON reads (a 200 KB request) are a
+    // syntax error, not a stack overflow that ends the server.
+    let nested = definitions
+        .validate_workflow(authed(
+            t,
+            proto::ValidateWorkflowRequest {
+                source: format!("Workflow(name: \"x\", title: {}", "[".repeat(200_000)),
+            },
+        ))
+        .await
+        .expect("validate answers nested brackets")
+        .into_inner();
+    assert!(
+        nested.diagnostics.iter().any(|d| d.code == "syntax"),
+        "{:?}",
+        nested.diagnostics
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     server.stop().await;
 }

@@ -320,7 +320,14 @@ pub fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError) -> Diagnosti
             .or_else(|| Some(format!("expected one of: {}", expected.join(", ")))),
         _ => None,
     };
-    Diagnostic::at(path, at, "syntax", e.code.to_string()).with_hint(hint)
+    let message = match &e.code {
+        // ron's own words name its options, which an author cannot set.
+        Error::ExceededRecursionLimit => {
+            "values are nested too deeply (more than 128 brackets inside one another)".to_owned()
+        }
+        other => other.to_string(),
+    };
+    Diagnostic::at(path, at, "syntax", message).with_hint(hint)
 }
 
 fn collect_ron(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {

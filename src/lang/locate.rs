@@ -106,6 +106,7 @@ impl SourceMap {
             text,
             tokens: tokenize(text),
             pos: 0,
+            depth: 0,
         };
         let root = parser.value();
         SourceMap {
@@ -313,10 +314,17 @@ fn quoted(bytes: &[u8], mut i: usize, quote: u8) -> (usize, String) {
     )
 }
 
+/// How deep values are mapped. `ron` refuses deeper nesting (its recursion
+/// limit, 128) with a located error, so nothing below is ever pointed at;
+/// mapping it would only recurse, and a file of nested brackets would
+/// overflow the stack.
+const MAX_DEPTH: usize = 128;
+
 struct Parser<'a> {
     text: &'a str,
     tokens: Vec<(usize, Tok)>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -358,6 +366,33 @@ impl Parser<'_> {
     fn value(&mut self) -> Option<Node> {
         self.skip_attributes();
         let start = self.offset();
+        if self.depth >= MAX_DEPTH {
+            self.skip_value();
+            return Some(atom(start));
+        }
+        self.depth += 1;
+        let node = self.nested(start);
+        self.depth -= 1;
+        node
+    }
+
+    /// Passes over one value without mapping it, bracket by bracket (no
+    /// recursion, however deep it goes).
+    fn skip_value(&mut self) {
+        let mut open = 0usize;
+        while let Some(tok) = self.peek() {
+            match tok {
+                Tok::Punct('(' | '[' | '{') => open += 1,
+                Tok::Punct(')' | ']' | '}') if open == 0 => return,
+                Tok::Punct(')' | ']' | '}') => open -= 1,
+                Tok::Punct(',') if open == 0 => return,
+                _ => {}
+            }
+            self.pos += 1;
+        }
+    }
+
+    fn nested(&mut self, start: usize) -> Option<Node> {
         let tok = self.peek()?.clone();
         self.pos += 1;
         let node = match tok {
@@ -529,6 +564,29 @@ Workflow(
         let p = DocPath::root().field("name");
         assert_eq!(map.locate(&p), LineCol { line: 3, col: 11 });
         assert_eq!(map.locate_in_string(&p, 1, 1), LineCol { line: 3, col: 12 });
+    }
+
+    #[test]
+    fn nesting_deeper_than_ron_reads_is_passed_over_not_recursed_into() {
+        for text in [
+            format!(
+                "Workflow(name: \"x\", deep: {}1{}, after: 2)",
+                "[".repeat(200_000),
+                "]".repeat(200_000)
+            ),
+            format!("Workflow(name: \"x\", deep: {}", "[(".repeat(200_000)),
+        ] {
+            let map = SourceMap::new(&text);
+            assert_eq!(map.root_name(), Some("Workflow"));
+            assert_eq!(map.locate(&path(&[Seg::Field("name".into())])).col, 16);
+        }
+        let text = format!(
+            "Workflow(deep: {}1{}, after: 2)",
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        let after = SourceMap::new(&text).locate(&path(&[Seg::Field("after".into())]));
+        assert_eq!(after.col, text.find("2)").unwrap() + 1);
     }
 
     #[test]
