@@ -1089,10 +1089,19 @@ fn timer(
                     now,
                 )
             };
-            // A deadline that comes due when no transition applies is still
-            // spent, and the history says why: otherwise it would stay due
-            // and fire again forever.
+            // A deadline that comes due when no transition applies (none in
+            // this state, or no guard holds) is still spent, and the history
+            // says why: otherwise it would stay due and fire again forever.
+            // Any other refusal (a day past the calendar, an effect that
+            // cannot be computed) is a fault to be mended, not a decision: the
+            // deadline stays due, and the caller tries it again later.
             taken.or_else(|rejection| {
+                if !matches!(
+                    rejection.code,
+                    RejectCode::UnknownEvent | RejectCode::WrongState | RejectCode::GuardFalse
+                ) {
+                    return Err(rejection);
+                }
                 let mut new = case.clone();
                 new.timers.retain(|t| t.id != timer.id);
                 let fx = Effects {

@@ -553,6 +553,40 @@ fn an_expiry_goes_through_guards() {
 }
 
 #[test]
+fn a_deadline_whose_step_fails_is_refused_and_stays_due() {
+    // Escalating binds the county's parent: from the city to the province,
+    // then from the province, which has none, so that step cannot be taken.
+    // A fault to mend is not a decision: the deadline is not spent but
+    // refused, and stays on the case to be tried again.
+    let lib = testkit::library();
+    let mut case = in_review(&lib, 150);
+    let mut now = t0() + hours(1);
+    let refused = loop {
+        now = now + hours(49);
+        let expiry = case
+            .timers
+            .iter()
+            .find(|t| t.id.ends_with(":expiry"))
+            .expect("a deadline");
+        match apply(&lib, &case, &timer(&expiry.id.clone()), now) {
+            Ok(step) => {
+                assert!(
+                    step.entry.payload.get(SPENT_KEY).is_none(),
+                    "{:?}",
+                    step.entry
+                );
+                case = step.case;
+            }
+            Err(e) => break e,
+        }
+        assert!(now < t0() + hours(500), "the escalation never failed");
+    };
+    assert_eq!(refused.code, RejectCode::EffectFailed, "{refused}");
+    assert_eq!(case.bindings["county"], "p");
+    assert!(case.timers.iter().any(|t| t.id.ends_with(":expiry")));
+}
+
+#[test]
 fn working_days_without_a_calendar_are_a_calendar_rejection() {
     let lib = testkit::library_without_calendar();
     let review = in_review(&lib, 150);
