@@ -562,7 +562,7 @@ fn a_deadline_whose_step_fails_is_refused_and_stays_due() {
     let mut case = in_review(&lib, 150);
     let mut now = t0() + hours(1);
     let refused = loop {
-        now = now + hours(49);
+        now += hours(49);
         let expiry = case
             .timers
             .iter()
