@@ -128,14 +128,14 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
                 .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_EXACT_INTEGER as f64)
                 .map(|f| f as i64)
         }) {
-            Some(i) if i.abs() <= MAX_EXACT_INTEGER => Ok(Json::from(i)),
+            Some(i) if i.unsigned_abs() <= MAX_EXACT_INTEGER as u64 => Ok(Json::from(i)),
             Some(_) => Err(format!(
                 "integer {n} is outside ±{MAX_EXACT_INTEGER}, the range JSON carries exactly"
             )),
             None => Err(format!("expected an integer, found number {n}")),
         },
         (Type::Integer, Json::String(s)) => match s.parse::<i64>() {
-            Ok(i) if i.abs() <= MAX_EXACT_INTEGER => Ok(Json::from(i)),
+            Ok(i) if i.unsigned_abs() <= MAX_EXACT_INTEGER as u64 => Ok(Json::from(i)),
             _ => Err(format!("expected an integer, found string \"{s}\"")),
         },
         (Type::Decimal, Json::Number(n)) => decimal(&n.to_string()),
@@ -333,6 +333,13 @@ mod tests {
         assert_eq!(check(&json!(5.0), &Type::Integer, None), Ok(json!(5)));
         assert!(check(&json!(5.5), &Type::Integer, None).is_err());
         assert!(check(&json!(1_i64 << 60), &Type::Integer, None).is_err());
+        // The one integer whose absolute value overflows is outside the range too.
+        assert!(check(&json!(i64::MIN), &Type::Integer, None).is_err());
+        assert!(check(&json!(i64::MIN.to_string()), &Type::Integer, None).is_err());
+        assert_eq!(
+            check(&json!(-MAX_EXACT_INTEGER), &Type::Integer, None),
+            Ok(json!(-MAX_EXACT_INTEGER))
+        );
         assert_eq!(
             check(&json!([1, "x"]), &Type::List(Box::new(Type::Integer)), None),
             Err("item 1: expected an integer, found string \"x\"".into())
