@@ -923,6 +923,16 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             .insert("authorization", value.parse().expect("header"));
         request
     };
+    let mut two_credentials = with_header(&format!("Bearer {platform}"));
+    two_credentials.metadata_mut().append(
+        "authorization",
+        format!("Bearer {platform}").parse().expect("header"),
+    );
+    // The scheme's name is case-insensitive.
+    cases
+        .get_case(with_header(&format!("BEARER {platform}")))
+        .await
+        .expect("BEARER is Bearer");
     // NaN and infinities: valid protobuf, but no JSON form.
     let number = |n: f64| prost_types::Value {
         kind: Some(prost_types::value::Kind::NumberValue(n)),
@@ -950,6 +960,9 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("an infinite variable", cases.create_case(authed(t, infinite_start)).await.map(|_| ()), Code::InvalidArgument, "non-finite-number"),
         ("unknown token", cases.get_case(with_header("Bearer not-a-token")).await.map(|_| ()), Code::Unauthenticated, "unknown-credential"),
         ("not a bearer token", cases.get_case(with_header(&format!("Basic {platform}"))).await.map(|_| ()), Code::Unauthenticated, "malformed-credential"),
+        ("two credentials", cases.get_case(two_credentials).await.map(|_| ()), Code::Unauthenticated, "malformed-credential"),
+        ("a time with negative nanoseconds", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Time(prost_types::Timestamp { seconds: 1_600_000_000, nanos: -1 })) })).await.map(|_| ()), Code::InvalidArgument, "bad-time"),
+        ("an unknown picture format", definitions.render_workflow(authed(t, proto::RenderWorkflowRequest { name: "workflows/zzfl_abolish".into(), format: 99 })).await.map(|_| ()), Code::InvalidArgument, "bad-format"),
         ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
         ("a step past the head", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Sequence(99)) })).await.map(|_| ()), Code::OutOfRange, "out-of-range"),
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),

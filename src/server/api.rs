@@ -36,6 +36,56 @@ pub fn reason(status: &Status) -> String {
         .unwrap_or_default()
 }
 
+/// A status's message and details travel in its trailers, which clients cap
+/// (grpc-core at 8 KiB; the message goes percent-encoded, three times the
+/// size of Chinese text, and again inside the details). A status would
+/// repeat whatever a request sent (a 6 KB case name) and then reach the
+/// client as a bare RESOURCE_EXHAUSTED, so what it says is cut to fit.
+const MESSAGE_BYTES: usize = 1_000;
+/// Room for the violations a status lists, all together.
+const VIOLATIONS_BYTES: usize = 2_000;
+/// Room for one value: an `ErrorInfo` metadata entry or one violation.
+const VALUE_BYTES: usize = 300;
+
+/// `text` cut to at most about `bytes`, keeping its start and its end (where
+/// a message says what to do) with `…` between them.
+fn shortened(text: &str, bytes: usize) -> String {
+    if text.len() <= bytes {
+        return text.to_owned();
+    }
+    let floor = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    };
+    let ceil = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at += 1;
+        }
+        at
+    };
+    let head = floor(bytes * 2 / 3);
+    let tail = ceil(text.len() - bytes / 3);
+    format!("{}…{}", &text[..head], &text[tail..])
+}
+
+/// The first of `violations` that fit together in [`VIOLATIONS_BYTES`],
+/// `size` telling each one's.
+fn fitting_violations<V>(
+    violations: impl IntoIterator<Item = V>,
+    size: impl Fn(&V) -> usize,
+) -> Vec<V> {
+    let mut used = 0;
+    violations
+        .into_iter()
+        .take_while(|v| {
+            used += size(v);
+            used <= VIOLATIONS_BYTES
+        })
+        .collect()
+}
+
 /// A status with its machine-readable reason.
 pub fn status(
     code: Code,
@@ -45,20 +95,28 @@ pub fn status(
 ) -> Status {
     let metadata: HashMap<String, String> = metadata
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .map(|(k, v)| ((*k).to_owned(), shortened(v, VALUE_BYTES)))
         .collect();
-    Status::with_error_details(
+    error_status(
         code,
-        message,
+        &message.into(),
         ErrorDetails::with_error_info(reason, DOMAIN, metadata),
     )
 }
 
+/// A status with the given details, its message shortened to fit.
+fn error_status(code: Code, message: &str, details: ErrorDetails) -> Status {
+    Status::with_error_details(code, shortened(message, MESSAGE_BYTES), details)
+}
+
 fn invalid(reason: &str, field: &str, message: impl Into<String>) -> Status {
-    let message = message.into();
+    let message = shortened(&message.into(), MESSAGE_BYTES);
     let mut details = ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new());
-    details.set_bad_request(vec![FieldViolation::new(field, message.clone())]);
-    Status::with_error_details(Code::InvalidArgument, message, details)
+    details.set_bad_request(vec![FieldViolation::new(
+        shortened(field, VALUE_BYTES),
+        shortened(&message, VALUE_BYTES),
+    )]);
+    error_status(Code::InvalidArgument, &message, details)
 }
 
 fn diagnostics_status(diagnostics: &[Diagnostic]) -> Status {
@@ -74,18 +132,16 @@ fn diagnostics_status(diagnostics: &[Diagnostic]) -> Status {
         None => "the workflow does not validate".to_owned(),
     };
     let mut details = ErrorDetails::with_error_info("workflow-invalid", DOMAIN, HashMap::new());
-    details.set_bad_request(
-        errors
-            .iter()
-            .map(|d| {
-                FieldViolation::new(
-                    format!("source:{}:{}", d.line, d.col),
-                    format!("[{}] {}", d.code, d.message),
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
-    Status::with_error_details(Code::InvalidArgument, message, details)
+    details.set_bad_request(fitting_violations(
+        errors.iter().map(|d| {
+            FieldViolation::new(
+                format!("source:{}:{}", d.line, d.col),
+                shortened(&format!("[{}] {}", d.code, d.message), VALUE_BYTES),
+            )
+        }),
+        |v| v.field.len() + v.description.len(),
+    ));
+    error_status(Code::InvalidArgument, &message, details)
 }
 
 /// How an engine error reaches a client.
@@ -147,19 +203,6 @@ pub fn engine_status(e: EngineError) -> Status {
     }
 }
 
-/// At most this many characters of a reason go into a refused deploy's
-/// status (details travel in trailers, which clients limit in size).
-const REASON_CHARS: usize = 240;
-/// Cases a refused deploy's status names (CheckMigration lists as many as fit in a page).
-const CASES_NAMED: usize = 20;
-
-fn clip(text: &str, chars: usize) -> String {
-    match text.char_indices().nth(chars) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
-}
-
 fn break_kind(kind: crate::audit::BreakKind) -> &'static str {
     match kind {
         crate::audit::BreakKind::History => "history",
@@ -180,7 +223,7 @@ fn migration_status(report: &crate::audit::MigrationReport) -> Status {
                 "case `{}` at sequence {}: {}",
                 b.case_id,
                 b.sequence,
-                clip(&b.reason, REASON_CHARS)
+                shortened(&b.reason, VALUE_BYTES / 2)
             )
         })
         .collect();
@@ -207,26 +250,25 @@ fn migration_status(report: &crate::audit::MigrationReport) -> Status {
     ]
     .into();
     let mut details = ErrorDetails::with_error_info("migration-check-failed", DOMAIN, metadata);
-    details.set_precondition_failure(
-        report
-            .breaking
-            .iter()
-            .take(CASES_NAMED)
-            .map(|b| {
-                PreconditionViolation::new(
-                    "MIGRATION",
-                    format!("cases/{}", b.case_id),
-                    format!(
+    details.set_precondition_failure(fitting_violations(
+        report.breaking.iter().map(|b| {
+            PreconditionViolation::new(
+                "MIGRATION",
+                format!("cases/{}", b.case_id),
+                shortened(
+                    &format!(
                         "sequence {} ({}): {}",
                         b.sequence,
                         break_kind(b.kind),
-                        clip(&b.reason, REASON_CHARS)
+                        b.reason
                     ),
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
-    Status::with_error_details(Code::FailedPrecondition, message, details)
+                    VALUE_BYTES,
+                ),
+            )
+        }),
+        |v| v.subject.len() + v.description.len(),
+    ));
+    error_status(Code::FailedPrecondition, &message, details)
 }
 
 fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
@@ -758,9 +800,17 @@ impl DefinitionsService for Api {
                 &[],
             )
         })?;
-        let (format, content_type) = match proto::RenderFormat::try_from(r.format)
-            .unwrap_or(proto::RenderFormat::Unspecified)
-        {
+        let format = proto::RenderFormat::try_from(r.format).map_err(|_| {
+            invalid(
+                "bad-format",
+                "format",
+                format!(
+                    "format {} is not a RenderFormat (1 DOT, 2 MERMAID, 3 SVG)",
+                    r.format
+                ),
+            )
+        })?;
+        let (format, content_type) = match format {
             proto::RenderFormat::Mermaid => (render::Format::Mermaid, "text/vnd.mermaid"),
             proto::RenderFormat::Svg => (render::Format::Svg, "image/svg+xml"),
             proto::RenderFormat::Dot | proto::RenderFormat::Unspecified => {
@@ -1447,9 +1497,7 @@ impl AuditService for Api {
         let current = visible(&self.engine, &principal, &id)?;
         let at = match r.at {
             Some(proto::get_case_at_request::At::Sequence(n)) => At::Sequence(n),
-            Some(proto::get_case_at_request::At::Time(t)) => {
-                At::Time(records::from_timestamp(Some(&t)))
-            }
+            Some(proto::get_case_at_request::At::Time(t)) => At::Time(request_time(&t, "time")?),
             None => return Err(invalid("missing-field", "at", "give a sequence or a time")),
         };
         let found = audit_blocking(&self.engine, move |source, library| {
@@ -1508,6 +1556,54 @@ impl AuditService for Api {
 mod tests {
     use super::*;
     use prost::Message;
+
+    /// What a status repeats of a request is cut to fit a client's trailer
+    /// limit, keeping the start and the end, and never inside a character.
+    #[test]
+    fn a_status_repeating_a_long_request_value_stays_small() {
+        let name = format!("cases/{}", "案".repeat(20_000));
+        let refused =
+            case_id(&name.replacen("cases/", "case/", 1), "name").expect_err("not a case name");
+        assert!(
+            refused.message().len() <= MESSAGE_BYTES + 3,
+            "{}",
+            refused.message().len()
+        );
+        assert!(refused.message().starts_with("`case/案"));
+        assert!(refused.message().ends_with("expected `cases/{case}`"));
+        assert!(
+            refused.details().len() < 2 * (MESSAGE_BYTES + VALUE_BYTES),
+            "{}",
+            refused.details().len()
+        );
+        assert_eq!(reason(&refused), "bad-resource-name");
+        let long = status(
+            Code::NotFound,
+            "case-not-found",
+            "甲".repeat(5_000),
+            &[("case", "乙".repeat(5_000))],
+        );
+        assert!(long.message().len() <= MESSAGE_BYTES + 3);
+        assert!(long.details().len() < 2 * (MESSAGE_BYTES + VALUE_BYTES));
+        let diagnostics: Vec<Diagnostic> = (1..=500)
+            .map(|line| {
+                Diagnostic::at(
+                    std::path::Path::new("x.ron"),
+                    crate::lang::locate::LineCol { line, col: 1 },
+                    "unknown-state",
+                    "状".repeat(400),
+                )
+            })
+            .collect();
+        let refused = diagnostics_status(&diagnostics);
+        assert!(
+            refused.details().len() < MESSAGE_BYTES + VIOLATIONS_BYTES + 500,
+            "{}",
+            refused.details().len()
+        );
+        assert!(refused.message().contains("500 problems"));
+        assert_eq!(shortened("short", 10), "short");
+    }
 
     /// A list is cut where its records pass [`PAGE_BYTES`]: never to
     /// nothing while there is something, and not at all when all fit.

@@ -163,19 +163,28 @@ impl Credentials {
                 request.extensions_mut().insert(principal);
                 return Ok(request);
             }
-            let header = request.metadata().get("authorization").ok_or_else(|| {
+            let mut headers = request.metadata().get_all("authorization").iter();
+            let header = headers.next().ok_or_else(|| {
                 unauthenticated(
                     "no-credential",
                     "no credential: send `authorization: Bearer <token>`",
                 )
             })?;
+            // Two credentials are ambiguous: a proxy that reads the last and
+            // this server the first would each see another caller.
+            if headers.next().is_some() {
+                return Err(unauthenticated(
+                    "malformed-credential",
+                    "more than one authorization header: send exactly one `authorization: Bearer <token>`",
+                ));
+            }
+            // The scheme's name is case-insensitive (RFC 9110 §11.1).
             let token = header
                 .to_str()
                 .ok()
-                .and_then(|h| {
-                    h.strip_prefix("Bearer ")
-                        .or_else(|| h.strip_prefix("bearer "))
-                })
+                .and_then(|h| h.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token)
                 .ok_or_else(|| {
                     unauthenticated(
                         "malformed-credential",
