@@ -284,6 +284,7 @@ pub const FORMAT: u32 = 2;
 /// for a moment: it is tried again for up to two seconds, and then the store
 /// is [`StoreError::InUse`].
 pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    remove_unfinished_snapshots(dir)?;
     let config = sled_config(dir, cache_bytes);
     let mut attempts = 0;
     let db = loop {
@@ -309,6 +310,45 @@ pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
         });
     }
     Ok(db)
+}
+
+/// sled writes a snapshot to `snap.{lsn}.generating`, then renames it
+/// `snap.{lsn}`. One left unfinished (a full disk, a crash while writing
+/// it) sorts last, so sled reads it on open as the latest snapshot, finds it
+/// corrupt and refuses the whole store (sled issue 1527), although nothing
+/// in it is needed: the finished snapshot before it, or the log, holds
+/// everything. Such files are removed first, when no other process has the
+/// store open (sled holds a lock on `db` while it is open).
+fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
+    let io = |path: &Path, source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let db = dir.join("db");
+    let log = match File::open(&db) {
+        Ok(log) => log,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(&db, e)),
+    };
+    if log.try_lock().is_err() {
+        // Open elsewhere: sled's own open says so.
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        let unfinished = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"));
+        if unfinished {
+            tracing::warn!(
+                "removing {}: a snapshot sled did not finish writing (the log holds what it would have)",
+                path.display()
+            );
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The format a store records, if it records one.
@@ -1194,6 +1234,28 @@ mod tests {
             };
             assert!(store.list(&filter, "", 10).expect("list").cases.is_empty());
         }
+    }
+
+    #[test]
+    fn a_snapshot_left_unfinished_does_not_stop_the_store_opening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = case("a", "open", None);
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            commit_cases(&store, vec![write(None, written.clone(), &[])]);
+            // While the store is open, another opener leaves its files alone.
+            let other = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+            std::fs::write(&other, b"").expect("write");
+            remove_unfinished_snapshots(dir.path()).expect("looked");
+            assert!(other.exists());
+            std::fs::remove_file(&other).expect("remove");
+        }
+        // What a full disk left: an empty snapshot sled never finished.
+        let unfinished = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, b"").expect("write");
+        let store = SledStore::open(dir.path()).expect("opens");
+        assert_eq!(store.case("a").expect("read"), Some(written));
+        assert!(!unfinished.exists());
     }
 
     #[test]
