@@ -135,7 +135,8 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
             assert!(chain_intact(history), "chain of {id} after {name}");
         }
     }
-    // The deploy is remembered: reopening with the old file on disk makes it a third version.
+    // The deploy is remembered: reopening with the older file still on disk
+    // neither undoes it nor numbers the older content again.
     let ledger: Vec<u32> = engine
         .workflow_versions()
         .expect("versions")
@@ -143,7 +144,7 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
         .filter(|v| v.name == "ledger")
         .map(|v| v.version)
         .collect();
-    assert_eq!(ledger, [1, 2, 3]);
+    assert_eq!(ledger, [1, 2]);
     let a = engine.case("a").expect("a");
     assert_eq!(
         (a.state.as_str(), a.sequence),
@@ -164,6 +165,19 @@ async fn reopening_after_every_kind_of_operation_finds_everything_as_it_was() {
         )
         .expect("list");
     assert_eq!(mine.cases.len(), 1);
+    engine
+        .start(start_ledger("after-reopening"))
+        .await
+        .expect("start");
+    assert_eq!(
+        engine
+            .case("after-reopening")
+            .expect("case")
+            .workflow_version,
+        2,
+        "new cases start on the version deployed, not the folder's older one"
+    );
+    assert_eq!(engine.case("a").expect("a").workflow_version, 1);
 }
 
 #[derive(Debug)]

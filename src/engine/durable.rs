@@ -416,19 +416,48 @@ impl Engine {
             }
         }
         let now = clock.now();
+        let mut versions = HashMap::new();
+        for v in &stored {
+            // A store from before one content kept one number may hold the
+            // same digest twice: its first version is the one it is known by.
+            versions.entry(v.digest.clone()).or_insert(v.version);
+        }
         let mut rules = Rules {
             library: Arc::new(Library::default()),
-            versions: stored
-                .iter()
-                .map(|v| (v.digest.clone(), v.version))
-                .collect(),
+            versions,
             current: BTreeMap::new(),
             deployed,
         };
         let mut new_versions = Vec::new();
+        let mut kept_deployed = Vec::new();
         for (name, compiled) in &library.workflows {
             let version = match latest.get(name.as_str()) {
                 Some(v) if v.digest == compiled.digest => v.version,
+                // The folder holds a version older than one deployed since
+                // (DeployWorkflow): a restart must not undo that deploy.
+                Some(v) if rules.versions.contains_key(&compiled.digest) => {
+                    let folder_version = rules.versions[&compiled.digest];
+                    match rules.deployed.compile(name, &v.source) {
+                        Some(deployed) => {
+                            tracing::warn!(
+                                workflow = %name,
+                                "the workflows folder holds version {folder_version}, older than version {} deployed since; version {} stays current (put the deployed source in the folder to keep the two alike)",
+                                v.version,
+                                v.version
+                            );
+                            kept_deployed.push((name.clone(), v.source.clone(), deployed));
+                            v.version
+                        }
+                        None => {
+                            tracing::warn!(
+                                workflow = %name,
+                                "version {} deployed since no longer validates; the workflows folder's version {folder_version} is current",
+                                v.version
+                            );
+                            folder_version
+                        }
+                    }
+                }
                 other => {
                     let version = other.map_or(1, |v| v.version + 1);
                     new_versions.push(proto::WorkflowVersion {
@@ -445,6 +474,13 @@ impl Engine {
             rules.current.insert(name.clone(), version);
         }
         let mut library = library;
+        for (name, source, deployed) in kept_deployed {
+            rules.deployed.set_current(&name, source);
+            library
+                .versions
+                .insert(deployed.digest.clone(), Arc::clone(&deployed));
+            library.workflows.insert(name, deployed);
+        }
         // Older versions: compiled against today's directory and catalogues.
         for old in &stored {
             if library.versions.contains_key(&old.digest) {
