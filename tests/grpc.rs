@@ -1417,6 +1417,35 @@ async fn stopping_the_server_does_not_wait_forever_on_a_watcher_that_never_reads
     assert_eq!(watchers.running(), 0, "a watch task outlived the server");
 }
 
+/// A client that stopped reading (a frozen process, a lost network) holds
+/// its connection until HTTP/2 keep-alive gives up, 50 s later; stopping
+/// waits for it no longer than the watch cut-off.
+#[tokio::test]
+async fn stopping_the_server_does_not_wait_on_a_client_that_stopped_reading() {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, _clock, server) =
+        serve_with("2020-09-21T09:00:00+08:00", |c| c.watch_cutoff_ms = 1000).await;
+    let mut frozen = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .expect("connect");
+    // The HTTP/2 preface and empty settings, then nothing is ever read.
+    frozen
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), server.stop())
+        .await
+        .expect("stopped");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "stopping waited {:?} for a client that reads nothing",
+        stopping.elapsed()
+    );
+    drop(frozen);
+}
+
 /// 证照分离 over gRPC: a registration spawns one child per permit, each in
 /// the workflow of its way of reform; every department acts with its own
 /// token on its child; the registration completes when all have settled.

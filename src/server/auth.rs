@@ -60,6 +60,34 @@ pub enum CredentialError {
     UnknownAgency(String),
     #[error("no random numbers from the operating system: {0}")]
     Random(String),
+    #[error(
+        "the token of `{0}` is {1}: a token must be at least {MIN_TOKEN_CHARS} characters with no spaces around it (remove the line and restart to have one generated)"
+    )]
+    WeakToken(String, &'static str),
+    #[error(
+        "`{0}` and `{1}` have the same token: each must have its own, or one of them could act as the other"
+    )]
+    SharedToken(String, String),
+}
+
+/// The shortest token accepted. Generated ones are 67 characters; a short
+/// one (or an empty one left to "revoke" an agency) is easily guessed.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Maps token hashes to principals, refusing a hash two principals share.
+fn by_hash(
+    hashes: impl IntoIterator<Item = ([u8; 32], Principal)>,
+) -> Result<HashMap<[u8; 32], Principal>, CredentialError> {
+    let mut by_hash = HashMap::new();
+    for (hash, principal) in hashes {
+        if let Some(other) = by_hash.insert(hash, principal.clone()) {
+            return Err(CredentialError::SharedToken(
+                other.name().to_owned(),
+                principal.name().to_owned(),
+            ));
+        }
+    }
+    Ok(by_hash)
 }
 
 pub fn hash_token(token: &str) -> [u8; 32] {
@@ -73,7 +101,7 @@ impl Credentials {
         agencies: &BTreeSet<String>,
         auditors: &BTreeSet<String>,
     ) -> Result<Self, CredentialError> {
-        let mut by_hash = HashMap::new();
+        let mut hashed = Vec::new();
         for (name, hash) in hashes {
             let hex = hash
                 .strip_prefix("sha256:")
@@ -82,10 +110,13 @@ impl Credentials {
                 .ok()
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| CredentialError::BadHash(name.clone()))?;
-            by_hash.insert(bytes, principal(name, agencies, auditors)?);
+            if bytes == hash_token("") {
+                return Err(CredentialError::WeakToken(name.clone(), "empty"));
+            }
+            hashed.push((bytes, principal(name, agencies, auditors)?));
         }
         Ok(Credentials {
-            by_hash,
+            by_hash: by_hash(hashed)?,
             by_certificate: HashMap::new(),
         })
     }
@@ -113,12 +144,24 @@ impl Credentials {
         agencies: &BTreeSet<String>,
         auditors: &BTreeSet<String>,
     ) -> Result<Self, CredentialError> {
-        let mut by_hash = HashMap::new();
+        let mut hashed = Vec::new();
         for (name, token) in tokens {
-            by_hash.insert(hash_token(token), principal(name, agencies, auditors)?);
+            let weakness = if token.is_empty() {
+                Some("empty")
+            } else if token.trim() != token {
+                Some("surrounded by spaces")
+            } else if token.chars().count() < MIN_TOKEN_CHARS {
+                Some("too short")
+            } else {
+                None
+            };
+            if let Some(weakness) = weakness {
+                return Err(CredentialError::WeakToken(name.clone(), weakness));
+            }
+            hashed.push((hash_token(token), principal(name, agencies, auditors)?));
         }
         Ok(Credentials {
-            by_hash,
+            by_hash: by_hash(hashed)?,
             by_certificate: HashMap::new(),
         })
     }
@@ -191,8 +234,15 @@ impl Credentials {
                         "the authorization header must be `Bearer <token>`",
                     )
                 })?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(unauthenticated(
+                    "malformed-credential",
+                    "the bearer token is empty: send `authorization: Bearer <token>`",
+                ));
+            }
             let principal = credentials
-                .principal(token.trim())
+                .principal(token)
                 .cloned()
                 .ok_or_else(|| unauthenticated("unknown-credential", "unknown or revoked token"))?;
             tracing::debug!(principal = principal.name(), "authenticated by token");
@@ -235,11 +285,11 @@ pub fn new_token() -> Result<String, CredentialError> {
 
 /// Reads the generated token file, adding a token for every principal that
 /// has none (new agencies, or the first start), and writes it back readable
-/// by its owner only.
+/// by its owner only. Returns the tokens and the names given new ones.
 pub fn ensure_token_file(
     path: &Path,
     names: &BTreeSet<String>,
-) -> Result<(BTreeMap<String, String>, usize), CredentialError> {
+) -> Result<(BTreeMap<String, String>, Vec<String>), CredentialError> {
     let file_error = |message: String| CredentialError::File {
         path: path.display().to_string(),
         message,
@@ -251,14 +301,14 @@ pub fn ensure_token_file(
     } else {
         BTreeMap::new()
     };
-    let mut added = 0;
+    let mut added = Vec::new();
     for name in names {
         if !tokens.contains_key(name) {
             tokens.insert(name.clone(), new_token()?);
-            added += 1;
+            added.push(name.clone());
         }
     }
-    if added > 0 {
+    if !added.is_empty() {
         let body = toml::to_string(&TokenFile {
             tokens: tokens.clone(),
         })
@@ -305,7 +355,7 @@ mod tests {
         let tokens: BTreeMap<String, String> = [
             ("x".to_owned(), a.clone()),
             ("audit".to_owned(), b.clone()),
-            (ADMIN.to_owned(), "t".to_owned()),
+            (ADMIN.to_owned(), "an-admin-token-of-some-length".to_owned()),
         ]
         .into();
         let creds = Credentials::from_tokens(&tokens, &agencies, &auditors).expect("valid");
@@ -314,7 +364,10 @@ mod tests {
             creds.principal(&b),
             Some(&Principal::Auditor("audit".into()))
         );
-        assert_eq!(creds.principal("t"), Some(&Principal::Admin));
+        assert_eq!(
+            creds.principal("an-admin-token-of-some-length"),
+            Some(&Principal::Admin)
+        );
         assert_eq!(creds.principal("nope"), None);
         let hashes: BTreeMap<String, String> = [(
             "x".to_owned(),
@@ -326,8 +379,46 @@ mod tests {
             from_config.principal(&a),
             Some(&Principal::Agency("x".into()))
         );
-        let bad: BTreeMap<String, String> = [("y".to_owned(), a)].into();
+        let bad: BTreeMap<String, String> = [("y".to_owned(), a.clone())].into();
         assert!(Credentials::from_tokens(&bad, &agencies, &auditors).is_err());
+    }
+
+    /// A token left empty (to "revoke" an agency), short, padded or shared
+    /// would let a caller in as someone: the server refuses to start on it.
+    #[test]
+    fn empty_short_padded_and_shared_tokens_are_refused() {
+        let agencies: BTreeSet<String> = ["x".to_owned(), "y".to_owned()].into();
+        let none = BTreeSet::new();
+        let good = new_token().expect("token");
+        for (token, weakness) in [
+            ("", "empty"),
+            ("1234", "too short"),
+            (" gf_0123456789abcdef", "surrounded by spaces"),
+        ] {
+            let tokens: BTreeMap<String, String> = [
+                ("x".to_owned(), token.to_owned()),
+                ("y".to_owned(), good.clone()),
+            ]
+            .into();
+            let e = Credentials::from_tokens(&tokens, &agencies, &none).expect_err(token);
+            assert!(e.to_string().contains(weakness), "{e}");
+        }
+        let shared: BTreeMap<String, String> = [
+            ("x".to_owned(), good.clone()),
+            ("y".to_owned(), good.clone()),
+        ]
+        .into();
+        let e = Credentials::from_tokens(&shared, &agencies, &none).expect_err("shared");
+        assert!(e.to_string().contains("same token"), "{e}");
+        let hashed = |t: &str| format!("sha256:{}", hex::encode(hash_token(t)));
+        let shared: BTreeMap<String, String> = [
+            ("x".to_owned(), hashed(&good)),
+            ("y".to_owned(), hashed(&good)),
+        ]
+        .into();
+        assert!(Credentials::from_hashes(&shared, &agencies, &none).is_err());
+        let empty: BTreeMap<String, String> = [("x".to_owned(), hashed(""))].into();
+        assert!(Credentials::from_hashes(&empty, &agencies, &none).is_err());
     }
 
     #[test]
@@ -336,7 +427,7 @@ mod tests {
         let path = dir.path().join("credentials.toml");
         let names: BTreeSet<String> = ["a".to_owned(), ADMIN.to_owned()].into();
         let (first, added) = ensure_token_file(&path, &names).expect("written");
-        assert_eq!(added, 2);
+        assert_eq!(added, ["a", ADMIN]);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -345,7 +436,7 @@ mod tests {
         }
         let more: BTreeSet<String> = ["a".to_owned(), "b".to_owned(), ADMIN.to_owned()].into();
         let (second, added) = ensure_token_file(&path, &more).expect("updated");
-        assert_eq!(added, 1);
+        assert_eq!(added, ["b"]);
         assert_eq!(second["a"], first["a"]);
         #[cfg(unix)]
         {

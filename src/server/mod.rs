@@ -294,7 +294,16 @@ pub fn prepare_with_clock(
         let path = config.data.join("credentials.toml");
         let mut names = agencies.clone();
         names.insert(ADMIN.to_owned());
-        let (mut tokens, _) = auth::ensure_token_file(&path, &names)?;
+        let (mut tokens, added) = auth::ensure_token_file(&path, &names)?;
+        // On a first start every name is new; later, a new token is news to
+        // whoever held the old one (a line removed, a file partly restored).
+        if !added.is_empty() && added.len() < names.len() {
+            tracing::warn!(
+                "new tokens generated in {} for: {} (any token they held before no longer works)",
+                path.display(),
+                added.join(", ")
+            );
+        }
         // An agency taken out of the directory (merged, renamed, a mistake)
         // keeps its generated token in the file, unused: refusing to start
         // over it left the operator to edit a file govflow writes, and
@@ -311,7 +320,12 @@ pub fn prepare_with_clock(
             current
         });
         (
-            Credentials::from_tokens(&tokens, &agencies, &auditors)?,
+            Credentials::from_tokens(&tokens, &agencies, &auditors).map_err(|e| {
+                auth::CredentialError::File {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }
+            })?,
             Some(path),
         )
     } else {
@@ -594,31 +608,30 @@ pub async fn serve_on(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         );
-    // Draining waits for every connection to close. Watch tasks end when
-    // stopping begins, but a connection whose client does not read its watch
-    // stream never closes by itself (the stream's last messages cannot be
-    // sent). Such a client gets the watch cut-off, like any watcher that
-    // leaves a step unread; then the server stops waiting for it. Other calls
-    // are waited for as long as they take.
-    let watchers_left = watchers.clone();
+    // Draining waits for every connection to close, at most the watch
+    // cut-off. Watch tasks end when stopping begins, but a connection whose
+    // client does not read its stream never closes by itself (the stream's
+    // last messages cannot be sent), nor one whose client stopped reading
+    // after them (a frozen process, a lost network: it is held until HTTP/2
+    // keep-alive gives up, 50 s later). Such a client is treated like any
+    // watcher that leaves a step unread. Nothing durable depends on it:
+    // acknowledged changes are synced, a change under way is finished by the
+    // engine, and its caller retries with its request id.
     let drain_limit = async move {
-        if drain_begun.await.is_ok() {
-            tokio::time::sleep(watch_cutoff).await;
-            if watchers.open() > 0 {
-                return;
-            }
+        if drain_begun.await.is_err() {
+            std::future::pending::<()>().await
         }
-        std::future::pending::<()>().await
+        tokio::time::sleep(watch_cutoff).await;
+        format!(
+            "connections still open ({} with a watch stream unread) {} ms after stopping began",
+            watchers.open(),
+            watch_cutoff.as_millis()
+        )
     };
     let result = tokio::select! {
         result = serving => result,
-        () = drain_limit => {
-            tracing::warn!(
-                "{} watch streams still unread {} ms after stopping began; no longer waiting \
-                 for their clients",
-                watchers_left.open(),
-                watch_cutoff.as_millis()
-            );
+        why = drain_limit => {
+            tracing::warn!("{why}; no longer waiting for their clients");
             Ok(())
         }
     };
