@@ -271,6 +271,16 @@ fn assignment(text: &str) -> Result<(String, Json)> {
     Ok((name, value))
 }
 
+/// `NAME=VALUE` of `case list --var`: read as `case start --var` reads it,
+/// then written as the index keeps it (a string as itself, anything else as
+/// JSON text), so that what a case was started with finds it.
+fn variable_filter(text: &str) -> Result<(String, String)> {
+    Ok(match assignment(text)? {
+        (name, Json::String(value)) => (name, value),
+        (name, other) => (name, other.to_string()),
+    })
+}
+
 /// `LEFT=RIGHT`, split at the first `=`.
 fn pair(text: &str, shape: &str) -> Result<(String, String)> {
     text.split_once('=')
@@ -538,7 +548,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             variable,
         } => {
             let (variable_name, variable_value) = match variable {
-                Some(v) => pair(&v, "NAME=VALUE")?,
+                Some(v) => variable_filter(&v)?,
                 None => Default::default(),
             };
             let mut token = String::new();
@@ -1086,5 +1096,22 @@ mod tests {
         );
         assert!(assignment("list=[broken").is_err());
         assert!(assignment("no-equals").is_err());
+    }
+
+    /// Regression: `case start --var 's="123"'` stored the string 123, and
+    /// `case list --var 's="123"'` looked for the text with its quotes.
+    #[test]
+    fn a_list_filter_reads_its_value_as_a_start_does() {
+        for (given, text) in [
+            ("s=\"123\"", "123"),
+            ("s=123", "123"),
+            ("s=石家庄某公司", "石家庄某公司"),
+            ("s=true", "true"),
+        ] {
+            assert_eq!(
+                variable_filter(given).expect("read"),
+                ("s".to_owned(), text.to_owned())
+            );
+        }
     }
 }

@@ -311,6 +311,85 @@ fn case_id(name: &str, field: &str) -> Result<String, Status> {
         })
 }
 
+/// A filter naming a workflow, state or variable that no version of the
+/// library knows can never match: it is refused, naming the field, so that
+/// a client can tell "no cases" from a question asked wrong (a misspelt
+/// state, a variable that is not searchable).
+fn check_filter(
+    library: &crate::lang::validate::Library,
+    workflow: Option<&str>,
+    state: Option<&str>,
+    variable: Option<&str>,
+) -> Result<(), Status> {
+    let Some(workflow) = workflow else {
+        return Ok(());
+    };
+    let versions: Vec<&crate::lang::validate::CompiledWorkflow> = library
+        .workflows
+        .values()
+        .chain(library.versions.values())
+        .filter(|w| w.def.name == workflow)
+        .map(|w| &**w)
+        .collect();
+    if versions.is_empty() {
+        let known: Vec<&str> = library.workflows.keys().map(String::as_str).collect();
+        return Err(invalid(
+            "unknown-workflow",
+            "workflow",
+            format!(
+                "no workflow `{workflow}` is deployed{}",
+                crate::lang::diag::did_you_mean(workflow, known.iter().copied())
+                    .map(|hint| format!(" ({hint})"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let names = |each: &dyn Fn(&crate::lang::validate::CompiledWorkflow) -> Vec<&str>| {
+        versions
+            .iter()
+            .flat_map(|w| each(w))
+            .collect::<BTreeSet<&str>>()
+    };
+    if let Some(state) = state {
+        let states = names(&|w| w.def.states.iter().map(|s| s.name.as_str()).collect());
+        if !states.contains(state) {
+            return Err(invalid(
+                "unknown-state",
+                "state",
+                format!(
+                    "workflow `{workflow}` has no state `{state}`; its states: {}",
+                    states.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    if let Some(variable) = variable {
+        let searchable = names(&|w| {
+            w.def
+                .variables
+                .iter()
+                .filter(|v| v.searchable)
+                .map(|v| v.name.as_str())
+                .collect()
+        });
+        if !searchable.contains(variable) {
+            return Err(invalid(
+                "not-searchable",
+                "variable_name",
+                format!(
+                    "`{variable}` is not a searchable variable of workflow `{workflow}` (only searchable variables are indexed); searchable: {}",
+                    if searchable.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        searchable.into_iter().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether the caller may see a case: auditors and the admin see every
 /// case, an agency those in which it holds a role.
 fn sees(principal: &Principal, case: &proto::Case) -> bool {
@@ -1074,6 +1153,12 @@ impl CasesService for Api {
             agency: principal.agency().map(str::to_owned),
             variable: non_empty(r.variable_name).map(|n| (n, r.variable_value)),
         };
+        check_filter(
+            &self.engine.library(),
+            filter.workflow.as_deref(),
+            filter.state.as_deref(),
+            filter.variable.as_ref().map(|(name, _)| name.as_str()),
+        )?;
         let mut page = self
             .engine
             .list(&filter, &r.page_token, size)
@@ -1331,6 +1416,12 @@ impl AuditService for Api {
             ));
         }
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        check_filter(
+            &self.engine.library(),
+            non_empty(r.workflow.clone()).as_deref(),
+            non_empty(r.state.clone()).as_deref(),
+            None,
+        )?;
         let filter = crate::audit::ExportFilter {
             case,
             workflow: non_empty(r.workflow),
