@@ -2378,6 +2378,55 @@ async fn pages_of_large_cases_fit_what_clients_accept_by_default() {
     assert!(pages > 1, "150 cases of 31 KB came in one page");
     assert_eq!(listed, all);
     assert_eq!(inboxed, all);
+    // A page token goes on only with the caller and filter that got it:
+    // taken elsewhere it would skip cases without a word.
+    let list = |token: &str, workflow: &str| proto::ListCasesRequest {
+        page_size: 10,
+        page_token: token.to_owned(),
+        workflow: workflow.to_owned(),
+        ..Default::default()
+    };
+    let token = platform
+        .cases
+        .list_cases(authed(Some(&platform.token), list("", "")))
+        .await
+        .expect("a first page")
+        .into_inner()
+        .next_page_token;
+    let mut approval = Agent::new(&server, "hebei.sjz.approval").await;
+    for (what, answer) in [
+        (
+            "another filter",
+            platform
+                .cases
+                .list_cases(authed(
+                    Some(&platform.token),
+                    list(&token, "gaozhi_chengnuo"),
+                ))
+                .await,
+        ),
+        (
+            "another caller",
+            approval
+                .cases
+                .list_cases(authed(Some(&approval.token), list(&token, "")))
+                .await,
+        ),
+        (
+            "a made-up token",
+            platform
+                .cases
+                .list_cases(authed(Some(&platform.token), list("big-100", "")))
+                .await,
+        ),
+    ] {
+        let refused = answer.expect_err(what);
+        assert_eq!(
+            (refused.code(), reason(&refused)),
+            (Code::InvalidArgument, "bad-page-token".to_owned()),
+            "{what}: {refused:?}"
+        );
+    }
     server.stop().await;
 }
 

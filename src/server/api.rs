@@ -432,6 +432,53 @@ fn fitting<T: prost::Message>(records: &[T]) -> usize {
         .map_or(records.len(), |n| n.max(1))
 }
 
+/// A page token: the position the next page goes on from, behind a
+/// fingerprint of the listing that gave it (method, caller and filter). A
+/// token taken to another listing, or made up, is refused instead of
+/// silently skipping what lies before its position.
+fn page_token(listing: &[&str], position: &str) -> String {
+    if position.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{}{}",
+        hex::encode(listing_print(listing)),
+        hex::encode(position)
+    )
+}
+
+/// The position a page token goes on from, if it was given for this listing.
+fn page_position(listing: &[&str], token: &str) -> Result<String, Status> {
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    token
+        .strip_prefix(&hex::encode(listing_print(listing)))
+        .and_then(|rest| hex::decode(rest).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|position| !position.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "bad-page-token",
+                "page_token",
+                "page_token was not issued by this server for this listing: a token goes on only with the caller and filter of the page that gave it",
+            )
+        })
+}
+
+fn listing_print(listing: &[&str]) -> [u8; 8] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for part in listing {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut print = [0; 8];
+    print.copy_from_slice(&digest[..8]);
+    print
+}
+
 /// Ends a page of cases early when it would be too large to send (see
 /// [`PAGE_BYTES`]); the next page starts after its last case.
 fn fit_page(page: &mut crate::store::Page) {
@@ -807,9 +854,11 @@ impl DefinitionsService for Api {
         &self,
         request: Request<proto::ListWorkflowsRequest>,
     ) -> Result<Response<proto::ListWorkflowsResponse>, Status> {
-        principal(&request)?;
+        let principal = principal(&request)?;
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
+        let listing = ["ListWorkflows", principal.name()];
+        let after = page_position(&listing, &r.page_token)?;
         let mut current: std::collections::BTreeMap<String, proto::WorkflowVersion> =
             std::collections::BTreeMap::new();
         for v in self.engine.workflow_versions().map_err(engine_status)? {
@@ -820,7 +869,7 @@ impl DefinitionsService for Api {
         let library = self.engine.library();
         let rest: Vec<proto::WorkflowSummary> = current
             .into_values()
-            .filter(|v| v.name.as_str() > r.page_token.as_str())
+            .filter(|v| v.name > after)
             .map(|v| proto::WorkflowSummary {
                 title: library
                     .workflows
@@ -835,13 +884,9 @@ impl DefinitionsService for Api {
             .collect();
         let more = rest.len() > size;
         let workflows: Vec<_> = rest.into_iter().take(size).collect();
-        let next_page_token = if more {
-            workflows
-                .last()
-                .map(|w| w.name.trim_start_matches("workflows/").to_owned())
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let next_page_token = match workflows.last() {
+            Some(last) if more => page_token(&listing, last.name.trim_start_matches("workflows/")),
+            _ => String::new(),
         };
         Ok(Response::new(proto::ListWorkflowsResponse {
             workflows,
@@ -1159,14 +1204,26 @@ impl CasesService for Api {
             filter.state.as_deref(),
             filter.variable.as_ref().map(|(name, _)| name.as_str()),
         )?;
+        let (variable_name, variable_value) = filter
+            .variable
+            .as_ref()
+            .map_or(("", ""), |(n, v)| (n.as_str(), v.as_str()));
+        let listing = [
+            "ListCases",
+            principal.name(),
+            filter.workflow.as_deref().unwrap_or(""),
+            filter.state.as_deref().unwrap_or(""),
+            variable_name,
+            variable_value,
+        ];
         let mut page = self
             .engine
-            .list(&filter, &r.page_token, size)
+            .list(&filter, &page_position(&listing, &r.page_token)?, size)
             .map_err(engine_status)?;
         fit_page(&mut page);
         Ok(Response::new(proto::ListCasesResponse {
             cases: page.cases,
-            next_page_token: page.next_page_token,
+            next_page_token: page_token(&listing, &page.next_page_token),
         }))
     }
 
@@ -1180,9 +1237,10 @@ impl CasesService for Api {
         };
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
+        let listing = ["ListInbox", agency.as_str()];
         let mut page = self
             .engine
-            .inbox(&agency, &r.page_token, size)
+            .inbox(&agency, &page_position(&listing, &r.page_token)?, size)
             .map_err(engine_status)?;
         fit_page(&mut page);
         let library = self.engine.library();
@@ -1228,7 +1286,7 @@ impl CasesService for Api {
             .collect();
         Ok(Response::new(proto::ListInboxResponse {
             items,
-            next_page_token: page.next_page_token,
+            next_page_token: page_token(&listing, &page.next_page_token),
         }))
     }
 }
@@ -1613,10 +1671,12 @@ impl AuditService for Api {
         let id = case_id(&r.parent, "parent")?;
         visible(&self.engine, &principal, &id)?;
         let size = page_size(r.page_size, 100)?;
-        let from: u64 = if r.page_token.is_empty() {
+        let listing = ["ListHistoryEntries", principal.name(), id.as_str()];
+        let position = page_position(&listing, &r.page_token)?;
+        let from: u64 = if position.is_empty() {
             1
         } else {
-            r.page_token.parse().map_err(|_| {
+            position.parse().map_err(|_| {
                 invalid(
                     "bad-page-token",
                     "page_token",
@@ -1631,7 +1691,7 @@ impl AuditService for Api {
             .map_err(|e| engine_status(e.into()))?;
         let kept = size.min(fitting(&entries));
         let next_page_token = if entries.len() > kept {
-            (from + kept as u64).to_string()
+            page_token(&listing, &(from + kept as u64).to_string())
         } else {
             String::new()
         };
