@@ -967,6 +967,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("a step past the head", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Sequence(99)) })).await.map(|_| ()), Code::OutOfRange, "out-of-range"),
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
         ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
+        ("an unknown workflow and no case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u2".into(), case_id: String::new(), workflow: "告知承诺".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
         ("no request id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: String::new(), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
         ("bad case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "bad-id".into(), case_id: "a b".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
         ("duplicate case", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "dup".into(), ..start.clone() })).await.map(|_| ()), Code::AlreadyExists, "case-exists"),

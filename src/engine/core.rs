@@ -1482,7 +1482,8 @@ fn finish(
 
 // ───────────────────────────── helpers ─────────────────────────────
 
-fn compiled<'l>(lib: &'l Library, name: &str) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
+/// The current version of workflow `name`, or why there is none.
+pub fn compiled<'l>(lib: &'l Library, name: &str) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
     lib.workflows.get(name).ok_or_else(|| {
         let names = lib.workflows.keys().map(String::as_str);
         reject(

@@ -777,10 +777,16 @@ fn request_key(agency: &str, request_id: &str) -> String {
 }
 
 fn check_request_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 256 {
+    if id.is_empty() {
         return Err(EngineError::InvalidArgument(
-            "a request id (1 to 256 characters) is required, so that retries are safe".into(),
+            "a request id is required, so that retries are safe".into(),
         ));
+    }
+    if id.len() > 256 {
+        return Err(EngineError::InvalidArgument(format!(
+            "the request id is {} bytes long: at most 256 bytes (UTF-8) are kept",
+            id.len()
+        )));
     }
     Ok(())
 }
@@ -1282,6 +1288,10 @@ impl Batch<'_> {
         check_request_id(&r.request_id)?;
         let mut format_1_fingerprint = None;
         if r.case_id.is_empty() {
+            // A derived id is made of the workflow's name: for a workflow
+            // that does not exist it could be refused first, as a case id
+            // the caller never sent.
+            core::compiled(&self.rules.library, &r.workflow)?;
             // Derived from the request's key, so that two agencies' requests
             // of the same id start two cases. Format 1 derived it from the
             // bare id: a retry of such a start is known by that.
