@@ -1818,10 +1818,8 @@ impl<'l> Cel<'l> {
         vars: &BTreeMap<String, Json>,
         bindings: &BTreeMap<String, String>,
     ) -> Self {
-        // The standard environment (the one `Program::compile` parses for) is
-        // built once: building it registers every standard function.
-        static STDLIB: LazyLock<Arc<cel::Env>> = LazyLock::new(|| Arc::new(cel::Env::stdlib()));
-        let mut ctx = cel::Context::with_env(Arc::clone(&STDLIB));
+        // The environment the checker's list of functions is tested against.
+        let mut ctx = cel::Context::with_env(crate::lang::expr::environment());
         ctx.set_variable_resolver(shared);
         ctx.add_variable_from_value("now", cel::Value::Timestamp(now.fixed_offset()));
         ctx.add_variable_from_value("payload", empty_map());

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use cel::Program;
 use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue, operators};
@@ -260,10 +260,20 @@ impl Checker<'_> {
             .offset_for(node.id)
             .map_or(0, |(start, _)| start as usize);
         // A selection is recorded at its dot; point at the field name instead.
+        let source = &self.program.source_info().source;
         if matches!(node.expr, Expr::Select(_)) {
             start += 1;
         }
-        let (line, col) = line_col(&self.program.source_info().source, start);
+        // A call is recorded at its parenthesis; point at the function's name.
+        if let Expr::Call(call) = &node.expr {
+            let name = call.func_name.as_str();
+            if let Some(name_start) = start.checked_sub(name.len())
+                && source.get(name_start..start) == Some(name)
+            {
+                start = name_start;
+            }
+        }
+        let (line, col) = line_col(source, start);
         self.issues.push(ExprIssue {
             code,
             message,
@@ -381,7 +391,9 @@ impl Checker<'_> {
     }
 
     fn call(&mut self, node: &IdedExpr, call: &CallExpr, scope: &Scope) -> Ty {
-        let target = call.target.as_ref().map(|t| self.infer(t, scope));
+        if let Some(target) = &call.target {
+            self.infer(target, scope);
+        }
         let args: Vec<Ty> = call.args.iter().map(|a| self.infer(a, scope)).collect();
         let name = call.func_name.as_str();
         match name {
@@ -396,7 +408,7 @@ impl Checker<'_> {
                 }
                 Ty::Bool
             }
-            operators::NOT_STRICTLY_FALSE | operators::IN | "has" => Ty::Bool,
+            operators::NOT_STRICTLY_FALSE | operators::IN => Ty::Bool,
             operators::EQUALS | operators::NOT_EQUALS => {
                 if let [a, b] = args.as_slice() {
                     if !comparable(a, b) {
@@ -481,40 +493,57 @@ impl Checker<'_> {
                 (Some(Ty::Dyn | Ty::Null), _) | (None, _) | (_, None) => Ty::Dyn,
                 (Some(other), _) => self.mismatch(node, format!("cannot index a {other}")),
             },
-            "size" => Ty::Int,
-            "contains" | "startsWith" | "endsWith" | "matches" | "exists" | "all"
-            | "exists_one" | "isSorted" => Ty::Bool,
-            "int" | "getFullYear" | "getMonth" | "getDayOfMonth" | "getDate" | "getDayOfWeek"
-            | "getDayOfYear" | "getHours" | "getMinutes" | "getSeconds" | "getMilliseconds"
-            | "indexOf" | "lastIndexOf" => Ty::Int,
-            "uint" => Ty::Uint,
-            "double" => Ty::Double,
-            "string" | "lowerAscii" | "upperAscii" | "trim" | "replace" | "substring"
-            | "charAt" | "format" | "join" | "quote" => Ty::String,
-            "bool" => Ty::Bool,
-            "bytes" => Ty::Bytes,
-            "timestamp" => Ty::Timestamp,
-            "duration" => Ty::Duration,
-            "split" => Ty::List(Box::new(Ty::String)),
-            "map" | "filter" | "flatten" | "sort" | "distinct" | "reverse" | "slice" => {
-                match target {
-                    Some(Ty::List(_)) | Some(Ty::Map(_)) => Ty::List(Box::new(Ty::Dyn)),
-                    _ => Ty::Dyn,
-                }
-            }
-            "max" | "min" | "type" | "dyn" | "abs" | "ceil" | "floor" | "round" | "greatest"
-            | "least" => Ty::Dyn,
-            _ => {
-                let known = KNOWN_FUNCTIONS.iter().copied();
-                self.report(
-                    node,
-                    "unknown-name",
-                    format!("unknown function `{name}`"),
-                    super::diag::did_you_mean(name, known),
-                );
-                Ty::Dyn
-            }
+            _ => self.function(node, call, name),
         }
+    }
+
+    /// A call of a named function: one the runtime provides, called in the
+    /// form it provides (`int(x)`, `s.startsWith(p)`), has its result type;
+    /// anything else would fail every evaluation with "Undeclared reference".
+    fn function(&mut self, node: &IdedExpr, call: &CallExpr, name: &str) -> Ty {
+        let method = call.target.is_some();
+        if let Some(function) = FUNCTIONS.iter().find(|f| f.name == name) {
+            let fits = match function.form {
+                Form::Either => true,
+                Form::Global => !method,
+                Form::Method => method,
+            };
+            if fits {
+                return function.returns.clone();
+            }
+            let (message, hint) = if method {
+                (
+                    format!("`{name}` is a function, not a method"),
+                    format!("write `{name}(value)`"),
+                )
+            } else {
+                (
+                    format!("`{name}` is a method, not a function"),
+                    format!("write `value.{name}(…)`"),
+                )
+            };
+            self.report(node, "unknown-name", message, Some(hint));
+            return Ty::Dyn;
+        }
+        let message = match MACROS.iter().find(|(macro_name, _)| *macro_name == name) {
+            // The parser expands a macro only when it is written in its one form.
+            Some((_, form)) => format!("`{name}` must be written `{form}`"),
+            None => format!("unknown function `{name}`"),
+        };
+        let hint = match EXTENSIONS.iter().find(|(_, names)| names.contains(&name)) {
+            Some((extension, _)) => Some(format!(
+                "govflow has CEL's standard functions only, not its {extension} extension"
+            )),
+            None => super::diag::did_you_mean(
+                name,
+                FUNCTIONS
+                    .iter()
+                    .map(|f| f.name)
+                    .chain(MACROS.iter().map(|m| m.0)),
+            ),
+        };
+        self.report(node, "unknown-name", message, hint);
+        Ty::Dyn
     }
 
     /// A string literal compared with an enumeration must be one of its values.
@@ -572,49 +601,118 @@ impl Checker<'_> {
     }
 }
 
-const KNOWN_FUNCTIONS: &[&str] = &[
-    "size",
-    "contains",
-    "startsWith",
-    "endsWith",
-    "matches",
-    "int",
-    "uint",
-    "double",
-    "string",
-    "bool",
-    "bytes",
-    "timestamp",
-    "duration",
-    "split",
-    "join",
-    "lowerAscii",
-    "upperAscii",
-    "trim",
-    "replace",
-    "substring",
-    "charAt",
-    "indexOf",
-    "lastIndexOf",
-    "getFullYear",
-    "getMonth",
-    "getDayOfMonth",
-    "getDayOfWeek",
-    "getDayOfYear",
-    "getHours",
-    "getMinutes",
-    "getSeconds",
-    "max",
-    "min",
-    "exists",
-    "all",
-    "exists_one",
-    "map",
-    "filter",
-    "has",
-    "type",
-    "dyn",
+/// How a function is called.
+enum Form {
+    /// `int(x)`
+    Global,
+    /// `s.startsWith(p)`
+    Method,
+    /// `size(x)` or `x.size()`
+    Either,
+}
+
+/// A function of the runtime's environment ([`environment`]).
+struct Function {
+    name: &'static str,
+    form: Form,
+    returns: Ty,
+}
+
+const fn function(name: &'static str, form: Form, returns: Ty) -> Function {
+    Function {
+        name,
+        form,
+        returns,
+    }
+}
+
+/// Every function `cel::Env::stdlib()` provides (cel 0.15), in the forms it
+/// provides them. Nothing else may be accepted: the test
+/// `every_function_the_checker_accepts_runs` evaluates each of them through
+/// [`environment`], so this list cannot name one the runtime lacks.
+const FUNCTIONS: &[Function] = &[
+    function("size", Form::Either, Ty::Int),
+    function("matches", Form::Either, Ty::Bool),
+    function("contains", Form::Method, Ty::Bool),
+    function("startsWith", Form::Method, Ty::Bool),
+    function("endsWith", Form::Method, Ty::Bool),
+    function("int", Form::Global, Ty::Int),
+    function("uint", Form::Global, Ty::Uint),
+    function("double", Form::Global, Ty::Double),
+    function("string", Form::Global, Ty::String),
+    function("bool", Form::Global, Ty::Bool),
+    function("bytes", Form::Global, Ty::Bytes),
+    function("timestamp", Form::Global, Ty::Timestamp),
+    function("duration", Form::Global, Ty::Duration),
+    function("type", Form::Global, Ty::Dyn),
+    function("dyn", Form::Global, Ty::Dyn),
+    function("getFullYear", Form::Method, Ty::Int),
+    function("getMonth", Form::Method, Ty::Int),
+    function("getDayOfMonth", Form::Method, Ty::Int),
+    function("getDate", Form::Method, Ty::Int),
+    function("getDayOfWeek", Form::Method, Ty::Int),
+    function("getDayOfYear", Form::Method, Ty::Int),
+    function("getHours", Form::Method, Ty::Int),
+    function("getMinutes", Form::Method, Ty::Int),
+    function("getSeconds", Form::Method, Ty::Int),
+    function("getMilliseconds", Form::Method, Ty::Int),
 ];
+
+/// The standard macros, each in the one form the parser expands; written
+/// any other way it is left a call that no function answers.
+const MACROS: &[(&str, &str)] = &[
+    ("has", "has(value.field)"),
+    ("all", "list.all(x, condition)"),
+    ("exists", "list.exists(x, condition)"),
+    ("exists_one", "list.exists_one(x, condition)"),
+    ("map", "list.map(x, expression)"),
+    ("filter", "list.filter(x, condition)"),
+];
+
+/// Functions of CEL's extension libraries, which CEL's documentation lists
+/// but govflow's runtime does not register, by extension (with `max` and
+/// `min`, which authors guess for the math extension's `greatest` and
+/// `least`): a hint says so rather than suggesting a look-alike.
+const EXTENSIONS: &[(&str, &[&str])] = &[
+    (
+        "strings",
+        &[
+            "charAt",
+            "format",
+            "indexOf",
+            "join",
+            "lastIndexOf",
+            "lowerAscii",
+            "quote",
+            "replace",
+            "split",
+            "substring",
+            "trim",
+            "upperAscii",
+        ],
+    ),
+    (
+        "lists",
+        &[
+            "distinct", "flatten", "range", "reverse", "slice", "sort", "sortBy", "isSorted",
+        ],
+    ),
+    (
+        "math",
+        &[
+            "abs", "ceil", "floor", "greatest", "least", "max", "min", "round", "sign", "sqrt",
+            "trunc",
+        ],
+    ),
+];
+
+/// The environment every expression runs in: CEL's standard library, built
+/// once (building it registers every standard function). The checker's
+/// [`FUNCTIONS`] are what it provides.
+pub fn environment() -> Arc<cel::Env> {
+    static STDLIB: LazyLock<Arc<cel::Env>> = LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+    Arc::clone(&STDLIB)
+}
 
 /// Whether `==` may compare these types.
 fn comparable(a: &Ty, b: &Ty) -> bool {
@@ -734,6 +832,146 @@ mod tests {
         assert_eq!(found[0].1, "expr-syntax");
         assert_eq!(found[0].2, 13);
         assert_eq!(found[0].0, "expression does not compile: it ends too early");
+    }
+
+    /// The value's type as the checker names it, for the types functions return.
+    fn runtime_ty(value: &cel::Value) -> Option<Ty> {
+        Some(match value {
+            cel::Value::Int(_) => Ty::Int,
+            cel::Value::UInt(_) => Ty::Uint,
+            cel::Value::Float(_) => Ty::Double,
+            cel::Value::String(_) => Ty::String,
+            cel::Value::Bool(_) => Ty::Bool,
+            cel::Value::Bytes(_) => Ty::Bytes,
+            cel::Value::Timestamp(_) => Ty::Timestamp,
+            cel::Value::Duration(_) => Ty::Duration,
+            _ => return None,
+        })
+    }
+
+    /// Evaluates `src` as the engine does: checked, then run in [`environment`].
+    fn run(src: &str) -> Result<(Ty, cel::Value), String> {
+        let compiled = compile(src, &scope()).map_err(|i| format!("checker: {i:?}"))?;
+        let context = cel::Context::with_env(environment());
+        let value = compiled
+            .program
+            .execute(&context)
+            .map_err(|e| format!("runtime: {e}"))?;
+        Ok((compiled.ty, value))
+    }
+
+    /// Regression: the checker accepted `lowerAscii`, `flatten`, `max`, … which
+    /// the runtime does not have, so such a guard passed validation and failed
+    /// every evaluation with "Undeclared reference". Every function the checker
+    /// accepts, in each form it accepts, is run here through the runtime's
+    /// environment, and must give the type the checker says.
+    #[test]
+    fn every_function_the_checker_accepts_runs() {
+        let at = "timestamp('2020-01-01T00:00:00Z')";
+        let examples: BTreeMap<&str, Vec<String>> = [
+            ("size", vec!["size('ab')".into(), "[1].size()".into()]),
+            (
+                "matches",
+                vec!["matches('ab', 'a')".into(), "'ab'.matches('a')".into()],
+            ),
+            ("contains", vec!["'ab'.contains('b')".into()]),
+            ("startsWith", vec!["'ab'.startsWith('a')".into()]),
+            ("endsWith", vec!["'ab'.endsWith('b')".into()]),
+            ("int", vec!["int('3')".into()]),
+            ("uint", vec!["uint(3)".into()]),
+            ("double", vec!["double(3)".into()]),
+            ("string", vec!["string(3)".into()]),
+            ("bool", vec!["bool('true')".into()]),
+            ("bytes", vec!["bytes('a')".into()]),
+            ("timestamp", vec![at.into()]),
+            ("duration", vec!["duration('1h')".into()]),
+            ("type", vec!["type(1) == type(2)".into()]),
+            ("dyn", vec!["dyn(1)".into()]),
+            ("getFullYear", vec![format!("{at}.getFullYear()")]),
+            ("getMonth", vec![format!("{at}.getMonth('Asia/Shanghai')")]),
+            ("getDayOfMonth", vec![format!("{at}.getDayOfMonth()")]),
+            ("getDate", vec![format!("{at}.getDate()")]),
+            ("getDayOfWeek", vec![format!("{at}.getDayOfWeek()")]),
+            ("getDayOfYear", vec![format!("{at}.getDayOfYear()")]),
+            (
+                "getHours",
+                vec![
+                    format!("{at}.getHours()"),
+                    "duration('2h').getHours()".into(),
+                ],
+            ),
+            ("getMinutes", vec![format!("{at}.getMinutes()")]),
+            ("getSeconds", vec![format!("{at}.getSeconds()")]),
+            ("getMilliseconds", vec![format!("{at}.getMilliseconds()")]),
+        ]
+        .into_iter()
+        .collect();
+        let accepted: BTreeSet<&str> = FUNCTIONS.iter().map(|f| f.name).collect();
+        assert_eq!(
+            examples.keys().copied().collect::<BTreeSet<_>>(),
+            accepted,
+            "each function the checker accepts needs an example here"
+        );
+        for src in examples.values().flatten() {
+            let (checked, value) = run(src).unwrap_or_else(|e| panic!("`{src}`: {e}"));
+            if checked != Ty::Dyn {
+                assert_eq!(Some(checked), runtime_ty(&value), "`{src}`");
+            }
+        }
+        for (_, form) in MACROS {
+            let src = form
+                .replace("value.field", "vars.level")
+                .replace("list", "[1]")
+                .replace("condition", "x > 0")
+                .replace("expression", "x");
+            assert!(compile(&src, &scope()).is_ok(), "`{src}`");
+        }
+    }
+
+    /// The extension functions are refused by the checker, as by the runtime,
+    /// with a hint that says why instead of a look-alike.
+    #[test]
+    fn extension_functions_are_refused_as_the_runtime_refuses_them() {
+        for (extension, names) in EXTENSIONS {
+            for name in *names {
+                let src = format!("'a'.{name}()");
+                let context = cel::Context::with_env(environment());
+                let runtime = Program::compile(&src).expect("parses").execute(&context);
+                assert!(runtime.is_err(), "the runtime has `{name}`: accept it");
+                let Err(found) = compile(&src, &scope()) else {
+                    panic!("`{src}` accepted")
+                };
+                assert_eq!(found[0].message, format!("unknown function `{name}`"));
+                assert_eq!(
+                    found[0].hint.as_deref(),
+                    Some(
+                        format!(
+                            "govflow has CEL's standard functions only, not its {extension} extension"
+                        )
+                        .as_str()
+                    )
+                );
+            }
+        }
+        let method = issues("'3'.int()");
+        assert_eq!(method[0].0, "`int` is a function, not a method");
+        assert!(run("'3'.int()").is_err());
+        assert_eq!(
+            issues("startsWith('ab', 'a')")[0].0,
+            "`startsWith` is a method, not a function"
+        );
+        assert_eq!(
+            issues("[1].exists(x)"),
+            vec![
+                ("unknown name `x`".to_owned(), "unknown-name", 12),
+                (
+                    "`exists` must be written `list.exists(x, condition)`".to_owned(),
+                    "unknown-name",
+                    5
+                )
+            ]
+        );
+        assert_eq!(issues("'a'.sizee()")[0].0, "unknown function `sizee`");
     }
 
     /// Regression: an expression of any length was compiled, and one long

@@ -9,6 +9,8 @@
 //! to its nearest located ancestor.
 
 use std::fmt;
+use std::iter::Peekable;
+use std::str::CharIndices;
 
 /// One step of a path into a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,28 +137,44 @@ impl SourceMap {
         self.line_col(node.start)
     }
 
-    /// Where the character at `offset` chars into the string value at `path`
-    /// lies (used to point inside CEL expressions). Assumes the string has no
-    /// escapes before that offset, which holds for ordinary expressions.
+    /// Where the character at 1-based `line` and `col` of the *decoded*
+    /// string value at `path` is written (used to point inside CEL
+    /// expressions, which are located in the string `ron` decoded). An escape
+    /// (`\"`, `\\`, `\u{4e2d}`, …) is one decoded character written as
+    /// several, and a `\n` escape starts a decoded line that is no line of
+    /// the text; raw strings (`r#"…"#`) have no escapes. A position past the
+    /// string's end is its closing quote.
     pub fn locate_in_string(&self, path: &DocPath, line: usize, col: usize) -> LineCol {
-        let at = self.locate(path);
-        let start = self.offset_of(at);
-        let raw_prefix = self.text[start..]
-            .chars()
-            .take_while(|&c| c == 'r' || c == '#')
-            .count();
-        let quote = raw_prefix + 1;
-        if line <= 1 {
-            LineCol {
-                line: at.line,
-                col: at.col + quote + col.saturating_sub(1),
+        let start = self.offset_of(self.locate(path));
+        let hashes = self.text[start..]
+            .strip_prefix('r')
+            .map(|rest| rest.chars().take_while(|&c| c == '#').count());
+        let body = start + hashes.map_or(0, |n| n + 1) + 1;
+        let closing = format!("\"{}", "#".repeat(hashes.unwrap_or(0)));
+        let mut chars = self.text[body..].char_indices().peekable();
+        let mut decoded_at = (1, 1);
+        let end = loop {
+            let Some(&(i, c)) = chars.peek() else {
+                break self.text.len();
+            };
+            // Escaped quotes are consumed with their backslash, so a quote
+            // seen here ends the string.
+            if decoded_at >= (line, col) || self.text[body + i..].starts_with(&closing) {
+                break body + i;
             }
-        } else {
-            LineCol {
-                line: at.line + line - 1,
-                col,
-            }
-        }
+            chars.next();
+            let decoded = if c == '\\' && hashes.is_none() {
+                unescape(&mut chars)
+            } else {
+                c
+            };
+            decoded_at = if decoded == '\n' {
+                (decoded_at.0 + 1, 1)
+            } else {
+                (decoded_at.0, decoded_at.1 + 1)
+            };
+        };
+        self.line_col(end)
     }
 
     fn offset_of(&self, at: LineCol) -> usize {
@@ -176,6 +194,50 @@ impl SourceMap {
             .count()
             + 1;
         LineCol { line, col }
+    }
+}
+
+/// The character a RON escape stands for, its backslash already taken from
+/// `chars`, taking the rest of it as `ron` reads it: one character after the
+/// backslash, `\u{…}` up to its brace, or `\xNN` repeated while the bytes
+/// build one UTF-8 character.
+fn unescape(chars: &mut Peekable<CharIndices<'_>>) -> char {
+    const UNKNOWN: char = char::REPLACEMENT_CHARACTER;
+    match chars.next().map(|(_, c)| c) {
+        Some('n') => '\n',
+        Some('r') => '\r',
+        Some('t') => '\t',
+        Some('0') => '\0',
+        Some('u') => {
+            let digits: String = chars
+                .by_ref()
+                .map(|(_, c)| c)
+                .take_while(|&c| c != '}')
+                .filter(char::is_ascii_hexdigit)
+                .collect();
+            u32::from_str_radix(&digits, 16)
+                .ok()
+                .and_then(char::from_u32)
+                .unwrap_or(UNKNOWN)
+        }
+        Some('x') => {
+            let mut bytes = Vec::new();
+            loop {
+                let hex: String = chars.by_ref().take(2).map(|(_, c)| c).collect();
+                bytes.push(u8::from_str_radix(&hex, 16).unwrap_or(0));
+                if let Ok(text) = std::str::from_utf8(&bytes) {
+                    break text.chars().next().unwrap_or(UNKNOWN);
+                }
+                let more = bytes.len() < 4
+                    && chars.next_if(|&(_, c)| c == '\\').is_some()
+                    && chars.next_if(|&(_, c)| c == 'x').is_some();
+                if !more {
+                    break UNKNOWN;
+                }
+            }
+        }
+        Some(other) => other,
+        None => UNKNOWN,
     }
 }
 
@@ -564,6 +626,43 @@ Workflow(
         let p = DocPath::root().field("name");
         assert_eq!(map.locate(&p), LineCol { line: 3, col: 11 });
         assert_eq!(map.locate_in_string(&p, 1, 1), LineCol { line: 3, col: 12 });
+    }
+
+    /// Regression: positions inside a string were counted as if it had no
+    /// escapes, so a diagnostic after `\"`, `\u{4e2d}` or `\\` was off by
+    /// the characters the escape takes beyond one.
+    #[test]
+    fn positions_inside_strings_count_an_escape_as_the_character_it_stands_for() {
+        let text = concat!(
+            "(a: \"x == \\\"e\\\" && y\",\n",
+            " b: \"'\\u{4e2d}' && y\",\n",
+            " c: \"'\\\\' && y\",\n",
+            " d: r#\"x == \"r\" && y\"#,\n",
+            " e: \"x\\n  && y\",\n",
+            " f: \"'\\xe4\\xb8\\xad' && y\")",
+        );
+        let map = SourceMap::new(text);
+        // (field, decoded line and column of `y`, where `y` is written)
+        for (field, line, col) in [
+            ("a", 1, 13),
+            ("b", 1, 8),
+            ("c", 1, 8),
+            ("d", 1, 13),
+            ("e", 2, 6),
+            ("f", 1, 8),
+        ] {
+            let at = map.locate_in_string(&DocPath::root().field(field), line, col);
+            let written = text
+                .lines()
+                .nth(at.line - 1)
+                .unwrap()
+                .chars()
+                .nth(at.col - 1);
+            assert_eq!(written, Some('y'), "{field}: {at}");
+        }
+        // Past the end: the closing quote.
+        let at = map.locate_in_string(&DocPath::root().field("c"), 1, 99);
+        assert_eq!(at, LineCol { line: 3, col: 15 });
     }
 
     #[test]

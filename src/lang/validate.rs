@@ -17,7 +17,9 @@ use super::diag::{Diagnostic, Reporter, hint_for};
 use super::expr::{self, Scope, Ty};
 use super::load::{SourceFile, Sources};
 use super::locate::DocPath;
-use super::model::{Amount, Binding, Catalogue, Effect, Period, Quorum, Type, Workflow};
+use super::model::{
+    Amount, Binding, Catalogue, Effect, Period, Quorum, Spawn, Type, Variable, Workflow,
+};
 use super::value::{self, Directory, ron_to_json};
 use crate::calendar::{AnchorDay, Calendar};
 
@@ -140,7 +142,11 @@ pub fn validate(sources: &Sources) -> Validated {
     let catalogues = check_catalogues(sources, directory.as_ref(), &mut diagnostics);
     let mut workflows = BTreeMap::new();
     let mut seen: HashMap<&str, &SourceFile> = HashMap::new();
-    let all_names: BTreeSet<&str> = sources.workflows().map(|(_, w)| w.name.as_str()).collect();
+    // By name, the first definition of each (a second is a duplicate-name error).
+    let mut all_workflows: BTreeMap<&str, &Workflow> = BTreeMap::new();
+    for (_, w) in sources.workflows() {
+        all_workflows.entry(w.name.as_str()).or_insert(w);
+    }
     // A calendar file that failed to load is already an error of its own.
     let calendar_missing =
         sources.calendar.is_none() && !sources.diagnostics.iter().any(|d| d.code == "calendar");
@@ -163,7 +169,7 @@ pub fn validate(sources: &Sources) -> Validated {
             w: workflow,
             directory: directory.as_ref(),
             catalogues: &catalogues,
-            workflow_names: &all_names,
+            workflows: &all_workflows,
             programs: HashMap::new(),
             reads: Reads::default(),
         };
@@ -518,7 +524,8 @@ struct WorkflowChecker<'a> {
     w: &'a Workflow,
     directory: Option<&'a Directory>,
     catalogues: &'a BTreeMap<String, CatalogueTable>,
-    workflow_names: &'a BTreeSet<&'a str>,
+    /// Every workflow loaded, by name: the children a spawn may start.
+    workflows: &'a BTreeMap<&'a str, &'a Workflow>,
     programs: HashMap<String, Arc<Program>>,
     reads: Reads,
 }
@@ -711,7 +718,7 @@ impl WorkflowChecker<'_> {
                 }
             }
             Binding::Variable(var) => match self.w.variables.iter().find(|v| v.name == *var) {
-                None => self.unknown_variable(r, path, var),
+                None => self.unknown_variable(r, path, var, None),
                 Some(v) if v.ty != Type::Agency => r.error(
                     "type-mismatch",
                     path,
@@ -739,16 +746,24 @@ impl WorkflowChecker<'_> {
         }
     }
 
-    fn unknown_variable(&self, r: &mut Reporter, path: &DocPath, var: &str) {
+    /// A variable that this workflow, or the `child` a spawn starts, lacks.
+    fn unknown_variable(
+        &self,
+        r: &mut Reporter,
+        path: &DocPath,
+        var: &str,
+        child: Option<&Workflow>,
+    ) {
+        let message = match child {
+            Some(child) => format!("workflow `{}` has no variable `{var}`", child.name),
+            None => format!("unknown variable `{var}`"),
+        };
+        let declared = child.unwrap_or(self.w).variables.iter();
         r.error(
             "unknown-variable",
             path,
-            format!("unknown variable `{var}`"),
-            hint_for(
-                var,
-                "variables",
-                self.w.variables.iter().map(|v| v.name.as_str()),
-            ),
+            message,
+            hint_for(var, "variables", declared.map(|v| v.name.as_str())),
         );
     }
 
@@ -831,7 +846,7 @@ impl WorkflowChecker<'_> {
     fn check_amount(&self, r: &mut Reporter, path: &DocPath, period: &Period) {
         if let Some(Amount::Variable(var)) = period.amount() {
             match self.w.variables.iter().find(|v| v.name == *var) {
-                None => self.unknown_variable(r, path, var),
+                None => self.unknown_variable(r, path, var, None),
                 Some(v) if v.ty != Type::Integer => r.error(
                     "type-mismatch",
                     path,
@@ -1045,29 +1060,9 @@ impl WorkflowChecker<'_> {
                 match effect {
                     Effect::Set { var, value } => {
                         match self.w.variables.iter().find(|v| v.name == *var).cloned() {
-                            None => self.unknown_variable(r, &ep.field("var"), var),
+                            None => self.unknown_variable(r, &ep.field("var"), var, None),
                             Some(v) => {
-                                self.compile_expr(
-                                    r,
-                                    &ep.field("value"),
-                                    value,
-                                    &scope,
-                                    Some(&Ty::of(&v.ty)),
-                                );
-                                if let Type::Enum(allowed) = &v.ty
-                                    && let Some(literal) = string_literal(value)
-                                    && !allowed.contains(&literal)
-                                {
-                                    r.error(
-                                        "type-mismatch",
-                                        &ep.field("value"),
-                                        format!("`{literal}` is not one of {}", allowed.join(", ")),
-                                        super::diag::did_you_mean(
-                                            &literal,
-                                            allowed.iter().map(String::as_str),
-                                        ),
-                                    );
-                                }
+                                self.check_assignment(r, &ep.field("value"), value, &scope, &v)
                             }
                         }
                     }
@@ -1105,29 +1100,122 @@ impl WorkflowChecker<'_> {
                     &item_scope,
                     Some(&Ty::String),
                 );
-                if let Some(name) = string_literal(&spawn.workflow)
-                    && !self.workflow_names.contains(name.as_str())
-                {
-                    r.error(
-                        "unknown-workflow",
-                        &spp.field("workflow"),
-                        format!("no workflow `{name}` is loaded"),
-                        hint_for(&name, "workflows", self.workflow_names.iter().copied()),
-                    );
+                let child = string_literal(&spawn.workflow).and_then(|name| {
+                    let child = self.workflows.get(name.as_str()).copied();
+                    if child.is_none() {
+                        r.error(
+                            "unknown-workflow",
+                            &spp.field("workflow"),
+                            format!("no workflow `{name}` is loaded"),
+                            hint_for(&name, "workflows", self.workflows.keys().copied()),
+                        );
+                    }
+                    child
+                });
+                self.check_spawn(r, &spp, spawn, child, &item_scope);
+            }
+        }
+    }
+
+    /// A spawn's variables and bindings, against the `child` workflow it
+    /// starts when that is known (a literal name): what the child's start
+    /// would refuse, every time the transition fires, is an error here.
+    fn check_spawn(
+        &mut self,
+        r: &mut Reporter,
+        spp: &DocPath,
+        spawn: &Spawn,
+        child: Option<&Workflow>,
+        item_scope: &Scope,
+    ) {
+        for (name, source) in &spawn.variables {
+            let path = spp.field("variables").key(name);
+            let declared = child.map(|c| c.variables.iter().find(|v| v.name == *name));
+            match declared {
+                Some(Some(var)) => self.check_assignment(r, &path, source, item_scope, var),
+                Some(None) => {
+                    self.unknown_variable(r, &path, name, child);
+                    self.compile_expr(r, &path, source, item_scope, None);
                 }
-                for (name, source) in &spawn.variables {
-                    self.compile_expr(
-                        r,
-                        &spp.field("variables").key(name),
-                        source,
-                        &item_scope,
-                        None,
-                    );
-                }
-                for (name, binding) in &spawn.bindings {
-                    self.check_binding(r, &spp.field("bindings").key(name), binding, &item_scope);
+                None => {
+                    self.compile_expr(r, &path, source, item_scope, None);
                 }
             }
+        }
+        for (name, binding) in &spawn.bindings {
+            let path = spp.field("bindings").key(name);
+            if let Some(child) = child {
+                match child.roles.iter().find(|role| role.name == *name) {
+                    None => r.error(
+                        "unknown-role",
+                        &path,
+                        format!("workflow `{}` has no role `{name}`", child.name),
+                        hint_for(name, "roles", child.roles.iter().map(|r| r.name.as_str())),
+                    ),
+                    Some(role) if role.binding != Binding::Given => r.error(
+                        "spawn-binding",
+                        &path,
+                        format!(
+                            "role `{name}` of workflow `{}` is bound by that workflow, so a spawn cannot bind it",
+                            child.name
+                        ),
+                        Some(format!("remove `{name}` from the spawn's bindings")),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if *binding == Binding::Given {
+                // Nothing gives an agency when the engine starts a child.
+                r.error(
+                    "spawn-binding",
+                    &path,
+                    format!("a spawn cannot bind role `{name}` as `Given`: no one gives it when the child starts"),
+                    Some("bind it to an agency: Starter, Fixed(\"agency id\"), Expr(\"roles.some_role\"), …".to_owned()),
+                );
+            }
+            self.check_binding(r, &path, binding, item_scope);
+        }
+        for role in child.iter().flat_map(|c| &c.roles) {
+            if role.binding == Binding::Given && !spawn.bindings.contains_key(&role.name) {
+                r.error(
+                    "spawn-binding",
+                    &spp.field("bindings"),
+                    format!(
+                        "workflow `{}` needs role `{}` given when it starts, and this spawn does not bind it",
+                        child.map_or("", |c| c.name.as_str()),
+                        role.name
+                    ),
+                    Some(format!(
+                        "add `\"{}\": …` (Starter, Fixed(\"agency id\"), …) to the spawn's bindings",
+                        role.name
+                    )),
+                );
+            }
+        }
+    }
+
+    /// A CEL value assigned to a variable (a `Set` effect, a child's
+    /// variable in a spawn): of the variable's type, and one of its values
+    /// when it is an enumeration and the value a literal.
+    fn check_assignment(
+        &mut self,
+        r: &mut Reporter,
+        path: &DocPath,
+        source: &str,
+        scope: &Scope,
+        var: &Variable,
+    ) {
+        self.compile_expr(r, path, source, scope, Some(&Ty::of(&var.ty)));
+        if let Type::Enum(allowed) = &var.ty
+            && let Some(literal) = string_literal(source)
+            && !allowed.contains(&literal)
+        {
+            r.error(
+                "type-mismatch",
+                path,
+                format!("`{literal}` is not one of {}", allowed.join(", ")),
+                super::diag::did_you_mean(&literal, allowed.iter().map(String::as_str)),
+            );
         }
     }
 
