@@ -744,6 +744,24 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
         .create_case(authed(Some(&platform), start("m-1")))
         .await
         .expect("the matrix's case");
+    // A case the agency with a role in the first has none in: the auditor
+    // sees both.
+    cases
+        .create_case(authed(
+            Some(&platform),
+            new_case(
+                "m-gz",
+                "gaozhi_chengnuo",
+                &[
+                    ("approval", "hebei.sjz.approval"),
+                    ("supervision", "hebei.sjz.housing"),
+                    ("registration", "hebei.sjz.zhengding_ftz"),
+                ],
+                json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "某公司", "credit_code": "91130102MA0HOUS001"}),
+            ),
+        ))
+        .await
+        .expect("a case without the agency");
     let source = seed_source("zzfl_abolish");
     let registration = seed_source("zzfl_registration");
 
@@ -757,7 +775,7 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
     // Expected code per RPC, in the order of `principals`.
     use Code::{NotFound, Ok as Fine, PermissionDenied as Denied, Unauthenticated as Unauth};
     let expected: [(&str, [Code; 5]); 17] = [
-        ("CreateCase", [Unauth, Fine, Fine, Denied, Denied]),
+        ("CreateCase", [Unauth, Denied, Fine, Denied, Denied]),
         ("FireEvent", [Unauth, NotFound, Fine, Denied, Denied]),
         ("GetCase", [Unauth, NotFound, Fine, Fine, Fine]),
         ("ListCases", [Unauth, Fine, Fine, Fine, Fine]),
@@ -879,10 +897,11 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
             .await
             .running_cases
     };
-    // m-1 is registered (closed); the two cases started in the matrix run.
+    // m-1 is registered (closed); the case the matrix started runs (the
+    // agency without a role could not start one).
     assert_eq!(running(server.token("hebei.sjz.tax")).await, 0);
-    assert_eq!(running(server.token("hebei.sjz.amr")).await, 2);
-    assert_eq!(running(server.token("hebei.sjz.audit")).await, 2);
+    assert_eq!(running(server.token("hebei.sjz.amr")).await, 1);
+    assert_eq!(running(server.token("hebei.sjz.audit")).await, 1);
     audited(&server).await;
     server.stop().await;
 }

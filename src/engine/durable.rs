@@ -1322,6 +1322,25 @@ impl Batch<'_> {
                 &r.variables,
                 batch.now,
             )?;
+            // An agency starts only cases it takes part in: otherwise any
+            // agency could put work in others' inboxes, under a case it
+            // could not even read.
+            if !r.agency.is_empty() && !step.case.bindings.values().any(|a| *a == r.agency) {
+                return Err(EngineError::Rejected(core::Rejection {
+                    code: core::RejectCode::RoleNotAllowed,
+                    message: format!(
+                        "`{}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
+                        r.agency,
+                        r.workflow,
+                        step.case
+                            .bindings
+                            .iter()
+                            .map(|(role, agency)| format!("{role} = {agency}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }));
+            }
             Ok((*batch.cascade(step, &r.request_id)?).clone())
         });
         self.remember(&r.agency, &r.request_id, fp, &result);
