@@ -212,6 +212,13 @@ struct Client {
 
 impl Client {
     async fn connect(c: &Connection) -> Result<Client> {
+        // An empty token is a lookup that found nothing (`$(grep …)`), not a
+        // credential: said here rather than sent.
+        if c.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            anyhow::bail!(
+                "the token is empty (--token or GOVFLOW_TOKEN): give the agency's token from the server's credentials.toml"
+            );
+        }
         let server = server_uri(&c.server);
         let mut endpoint = Channel::from_shared(server.clone())
             .with_context(|| format!("`{}` is not a server address", c.server))?;
@@ -872,8 +879,10 @@ fn workflow_name(name: &str, version: Option<u32>) -> String {
 
 /// `govflow serve`: prints how to use the tokens, then serves until SIGINT or SIGTERM.
 pub async fn serve(config: govflow::server::Config) -> Result<ExitCode> {
-    let prepared = govflow::server::prepare(&config)?;
+    // Bound first: a port in use must stop the start before it opens the
+    // store, deploys the folder's versions or writes tokens.
     let listener = govflow::server::bind(config.listen).await?;
+    let prepared = govflow::server::prepare(&config)?;
     if let Some(path) = &prepared.token_file {
         eprintln!(
             "govflow: bearer tokens for every agency and for `admin` are in {} (owner-only).",

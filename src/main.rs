@@ -72,7 +72,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Listen on this address (default 127.0.0.1:50051).
-        #[arg(long)]
+        #[arg(long, value_parser = govflow::server::parse_listen)]
         listen: Option<std::net::SocketAddr>,
         /// Keep data in this folder (default govflow-data).
         #[arg(long)]

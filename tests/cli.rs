@@ -227,6 +227,45 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         "{text}"
     );
     assert!(!text.contains("serving"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a start refused for its port made the data folder (store, tokens)"
+    );
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(dir.path().join("unmounted/data"), dir.path().join("linked"))
+            .expect("link");
+        let out = govflow()
+            .current_dir(dir.path())
+            .args([
+                "serve",
+                "--data",
+                "linked",
+                "--listen",
+                "127.0.0.1:0",
+                "--workflows",
+            ])
+            .arg(root().join("workflows"))
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(text.contains("is a symbolic link to"), "{text}");
+    }
+    std::fs::write(
+        dir.path().join("auditor.toml"),
+        "auditors = [\"hebei.sjz.nosuch\"]\n",
+    )
+    .expect("write");
+    let (code, text) = serve_refused(
+        dir.path(),
+        &["--config", "auditor.toml", "--listen", "127.0.0.1:0"],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains("`auditors` names `hebei.sjz.nosuch`, which is not an agency"),
+        "{text}"
+    );
 
     std::fs::write(dir.path().join("key.pem"), "not a key\n").expect("write");
     std::fs::write(dir.path().join("cert.pem"), "not a certificate\n").expect("write");
@@ -235,7 +274,10 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         "[tls]\ncert = \"nowhere.pem\"\nkey = \"key.pem\"\n",
     )
     .expect("write");
-    let (code, text) = serve_refused(dir.path(), &["--config", "missing.toml"]);
+    let (code, text) = serve_refused(
+        dir.path(),
+        &["--config", "missing.toml", "--listen", "127.0.0.1:0"],
+    );
     assert_ne!(code, Some(0));
     assert!(
         text.contains("reading the TLS certificate (cert) nowhere.pem"),
@@ -246,7 +288,10 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
     )
     .expect("write");
-    let (code, text) = serve_refused(dir.path(), &["--config", "garbage.toml"]);
+    let (code, text) = serve_refused(
+        dir.path(),
+        &["--config", "garbage.toml", "--listen", "127.0.0.1:0"],
+    );
     assert_ne!(code, Some(0));
     assert!(
         text.contains("the TLS certificate and key (`tls` in the configuration) cannot be used"),
@@ -394,4 +439,18 @@ fn a_workflow_named_like_a_path_is_refused_and_not_drawn_outside_the_folder() {
         .collect();
     beside.sort();
     assert_eq!(beside, ["bad_name.ron", "pictures"], "{text}");
+}
+
+/// Regression: an empty token (a `$(grep …)` that found nothing) was sent
+/// as `Bearer `; it is said at once, before anything is sent.
+#[test]
+fn an_empty_token_is_refused_before_anything_is_sent() {
+    let refused = govflow()
+        .args(["case", "list", "--server", "127.0.0.1:1"])
+        .env("GOVFLOW_TOKEN", "")
+        .output()
+        .expect("runs");
+    assert_ne!(refused.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("the token is empty"), "{said}");
 }

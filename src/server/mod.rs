@@ -96,6 +96,7 @@ fn tonic_refusals_rewritten(
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub workflows: PathBuf,
@@ -187,6 +188,25 @@ pub enum ServeError {
     Reflection(String),
     #[error("the workflows define no agency directory (agencies.ron)")]
     NoDirectory,
+    #[error(
+        "`auditors` names `{0}`, which is not an agency of the directory (agencies.ron): an auditor is an agency that reads every case"
+    )]
+    UnknownAuditor(String),
+}
+
+/// An address to listen on, `IP:PORT`. A host name is not looked up: which
+/// of its addresses would be meant is the operator's to say.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "`{text}` is not an IP address and port: give one such as 127.0.0.1:50051 or 0.0.0.0:50051 (host names such as localhost are not looked up)"
+        )
+    })
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
 }
 
 impl Config {
@@ -265,6 +285,9 @@ pub fn prepare_with_clock(
         .map(|a| a.id.clone())
         .collect();
     let auditors: BTreeSet<String> = config.auditors.iter().cloned().collect();
+    if let Some(unknown) = auditors.iter().find(|a| !agencies.contains(*a)) {
+        return Err(ServeError::UnknownAuditor(unknown.clone()));
+    }
     make_data_folder(&config.data)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache(
         &config.data.join("store"),
@@ -408,6 +431,22 @@ fn make_data_folder(path: &Path) -> Result<(), ServeError> {
                 }
                 Ok(())
             }
+            // A link whose target is gone (a backup disk not mounted) is
+            // not made into a new, empty folder somewhere else.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) =>
+            {
+                Err(ServeError::DataFolder {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "it is a symbolic link to {}, which does not exist (a disk not mounted?)",
+                        std::fs::read_link(path)
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_else(|_| "a missing target".into())
+                    ),
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -537,6 +576,7 @@ pub async fn serve_on(
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut serving = true;
+            let mut last_timer_error = String::new();
             let mut calendar_check = tokio::time::Instant::now();
             loop {
                 if let Some(calendar) = &calendar
@@ -558,7 +598,15 @@ pub async fn serve_on(
                         report_health(&health_reporter, ServingStatus::NotServing).await;
                         return;
                     }
-                    tracing::warn!("timers: {e}");
+                    // Said once, not twice a second while it lasts (a
+                    // failed store refuses every tick the same way).
+                    let error = e.to_string();
+                    if error != last_timer_error {
+                        tracing::warn!("timers: {error}");
+                        last_timer_error = error;
+                    }
+                } else {
+                    last_timer_error.clear();
                 }
                 if serving && let Some(reason) = engine.storage_failure() {
                     tracing::error!(
@@ -684,6 +732,23 @@ mod tests {
         );
         let late = calendar_ending(&calendar, at("2027-01-05T04:00:00Z")).expect("told");
         assert!(late.contains("ends with 2026-12-31, 5 days ago"), "{late}");
+    }
+
+    #[test]
+    fn a_listen_address_is_an_ip_and_port_and_a_host_name_is_told_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("govflow.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:50052\"\n").expect("write");
+        let config = Config::load(&path).expect("loads");
+        assert_eq!(config.listen, "0.0.0.0:50052".parse().expect("address"));
+        std::fs::write(&path, "listen = \"localhost:50052\"\n").expect("write");
+        let refused = Config::load(&path).expect_err("a host name");
+        assert!(
+            refused
+                .to_string()
+                .contains("host names such as localhost are not looked up"),
+            "{refused}"
+        );
     }
 
     #[test]

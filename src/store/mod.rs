@@ -28,7 +28,7 @@ pub mod proto {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage: {0}")]
+    #[error("storage: {}", sled_message(.0))]
     Sled(#[from] sled::Error),
     #[error("storage I/O on {path}: {source}")]
     Io {
@@ -57,6 +57,28 @@ pub enum StoreError {
         "the store {path} is in use by another process (a govflow already running on it?): stop that one, or give another data folder"
     )]
     InUse { path: String },
+}
+
+/// What a sled error says, in words an operator acts on. sled hands a
+/// failed write on to later calls as a copy whose text is the original's
+/// debug form (`Os { code: 28, kind: StorageFull, … }`), but keeps its kind.
+fn sled_message(e: &sled::Error) -> String {
+    use std::io::ErrorKind;
+    match e {
+        sled::Error::Io(io) => match io.kind() {
+            ErrorKind::StorageFull => {
+                "the disk holding the data folder is full (no space left on the device): free space and restart the server".to_owned()
+            }
+            ErrorKind::ReadOnlyFilesystem => {
+                "the data folder is on a read-only file system".to_owned()
+            }
+            ErrorKind::PermissionDenied => {
+                "permission denied on the data folder's files".to_owned()
+            }
+            _ => format!("I/O error: {io}"),
+        },
+        other => other.to_string(),
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -222,4 +244,23 @@ pub trait Store: Send + Sync + 'static {
     fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>>;
     /// The position of the last feed item (0 when there is none).
     fn last_position(&self) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    /// A full disk is said as such, also when sled passes on its copy of
+    /// the error (whose text is the original's debug form).
+    #[test]
+    fn a_full_disk_is_said_in_words() {
+        let full = std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "Os { code: 28, kind: StorageFull, message: \"No space left on device\" }",
+        );
+        let said = super::StoreError::Sled(sled::Error::Io(full)).to_string();
+        assert!(
+            said.contains("the disk holding the data folder is full"),
+            "{said}"
+        );
+        assert!(!said.contains("Os {"), "{said}");
+    }
 }
