@@ -1102,35 +1102,65 @@ fn timer(
                 ) {
                     return Err(rejection);
                 }
-                let mut new = case.clone();
-                new.timers.retain(|t| t.id != timer.id);
-                let fx = Effects {
-                    timers_cancelled: vec![timer.id.clone()],
-                    ..Effects::default()
-                };
-                let mut payload = JsonMap::new();
-                payload.insert(
-                    SPENT_KEY.to_owned(),
-                    Json::String(format!(
-                        "{}: {}",
-                        rejection.code.as_str(),
-                        rejection.message
-                    )),
-                );
-                Ok(finish(
-                    wf,
-                    case,
-                    new,
-                    fx,
-                    actor,
-                    &timer.event,
-                    Json::Object(payload),
-                    Vec::new(),
-                    now,
-                ))
+                Ok(spend(wf, case, timer, &rejection, now))
             })
         }
     }
+}
+
+/// The step that spends deadline `timer` without a transition, recording
+/// why (`rejection`) under [`SPENT_KEY`].
+fn spend(
+    wf: &CompiledWorkflow,
+    case: &Case,
+    timer: &Timer,
+    rejection: &Rejection,
+    now: DateTime<Utc>,
+) -> Step {
+    let mut new = case.clone();
+    new.timers.retain(|t| t.id != timer.id);
+    let fx = Effects {
+        timers_cancelled: vec![timer.id.clone()],
+        ..Effects::default()
+    };
+    let mut payload = JsonMap::new();
+    payload.insert(
+        SPENT_KEY.to_owned(),
+        Json::String(format!(
+            "{}: {}",
+            rejection.code.as_str(),
+            rejection.message
+        )),
+    );
+    finish(
+        wf,
+        case,
+        new,
+        fx,
+        Actor::Timer(timer.id.clone()),
+        &timer.event,
+        Json::Object(payload),
+        Vec::new(),
+        now,
+    )
+}
+
+/// A deadline spent on `rejection` by a govflow before 2026-11-27, which
+/// spent a deadline on any refusal of its step (now only when no transition
+/// applies): replay reproduces such a stored step when its timer is due and
+/// the rules still refuse it with the same code.
+pub fn spent_as_before(
+    lib: &Library,
+    case: &Case,
+    timer_id: &str,
+    rejection: &Rejection,
+    now: DateTime<Utc>,
+) -> Option<Step> {
+    let wf = lib.pinned(&case.workflow, &case.digest)?;
+    let timer = case.timers.iter().find(|t| {
+        t.id == timer_id && t.state == case.state && t.kind == TimerKind::Expiry && t.due <= now
+    })?;
+    Some(spend(wf, case, timer, rejection, now))
 }
 
 fn child_settled(

@@ -71,6 +71,26 @@ fn difference(stored: &Entry, produced: &Entry) -> Option<String> {
     })
 }
 
+/// A stored deadline spent on a refusal other than "no transition applies",
+/// as govflow did before 2026-11-27: the same step again, when the rules
+/// still refuse it with the code it recorded.
+fn spent_before(
+    lib: &Library,
+    case: &Case,
+    input: &Input,
+    stored: &Entry,
+    refusal: &core::Rejection,
+) -> Option<Step> {
+    let Input::Timer { timer_id } = input else {
+        return None;
+    };
+    let recorded = stored.payload.get(core::SPENT_KEY)?.as_str()?;
+    let code = recorded.split(':').next()?;
+    (code == refusal.code.as_str())
+        .then(|| core::spent_as_before(lib, case, timer_id, refusal, stored.at))
+        .flatten()
+}
+
 /// Replays `entries` (from sequence 1) of case `case_id`, pinned to `digest`
 /// of `workflow`, with `parent` as its parent case if it is a child.
 pub fn replay(
@@ -131,8 +151,10 @@ pub fn replay(
                 let input: Input = stored
                     .input()
                     .ok_or_else(|| diverge(stored.seq, "a second start entry"))?;
-                core::apply(lib, case, &input, stored.at).map_err(|r| {
-                    diverge(stored.seq, format!("the rules refuse this step now: {r}"))
+                core::apply(lib, case, &input, stored.at).or_else(|r| {
+                    spent_before(lib, case, &input, stored, &r).ok_or_else(|| {
+                        diverge(stored.seq, format!("the rules refuse this step now: {r}"))
+                    })
                 })?
             }
         };

@@ -586,6 +586,56 @@ fn a_deadline_whose_step_fails_is_refused_and_stays_due() {
     assert!(case.timers.iter().any(|t| t.id.ends_with(":expiry")));
 }
 
+/// Histories written before 2026-11-27 spent such a deadline anyway; they
+/// still replay, as long as the rules refuse the step the same way.
+#[test]
+fn a_deadline_spent_on_a_refusal_by_an_older_govflow_still_replays() {
+    let lib = testkit::library();
+    let started = start_permit(&lib, json!({"county": "k"}));
+    let submitted = ok(fire(
+        &lib,
+        &started.case,
+        "submit",
+        "ent",
+        json!({"amount": 150}),
+        t0() + hours(1),
+    ));
+    let mut entries = vec![started.entry, submitted.entry];
+    let mut case = submitted.case;
+    let mut now = t0() + hours(1);
+    let refused = loop {
+        now += hours(49);
+        let expiry = case
+            .timers
+            .iter()
+            .find(|t| t.id.ends_with(":expiry"))
+            .expect("a deadline")
+            .id
+            .clone();
+        match apply(&lib, &case, &timer(&expiry), now) {
+            Ok(step) => {
+                entries.push(step.entry);
+                case = step.case;
+            }
+            Err(e) => break (expiry, e),
+        }
+    };
+    let (expiry, rejection) = refused;
+    let old = spent_as_before(&lib, &case, &expiry, &rejection, now).expect("spendable");
+    let mut history = entries.clone();
+    history.push(old.entry.clone());
+    let replay = |history: &[Entry]| {
+        crate::engine::replay::replay(&lib, "permit", &case.digest, "c1", None, history)
+    };
+    assert!(replay(&history).is_ok(), "{:?}", replay(&history));
+    // Recorded as spent for another reason than the rules give now: a divergence.
+    let mut other = old.entry;
+    other.payload[SPENT_KEY] = json!("calendar: some other refusal");
+    let mut tampered = entries;
+    tampered.push(other);
+    assert!(replay(&tampered).is_err());
+}
+
 #[test]
 fn working_days_without_a_calendar_are_a_calendar_rejection() {
     let lib = testkit::library_without_calendar();
