@@ -925,18 +925,26 @@ impl WorkflowChecker<'_> {
                     );
                 }
             }
-            if let Quorum::AtLeast(n) = cs.quorum
-                && (n == 0 || n as usize > cs.roles.len())
-            {
-                r.error(
-                    "quorum",
-                    &cp.field("quorum"),
-                    format!(
+            if let Quorum::AtLeast(n) = cs.quorum {
+                let roles = cs.roles.len();
+                let message = if n == 0 {
+                    Some("a quorum of 0 is no quorum: at least 1 countersign is needed".to_owned())
+                } else if n as usize > roles {
+                    Some(format!(
                         "quorum of {n} cannot be met by {}",
-                        count(cs.roles.len(), "countersign role", "countersign roles")
-                    ),
-                    Some(format!("use a number from 1 to {}", cs.roles.len())),
-                );
+                        count(roles, "countersign role", "countersign roles")
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = message {
+                    let hint = match roles {
+                        0 => "list the roles that countersign in `roles`".to_owned(),
+                        1 => "use `AtLeast(1)`, or `All`: there is one countersign role".to_owned(),
+                        _ => format!("use a number from 1 to {roles}"),
+                    };
+                    r.error("quorum", &cp.field("quorum"), message, Some(hint));
+                }
             }
             if cs.sign_event == cs.reject_event {
                 r.error(
