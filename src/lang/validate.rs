@@ -526,6 +526,17 @@ fn agency_ty() -> Ty {
     Ty::record(["id", "name", "level", "parent"].map(|k| (k.to_owned(), Ty::String)))
 }
 
+/// Where a binding is written, which decides whether it may be `Given`.
+#[derive(Clone, Copy)]
+enum BindingSite<'n> {
+    /// A role's declaration: `Given` is supplied when the case starts.
+    Role,
+    /// A `Bind` effect of this role, made when its transition fires.
+    Effect(&'n str),
+    /// A spawn's binding of this role of the child, made when the engine starts it.
+    Spawn(&'n str),
+}
+
 struct WorkflowChecker<'a> {
     w: &'a Workflow,
     directory: Option<&'a Directory>,
@@ -674,7 +685,13 @@ impl WorkflowChecker<'_> {
                 );
             }
             let scope = self.base_scope();
-            self.check_binding(r, &path.field("binding"), &role.binding, &scope);
+            self.check_binding(
+                r,
+                &path.field("binding"),
+                &role.binding,
+                &scope,
+                BindingSite::Role,
+            );
             // A derived binding must not lead back to itself.
             let mut current = &role.binding;
             for _ in 0..=self.w.roles.len() {
@@ -708,9 +725,34 @@ impl WorkflowChecker<'_> {
         path: &DocPath,
         binding: &Binding,
         scope: &Scope,
+        site: BindingSite,
     ) {
         match binding {
-            Binding::Given | Binding::Starter => {}
+            Binding::Given => {
+                // Only a start gives agencies; a binding made later has no one to give one.
+                let (code, message) = match site {
+                    BindingSite::Role => return,
+                    BindingSite::Effect(role) => (
+                        "effect-binding",
+                        format!(
+                            "a `Bind` effect cannot bind role `{role}` as `Given`: a role is given only when the case starts, so the effect would fail every time its transition fires"
+                        ),
+                    ),
+                    BindingSite::Spawn(role) => (
+                        "spawn-binding",
+                        format!(
+                            "a spawn cannot bind role `{role}` as `Given`: no one gives it when the child starts"
+                        ),
+                    ),
+                };
+                r.error(
+                    code,
+                    path,
+                    message,
+                    Some("bind it to an agency: Starter, Fixed(\"agency id\"), Expr(\"roles.some_role\"), …".to_owned()),
+                );
+            }
+            Binding::Starter => {}
             Binding::Fixed(id) => {
                 if let Some(dir) = self.directory
                     && !dir.contains(id)
@@ -1122,7 +1164,13 @@ impl WorkflowChecker<'_> {
                                 hint_for(role, "roles", self.role_names()),
                             );
                         }
-                        self.check_binding(r, &ep.field("to"), to, &scope);
+                        self.check_binding(
+                            r,
+                            &ep.field("to"),
+                            to,
+                            &scope,
+                            BindingSite::Effect(role),
+                        );
                     }
                 }
             }
@@ -1211,16 +1259,7 @@ impl WorkflowChecker<'_> {
                     Some(_) => {}
                 }
             }
-            if *binding == Binding::Given {
-                // Nothing gives an agency when the engine starts a child.
-                r.error(
-                    "spawn-binding",
-                    &path,
-                    format!("a spawn cannot bind role `{name}` as `Given`: no one gives it when the child starts"),
-                    Some("bind it to an agency: Starter, Fixed(\"agency id\"), Expr(\"roles.some_role\"), …".to_owned()),
-                );
-            }
-            self.check_binding(r, &path, binding, item_scope);
+            self.check_binding(r, &path, binding, item_scope, BindingSite::Spawn(name));
         }
         for role in child.iter().flat_map(|c| &c.roles) {
             if role.binding == Binding::Given && !spawn.bindings.contains_key(&role.name) {
