@@ -105,6 +105,21 @@ impl<'a> Reporter<'a> {
         self.push_at(at, code, path, message, hint);
     }
 
+    /// Reports a warning at the value `path` names: something that cannot
+    /// be what the author meant, but that runs, so the workflow still loads.
+    pub fn warning(
+        &mut self,
+        code: &'static str,
+        path: &DocPath,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        self.error(code, path, message, hint);
+        if let Some(last) = self.out.last_mut() {
+            last.severity = Severity::Warning;
+        }
+    }
+
     /// Reports an error at an exact position (inside a CEL expression).
     pub fn push_at(
         &mut self,

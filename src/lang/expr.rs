@@ -304,12 +304,32 @@ impl Checker<'_> {
                     self.uses.insert((name.clone(), None));
                     ty.clone()
                 }
+                // A type name, unless a name in scope shadows it, as at run time.
+                None if TYPE_NAMES.contains(&name.as_str()) => Ty::Dyn,
                 None => {
-                    let hint = hint_for(name, "names", scope.names.keys().map(String::as_str));
+                    let hint = match TYPE_NAMES_OF_FUNCTIONS.iter().find(|(f, _)| f == name) {
+                        Some((_, type_name)) => Some(format!(
+                            "`{name}` is a function here, not a type: the type is named `{type_name}`"
+                        )),
+                        None => hint_for(name, "names", scope.names.keys().map(String::as_str)),
+                    };
                     self.report(node, "unknown-name", format!("unknown name `{name}`"), hint);
                     Ty::Dyn
                 }
             },
+            // `google.protobuf.Timestamp`, when no name in scope starts it.
+            Expr::Select(select)
+                if !select.test
+                    && qualified_name(node).is_some_and(|name| {
+                        TYPE_NAMES.contains(&name.as_str())
+                            && name
+                                .split('.')
+                                .next()
+                                .is_some_and(|root| scope.get(root).is_none())
+                    }) =>
+            {
+                Ty::Dyn
+            }
             Expr::Select(select) => {
                 // `root.field` reads one field of a top-level name, not all of it.
                 let operand = match &select.operand.expr {
@@ -658,6 +678,42 @@ const FUNCTIONS: &[Function] = &[
     function("getMilliseconds", Form::Method, Ty::Int),
 ];
 
+/// The names of types the runtime's environment resolves (cel 0.15), for
+/// `type(x) == int`; a type value has no static type here (`Dyn`). The test
+/// `every_type_name_the_checker_accepts_runs` compares each with the type of
+/// a value through [`environment`], so this list cannot name one it lacks.
+const TYPE_NAMES: &[&str] = &[
+    "bool",
+    "bytes",
+    "double",
+    "int",
+    "uint",
+    "string",
+    "list",
+    "map",
+    "null_type",
+    "type",
+    "optional_type",
+    "google.protobuf.Timestamp",
+    "google.protobuf.Duration",
+];
+
+/// Conversion functions whose name is not also their type's name, as it is
+/// for `int`: the type to compare with instead.
+const TYPE_NAMES_OF_FUNCTIONS: &[(&str, &str)] = &[
+    ("timestamp", "google.protobuf.Timestamp"),
+    ("duration", "google.protobuf.Duration"),
+];
+
+/// The dotted name a chain of selections spells (`google.protobuf.Timestamp`).
+fn qualified_name(node: &IdedExpr) -> Option<String> {
+    match &node.expr {
+        Expr::Ident(name) => Some(name.clone()),
+        Expr::Select(s) if !s.test => Some(format!("{}.{}", qualified_name(&s.operand)?, s.field)),
+        _ => None,
+    }
+}
+
 /// The standard macros, each in the one form the parser expands; written
 /// any other way it is left a call that no function answers.
 const MACROS: &[(&str, &str)] = &[
@@ -925,6 +981,73 @@ mod tests {
                 .replace("condition", "x > 0")
                 .replace("expression", "x");
             assert!(compile(&src, &scope()).is_ok(), "`{src}`");
+        }
+    }
+
+    /// Regression: `type(x) == int` was refused as "unknown name `int`",
+    /// though the runtime resolves type names. Each name the checker accepts
+    /// is compared here with the type of a value through the runtime's
+    /// environment; names the runtime lacks are refused, as it refuses them.
+    #[test]
+    fn every_type_name_the_checker_accepts_runs() {
+        let examples: BTreeMap<&str, &str> = [
+            ("bool", "true"),
+            ("bytes", "b'a'"),
+            ("double", "1.5"),
+            ("int", "1"),
+            ("uint", "1u"),
+            ("string", "'a'"),
+            ("list", "[1]"),
+            ("map", "{'a': 1}"),
+            ("null_type", "null"),
+            ("type", "int"),
+            ("optional_type", ""),
+            (
+                "google.protobuf.Timestamp",
+                "timestamp('2020-01-01T00:00:00Z')",
+            ),
+            ("google.protobuf.Duration", "duration('1h')"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            examples.keys().copied().collect::<BTreeSet<_>>(),
+            TYPE_NAMES.iter().copied().collect::<BTreeSet<_>>(),
+            "each type name the checker accepts needs an example here"
+        );
+        for (name, value) in examples {
+            // No standard function makes an optional value: its type is only named.
+            let src = if value.is_empty() {
+                format!("type({name}) == type && {name} == {name}")
+            } else {
+                format!(
+                    "type({value}) == {name} && type({value}) != (type({value}) == int ? uint : int)"
+                )
+            };
+            let (_, result) = run(&src).unwrap_or_else(|e| panic!("`{src}`: {e}"));
+            assert_eq!(result, cel::Value::Bool(true), "`{src}`");
+        }
+        assert_eq!(
+            issues("vars.count == 1 && type(now) == google.protobuf.Timestamp"),
+            vec![]
+        );
+        assert_eq!(issues("[1].exists(int, int > 0)"), vec![]);
+        for (name, type_name) in TYPE_NAMES_OF_FUNCTIONS.iter().copied().chain([("dyn", "")]) {
+            let src = format!("type(1) == {name}");
+            assert!(
+                run(&src).is_err(),
+                "the runtime has the type `{name}`: accept it"
+            );
+            let Err(found) = compile(&src, &scope()) else {
+                panic!("`{src}` accepted")
+            };
+            assert_eq!(found[0].message, format!("unknown name `{name}`"));
+            if !type_name.is_empty() {
+                assert_eq!(
+                    found[0].hint.as_deref(),
+                    Some(format!("`{name}` is a function here, not a type: the type is named `{type_name}`").as_str())
+                );
+            }
         }
     }
 

@@ -159,6 +159,10 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
             path: path.clone(),
             error,
         })?;
+        if let Some(encoding) = wide_encoding(&bytes) {
+            read_diagnostics.push(not_utf8_but(&path, encoding));
+            continue;
+        }
         match String::from_utf8(bytes) {
             Ok(text) => texts.push((path, text)),
             Err(e) => read_diagnostics.push(not_utf8(&path, e.as_bytes(), e.utf8_error())),
@@ -204,6 +208,44 @@ fn not_utf8(path: &Path, bytes: &[u8], error: std::str::Utf8Error) -> Diagnostic
     .with_hint(Some(
         "save it as UTF-8 (a file saved as GBK or GB18030 needs converting, e.g. `iconv -f GB18030 -t UTF-8`)".to_owned(),
     ))
+}
+
+/// The encoding of a file saved as UTF-16 or UTF-32 (Notepad's "Unicode"),
+/// by its byte-order mark, or without one by its NUL bytes: RON text is
+/// mostly ASCII, which those encodings write with one or more zero bytes
+/// each, and no UTF-8 text has a quarter of its bytes NUL. Read as UTF-8
+/// such a file was refused at its first byte with a hint about GBK, or (all
+/// ASCII, no mark) taken as text and refused as RON.
+/// Its name, and the name `iconv` knows it by.
+fn wide_encoding(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
+    let encoding = match bytes {
+        [0xFF, 0xFE, 0, 0, ..] => ("UTF-32 (little-endian)", "UTF-32"),
+        [0, 0, 0xFE, 0xFF, ..] => ("UTF-32 (big-endian)", "UTF-32"),
+        [0xFF, 0xFE, ..] => ("UTF-16 (little-endian)", "UTF-16"),
+        [0xFE, 0xFF, ..] => ("UTF-16 (big-endian)", "UTF-16"),
+        _ => {
+            let start = &bytes[..bytes.len().min(1024)];
+            let nul = start.iter().filter(|b| **b == 0).count();
+            if start.len() < 2 || nul * 4 < start.len() {
+                return None;
+            }
+            ("UTF-16 or UTF-32", "UTF-16")
+        }
+    };
+    Some(encoding)
+}
+
+/// A file in an encoding [`wide_encoding`] recognised, which govflow does not read.
+fn not_utf8_but(path: &Path, (encoding, iconv): (&str, &str)) -> Diagnostic {
+    Diagnostic::at(
+        path,
+        LineCol { line: 1, col: 1 },
+        "not-utf8",
+        format!("the file is {encoding} text, not UTF-8, so it was not read"),
+    )
+    .with_hint(Some(format!(
+        "save it as UTF-8 (in Notepad: Save As, Encoding \"UTF-8\"; or `iconv -f {iconv} -t UTF-8`)"
+    )))
 }
 
 /// Sources from texts already in memory (a deploy, or files read by [`load`]).

@@ -356,6 +356,12 @@ fn check_catalogues(
         let cols = DocPath::root().field("columns");
         let mut names = BTreeSet::new();
         for (i, col) in c.columns.iter().enumerate() {
+            check_enum_values(
+                &mut r,
+                &cols.index(i).field("type"),
+                &col.ty,
+                &format!("column `{}`", col.name),
+            );
             if !names.insert(col.name.as_str()) {
                 r.error(
                     "duplicate-name",
@@ -520,6 +526,17 @@ fn agency_ty() -> Ty {
     Ty::record(["id", "name", "level", "parent"].map(|k| (k.to_owned(), Ty::String)))
 }
 
+/// Where a binding is written, which decides whether it may be `Given`.
+#[derive(Clone, Copy)]
+enum BindingSite<'n> {
+    /// A role's declaration: `Given` is supplied when the case starts.
+    Role,
+    /// A `Bind` effect of this role, made when its transition fires.
+    Effect(&'n str),
+    /// A spawn's binding of this role of the child, made when the engine starts it.
+    Spawn(&'n str),
+}
+
 struct WorkflowChecker<'a> {
     w: &'a Workflow,
     directory: Option<&'a Directory>,
@@ -668,7 +685,13 @@ impl WorkflowChecker<'_> {
                 );
             }
             let scope = self.base_scope();
-            self.check_binding(r, &path.field("binding"), &role.binding, &scope);
+            self.check_binding(
+                r,
+                &path.field("binding"),
+                &role.binding,
+                &scope,
+                BindingSite::Role,
+            );
             // A derived binding must not lead back to itself.
             let mut current = &role.binding;
             for _ in 0..=self.w.roles.len() {
@@ -702,9 +725,34 @@ impl WorkflowChecker<'_> {
         path: &DocPath,
         binding: &Binding,
         scope: &Scope,
+        site: BindingSite,
     ) {
         match binding {
-            Binding::Given | Binding::Starter => {}
+            Binding::Given => {
+                // Only a start gives agencies; a binding made later has no one to give one.
+                let (code, message) = match site {
+                    BindingSite::Role => return,
+                    BindingSite::Effect(role) => (
+                        "effect-binding",
+                        format!(
+                            "a `Bind` effect cannot bind role `{role}` as `Given`: a role is given only when the case starts, so the effect would fail every time its transition fires"
+                        ),
+                    ),
+                    BindingSite::Spawn(role) => (
+                        "spawn-binding",
+                        format!(
+                            "a spawn cannot bind role `{role}` as `Given`: no one gives it when the child starts"
+                        ),
+                    ),
+                };
+                r.error(
+                    code,
+                    path,
+                    message,
+                    Some("bind it to an agency: Starter, Fixed(\"agency id\"), Expr(\"roles.some_role\"), …".to_owned()),
+                );
+            }
+            Binding::Starter => {}
             Binding::Fixed(id) => {
                 if let Some(dir) = self.directory
                     && !dir.contains(id)
@@ -779,6 +827,12 @@ impl WorkflowChecker<'_> {
                     None,
                 );
             }
+            check_enum_values(
+                r,
+                &path.field("type"),
+                &v.ty,
+                &format!("variable `{}`", v.name),
+            );
             if let Some(default) = &v.default
                 && let Err(e) = value::check(&ron_to_json(default), &v.ty, self.directory)
             {
@@ -913,18 +967,26 @@ impl WorkflowChecker<'_> {
                     );
                 }
             }
-            if let Quorum::AtLeast(n) = cs.quorum
-                && (n == 0 || n as usize > cs.roles.len())
-            {
-                r.error(
-                    "quorum",
-                    &cp.field("quorum"),
-                    format!(
+            if let Quorum::AtLeast(n) = cs.quorum {
+                let roles = cs.roles.len();
+                let message = if n == 0 {
+                    Some("a quorum of 0 is no quorum: at least 1 countersign is needed".to_owned())
+                } else if n as usize > roles {
+                    Some(format!(
                         "quorum of {n} cannot be met by {}",
-                        count(cs.roles.len(), "countersign role", "countersign roles")
-                    ),
-                    Some(format!("use a number from 1 to {}", cs.roles.len())),
-                );
+                        count(roles, "countersign role", "countersign roles")
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = message {
+                    let hint = match roles {
+                        0 => "list the roles that countersign in `roles`".to_owned(),
+                        1 => "use `AtLeast(1)`, or `All`: there is one countersign role".to_owned(),
+                        _ => format!("use a number from 1 to {roles}"),
+                    };
+                    r.error("quorum", &cp.field("quorum"), message, Some(hint));
+                }
             }
             if cs.sign_event == cs.reject_event {
                 r.error(
@@ -974,6 +1036,27 @@ impl WorkflowChecker<'_> {
                 let path = dp.field("reminders").index(j);
                 self.check_amount(r, &path, reminder);
                 self.check_anchor(r, &path, reminder, true);
+                if deadline.reminders[..j].contains(reminder) {
+                    r.warning(
+                        "duplicate-reminder",
+                        &path,
+                        format!(
+                            "the reminder `{reminder}` before the deadline of state `{}` is listed twice",
+                            state.name
+                        ),
+                        Some("remove one: each listed reminder fires, so this one reminds twice at the same moment".into()),
+                    );
+                } else if reminder_never_fires(&deadline.within, reminder) {
+                    r.warning(
+                        "reminder-never-fires",
+                        &path,
+                        format!(
+                            "the reminder `{reminder}` before the deadline of state `{}` can never fire: the deadline (`{}`) is never that far from the moment the state is entered",
+                            state.name, deadline.within
+                        ),
+                        Some("a reminder must be shorter than its deadline: shorten it, or remove it".into()),
+                    );
+                }
             }
             match &deadline.on_expiry {
                 None => r.error(
@@ -1042,6 +1125,12 @@ impl WorkflowChecker<'_> {
             }
             let mut fields = BTreeSet::new();
             for (k, f) in t.payload.iter().enumerate() {
+                check_enum_values(
+                    r,
+                    &tp.field("payload").index(k).field("type"),
+                    &f.ty,
+                    &format!("payload field `{}`", f.name),
+                );
                 if !fields.insert(f.name.as_str()) {
                     r.error(
                         "duplicate-name",
@@ -1075,7 +1164,13 @@ impl WorkflowChecker<'_> {
                                 hint_for(role, "roles", self.role_names()),
                             );
                         }
-                        self.check_binding(r, &ep.field("to"), to, &scope);
+                        self.check_binding(
+                            r,
+                            &ep.field("to"),
+                            to,
+                            &scope,
+                            BindingSite::Effect(role),
+                        );
                     }
                 }
             }
@@ -1164,16 +1259,7 @@ impl WorkflowChecker<'_> {
                     Some(_) => {}
                 }
             }
-            if *binding == Binding::Given {
-                // Nothing gives an agency when the engine starts a child.
-                r.error(
-                    "spawn-binding",
-                    &path,
-                    format!("a spawn cannot bind role `{name}` as `Given`: no one gives it when the child starts"),
-                    Some("bind it to an agency: Starter, Fixed(\"agency id\"), Expr(\"roles.some_role\"), …".to_owned()),
-                );
-            }
-            self.check_binding(r, &path, binding, item_scope);
+            self.check_binding(r, &path, binding, item_scope, BindingSite::Spawn(name));
         }
         for role in child.iter().flat_map(|c| &c.roles) {
             if role.binding == Binding::Given && !spawn.bindings.contains_key(&role.name) {
@@ -1395,10 +1481,138 @@ impl WorkflowChecker<'_> {
     }
 }
 
+/// Whether a reminder `before` the deadline of `within` comes, wherever the
+/// state is entered, at or before the moment it is entered: the engine sets
+/// only reminders still to come, so such a reminder never fires. Only fixed
+/// lengths whose units compare whatever the calendar: hours with hours, hours
+/// with calendar days, which end at midnight (n days from a moment are
+/// between 24n hours, entered at midnight, and 24(n+1) hours away, and n
+/// days before that end leave the end of the day entered), and working days
+/// with working days (the n-th working day back from the n-th after the day
+/// entered is at the latest that day, so one more is before it). A zero
+/// length is an error of its own (`zero-deadline`), not echoed here.
+fn reminder_never_fires(within: &Period, before: &Period) -> bool {
+    use Amount::Fixed;
+    let hours = |n: &u32| u64::from(*n);
+    match (within, before) {
+        (_, _) if within.amount() == Some(&Fixed(0)) => false,
+        (Period::Hours(Fixed(n)), Period::Hours(Fixed(m))) => m >= n,
+        (Period::Hours(Fixed(n)), Period::Days(Fixed(m))) => 24 * hours(m) >= hours(n),
+        (Period::Days(Fixed(n)), Period::Hours(Fixed(m))) => hours(m) >= 24 * (hours(n) + 1),
+        (Period::Days(Fixed(n)), Period::Days(Fixed(m)))
+        | (Period::WorkingDays(Fixed(n)), Period::WorkingDays(Fixed(m))) => m > n,
+        _ => false,
+    }
+}
+
+/// Warns of an enumeration no value can ever be set to (`Enum([])`), and of
+/// a value listed twice in one, wherever a type is declared (`path`, for
+/// `what`: "variable `level`"). Warnings, not errors: a duplicate changes
+/// nothing at run time (a value is one of the list or not), and stored
+/// versions that have one must still compile for their running cases and
+/// the audit's replay.
+fn check_enum_values(r: &mut Reporter, path: &DocPath, ty: &Type, what: &str) {
+    match ty {
+        Type::List(inner) => check_enum_values(r, &path.index(0), inner, what),
+        Type::Enum(values) if values.is_empty() => r.warning(
+            "enum-values",
+            path,
+            format!("the enumeration of {what} has no values, so no value can ever be set"),
+            Some("list the values it may take: `Enum([\"a\", \"b\"])`".into()),
+        ),
+        Type::Enum(values) => {
+            for (i, value) in values.iter().enumerate() {
+                if values[..i].contains(value) {
+                    r.warning(
+                        "enum-values",
+                        &path.index(0).index(i),
+                        format!("value `{value}` is listed twice in the enumeration of {what}"),
+                        Some(format!("remove the second `{value}`")),
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
 fn string_literal(source: &str) -> Option<String> {
     let s = source.trim();
     let quote = s.chars().next().filter(|c| *c == '\'' || *c == '"')?;
     let inner = s.strip_prefix(quote)?.strip_suffix(quote)?;
     (!inner.contains(quote) && !inner.contains('\\')).then(|| inner.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Duration, TimeZone, Utc};
+
+    use super::*;
+    use crate::calendar::Unit;
+
+    /// Whether a reminder `before` a deadline `within`, entered at `now`,
+    /// is set, counted as the engine counts it (`engine::core::set_timers`).
+    fn fires(calendar: &Calendar, within: &Period, before: &Period, now: DateTime<Utc>) -> bool {
+        let unit_count = |p: &Period| match p {
+            Period::WorkingDays(Amount::Fixed(n)) => (Unit::WorkingDays, *n),
+            Period::Days(Amount::Fixed(n)) => (Unit::Days, *n),
+            Period::Hours(Amount::Fixed(n)) => (Unit::Hours, *n),
+            other => panic!("not a fixed length: {other}"),
+        };
+        let (unit, n) = unit_count(within);
+        let due = calendar.add(now, unit, n).expect("in the calendar's years");
+        let (unit, m) = unit_count(before);
+        calendar
+            .subtract(due, unit, m)
+            .expect("in the calendar's years")
+            > now
+    }
+
+    /// `reminder_never_fires` says "never" exactly when no moment of entry
+    /// sets the reminder, on the real calendar: every half hour (midnights
+    /// included) of five weeks around the 2020 National Day holiday, with
+    /// its weekends, holidays and make-up working days.
+    #[test]
+    fn a_reminder_is_said_never_to_fire_exactly_when_it_never_does() {
+        let text = include_str!("../../workflows/calendar/cn_holidays.csv");
+        let calendar = Calendar::parse("cn_holidays.csv", text).expect("calendar parses");
+        let first = chrono::FixedOffset::east_opt(8 * 3600)
+            .expect("offset")
+            .with_ymd_and_hms(2020, 9, 14, 0, 0, 0)
+            .single()
+            .expect("a moment")
+            .with_timezone(&Utc);
+        let entries: Vec<DateTime<Utc>> = (0..5 * 7 * 48)
+            .map(|i| first + Duration::minutes(30 * i))
+            .collect();
+        let lengths = |n: u32| {
+            [
+                Period::Hours(Amount::Fixed(n)),
+                Period::Days(Amount::Fixed(n)),
+                Period::WorkingDays(Amount::Fixed(n)),
+            ]
+        };
+        for within in [1, 2, 5, 23, 24, 25, 48].into_iter().flat_map(lengths) {
+            for before in [0, 1, 2, 4, 5, 6, 23, 24, 47, 48, 72, 73]
+                .into_iter()
+                .flat_map(lengths)
+            {
+                let said = reminder_never_fires(&within, &before);
+                let never = !entries
+                    .iter()
+                    .any(|&now| fires(&calendar, &within, &before, now));
+                let compared = !matches!(
+                    (&within, &before),
+                    (Period::WorkingDays(_), Period::Hours(_) | Period::Days(_))
+                        | (Period::Hours(_) | Period::Days(_), Period::WorkingDays(_))
+                );
+                if compared {
+                    assert_eq!(said, never, "`{before}` before `{within}`");
+                } else {
+                    assert!(!said, "`{before}` before `{within}` is not compared");
+                }
+            }
+        }
+    }
 }
