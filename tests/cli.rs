@@ -252,52 +252,32 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         assert_ne!(out.status.code(), Some(0));
         assert!(text.contains("is a symbolic link to"), "{text}");
     }
-    std::fs::write(
-        dir.path().join("auditor.toml"),
-        "auditors = [\"hebei.sjz.nosuch\"]\n",
-    )
-    .expect("write");
-    let (code, text) = serve_refused(
-        dir.path(),
-        &["--config", "auditor.toml", "--listen", "127.0.0.1:0"],
-    );
-    assert_ne!(code, Some(0));
-    assert!(
-        text.contains("`auditors` names `hebei.sjz.nosuch`, which is not an agency"),
-        "{text}"
-    );
-
     std::fs::write(dir.path().join("key.pem"), "not a key\n").expect("write");
     std::fs::write(dir.path().join("cert.pem"), "not a certificate\n").expect("write");
-    std::fs::write(
-        dir.path().join("missing.toml"),
-        "[tls]\ncert = \"nowhere.pem\"\nkey = \"key.pem\"\n",
-    )
-    .expect("write");
-    let (code, text) = serve_refused(
-        dir.path(),
-        &["--config", "missing.toml", "--listen", "127.0.0.1:0"],
-    );
-    assert_ne!(code, Some(0));
-    assert!(
-        text.contains("reading the TLS certificate (cert) nowhere.pem"),
-        "{text}"
-    );
-    std::fs::write(
-        dir.path().join("garbage.toml"),
-        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
-    )
-    .expect("write");
-    let (code, text) = serve_refused(
-        dir.path(),
-        &["--config", "garbage.toml", "--listen", "127.0.0.1:0"],
-    );
-    assert_ne!(code, Some(0));
-    assert!(
-        text.contains("the TLS certificate and key (`tls` in the configuration) cannot be used"),
-        "{text}"
-    );
-    assert!(!text.contains("serving"), "{text}");
+    for (config, text, said) in [
+        (
+            "auditor.toml",
+            "auditors = [\"hebei.sjz.nosuch\"]\n",
+            "`auditors` names `hebei.sjz.nosuch`, which is not an agency",
+        ),
+        (
+            "missing.toml",
+            "[tls]\ncert = \"nowhere.pem\"\nkey = \"key.pem\"\n",
+            "reading the TLS certificate (cert) nowhere.pem",
+        ),
+        (
+            "garbage.toml",
+            "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+            "the TLS certificate and key (`tls` in the configuration) cannot be used",
+        ),
+    ] {
+        std::fs::write(dir.path().join(config), text).expect("write");
+        let (code, text) =
+            serve_refused(dir.path(), &["--config", config, "--listen", "127.0.0.1:0"]);
+        assert_ne!(code, Some(0), "{config}");
+        assert!(text.contains(said), "{config}: {text}");
+        assert!(!text.contains("serving"), "{config}: {text}");
+    }
 }
 
 /// `govflow serve` logs one line per call, with the caller (never its

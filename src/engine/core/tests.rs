@@ -552,48 +552,22 @@ fn an_expiry_goes_through_guards() {
     assert_eq!(step.entry.actor, Actor::Timer("1:expiry".into()));
 }
 
-#[test]
-fn a_deadline_whose_step_fails_is_refused_and_stays_due() {
-    // Escalating binds the county's parent: from the city to the province,
-    // then from the province, which has none, so that step cannot be taken.
-    // A fault to mend is not a decision: the deadline is not spent but
-    // refused, and stays on the case to be tried again.
-    let lib = testkit::library();
-    let mut case = in_review(&lib, 150);
-    let mut now = t0() + hours(1);
-    let refused = loop {
-        now += hours(49);
-        let expiry = case
-            .timers
-            .iter()
-            .find(|t| t.id.ends_with(":expiry"))
-            .expect("a deadline");
-        match apply(&lib, &case, &timer(&expiry.id.clone()), now) {
-            Ok(step) => {
-                assert!(
-                    step.entry.payload.get(SPENT_KEY).is_none(),
-                    "{:?}",
-                    step.entry
-                );
-                case = step.case;
-            }
-            Err(e) => break e,
-        }
-        assert!(now < t0() + hours(500), "the escalation never failed");
-    };
-    assert_eq!(refused.code, RejectCode::EffectFailed, "{refused}");
-    assert_eq!(case.bindings["county"], "p");
-    assert!(case.timers.iter().any(|t| t.id.ends_with(":expiry")));
+/// A permit case escalated by its deadline until the escalation is refused:
+/// each escalation binds the county's parent, from the city to the province,
+/// then from the province, which has none. The history up to the refusal,
+/// the case, the refused timer, the refusal and its time.
+struct Escalated {
+    entries: Vec<Entry>,
+    case: Case,
+    timer_id: String,
+    refusal: Rejection,
+    at: DateTime<Utc>,
 }
 
-/// Histories written before 2026-11-27 spent such a deadline anyway; they
-/// still replay, as long as the rules refuse the step the same way.
-#[test]
-fn a_deadline_spent_on_a_refusal_by_an_older_govflow_still_replays() {
-    let lib = testkit::library();
-    let started = start_permit(&lib, json!({"county": "k"}));
+fn escalate_until_refused(lib: &Library) -> Escalated {
+    let started = start_permit(lib, json!({"county": "k"}));
     let submitted = ok(fire(
-        &lib,
+        lib,
         &started.case,
         "submit",
         "ent",
@@ -602,26 +576,71 @@ fn a_deadline_spent_on_a_refusal_by_an_older_govflow_still_replays() {
     ));
     let mut entries = vec![started.entry, submitted.entry];
     let mut case = submitted.case;
-    let mut now = t0() + hours(1);
-    let refused = loop {
-        now += hours(49);
-        let expiry = case
+    let mut at = t0() + hours(1);
+    loop {
+        at += hours(49);
+        assert!(at < t0() + hours(500), "the escalation never failed");
+        let timer_id = case
             .timers
             .iter()
             .find(|t| t.id.ends_with(":expiry"))
             .expect("a deadline")
             .id
             .clone();
-        match apply(&lib, &case, &timer(&expiry), now) {
+        match apply(lib, &case, &timer(&timer_id), at) {
             Ok(step) => {
+                assert!(
+                    step.entry.payload.get(SPENT_KEY).is_none(),
+                    "{:?}",
+                    step.entry
+                );
                 entries.push(step.entry);
                 case = step.case;
             }
-            Err(e) => break (expiry, e),
+            Err(refusal) => {
+                return Escalated {
+                    entries,
+                    case,
+                    timer_id,
+                    refusal,
+                    at,
+                };
+            }
         }
-    };
-    let (expiry, rejection) = refused;
-    let old = spent_as_before(&lib, &case, &expiry, &rejection, now).expect("spendable");
+    }
+}
+
+#[test]
+fn a_deadline_whose_step_fails_is_refused_and_stays_due() {
+    // A fault to mend is not a decision: the deadline is not spent but
+    // refused, and stays on the case to be tried again.
+    let lib = testkit::library();
+    let escalated = escalate_until_refused(&lib);
+    let refused = &escalated.refusal;
+    assert_eq!(refused.code, RejectCode::EffectFailed, "{refused}");
+    assert_eq!(escalated.case.bindings["county"], "p");
+    assert!(
+        escalated
+            .case
+            .timers
+            .iter()
+            .any(|t| t.id == escalated.timer_id)
+    );
+}
+
+/// Histories written before 2026-11-27 spent such a deadline anyway; they
+/// still replay, as long as the rules refuse the step the same way.
+#[test]
+fn a_deadline_spent_on_a_refusal_by_an_older_govflow_still_replays() {
+    let lib = testkit::library();
+    let Escalated {
+        entries,
+        case,
+        timer_id,
+        refusal,
+        at,
+    } = escalate_until_refused(&lib);
+    let old = spent_as_before(&lib, &case, &timer_id, &refusal, at).expect("spendable");
     let mut history = entries.clone();
     history.push(old.entry.clone());
     let replay = |history: &[Entry]| {
