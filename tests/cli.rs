@@ -179,7 +179,7 @@ fn serve_from_another_folder_says_where_it_looked_for_the_workflows_and_how_to_n
     let dir = tempfile::tempdir().expect("tempdir");
     let out = govflow()
         .current_dir(dir.path())
-        .args(["serve", "--data", "data"])
+        .args(["serve", "--data", "data", "--listen", "127.0.0.1:0"])
         .output()
         .expect("runs");
     assert_ne!(out.status.code(), Some(0));
@@ -196,13 +196,21 @@ fn serve_from_another_folder_says_where_it_looked_for_the_workflows_and_how_to_n
 }
 
 /// `govflow serve` with `args` in a fresh data folder, expected to refuse to
-/// start: its exit code and what it printed.
+/// start: its exit code and what it printed. It listens on a free port
+/// unless `args` say where (the port is bound first: a default port taken
+/// on this machine would be the refusal).
 fn serve_refused(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let workflows = root().join("workflows");
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let out = govflow()
         .current_dir(dir)
         .args(["serve", "--data", "data", "--workflows"])
         .arg(&workflows)
+        .args(listen)
         .args(args)
         .output()
         .expect("runs");
@@ -272,8 +280,7 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         ),
     ] {
         std::fs::write(dir.path().join(config), text).expect("write");
-        let (code, text) =
-            serve_refused(dir.path(), &["--config", config, "--listen", "127.0.0.1:0"]);
+        let (code, text) = serve_refused(dir.path(), &["--config", config]);
         assert_ne!(code, Some(0), "{config}");
         assert!(text.contains(said), "{config}: {text}");
         assert!(!text.contains("serving"), "{config}: {text}");
@@ -368,14 +375,8 @@ fn serve_names_a_data_folder_that_is_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("data");
     std::fs::write(&file, "not a folder").expect("write");
-    let out = govflow()
-        .current_dir(dir.path())
-        .args(["serve", "--data", "data", "--workflows"])
-        .arg(root().join("workflows"))
-        .output()
-        .expect("runs");
-    assert_ne!(out.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&out.stderr);
+    let (code, text) = serve_refused(dir.path(), &[]);
+    assert_ne!(code, Some(0));
     assert!(
         text.contains("the data folder data: it is a file, not a folder"),
         "{text}"
