@@ -274,6 +274,84 @@ pub(crate) fn python_verify(export: &Path, extra: &[&str]) -> Option<(i32, Strin
     Some((output.status.code().unwrap_or(-1), text))
 }
 
+/// Regression: an export held no case records, so a copy whose last
+/// entries were removed, rewritten (hashes recomputed) or added passed the
+/// verifier; and a line naming a member twice passed with the value Python
+/// keeps, though a reader keeping the other saw different content. Each
+/// case's head line now seals its end; such lines are refused.
+#[tokio::test]
+async fn an_export_seals_each_history_s_end_and_refuses_ambiguous_lines() {
+    let built = build().await;
+    let src = source(&built);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (export, _) = export_all(&src, scratch.path());
+    let lines: Vec<String> = std::fs::read_to_string(&export)
+        .expect("read")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let entry = |l: &str| serde_json::from_str::<Json>(l).expect("json");
+    // Case a: 5 entries, then its head.
+    let last_of_a = lines
+        .iter()
+        .position(|l| entry(l)["case_id"] == "a" && entry(l)["sequence"] == 5)
+        .expect("a@5");
+    let tampered = |name: &str, edit: &dyn Fn(&mut Vec<String>)| {
+        let mut copy = lines.clone();
+        edit(&mut copy);
+        let path = scratch.path().join(name);
+        std::fs::write(&path, copy.join("\n") + "\n").expect("write");
+        path
+    };
+    let cut = tampered("cut.jsonl", &|c| {
+        c.remove(last_of_a);
+    });
+    python_names(&cut, &[("a", 5, "missing")]);
+    // The last entry rewritten and its hash recomputed: consistent in itself,
+    // but not the entry the head seals.
+    let rewritten = tampered("rewritten.jsonl", &|c| {
+        let mut e = entry(&c[last_of_a]);
+        e["payload"] = serde_json::json!({"reason": "伪造"});
+        e.as_object_mut().expect("object").remove("hash");
+        let hash = json_hash(&e);
+        e["hash"] = Json::String(hash);
+        c[last_of_a] = serde_json::to_string(&e).expect("json");
+    });
+    python_names(&rewritten, &[("a", 5, "altered")]);
+    // Only the head shows it: without head lines (an export from before
+    // them), the rewrite passes when heads are not required, and a missing
+    // head is a problem when they are.
+    let headless = scratch.path().join("headless.jsonl");
+    let without_heads: String = std::fs::read_to_string(&rewritten)
+        .expect("read")
+        .lines()
+        .filter(|l| !l.contains("\"head_hash\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&headless, without_heads).expect("write");
+    if let Some((code, text)) = python_verify(&headless, &["--without-heads"]) {
+        assert_eq!(code, 0, "{text}");
+    }
+    if let Some((code, text)) = python_verify(&headless, &["--quiet"]) {
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("no head"), "{text}");
+    }
+    for (name, line) in [
+        (
+            "twice.jsonl",
+            lines[1].replacen('{', "{\"payload\":{\"x\":\"伪造\"},", 1),
+        ),
+        ("extra.jsonl", lines[1].replacen('{', "{\"note\":1,", 1)),
+    ] {
+        let path = tampered(name, &|c| c[1] = line.clone());
+        let Some((code, text)) = python_verify(&path, &["--quiet"]) else {
+            return;
+        };
+        assert_eq!(code, 1, "{name}:\n{text}");
+        assert!(text.contains("(line 2): unreadable"), "{name}:\n{text}");
+    }
+}
+
 /// The Python verifier fails, and names each `(case, sequence, kind)`.
 fn python_agrees(source: &dyn RecordSource, expected: &[(&str, u64, &str)]) {
     let scratch = tempfile::tempdir().expect("tempdir");
@@ -845,7 +923,9 @@ fn export_with(source: &dyn RecordSource, filter: ExportFilter) -> Vec<Json> {
     String::from_utf8(out)
         .expect("utf-8")
         .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .map(|l| serde_json::from_str::<Json>(l).expect("a JSON line"))
+        // The entries; each case's head line after them is checked apart.
+        .filter(|l| l.get("head_hash").is_none())
         .collect()
 }
 
@@ -872,10 +952,18 @@ async fn export_lines_are_the_entries_and_filters_select_them() {
     let text = String::from_utf8(out).expect("utf-8");
     let mut expected = String::new();
     for id in lengths().keys() {
-        for e in stored_history(&src, id) {
-            expected.push_str(&serde_json::to_string(&records::entry_json(&e)).expect("json"));
+        let history = stored_history(&src, id);
+        for e in &history {
+            expected.push_str(&serde_json::to_string(&records::entry_json(e)).expect("json"));
             expected.push('\n');
         }
+        // Then the head its case record seals: the last entry.
+        let last = history.last().expect("a history");
+        expected.push_str(&format!(
+            "{{\"case_id\":\"{id}\",\"head_hash\":\"{}\",\"head_sequence\":{}}}\n",
+            hex::encode(&last.hash),
+            last.sequence
+        ));
     }
     assert_eq!(text, expected);
     assert!(
@@ -1599,7 +1687,7 @@ async fn a_time_window_export_checked_without_partial_names_the_first_entry_and_
         [
             "BAD  case a sequence 1 (before line 1, which holds sequence 3): missing: entries 1 to 2 \
              are missing (the case's first entry in the export is 3)",
-            "BAD  case b sequence 1 (before line 4, which holds sequence 2): missing: entry 1 is \
+            "BAD  case b sequence 1 (before line 5, which holds sequence 2): missing: entry 1 is \
              missing (the case's first entry in the export is 2)",
             "2 problem(s) in 2 case(s); 13 entries in 6 cases checked",
             "hint: 2 case(s) start after sequence 1, as they do in an export filtered by time \

@@ -389,7 +389,10 @@ async fn audited(server: &Server) -> u64 {
         .await
         .expect("export");
     assert!(skipped.is_empty(), "{skipped:?}");
-    assert_eq!(lines.len() as u64, total);
+    // Every entry, and after each case's entries its head line.
+    let heads = lines.iter().filter(|l| l.contains("\"head_hash\"")).count();
+    assert_eq!((lines.len() - heads) as u64, total);
+    assert_eq!(heads, all.len());
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("export.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").expect("write");
@@ -1613,7 +1616,9 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     )
     .await
     .expect("export");
-    assert_eq!(lines.len() as u64, parent.sequence);
+    // Its entries and its head line.
+    assert_eq!(lines.len() as u64, parent.sequence + 1);
+    assert!(lines[lines.len() - 1].contains("\"head_hash\""));
     let (children, _) = export_lines(
         &mut audit,
         Some(&auditor),

@@ -23,8 +23,17 @@ history.
                nothing).
 --quiet        print only the problems and the summary line.
 
-An export holds no case records, so entries removed from the end of a history
-cannot be seen here: `govflow audit verify` on the store checks those too.
+Each case's entries are followed by its head line, {"case_id", "head_sequence",
+"head_hash"}: the last entry its case record seals. The last entry of the case
+must be that one, so entries removed from, rewritten at or added to the end
+of a history are seen too (with --partial, only when the export reaches the
+end). A line with a member named twice, or with members other than those of
+docs/hash-chain.md, is refused: readers that keep the first or the last of
+two would see different entries.
+
+--without-heads  accept cases without a head line (exports by govflow before
+                 2026-11-27 have none); their ends are then not checked.
+
 Standard library only.
 """
 
@@ -38,6 +47,24 @@ REQUIRED = {
     "hash": str,
     "previous_hash": str,
 }
+
+# Every member of an entry line (docs/hash-chain.md), and of a head line.
+ENTRY_MEMBERS = {
+    "case_id", "sequence", "time", "actor", "event", "payload", "from_state", "to_state",
+    "variables_changed", "bindings_changed", "timers_set", "timers_cancelled",
+    "calendar_version", "workflow_digest", "request_id", "previous_hash", "hash",
+}
+HEAD_MEMBERS = {"case_id": str, "head_sequence": int, "head_hash": str}
+
+
+def unique_members(pairs):
+    """A JSON object whose members are all named once."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError("member %r is named twice" % key)
+        seen[key] = value
+    return seen
 
 
 def entry_hash(entry):
@@ -82,30 +109,92 @@ class Row:
         self.computed = computed
 
 
+def mistyped(line, members):
+    """Names of `members` (name -> type) missing from `line` or of another type."""
+    return [k for k, t in members.items()
+            if not isinstance(line.get(k), t) or (t is int and isinstance(line.get(k), bool))]
+
+
 def read_entries(stream, problems):
-    """Parses the export; returns {case_id: [Row]} in file order."""
+    """Parses the export; returns ({case_id: [Row]} in file order,
+    {case_id: [(line, head_sequence, head_hash)]})."""
     cases = {}
+    heads = {}
     for number, raw in enumerate(stream, start=1):
         text = raw.strip()
         if not text:
             continue
         try:
-            entry = json.loads(text)
+            entry = json.loads(text, object_pairs_hook=unique_members)
         except ValueError as e:
             problems.append(Problem(None, None, number, "unreadable", "not JSON: %s" % e))
             continue
         if not isinstance(entry, dict):
             problems.append(Problem(None, None, number, "unreadable", "not a JSON object"))
             continue
-        bad = [k for k, t in REQUIRED.items()
-               if not isinstance(entry.get(k), t) or (t is int and isinstance(entry.get(k), bool))]
-        if bad:
-            problems.append(Problem(entry.get("case_id") if isinstance(entry.get("case_id"), str) else None,
-                                    None, number, "unreadable",
-                                    "missing or mistyped member(s): %s" % ", ".join(bad)))
+        case_id = entry.get("case_id") if isinstance(entry.get("case_id"), str) else None
+        if "head_hash" in entry:
+            bad = mistyped(entry, HEAD_MEMBERS) + sorted(set(entry) - set(HEAD_MEMBERS))
+            if bad:
+                problems.append(Problem(case_id, None, number, "unreadable",
+                                        "a head line with missing, mistyped or unknown member(s): %s"
+                                        % ", ".join(bad)))
+                continue
+            heads.setdefault(case_id, []).append((number, entry["head_sequence"], entry["head_hash"]))
             continue
-        cases.setdefault(entry["case_id"], []).append(Row(number, entry, entry_hash(entry)))
-    return cases
+        bad = mistyped(entry, REQUIRED)
+        unknown = sorted(set(entry) - ENTRY_MEMBERS)
+        missing = sorted(ENTRY_MEMBERS - set(entry) - set(REQUIRED))
+        if bad or unknown or missing:
+            said = []
+            if bad or missing:
+                said.append("missing or mistyped member(s): %s" % ", ".join(bad + missing))
+            if unknown:
+                said.append("member(s) an entry does not have: %s" % ", ".join(unknown))
+            problems.append(Problem(case_id, None, number, "unreadable", "; ".join(said)))
+            continue
+        try:
+            computed = entry_hash(entry)
+        except UnicodeEncodeError:
+            problems.append(Problem(case_id, entry["sequence"], number, "unreadable",
+                                    "it holds text that is not Unicode (a lone surrogate escape)"))
+            continue
+        cases.setdefault(case_id, []).append(Row(number, entry, computed))
+    return cases, heads
+
+
+def check_head(case_id, rows, heads, partial, without_heads, problems):
+    """Checks that the case's last entry is the one its head line names."""
+    if not heads:
+        if not without_heads:
+            last = max(rows, key=lambda r: r.sequence)
+            problems.append(Problem(case_id, None, last.line, "no head",
+                                    "no head line follows the case's entries, so entries removed from "
+                                    "or added at its end cannot be seen (exports by govflow before "
+                                    "2026-11-27 have none: check those with --without-heads)"))
+        return
+    for line, _, _ in heads[1:]:
+        problems.append(Problem(case_id, None, line, "duplicate", "a second head line for the case"))
+    line, sequence, head_hash = heads[0]
+    last = max(rows, key=lambda r: r.sequence)
+    already = {p.sequence for p in problems if p.case_id == case_id}
+    if last.sequence > sequence:
+        if any(sequence < s <= last.sequence for s in already if s is not None):
+            return  # the entries past the head are named already
+        problems.append(Problem(case_id, sequence + 1, line, "forged",
+                                "the history goes on to entry %d past its head, entry %d: added after "
+                                "it was sealed" % (last.sequence, sequence)))
+    elif last.sequence < sequence:
+        if not partial:
+            problems.append(Problem(case_id, last.sequence + 1, line, "missing",
+                                    "entries %d to %d are missing from the end (the head seals entry %d)"
+                                    % (last.sequence + 1, sequence, sequence)
+                                    if sequence > last.sequence + 1 else
+                                    "entry %d is missing from the end (the head seals it)" % sequence))
+    elif sequence not in already and head_hash != last.hash:
+        problems.append(Problem(case_id, sequence, last.line, "altered",
+                                "the last entry is not the one the head seals (%s): it was rewritten"
+                                % head_hash[:16]))
 
 
 def check_case(case_id, rows, partial, problems):
@@ -192,6 +281,7 @@ def main(argv):
     partial = False
     allow_empty = False
     quiet = False
+    without_heads = False
     paths = []
     for arg in argv[1:]:
         if arg == "--partial":
@@ -200,6 +290,8 @@ def main(argv):
             allow_empty = True
         elif arg == "--quiet":
             quiet = True
+        elif arg == "--without-heads":
+            without_heads = True
         elif arg in ("-h", "--help"):
             print(__doc__.strip())
             return 0
@@ -216,10 +308,10 @@ def main(argv):
     try:
         if paths and paths[0] != "-":
             with open(paths[0], encoding="utf-8") as stream:
-                cases = read_entries(stream, problems)
+                cases, heads = read_entries(stream, problems)
         else:
             stream = open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
-            cases = read_entries(stream, problems)
+            cases, heads = read_entries(stream, problems)
     except (OSError, UnicodeDecodeError) as e:
         print("verify_export.py: cannot read the export: %s" % e, file=sys.stderr)
         return 2
@@ -238,12 +330,18 @@ def main(argv):
         before = len(problems)
         if check_case(case_id, rows, partial, problems):
             late += 1
+        check_head(case_id, rows, heads.get(case_id), partial, without_heads, problems)
         if not quiet and len(problems) == before:
             print("ok   %s: %d entries, chain intact" % (case_id, len(rows)))
 
+    for case_id in sorted(set(heads) - set(cases), key=str):
+        for line, _, _ in heads[case_id]:
+            problems.append(Problem(case_id, None, line, "missing",
+                                    "a head line for a case none of whose entries is in the export"))
+
     for problem in problems:
         print("BAD  %s" % problem)
-    bad_cases = len({p.case_id for p in problems})
+    bad_cases = len({p.case_id for p in problems if p.case_id is not None})
     if problems:
         print("%d problem(s) in %d case(s); %d entries in %d cases checked"
               % (len(problems), bad_cases, entries, len(cases)))

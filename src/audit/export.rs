@@ -91,6 +91,20 @@ enum Keep {
     IfInvolved,
 }
 
+/// The line that closes a case's entries: the sequence and hash of the
+/// last entry its record seals (`head_hash`), so that an export shows
+/// entries removed from, rewritten at or added to the end of a history.
+fn head_line(case: &proto::Case) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "case_id": case.id,
+        "head_sequence": case.sequence,
+        "head_hash": hex::encode(&case.head_hash),
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
 /// Writes the histories selected by `filter` to `out` as JSON Lines,
 /// streaming case by case (one sweep of the store for a whole export).
 /// Records that do not decode are left out and listed in the summary; the
@@ -108,6 +122,7 @@ pub fn export(
     let mut involved = false;
     let mut pending: Vec<u8> = Vec::new();
     let mut written = 0u64;
+    let mut head: Option<Vec<u8>> = None;
     let mut failure: Option<std::io::Error> = None;
     let mut visit = |event: CaseEvent<'_>| match event {
         CaseEvent::Begin { id: begun, record } => {
@@ -116,6 +131,10 @@ pub fn export(
             written = 0;
             involved = false;
             pending.clear();
+            head = match &record {
+                Some(Ok(case)) => Some(head_line(case)),
+                _ => None,
+            };
             keep = match record {
                 Some(Ok(case)) => {
                     if filter
@@ -192,9 +211,12 @@ pub fn export(
             }
         },
         CaseEvent::End => {
-            if keep == Keep::IfInvolved {
-                if !involved {
-                    return;
+            if keep == Keep::IfInvolved && !involved {
+                return;
+            }
+            if keep != Keep::No && written > 0 {
+                if let Some(head) = &head {
+                    pending.extend_from_slice(head);
                 }
                 if let Err(e) = out.write_all(&pending) {
                     failure.get_or_insert(e);
