@@ -96,7 +96,9 @@ pub enum CaseCommand {
     },
     /// Fire an event on a case as your agency.
     Fire {
+        /// The case id (or `cases/{id}`).
         case: String,
+        /// The event to fire (`govflow case show` lists the case's state).
         event: String,
         /// A payload field: NAME=VALUE, the value as JSON or else a string (repeatable).
         #[arg(long = "set", value_name = "NAME=VALUE")]
@@ -104,22 +106,28 @@ pub enum CaseCommand {
         /// Refuse unless the case is at this sequence.
         #[arg(long)]
         expect_sequence: Option<u64>,
+        /// Makes retries safe: the same id gets the first answer, never a
+        /// second step; a new one is made when left out.
         #[arg(long)]
         request_id: Option<String>,
     },
     /// Show a case (and its history).
     Show {
+        /// The case id (or `cases/{id}`).
         case: String,
+        /// Also list every step of its history.
         #[arg(long)]
         history: bool,
     },
     /// List the cases you hold a role in.
     List {
+        /// Only cases of this workflow.
         #[arg(long)]
         workflow: Option<String>,
+        /// Only cases in this state (needs --workflow).
         #[arg(long)]
         state: Option<String>,
-        /// A searchable variable: NAME=VALUE.
+        /// A searchable variable: NAME=VALUE (needs --workflow).
         #[arg(long = "var", value_name = "NAME=VALUE")]
         variable: Option<String>,
     },
@@ -137,6 +145,7 @@ pub enum CaseCommand {
 pub enum WorkflowCommand {
     /// Deploy a workflow file (admin).
     Deploy {
+        /// The workflow's RON file.
         file: PathBuf,
         /// Refuse the deploy, changing nothing, if any running case of the
         /// workflow would break under the new version (the server runs the
@@ -147,12 +156,17 @@ pub enum WorkflowCommand {
     /// Check which running cases a new version of a workflow would break,
     /// without deploying it (an agency is told only of its own cases).
     /// Exits 1 when some would.
-    CheckMigration { file: PathBuf },
+    CheckMigration {
+        /// The new version's RON file.
+        file: PathBuf,
+    },
     /// List the deployed workflows.
     List,
     /// Show a deployed workflow's source.
     Show {
+        /// The workflow's name (or `workflows/{name}`).
         name: String,
+        /// That version instead of the current one.
         #[arg(long)]
         version: Option<u32>,
     },
@@ -433,8 +447,16 @@ fn watch_failure(status: &Status, last_cursor: &str) -> anyhow::Error {
 /// A server error, said plainly: code, message and machine-readable reason.
 fn failure(status: &Status) -> anyhow::Error {
     let reason = govflow::server::api::reason(status);
+    // The server speaks gRPC; what to do about a credential is the CLI's.
+    let hint = match reason.as_str() {
+        "no-credential" => "\nhint: give the agency's token with --token or GOVFLOW_TOKEN",
+        "unknown-credential" => {
+            "\nhint: the token is not one the server knows: take it from the server's credentials.toml (tokens generated there change only when a line is removed)"
+        }
+        _ => "",
+    };
     anyhow::anyhow!(
-        "{:?}: {}{}",
+        "{:?}: {}{}{hint}",
         status.code(),
         status.message(),
         if reason.is_empty() {
@@ -443,6 +465,11 @@ fn failure(status: &Status) -> anyhow::Error {
             format!(" [{reason}]")
         }
     )
+}
+
+/// A workflow named as `workflow list` shows it (`workflows/{name}`) or bare.
+fn bare_workflow_name(given: &str) -> String {
+    given.strip_prefix("workflows/").unwrap_or(given).to_owned()
 }
 
 pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCode> {
@@ -465,7 +492,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             let request = proto::CreateCaseRequest {
                 request_id: rid.clone(),
                 case_id: id.unwrap_or_default(),
-                workflow,
+                workflow: bare_workflow_name(&workflow),
                 bindings,
                 variables: Some(to_struct(&variables)?),
             };
@@ -562,14 +589,19 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             let mut listed = 0;
             loop {
                 let page = cases
-                    .list_cases(client.request(proto::ListCasesRequest {
-                        page_size: 200,
-                        page_token: token,
-                        workflow: workflow.clone().unwrap_or_default(),
-                        state: state.clone().unwrap_or_default(),
-                        variable_name: variable_name.clone(),
-                        variable_value: variable_value.clone(),
-                    })?)
+                    .list_cases(
+                        client.request(proto::ListCasesRequest {
+                            page_size: 200,
+                            page_token: token,
+                            workflow: workflow
+                                .as_deref()
+                                .map(bare_workflow_name)
+                                .unwrap_or_default(),
+                            state: state.clone().unwrap_or_default(),
+                            variable_name: variable_name.clone(),
+                            variable_value: variable_value.clone(),
+                        })?,
+                    )
                     .await
                     .map_err(|s| failure(&s))?
                     .into_inner();
@@ -1105,6 +1137,40 @@ mod tests {
         );
         assert!(assignment("list=[broken").is_err());
         assert!(assignment("no-equals").is_err());
+    }
+
+    /// Regression: `workflow list` shows `workflows/gaozhi_chengnuo`, which
+    /// `case start --workflow` and `case list --workflow` refused.
+    #[test]
+    fn a_workflow_is_named_bare_or_as_workflow_list_shows_it() {
+        assert_eq!(
+            bare_workflow_name("workflows/gaozhi_chengnuo"),
+            "gaozhi_chengnuo"
+        );
+        assert_eq!(bare_workflow_name("gaozhi_chengnuo"), "gaozhi_chengnuo");
+    }
+
+    /// A refused credential says where to give or find a token.
+    #[test]
+    fn credential_refusals_say_where_the_token_comes_from() {
+        let none = govflow::server::api::status(
+            tonic::Code::Unauthenticated,
+            "no-credential",
+            "no credential",
+            &[],
+        );
+        assert!(
+            failure(&none)
+                .to_string()
+                .contains("--token or GOVFLOW_TOKEN")
+        );
+        let unknown = govflow::server::api::status(
+            tonic::Code::Unauthenticated,
+            "unknown-credential",
+            "unknown or revoked token",
+            &[],
+        );
+        assert!(failure(&unknown).to_string().contains("credentials.toml"));
     }
 
     /// Regression: `case start --var 's="123"'` stored the string 123, and
