@@ -203,6 +203,11 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
                 until: until.as_deref().map(parse_time).transpose()?,
                 visible_to: None,
             };
+            if let (Some(since), Some(until)) = (filter.since, filter.until)
+                && until <= since
+            {
+                bail!("--until must come after --since: the window would hold nothing");
+            }
             export(&store.data, &filter, output.as_deref())
         }
         AuditCommand::MigrationCheck { file, rules, json } => migration_check(&file, &rules, json),

@@ -467,6 +467,37 @@ pub(crate) fn python_catches_tampering(export: &Path) {
     python_names(&write("forged.jsonl", forged), &[(&case, 2, "forged")]);
 }
 
+/// Regression: a misspelt workflow in a filter verified, replayed and
+/// exported nothing, and said so as a clean result.
+#[tokio::test]
+async fn an_audit_filter_naming_no_workflow_of_the_store_is_refused() {
+    let built = build().await;
+    let src = source(&built);
+    let nope = || "ledgr".to_owned();
+    let refused = |e: audit::AuditError| {
+        let said = e.to_string();
+        assert!(
+            said.contains("no workflow `ledgr` was ever deployed") && said.contains("ledger"),
+            "{said}"
+        );
+    };
+    refused(audit::verify(&src, &VerifyScope::Workflow(nope()), None).expect_err("verify"));
+    refused(
+        audit::replay_all(
+            &src,
+            &library(&src).library,
+            &VerifyScope::Workflow(nope()),
+            None,
+        )
+        .expect_err("replay"),
+    );
+    let filter = ExportFilter {
+        workflow: Some(nope()),
+        ..Default::default()
+    };
+    refused(audit::export(&src, &filter, &mut Vec::new()).expect_err("export"));
+}
+
 #[tokio::test]
 async fn an_untampered_store_verifies_clean_and_so_does_its_export() {
     let built = build().await;
@@ -732,9 +763,12 @@ fn parallel_verification_covers_every_chunk_and_its_boundaries() {
 
     let bench = audit::verify(&src, &VerifyScope::Workflow("bench".into()), None).expect("verify");
     assert_eq!(bench.cases, cases as u64);
-    let none = audit::verify(&src, &VerifyScope::Workflow("ledger".into()), None).expect("verify");
-    assert_eq!((none.cases, none.entries), (0, 0));
-    assert!(none.is_clean(), "{:#?}", none.findings);
+    // A workflow this store never had is refused, not verified as nothing.
+    let none = audit::verify(&src, &VerifyScope::Workflow("ledger".into()), None);
+    assert!(
+        matches!(none, Err(audit::AuditError::UnknownWorkflow { .. })),
+        "{none:?}"
+    );
 }
 
 // ───────────────────────────── replay and time travel ─────────────────────────────

@@ -114,6 +114,9 @@ pub fn export(
     filter: &ExportFilter,
     out: &mut dyn Write,
 ) -> Result<ExportSummary> {
+    if let Some(workflow) = &filter.workflow {
+        super::known_workflow(source, workflow)?;
+    }
     let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
     let mut summary = ExportSummary::default();
     let mut encoder = Encoder::new();

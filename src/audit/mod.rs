@@ -68,6 +68,8 @@ pub enum AuditError {
     StoreInUse(String),
     #[error("no case `{0}`")]
     NotFound(String),
+    #[error("no workflow `{name}` was ever deployed in this store (its workflows: {known})")]
+    UnknownWorkflow { name: String, known: String },
     #[error("case `{case_id}`: the case record does not decode ({message})")]
     CaseUndecodable { case_id: String, message: String },
     #[error("case `{case_id}`: the history entry stored at {} {message}", slot.map_or_else(|| "an unknown position".to_owned(), |s| format!("sequence {s}")))]
@@ -97,6 +99,22 @@ pub enum AuditError {
     Write(std::io::Error),
     #[error("{0}")]
     Scenario(String),
+}
+
+/// Refuses a filter naming a workflow the store has no version of: the
+/// audit would pass over every case and report a clean result for a
+/// misspelt name.
+pub fn known_workflow(source: &dyn RecordSource, name: &str) -> Result<()> {
+    let versions = source.workflow_versions()?;
+    if versions.iter().any(|v| v.name == name) {
+        return Ok(());
+    }
+    let known: std::collections::BTreeSet<&str> =
+        versions.iter().map(|v| v.name.as_str()).collect();
+    Err(AuditError::UnknownWorkflow {
+        name: name.to_owned(),
+        known: known.into_iter().collect::<Vec<_>>().join(", "),
+    })
 }
 
 impl From<StoreError> for AuditError {

@@ -409,7 +409,10 @@ pub fn replay_all(
             (Reach::Case(id.as_str()), None)
         }
         VerifyScope::All => (Reach::Parts(source.cuts(PARTS)?), None),
-        VerifyScope::Workflow(w) => (Reach::Parts(source.cuts(PARTS)?), Some(w.as_str())),
+        VerifyScope::Workflow(w) => {
+            super::known_workflow(source, w)?;
+            (Reach::Parts(source.cuts(PARTS)?), Some(w.as_str()))
+        }
     };
     let replayed = AtomicU64::new(0);
     let results: Mutex<Vec<CaseDivergence>> = Mutex::new(Vec::new());

@@ -668,6 +668,7 @@ pub fn verify(
         }
         VerifyScope::All => (Reach::Parts(source.cuts(PARTS)?), None, None),
         VerifyScope::Workflow(name) => {
+            super::known_workflow(source, name)?;
             let digests: BTreeSet<String> = source
                 .workflow_versions()?
                 .into_iter()
