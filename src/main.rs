@@ -228,11 +228,23 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(code) => code,
+        // The reader of our output went away (`govflow audit at … | head`):
+        // nothing is wrong, and nothing more is wanted.
+        Err(e) if reader_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("govflow: {}", chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether `e` is a write to a pipe whose reader has closed it.
+fn reader_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The runtime of the commands that run or reach a server. Its threads
@@ -622,7 +634,20 @@ fn graph_command(
 
 #[cfg(test)]
 mod tests {
-    use super::chain;
+    use super::{chain, reader_gone};
+
+    /// Regression: `govflow audit at … | head` ended with "Broken pipe (os
+    /// error 32)" and exit 2; a reader that has what it wanted is not an error.
+    #[test]
+    fn a_reader_that_went_away_is_not_an_error() {
+        let gone = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let export = anyhow::Error::new(govflow::audit::AuditError::Write(gone));
+        assert!(reader_gone(&export.context("exporting")));
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(!reader_gone(&anyhow::Error::new(
+            govflow::audit::AuditError::Write(full)
+        )));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("storage: {0}")]

@@ -96,7 +96,7 @@ pub enum AuditError {
     #[error("the new workflow version does not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
     InvalidWorkflow(Vec<Diagnostic>),
     #[error("writing the export: {0}")]
-    Write(std::io::Error),
+    Write(#[source] std::io::Error),
     #[error("{0}")]
     Scenario(String),
 }
