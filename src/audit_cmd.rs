@@ -84,11 +84,12 @@ pub enum AuditCommand {
         no_progress: bool,
     },
     /// Show a case (state, variables, bindings, timers) as of a sequence number or a moment.
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["sequence", "time"])))]
     At {
         /// The case id.
         case: String,
         /// Right after this step.
-        #[arg(long, conflicts_with = "time", required_unless_present = "time")]
+        #[arg(long)]
         sequence: Option<u64>,
         /// As of this moment (RFC 3339, or a date YYYY-MM-DD meaning its start
         /// in Asia/Shanghai): after the last step at or before it.
