@@ -144,6 +144,12 @@ pub struct Compiled {
     /// None)` where the whole of `root` is used. The engine converts only
     /// what expressions read.
     pub uses: BTreeSet<(String, Option<String>)>,
+    /// The `root.field`s it reads that it never tests with `has(root.field)`:
+    /// a field that may be absent (an optional payload field) fails such a
+    /// read whenever it is left out.
+    pub untested: BTreeSet<(String, String)>,
+    /// The `root.field`s it tests with `has(root.field)`.
+    pub tested: BTreeSet<(String, String)>,
 }
 
 /// The longest expression accepted, in characters. The parser, the checker
@@ -196,14 +202,24 @@ pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> 
         program: &program,
         issues: Vec::new(),
         uses: BTreeSet::new(),
+        read: BTreeSet::new(),
+        tested: BTreeSet::new(),
     };
     let ty = checker.infer(program.expression(), scope);
-    let Checker { issues, uses, .. } = checker;
+    let Checker {
+        issues,
+        uses,
+        read,
+        tested,
+        ..
+    } = checker;
     if issues.is_empty() {
         Ok(Compiled {
             program: Arc::new(program),
             ty,
             uses,
+            untested: read.difference(&tested).cloned().collect(),
+            tested,
         })
     } else {
         Err(issues)
@@ -244,6 +260,9 @@ struct Checker<'p> {
     program: &'p Program,
     issues: Vec<ExprIssue>,
     uses: BTreeSet<(String, Option<String>)>,
+    /// `root.field`s read, and those tested with `has(root.field)`.
+    read: BTreeSet<(String, String)>,
+    tested: BTreeSet<(String, String)>,
 }
 
 impl Checker<'_> {
@@ -335,6 +354,12 @@ impl Checker<'_> {
                 let operand = match &select.operand.expr {
                     Expr::Ident(root) if scope.get(root).is_some() => {
                         self.uses.insert((root.clone(), Some(select.field.clone())));
+                        let field = (root.clone(), select.field.clone());
+                        if select.test {
+                            self.tested.insert(field);
+                        } else {
+                            self.read.insert(field);
+                        }
                         scope.get(root).cloned().unwrap_or(Ty::Dyn)
                     }
                     _ => self.infer(&select.operand, scope),

@@ -172,6 +172,7 @@ pub fn validate(sources: &Sources) -> Validated {
             workflows: &all_workflows,
             programs: HashMap::new(),
             reads: Reads::default(),
+            optional_payload: BTreeSet::new(),
         };
         let (programs, reads) = checker.check(&mut r);
         if calendar_missing {
@@ -545,6 +546,10 @@ struct WorkflowChecker<'a> {
     workflows: &'a BTreeMap<&'a str, &'a Workflow>,
     programs: HashMap<String, Arc<Program>>,
     reads: Reads,
+    /// The optional payload fields of the transition being checked that no
+    /// expression before has tested with `has()`: its guard runs first, so
+    /// a field the guard tests is there when the effects read it.
+    optional_payload: BTreeSet<String>,
 }
 
 impl WorkflowChecker<'_> {
@@ -1141,6 +1146,12 @@ impl WorkflowChecker<'_> {
                 }
             }
             let scope = self.transition_scope(t);
+            self.optional_payload = t
+                .payload
+                .iter()
+                .filter(|f| !f.required)
+                .map(|f| f.name.clone())
+                .collect();
             if let Some(guard) = &t.guard {
                 self.compile_expr(r, &tp.field("guard"), guard, &scope, Some(&Ty::Bool));
             }
@@ -1209,6 +1220,7 @@ impl WorkflowChecker<'_> {
                 });
                 self.check_spawn(r, &spp, spawn, child, &item_scope);
             }
+            self.optional_payload.clear();
         }
     }
 
@@ -1325,6 +1337,23 @@ impl WorkflowChecker<'_> {
                         format!("expression yields {} where {want} is needed", compiled.ty),
                         None,
                     );
+                }
+                for (_, field) in compiled.untested.iter().filter(|(root, field)| {
+                    root == "payload" && self.optional_payload.contains(field)
+                }) {
+                    r.warning(
+                        "optional-payload",
+                        path,
+                        format!(
+                            "the optional payload field `{field}` is read without `has(payload.{field})`: whenever it is left out, this expression fails and the step is refused"
+                        ),
+                        Some(format!(
+                            "test it first, e.g. `has(payload.{field}) ? payload.{field} : …`, or make the field required"
+                        )),
+                    );
+                }
+                for (_, field) in compiled.tested.iter().filter(|(root, _)| root == "payload") {
+                    self.optional_payload.remove(field);
                 }
                 self.programs.insert(source.to_owned(), compiled.program);
                 self.reads.add(compiled.uses);
