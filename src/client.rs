@@ -244,7 +244,11 @@ impl Client {
         let channel = endpoint
             .connect()
             .await
-            .with_context(|| format!("cannot reach the server at {server}"))?;
+            .with_context(|| {
+                format!(
+                    "cannot reach the server at {server} (is `govflow serve` running there? give its address with --server or GOVFLOW_SERVER)"
+                )
+            })?;
         Ok(Client {
             channel,
             token: c.token.clone(),

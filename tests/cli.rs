@@ -435,3 +435,20 @@ fn an_empty_token_is_refused_before_anything_is_sent() {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("the token is empty"), "{said}");
 }
+
+/// A server that is not there is said with what to check.
+#[test]
+fn a_server_that_cannot_be_reached_is_said_with_what_to_check() {
+    let refused = govflow()
+        .args(["case", "list", "--server", "127.0.0.1:1"])
+        .env("GOVFLOW_TOKEN", "gf_0123456789abcdef0123456789abcdef")
+        .output()
+        .expect("runs");
+    assert_ne!(refused.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("cannot reach the server at http://127.0.0.1:1")
+            && said.contains("--server or GOVFLOW_SERVER"),
+        "{said}"
+    );
+}

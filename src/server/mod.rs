@@ -164,7 +164,9 @@ pub enum ServeError {
     },
     #[error("the data folder {path}: {message}")]
     DataFolder { path: String, message: String },
-    #[error("cannot listen on {address}: {message}")]
+    #[error(
+        "cannot listen on {address}: {message} (is another server there? give another address with --listen, or `listen` in the configuration)"
+    )]
     Listen { address: String, message: String },
     #[error("the TLS certificate and key (`tls` in the configuration) cannot be used")]
     TlsInvalid(#[source] tonic::transport::Error),
