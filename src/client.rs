@@ -71,7 +71,7 @@ pub struct Connection {
     client_key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -419,57 +419,85 @@ fn workflow_lines(workflows: &[proto::WorkflowSummary]) -> Vec<String> {
         .collect()
 }
 
-/// A change that failed: as [`failure`], and when the answer was lost on
-/// the way (the server went away, the call timed out) so that the change
-/// may or may not have been made, how to find out safely.
+/// A change the server refused or whose answer was lost: as [`failure`],
+/// and for a lost answer, how to find out whether it was made.
 fn change_failure(status: &Status, request_id: &str) -> anyhow::Error {
     use tonic::Code;
-    let error = failure(status);
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-            anyhow::anyhow!(
-                "{error}\nhint: the change may or may not have been made; run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
-            )
-        }
-        _ => error,
+    let mut refusal = Refusal::of(status);
+    if matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    ) {
+        refusal.hint = format!(
+            "the change may or may not have been made; run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
+        );
     }
+    refusal.into()
 }
 
 /// A watch that ended (the server stopping, a slow reader cut off, the
 /// connection lost): as [`failure`], and how to go on without a gap or a
 /// repeat, from the last cursor shown.
 fn watch_failure(status: &Status, last_cursor: &str) -> anyhow::Error {
-    let error = failure(status);
-    if last_cursor.is_empty() {
-        return error;
+    let mut refusal = Refusal::of(status);
+    if !last_cursor.is_empty() {
+        refusal.hint =
+            format!("go on from where it stopped with `govflow case watch --cursor {last_cursor}`");
     }
-    anyhow::anyhow!(
-        "{error}\nhint: go on from where it stopped with `govflow case watch --cursor {last_cursor}`"
-    )
+    refusal.into()
 }
 
 /// A server error, said plainly: code, message and machine-readable reason.
 fn failure(status: &Status) -> anyhow::Error {
-    let reason = govflow::server::api::reason(status);
-    // The server speaks gRPC; what to do about a credential is the CLI's.
-    let hint = match reason.as_str() {
-        "no-credential" => "\nhint: give the agency's token with --token or GOVFLOW_TOKEN",
-        "unknown-credential" => {
-            "\nhint: the token is not one the server knows: take it from the server's credentials.toml (tokens generated there change only when a line is removed)"
-        }
-        _ => "",
-    };
-    anyhow::anyhow!(
-        "{:?}: {}{}{hint}",
-        status.code(),
-        status.message(),
-        if reason.is_empty() {
-            String::new()
-        } else {
-            format!(" [{reason}]")
-        }
-    )
+    Refusal::of(status).into()
 }
+
+/// What the server answered instead of a result: said as a line (and a
+/// hint), or with `--json` as `{"error": {code, reason, message, hint}}`
+/// on standard output, for scripts.
+#[derive(Debug, serde::Serialize)]
+pub struct Refusal {
+    pub code: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hint: String,
+}
+
+impl Refusal {
+    fn of(status: &Status) -> Refusal {
+        let reason = govflow::server::api::reason(status);
+        // The server speaks gRPC; what to do about a credential is the CLI's.
+        let hint = match reason.as_str() {
+            "no-credential" => "give the agency's token with --token or GOVFLOW_TOKEN",
+            "unknown-credential" => {
+                "the token is not one the server knows: take it from the server's credentials.toml (tokens generated there change only when a line is removed)"
+            }
+            _ => "",
+        };
+        Refusal {
+            code: format!("{:?}", status.code()),
+            reason,
+            message: status.message().to_owned(),
+            hint: hint.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if !self.reason.is_empty() {
+            write!(f, " [{}]", self.reason)?;
+        }
+        if !self.hint.is_empty() {
+            write!(f, "\nhint: {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// A workflow named as `workflow list` shows it (`workflows/{name}`) or bare.
 fn bare_workflow_name(given: &str) -> String {

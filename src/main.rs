@@ -302,15 +302,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Case {
             connection,
             command,
-        } => Ok(answer(
-            runtime()?.block_on(client::case(connection, command)),
-        )),
+        } => {
+            let json = connection.json;
+            Ok(answer(
+                runtime()?.block_on(client::case(connection, command)),
+                json,
+            ))
+        }
         Command::Workflow {
             connection,
             command,
-        } => Ok(answer(
-            runtime()?.block_on(client::workflow(connection, command)),
-        )),
+        } => {
+            let json = connection.json;
+            Ok(answer(
+                runtime()?.block_on(client::workflow(connection, command)),
+                json,
+            ))
+        }
         Command::Bench {
             in_process: _,
             grpc,
@@ -497,9 +505,15 @@ fn catalogue_command(command: CatalogueCommand) -> Result<ExitCode> {
 }
 
 /// Exit 1 with the reason when a client command failed.
-fn answer(result: Result<ExitCode>) -> ExitCode {
+fn answer(result: Result<ExitCode>, json: bool) -> ExitCode {
     result.unwrap_or_else(|e| {
-        eprintln!("govflow: {}", chain(&e));
+        match e.downcast_ref::<client::Refusal>() {
+            // A script asked for JSON: the refusal is its answer.
+            Some(refusal) if json => {
+                println!("{}", serde_json::json!({ "error": refusal }));
+            }
+            _ => eprintln!("govflow: {}", chain(&e)),
+        }
         ExitCode::from(1)
     })
 }

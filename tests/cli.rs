@@ -331,6 +331,18 @@ fn serve_logs_each_call_with_its_caller_and_status() {
         .output()
         .expect("runs");
     assert_ne!(shown.status.code(), Some(0));
+    // With --json a refusal is a JSON answer on standard output, for scripts.
+    let shown = govflow()
+        .args([
+            "case", "show", "nope", "--json", "--server", &address, "--token", tax,
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(shown.status.code(), Some(1));
+    let refusal: serde_json::Value =
+        serde_json::from_slice(&shown.stdout).expect("a JSON refusal on stdout");
+    assert_eq!(refusal["error"]["code"], "NotFound");
+    assert_eq!(refusal["error"]["reason"], "case-not-found");
     let listed = govflow()
         .args(["case", "list", "--server", &address])
         .env_remove("GOVFLOW_TOKEN")
