@@ -434,30 +434,30 @@ fn a_workflow_named_like_a_path_is_refused_and_not_drawn_outside_the_folder() {
     assert_eq!(beside, ["bad_name.ron", "pictures"], "{text}");
 }
 
+/// What `govflow case list` against a port nothing listens on says, with
+/// `token` as GOVFLOW_TOKEN (it must fail).
+fn listing_nowhere_says(token: &str) -> String {
+    let refused = govflow()
+        .args(["case", "list", "--server", "127.0.0.1:1"])
+        .env("GOVFLOW_TOKEN", token)
+        .output()
+        .expect("runs");
+    assert_ne!(refused.status.code(), Some(0));
+    String::from_utf8_lossy(&refused.stderr).into_owned()
+}
+
 /// Regression: an empty token (a `$(grep …)` that found nothing) was sent
 /// as `Bearer `; it is said at once, before anything is sent.
 #[test]
 fn an_empty_token_is_refused_before_anything_is_sent() {
-    let refused = govflow()
-        .args(["case", "list", "--server", "127.0.0.1:1"])
-        .env("GOVFLOW_TOKEN", "")
-        .output()
-        .expect("runs");
-    assert_ne!(refused.status.code(), Some(0));
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = listing_nowhere_says("");
     assert!(said.contains("the token is empty"), "{said}");
 }
 
 /// A server that is not there is said with what to check.
 #[test]
 fn a_server_that_cannot_be_reached_is_said_with_what_to_check() {
-    let refused = govflow()
-        .args(["case", "list", "--server", "127.0.0.1:1"])
-        .env("GOVFLOW_TOKEN", "gf_0123456789abcdef0123456789abcdef")
-        .output()
-        .expect("runs");
-    assert_ne!(refused.status.code(), Some(0));
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = listing_nowhere_says("gf_0123456789abcdef0123456789abcdef");
     assert!(
         said.contains("cannot reach the server at http://127.0.0.1:1")
             && said.contains("--server or GOVFLOW_SERVER"),
