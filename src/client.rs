@@ -930,11 +930,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
 }
 
 fn workflow_name(name: &str, version: Option<u32>) -> String {
-    let base = if name.starts_with("workflows/") {
-        name.to_owned()
-    } else {
-        format!("workflows/{name}")
-    };
+    let base = format!("workflows/{}", bare_workflow_name(name));
     match version {
         Some(v) => format!("{base}/versions/{v}"),
         None => base,

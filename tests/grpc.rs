@@ -2503,32 +2503,8 @@ async fn one_caller_holds_a_bounded_number_of_watches_without_affecting_others()
 async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
     const REPORTS: usize = 300;
     let (_dir, store, server) = serve_on_test_store("2020-09-21T09:00:00+08:00").await;
+    baolian_case(&server, "long").await;
     let engine = server.engine.clone();
-    let work_team = "hebei.sjz.drc";
-    engine
-        .start(govflow::engine::durable::StartRequest {
-            request_id: "start".into(),
-            case_id: "long".into(),
-            workflow: "baolian_escalation".into(),
-            agency: "hebei.sjz.platform".into(),
-            bindings: [
-                ("work_team".to_owned(), work_team.to_owned()),
-                (
-                    "responsible_dept".to_owned(),
-                    "hebei.sjz.industry".to_owned(),
-                ),
-                ("leader".to_owned(), "hebei.sjz.office".to_owned()),
-            ]
-            .into(),
-            variables: crate::common::obj(json!({
-                "enterprise_name": "石家庄测试企业有限公司",
-                "credit_code": "91130100MA00000001",
-                "county": "hebei.sjz.changan",
-                "problem_summary": "用地手续办理缓慢",
-            })),
-        })
-        .await
-        .expect("start");
     let fire = |request_id: String, event: &str, agency: &str, payload: Json| {
         govflow::engine::durable::FireRequest {
             request_id,
@@ -2539,22 +2515,13 @@ async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
             expected_sequence: None,
         }
     };
-    engine
-        .fire(fire(
-            "classify".into(),
-            "classify",
-            work_team,
-            json!({"level": "county"}),
-        ))
-        .await
-        .expect("classify");
     for n in 0..REPORTS {
         let report = json!({"progress": "已协调自然资源部门，正在办理"});
         engine
             .fire(fire(
                 format!("r{n}"),
                 "report_progress",
-                "hebei.sjz.changan",
+                "hebei.sjz.zhengding",
                 report,
             ))
             .await
@@ -2564,7 +2531,7 @@ async fn a_watch_catching_up_on_a_long_case_reads_each_step_once() {
     store
         .history_entries_read
         .store(0, std::sync::atomic::Ordering::SeqCst);
-    let mut watch = open_watch(&server, work_team, "0", None).await;
+    let mut watch = open_watch(&server, "hebei.sjz.industry", "0", None).await;
     for _ in 0..steps {
         watch.message().await.expect("a step").expect("not ended");
     }

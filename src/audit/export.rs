@@ -94,11 +94,11 @@ enum Keep {
 /// The line that closes a case's entries: the sequence and hash of the
 /// last entry its record seals (`head_hash`), so that an export shows
 /// entries removed from, rewritten at or added to the end of a history.
-fn head_line(case: &proto::Case) -> Vec<u8> {
+fn head_line(case_id: &str, (sequence, hash): &(u64, Vec<u8>)) -> Vec<u8> {
     let mut line = serde_json::to_vec(&serde_json::json!({
-        "case_id": case.id,
-        "head_sequence": case.sequence,
-        "head_hash": hex::encode(&case.head_hash),
+        "case_id": case_id,
+        "head_sequence": sequence,
+        "head_hash": hex::encode(hash),
     }))
     .unwrap_or_default();
     line.push(b'\n');
@@ -125,7 +125,9 @@ pub fn export(
     let mut involved = false;
     let mut pending: Vec<u8> = Vec::new();
     let mut written = 0u64;
-    let mut head: Option<Vec<u8>> = None;
+    // The sequence and hash the case record seals; its line is made only
+    // for a case that is exported.
+    let mut head: Option<(u64, Vec<u8>)> = None;
     let mut failure: Option<std::io::Error> = None;
     let mut visit = |event: CaseEvent<'_>| match event {
         CaseEvent::Begin { id: begun, record } => {
@@ -135,7 +137,7 @@ pub fn export(
             involved = false;
             pending.clear();
             head = match &record {
-                Some(Ok(case)) => Some(head_line(case)),
+                Some(Ok(case)) => Some((case.sequence, case.head_hash.clone())),
                 _ => None,
             };
             keep = match record {
@@ -219,7 +221,7 @@ pub fn export(
             }
             if keep != Keep::No && written > 0 {
                 if let Some(head) = &head {
-                    pending.extend_from_slice(head);
+                    pending.extend_from_slice(&head_line(&id, head));
                 }
                 if let Err(e) = out.write_all(&pending) {
                     failure.get_or_insert(e);

@@ -263,7 +263,7 @@ impl fmt::Display for RejectCode {
     }
 }
 
-fn reject(code: RejectCode, message: impl Into<String>) -> Rejection {
+pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Rejection {
     Rejection {
         code,
         message: message.into(),

@@ -1326,9 +1326,9 @@ impl Batch<'_> {
             // agency could put work in others' inboxes, under a case it
             // could not even read.
             if !r.agency.is_empty() && !step.case.bindings.values().any(|a| *a == r.agency) {
-                return Err(EngineError::Rejected(core::Rejection {
-                    code: core::RejectCode::RoleNotAllowed,
-                    message: format!(
+                return Err(EngineError::Rejected(core::reject(
+                    core::RejectCode::RoleNotAllowed,
+                    format!(
                         "`{}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
                         r.agency,
                         r.workflow,
@@ -1339,7 +1339,7 @@ impl Batch<'_> {
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                }));
+                )));
             }
             Ok((*batch.cascade(step, &r.request_id)?).clone())
         });

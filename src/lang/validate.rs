@@ -617,22 +617,16 @@ impl WorkflowChecker<'_> {
                 None,
             );
         };
-        for (i, role) in self.w.roles.iter().enumerate() {
-            if bad(&role.name) {
-                report(
-                    "role",
-                    root.field("roles").index(i).field("name"),
-                    &role.name,
-                );
-            }
-        }
-        for (i, v) in self.w.variables.iter().enumerate() {
-            if bad(&v.name) {
-                report(
-                    "variable",
-                    root.field("variables").index(i).field("name"),
-                    &v.name,
-                );
+        let roles = self.w.roles.iter().map(|r| r.name.as_str());
+        let variables = self.w.variables.iter().map(|v| v.name.as_str());
+        for (what, list, names) in [
+            ("role", "roles", roles.collect::<Vec<_>>()),
+            ("variable", "variables", variables.collect()),
+        ] {
+            for (i, name) in names.into_iter().enumerate() {
+                if bad(name) {
+                    report(what, root.field(list).index(i).field("name"), name);
+                }
             }
         }
         for (i, state) in self.w.states.iter().enumerate() {

@@ -344,14 +344,11 @@ fn check_filter(
             ),
         ));
     }
-    let names = |each: &dyn Fn(&crate::lang::validate::CompiledWorkflow) -> Vec<&str>| {
-        versions
-            .iter()
-            .flat_map(|w| each(w))
-            .collect::<BTreeSet<&str>>()
-    };
     if let Some(state) = state {
-        let states = names(&|w| w.def.states.iter().map(|s| s.name.as_str()).collect());
+        let states: BTreeSet<&str> = versions
+            .iter()
+            .flat_map(|w| w.def.states.iter().map(|s| s.name.as_str()))
+            .collect();
         if !states.contains(state) {
             return Err(invalid(
                 "unknown-state",
@@ -364,14 +361,12 @@ fn check_filter(
         }
     }
     if let Some(variable) = variable {
-        let searchable = names(&|w| {
-            w.def
-                .variables
-                .iter()
-                .filter(|v| v.searchable)
-                .map(|v| v.name.as_str())
-                .collect()
-        });
+        let searchable: BTreeSet<&str> = versions
+            .iter()
+            .flat_map(|w| w.def.variables.iter())
+            .filter(|v| v.searchable)
+            .map(|v| v.name.as_str())
+            .collect();
         if !searchable.contains(variable) {
             return Err(invalid(
                 "not-searchable",
