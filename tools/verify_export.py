@@ -163,8 +163,9 @@ def read_entries(stream, problems):
     return cases, heads
 
 
-def check_head(case_id, rows, heads, partial, without_heads, problems):
-    """Checks that the case's last entry is the one its head line names."""
+def check_head(case_id, rows, heads, partial, without_heads, already, problems):
+    """Checks that the case's last entry is the one its head line names;
+    `already` holds the sequence numbers of the case already named."""
     if not heads:
         if not without_heads:
             last = max(rows, key=lambda r: r.sequence)
@@ -177,7 +178,6 @@ def check_head(case_id, rows, heads, partial, without_heads, problems):
         problems.append(Problem(case_id, None, line, "duplicate", "a second head line for the case"))
     line, sequence, head_hash = heads[0]
     last = max(rows, key=lambda r: r.sequence)
-    already = {p.sequence for p in problems if p.case_id == case_id}
     if last.sequence > sequence:
         if any(sequence < s <= last.sequence for s in already if s is not None):
             return  # the entries past the head are named already
@@ -324,13 +324,18 @@ def main(argv):
 
     entries = 0
     late = 0
+    # Entries named while reading, by case: a head check does not name them again.
+    named = {}
+    for problem in problems:
+        named.setdefault(problem.case_id, set()).add(problem.sequence)
     for case_id in sorted(cases):
         rows = cases[case_id]
         entries += len(rows)
         before = len(problems)
         if check_case(case_id, rows, partial, problems):
             late += 1
-        check_head(case_id, rows, heads.get(case_id), partial, without_heads, problems)
+        already = named.get(case_id, set()) | {p.sequence for p in problems[before:]}
+        check_head(case_id, rows, heads.get(case_id), partial, without_heads, already, problems)
         if not quiet and len(problems) == before:
             print("ok   %s: %d entries, chain intact" % (case_id, len(rows)))
 
