@@ -650,7 +650,19 @@ impl Engine {
         Ok(self.inner.store.history(id, 0, usize::MAX)?)
     }
 
+    /// Cases matching `filter`; a variable's value is matched as
+    /// [`searchable_value`] normalises it.
     pub fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page> {
+        if let (Some(workflow), Some((name, raw))) = (&filter.workflow, &filter.variable) {
+            let value = searchable_value(&self.library(), workflow, name, raw)?;
+            if value != *raw {
+                let filter = CaseFilter {
+                    variable: Some((name.clone(), value)),
+                    ..filter.clone()
+                };
+                return Ok(self.inner.store.list(&filter, page_token, page_size)?);
+            }
+        }
         Ok(self.inner.store.list(filter, page_token, page_size)?)
     }
 
@@ -791,7 +803,6 @@ fn check_request_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Index entries of a case under the rules it runs on.
 /// Whether two versions of a case have the same index entries: true when
 /// everything [`index_keys`] reads is equal.
 fn same_index_inputs(library: &Library, a: &proto::Case, b: &proto::Case) -> bool {
@@ -819,6 +830,71 @@ fn same_index_inputs(library: &Library, a: &proto::Case, b: &proto::Case) -> boo
         && searchable_equal()
 }
 
+/// The text a searchable variable's value is indexed under; none for an
+/// unset one.
+fn indexed_text(value: Json) -> Option<String> {
+    match value {
+        Json::Null => None,
+        Json::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
+}
+
+/// A list filter's value for the searchable variable `name` of `workflow`,
+/// as the index holds it: normalised by the variable's declared type, as a
+/// stored value is, so that `12.50` finds an amount given as `12.5` and a
+/// time with an offset finds the same instant stored in UTC. The text is
+/// tried as it is, then as JSON (`12`, `true`). A variable the workflow
+/// does not declare searchable is left to the caller's checks.
+pub fn searchable_value(
+    library: &Library,
+    workflow: &str,
+    name: &str,
+    raw: &str,
+) -> Result<String> {
+    let mut types: Vec<&crate::lang::model::Type> = Vec::new();
+    for wf in library.versions_of(workflow) {
+        for v in wf
+            .def
+            .variables
+            .iter()
+            .filter(|v| v.searchable && v.name == name)
+        {
+            if !types.contains(&&v.ty) {
+                types.push(&v.ty);
+            }
+        }
+    }
+    let Some(first) = types.first() else {
+        return Ok(raw.to_owned());
+    };
+    let candidates = [
+        Some(Json::String(raw.to_owned())),
+        serde_json::from_str(raw).ok(),
+    ];
+    let mut refusal = None;
+    for ty in &types {
+        for candidate in candidates.iter().flatten() {
+            match crate::lang::value::check(candidate, ty, Some(&library.directory)) {
+                Ok(normalised) => {
+                    if let Some(text) = indexed_text(normalised) {
+                        return Ok(text);
+                    }
+                }
+                Err(e) => {
+                    refusal.get_or_insert(e);
+                }
+            }
+        }
+    }
+    Err(EngineError::InvalidArgument(format!(
+        "`{raw}` can never be the value of `{name}` ({}): {}",
+        crate::lang::value::type_name(first),
+        refusal.unwrap_or_else(|| "no value".into())
+    )))
+}
+
+/// Index entries of a case under the rules it runs on.
 pub fn index_keys(library: &Library, case: &proto::Case) -> BTreeSet<IndexKey> {
     let mut keys = BTreeSet::new();
     keys.insert(IndexKey::Workflow(case.workflow.clone()));
@@ -839,10 +915,8 @@ pub fn index_keys(library: &Library, case: &proto::Case) -> BTreeSet<IndexKey> {
             .and_then(|v| v.fields.get(&var.name))
             .map(records::from_value)
             .unwrap_or(Json::Null);
-        let text = match value {
-            Json::Null => continue,
-            Json::String(s) => s,
-            other => other.to_string(),
+        let Some(text) = indexed_text(value) else {
+            continue;
         };
         keys.insert(IndexKey::Variable {
             workflow: case.workflow.clone(),
@@ -2116,6 +2190,56 @@ impl Command {
 mod tests {
     use super::*;
     use crate::engine::testkit;
+
+    #[test]
+    fn a_filter_value_is_normalised_as_the_stored_value_is() {
+        let mut permit = testkit::PERMIT.to_owned();
+        for (plain, searchable) in [
+            (
+                r#"type: Decimal, default: "0")"#,
+                r#"type: Decimal, default: "0", searchable: true)"#,
+            ),
+            (
+                "type: Integer, default: 0)",
+                "type: Integer, default: 0, searchable: true)",
+            ),
+            (
+                r#"default: "county")"#,
+                r#"default: "county", searchable: true)"#,
+            ),
+        ] {
+            assert!(permit.contains(plain), "{plain}");
+            permit = permit.replace(plain, searchable);
+        }
+        let docs: Vec<(&str, &str)> = testkit::standard_docs()
+            .into_iter()
+            .map(|(name, text)| (name, if name == "permit.ron" { &permit } else { text }))
+            .collect();
+        let library = testkit::library_of(&testkit::sources(&docs, None));
+        let value = |name: &str, raw: &str| searchable_value(&library, "permit", name, raw);
+        // What the index holds for a stored value is what a filter finds.
+        for (name, stored) in [("fee", "12.5"), ("amount", "12"), ("level", "city")] {
+            let ty = &library.workflows["permit"].variable(name).unwrap().ty;
+            let normalised = crate::lang::value::check(&Json::String(stored.into()), ty, None)
+                .or_else(|_| {
+                    crate::lang::value::check(&serde_json::from_str(stored).unwrap(), ty, None)
+                })
+                .unwrap();
+            assert_eq!(indexed_text(normalised).as_deref(), Some(stored), "{name}");
+        }
+        assert_eq!(value("fee", "12.50").unwrap(), "12.5");
+        assert_eq!(value("fee", "012.500").unwrap(), "12.5");
+        assert_eq!(value("amount", "12").unwrap(), "12");
+        assert_eq!(value("level", "city").unwrap(), "city");
+        // A variable not searchable is left to the caller's checks.
+        assert_eq!(value("note", "anything").unwrap(), "anything");
+        for (name, raw) in [("fee", "twelve"), ("amount", "1.5"), ("level", "planet")] {
+            let Err(EngineError::InvalidArgument(message)) = value(name, raw) else {
+                panic!("`{raw}` for {name} was accepted");
+            };
+            assert!(message.contains(raw) && message.contains(name), "{message}");
+        }
+    }
 
     #[test]
     fn index_inputs_are_the_same_only_when_the_index_entries_are() {

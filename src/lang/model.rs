@@ -41,6 +41,7 @@ pub struct Role {
 
 /// How a role finds its agency: at start, and again when an effect re-binds it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
 pub enum Binding {
     /// Supplied by whoever starts the case.
     #[default]
@@ -61,6 +62,7 @@ pub enum Binding {
 
 /// Administrative level of an agency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Level {
     Province,
     City,
@@ -96,6 +98,7 @@ pub struct Variable {
 
 /// Types of variables and payload fields.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Type {
     String,
     Integer,
@@ -200,6 +203,7 @@ pub enum Period {
 /// one the step's Shanghai date falls in (`This…`), or the one after it (`Next…`).
 /// Quarters start in January, April, July and October; half-years in January and July.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Span {
     ThisMonth,
     NextMonth,
@@ -290,6 +294,7 @@ impl std::fmt::Display for Period {
 /// A fixed number, or the name of an integer case variable holding it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
+#[serde(deny_unknown_fields)]
 pub enum Amount {
     Fixed(u32),
     Variable(String),
@@ -334,6 +339,7 @@ fn default_reject_event() -> String {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
 pub enum Quorum {
     /// Every role must sign.
     #[default]
@@ -344,6 +350,7 @@ pub enum Quorum {
 
 /// What a rejection does to a countersign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
 pub enum RejectRule {
     /// One rejection decides: go to `rejected` at once.
     #[default]
@@ -362,6 +369,7 @@ pub struct AwaitChildren {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum WaitFor {
     /// Every child has settled (reached a terminal state).
     All,
@@ -398,6 +406,7 @@ pub struct Transition {
 
 /// What a transition changes besides the state.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Effect {
     /// Set a case variable to the value of a CEL expression.
     Set { var: String, value: String },
@@ -439,6 +448,7 @@ pub struct Catalogue {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
 pub enum CatalogueStatus {
     #[default]
     Official,

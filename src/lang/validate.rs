@@ -107,6 +107,15 @@ pub struct Library {
 
 impl Library {
     /// The version a case is pinned to (by its digest), else the current one.
+    /// Every version known of the workflow `name`, the current one included.
+    pub fn versions_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a CompiledWorkflow> {
+        self.workflows
+            .values()
+            .chain(self.versions.values())
+            .filter(move |w| w.def.name == name)
+            .map(|w| &**w)
+    }
+
     pub fn pinned(&self, name: &str, digest: &str) -> Option<&Arc<CompiledWorkflow>> {
         self.versions
             .get(digest)

@@ -34,6 +34,7 @@ pub struct Start {
 
 /// Which case a step acts on: the scenario's own, or one of its children.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
 pub enum Target {
     #[default]
     Main,
@@ -42,6 +43,7 @@ pub enum Target {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub enum Step {
     /// Fire an event as an agency; it must be accepted.
     Fire {

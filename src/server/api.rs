@@ -319,18 +319,13 @@ fn check_filter(
     library: &crate::lang::validate::Library,
     workflow: Option<&str>,
     state: Option<&str>,
-    variable: Option<&str>,
+    variable: Option<(&str, &str)>,
 ) -> Result<(), Status> {
     let Some(workflow) = workflow else {
         return Ok(());
     };
-    let versions: Vec<&crate::lang::validate::CompiledWorkflow> = library
-        .workflows
-        .values()
-        .chain(library.versions.values())
-        .filter(|w| w.def.name == workflow)
-        .map(|w| &**w)
-        .collect();
+    let versions: Vec<&crate::lang::validate::CompiledWorkflow> =
+        library.versions_of(workflow).collect();
     if versions.is_empty() {
         let known: Vec<&str> = library.workflows.keys().map(String::as_str).collect();
         return Err(invalid(
@@ -360,7 +355,7 @@ fn check_filter(
             ));
         }
     }
-    if let Some(variable) = variable {
+    if let Some((variable, value)) = variable {
         let searchable: BTreeSet<&str> = versions
             .iter()
             .flat_map(|w| w.def.variables.iter())
@@ -379,6 +374,14 @@ fn check_filter(
                         searchable.into_iter().collect::<Vec<_>>().join(", ")
                     }
                 ),
+            ));
+        }
+        if let Err(e) = crate::engine::durable::searchable_value(library, workflow, variable, value)
+        {
+            return Err(invalid(
+                "bad-variable-value",
+                "variable_value",
+                e.to_string(),
             ));
         }
     }
@@ -1197,7 +1200,10 @@ impl CasesService for Api {
             &self.engine.library(),
             filter.workflow.as_deref(),
             filter.state.as_deref(),
-            filter.variable.as_ref().map(|(name, _)| name.as_str()),
+            filter
+                .variable
+                .as_ref()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
         )?;
         let (variable_name, variable_value) = filter
             .variable
