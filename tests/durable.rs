@@ -758,7 +758,7 @@ const SWELL: &str = r#"Workflow(
     name: "swell",
     title: "膨胀",
     roles: [Role(name: "handler", title: "承办单位", binding: Given)],
-    variables: [Variable(name: "text", type: String, default: "")],
+    variables: [Variable(name: "text", type: String, default: "", given: true)],
     start: "open",
     states: [
         State(name: "open", title: "办理中",

@@ -489,6 +489,10 @@ pub fn start_version(
         pending = waiting;
     }
 
+    if let Some(shared) = shared_duties(wf, &bindings) {
+        return Err(invalid(shared));
+    }
+
     let mut case = Case {
         id: case_id.to_owned(),
         workflow: workflow.to_owned(),
@@ -539,6 +543,89 @@ pub fn start_version(
         spawn: Vec::new(),
         settled: fx.settled,
     })
+}
+
+/// The first pair of roles the workflow keeps separate (`separate_from`)
+/// that `bindings` gives to one agency, described.
+fn shared_duties(wf: &CompiledWorkflow, bindings: &BTreeMap<String, String>) -> Option<String> {
+    wf.def.roles.iter().find_map(|role| {
+        let agency = bindings.get(&role.name)?;
+        let other = role
+            .separate_from
+            .iter()
+            .find(|other| bindings.get(*other) == Some(agency))?;
+        Some(format!(
+            "`{agency}` would hold both role `{}` and role `{other}`, which workflow `{}` keeps separate",
+            role.name, wf.def.name
+        ))
+    })
+}
+
+/// What a start from outside the workflow (a department system, a
+/// scenario) must also satisfy: it sets only variables the workflow
+/// declares `given`, and its starter holds a role in the new case, since
+/// otherwise any agency could put work in others' inboxes under a case it
+/// could not even read. Kept out of [`start_version`], which replays also
+/// run: histories recorded before these rules must still replay.
+pub fn admit_start(
+    lib: &Library,
+    step: &Step,
+    starter: &str,
+    vars: &JsonMap<String, Json>,
+) -> Result<(), Rejection> {
+    let case = &step.case;
+    let wf = match lib.pinned(&case.workflow, &case.digest) {
+        Some(wf) => wf,
+        None => compiled(lib, &case.workflow)?,
+    };
+    let kept: Vec<&str> = vars
+        .keys()
+        .filter(|name| wf.variable(name).is_some_and(|v| !v.given))
+        .map(String::as_str)
+        .collect();
+    if !kept.is_empty() {
+        let given: Vec<&str> = wf
+            .def
+            .variables
+            .iter()
+            .filter(|v| v.given)
+            .map(|v| v.name.as_str())
+            .collect();
+        return Err(reject(
+            RejectCode::InvalidStart,
+            format!(
+                "{} `{}` {} kept by workflow `{}` and cannot be given at start; a start may set only the variables declared `given: true` ({})",
+                if kept.len() == 1 {
+                    "variable"
+                } else {
+                    "variables"
+                },
+                kept.join("`, `"),
+                if kept.len() == 1 { "is" } else { "are" },
+                case.workflow,
+                if given.is_empty() {
+                    "none".to_owned()
+                } else {
+                    given.join(", ")
+                }
+            ),
+        ));
+    }
+    if !starter.is_empty() && !case.bindings.values().any(|a| a == starter) {
+        return Err(reject(
+            RejectCode::RoleNotAllowed,
+            format!(
+                "`{starter}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
+                case.workflow,
+                case.bindings
+                    .iter()
+                    .map(|(role, agency)| format!("{role} = {agency}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Starts the child case a parent's step asked for, and links it to the
@@ -794,6 +881,9 @@ fn transition_path(
                             failed(format!("re-binding role `{role}`: {}", e.message()))
                         })?;
                 new.bindings.insert(role.clone(), id);
+                if let Some(shared) = shared_duties(wf, &new.bindings) {
+                    return Err(failed(format!("re-binding role `{role}`: {shared}")));
+                }
                 cel.set_roles(&new.bindings);
             }
         }

@@ -1396,25 +1396,7 @@ impl Batch<'_> {
                 &r.variables,
                 batch.now,
             )?;
-            // An agency starts only cases it takes part in: otherwise any
-            // agency could put work in others' inboxes, under a case it
-            // could not even read.
-            if !r.agency.is_empty() && !step.case.bindings.values().any(|a| *a == r.agency) {
-                return Err(EngineError::Rejected(core::reject(
-                    core::RejectCode::RoleNotAllowed,
-                    format!(
-                        "`{}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
-                        r.agency,
-                        r.workflow,
-                        step.case
-                            .bindings
-                            .iter()
-                            .map(|(role, agency)| format!("{role} = {agency}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )));
-            }
+            core::admit_start(&library, &step, &r.agency, &r.variables)?;
             Ok((*batch.cascade(step, &r.request_id)?).clone())
         });
         self.remember(&r.agency, &r.request_id, fp, &result);
@@ -2244,8 +2226,8 @@ mod tests {
     #[test]
     fn index_inputs_are_the_same_only_when_the_index_entries_are() {
         let permit = testkit::PERMIT.replace(
-            r#"Variable(name: "note", type: String)"#,
-            r#"Variable(name: "note", type: String, searchable: true)"#,
+            r#"Variable(name: "note", given: true, type: String)"#,
+            r#"Variable(name: "note", given: true, type: String, searchable: true)"#,
         );
         let docs: Vec<(&str, &str)> = testkit::standard_docs()
             .into_iter()

@@ -47,13 +47,13 @@ pub const PERMIT: &str = r#"Workflow(
         Role(name: "tax", title: "税务"),
     ],
     variables: [
-        Variable(name: "county", type: Agency),
-        Variable(name: "amount", type: Integer, default: 0),
-        Variable(name: "level", type: Enum(["county", "city", "province"]), default: "county"),
-        Variable(name: "permits", type: List(String), default: []),
-        Variable(name: "days", type: Integer, default: 2),
-        Variable(name: "fee", type: Decimal, default: "0"),
-        Variable(name: "note", type: String),
+        Variable(name: "county", given: true, type: Agency),
+        Variable(name: "amount", given: true, type: Integer, default: 0),
+        Variable(name: "level", given: true, type: Enum(["county", "city", "province"]), default: "county"),
+        Variable(name: "permits", given: true, type: List(String), default: []),
+        Variable(name: "days", given: true, type: Integer, default: 2),
+        Variable(name: "fee", given: true, type: Decimal, default: "0"),
+        Variable(name: "note", given: true, type: String),
     ],
     start: "draft",
     states: [
@@ -106,7 +106,7 @@ pub const CHILD: &str = r#"Workflow(
     name: "child",
     title: "子件审批",
     roles: [Role(name: "dept"), Role(name: "applicant", binding: Starter)],
-    variables: [Variable(name: "permit", type: String)],
+    variables: [Variable(name: "permit", given: true, type: String)],
     start: "check",
     states: [
         State(name: "check", title: "审查", transitions: [
@@ -122,7 +122,7 @@ pub const FILING: &str = r#"Workflow(
     name: "filing",
     title: "备案",
     roles: [Role(name: "dept")],
-    variables: [Variable(name: "permit", type: String)],
+    variables: [Variable(name: "permit", given: true, type: String)],
     start: "filed",
     states: [State(name: "filed", title: "已备案", outcome: "filed")],
 )"#;
@@ -131,7 +131,7 @@ pub const VOTE: &str = r#"Workflow(
     name: "vote",
     title: "会审",
     roles: [Role(name: "a"), Role(name: "b"), Role(name: "c")],
-    variables: [Variable(name: "strict", type: Boolean, default: true)],
+    variables: [Variable(name: "strict", given: true, type: Boolean, default: true)],
     start: "voting",
     states: [
         State(name: "voting", title: "会审中",
@@ -148,7 +148,7 @@ pub const RACE: &str = r#"Workflow(
     name: "race",
     title: "择一",
     roles: [Role(name: "boss")],
-    variables: [Variable(name: "items", type: List(String), default: ["P1", "P1"])],
+    variables: [Variable(name: "items", given: true, type: List(String), default: ["P1", "P1"])],
     start: "open",
     states: [
         State(name: "open", title: "开始", transitions: [

@@ -37,6 +37,11 @@ pub struct Role {
     pub title: String,
     #[serde(default)]
     pub binding: Binding,
+    /// Roles no agency may hold together with this one (separation of
+    /// duties): a case in which one agency would hold both is refused at
+    /// start, and so is a step that would re-bind it so.
+    #[serde(default)]
+    pub separate_from: Vec<String>,
 }
 
 /// How a role finds its agency: at start, and again when an effect re-binds it.
@@ -94,6 +99,12 @@ pub struct Variable {
     /// Indexed so that cases can be listed by it.
     #[serde(default)]
     pub searchable: bool,
+    /// Supplied by whoever starts the case (a department system's start, a
+    /// parent's spawn). A start may set no other variable: the rest are the
+    /// workflow's own record (its status, ledger, dates), which only its
+    /// transitions write.
+    #[serde(default)]
+    pub given: bool,
 }
 
 /// Types of variables and payload fields.

@@ -700,6 +700,24 @@ impl WorkflowChecker<'_> {
                 &scope,
                 BindingSite::Role,
             );
+            for (j, other) in role.separate_from.iter().enumerate() {
+                let at = path.field("separate_from").index(j);
+                if *other == role.name {
+                    r.error(
+                        "unknown-role",
+                        &at,
+                        format!("role `{other}` cannot be kept separate from itself"),
+                        Some("name the other roles its agency must not hold".into()),
+                    );
+                } else if !self.w.roles.iter().any(|o| o.name == *other) {
+                    r.error(
+                        "unknown-role",
+                        &at,
+                        format!("no role `{other}` to keep `{}` separate from", role.name),
+                        hint_for(other, "roles", self.w.roles.iter().map(|o| o.name.as_str())),
+                    );
+                }
+            }
             // A derived binding must not lead back to itself.
             let mut current = &role.binding;
             for _ in 0..=self.w.roles.len() {
@@ -1242,7 +1260,23 @@ impl WorkflowChecker<'_> {
             let path = spp.field("variables").key(name);
             let declared = child.map(|c| c.variables.iter().find(|v| v.name == *name));
             match declared {
-                Some(Some(var)) => self.check_assignment(r, &path, source, item_scope, var),
+                Some(Some(var)) => {
+                    if !var.given {
+                        r.error(
+                            "spawn-binding",
+                            &path,
+                            format!(
+                                "variable `{name}` of workflow `{}` is kept by that workflow, so a spawn cannot set it",
+                                child.map_or("", |c| c.name.as_str())
+                            ),
+                            Some(format!(
+                                "declare it `given: true` in `{}` if its starter supplies it",
+                                child.map_or("", |c| c.name.as_str())
+                            )),
+                        );
+                    }
+                    self.check_assignment(r, &path, source, item_scope, var)
+                }
                 Some(None) => {
                     self.unknown_variable(r, &path, name, child);
                     self.compile_expr(r, &path, source, item_scope, None);

@@ -171,15 +171,17 @@ fn run_scenario(
                 start.at
             )
         })?;
+    let start_variables = json_map(&start.variables);
     let step = core::start(
         lib,
         &scenario.workflow,
         main,
         &start.by,
         &start.bindings,
-        &json_map(&start.variables),
+        &start_variables,
         clock,
     )
+    .and_then(|step| core::admit_start(lib, &step, &start.by, &start_variables).map(|()| step))
     .map_err(|r| format!("start (by {}): rejected: {r}", start.by))?;
     let mut driver = Driver {
         lib,
@@ -855,7 +857,7 @@ mod tests {
     fn a_rejected_expiry_is_shown_and_not_retried() {
         let start = r#"start: Start(
             at: "2020-09-21T09:00:00+08:00",
-            by: "p",
+            by: "k",
             bindings: {"a": "k", "b": "k2", "c": "amr"},
             variables: {"strict": false},
         )"#;

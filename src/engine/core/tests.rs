@@ -161,6 +161,103 @@ fn start_binds_roles_in_dependency_order_and_fills_defaults() {
 }
 
 #[test]
+fn a_start_sets_only_given_variables_and_only_for_a_starter_with_a_role() {
+    let permit = testkit::PERMIT.replace(
+        r#"Variable(name: "amount", given: true,"#,
+        r#"Variable(name: "amount","#,
+    );
+    assert_ne!(permit, testkit::PERMIT);
+    let docs: Vec<(&str, &str)> = testkit::standard_docs()
+        .into_iter()
+        .map(|(name, text)| (name, if name == "permit.ron" { &permit } else { text }))
+        .collect();
+    let lib = testkit::library_of(&testkit::sources(&docs, None));
+    let bindings = given(&[("tax", "tax")]);
+    let admitted = |vars: Json, starter: &str| {
+        let vars = obj(vars);
+        let step = start(&lib, "permit", "c1", starter, &bindings, &vars, t0())?;
+        admit_start(&lib, &step, starter, &vars)
+    };
+    assert_eq!(admitted(json!({"county": "k", "note": "n"}), "tax"), Ok(()));
+    // `amount` is the workflow's own record: a start cannot forge it.
+    let e = admitted(json!({"county": "k", "amount": 3}), "tax").unwrap_err();
+    assert_eq!(e.code, RejectCode::InvalidStart);
+    assert!(
+        e.message.contains("`amount` is kept by workflow `permit`")
+            && e.message.contains("given: true")
+            && e.message.contains("county"),
+        "{e}"
+    );
+    // The core's own start still takes it: replays of histories recorded
+    // before the rule must go on reproducing them.
+    assert!(
+        start(
+            &lib,
+            "permit",
+            "c1",
+            "tax",
+            &bindings,
+            &obj(json!({"county": "k", "amount": 3})),
+            t0()
+        )
+        .is_ok()
+    );
+    let voters = given(&[("a", "k"), ("b", "k2"), ("c", "amr")]);
+    let none = JsonMap::new();
+    let vote = start(&lib, "vote", "v1", "p", &voters, &none, t0()).unwrap();
+    let e = admit_start(&lib, &vote, "p", &none).unwrap_err();
+    assert_eq!(e.code, RejectCode::RoleNotAllowed);
+    assert!(e.message.contains("`p` would hold no role"), "{e}");
+    assert_eq!(admit_start(&lib, &vote, "k", &none), Ok(()));
+}
+
+#[test]
+fn roles_kept_separate_are_never_held_by_one_agency() {
+    const SEPARATE: &str = r#"Workflow(
+        name: "separate",
+        title: "职责分离",
+        roles: [
+            Role(name: "applicant", binding: Starter, separate_from: ["approval"]),
+            Role(name: "approval", binding: Given),
+            Role(name: "deputy", binding: Given),
+        ],
+        start: "review",
+        states: [
+            State(name: "review", title: "审查", transitions: [
+                Transition(event: "delegate", to: "review", roles: ["approval"],
+                    effects: [Bind(role: "approval", to: Expr("roles.deputy"))]),
+                Transition(event: "grant", to: "granted", roles: ["approval"]),
+            ]),
+            State(name: "granted", title: "准予", outcome: "granted"),
+        ],
+    )"#;
+    let mut docs = testkit::standard_docs();
+    docs.push(("separate.ron", SEPARATE));
+    let lib = testkit::library_of(&testkit::sources(&docs, None));
+    let none = JsonMap::new();
+    let go = |starter: &str, approval: &str, deputy: &str| {
+        let roles = given(&[("approval", approval), ("deputy", deputy)]);
+        start(&lib, "separate", "s1", starter, &roles, &none, t0())
+    };
+    // The applicant cannot name itself its own approver.
+    let e = err(go("ent", "ent", "amr"));
+    assert_eq!(e.code, RejectCode::InvalidStart);
+    assert!(
+        e.message
+            .contains("`ent` would hold both role `applicant` and role `approval`"),
+        "{e}"
+    );
+    // Nor pass the approval to itself later.
+    let case = ok(go("ent", "amr", "ent")).case;
+    let e = err(fire(&lib, &case, "delegate", "amr", json!({}), t0()));
+    assert_eq!(e.code, RejectCode::EffectFailed);
+    assert!(e.message.contains("re-binding role `approval`"), "{e}");
+    let case = ok(go("ent", "amr", "tax")).case;
+    let delegated = ok(fire(&lib, &case, "delegate", "amr", json!({}), t0())).case;
+    assert_eq!(delegated.bindings["approval"], "tax");
+}
+
+#[test]
 fn start_rejects_bad_variables_and_bindings() {
     let lib = testkit::library();
     let go = |g: &[(&str, &str)], vars: Json, starter: &str| {
