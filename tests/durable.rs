@@ -701,8 +701,12 @@ async fn a_request_too_large_to_store_is_refused_alone_and_the_engine_goes_on() 
         ))
         .await;
     match refused {
-        Err(EngineError::InvalidArgument(m)) => assert!(m.contains("over the limit"), "{m}"),
-        other => panic!("expected InvalidArgument, got {other:?}"),
+        Err(EngineError::BadField {
+            reason: "record-too-large",
+            message,
+            ..
+        }) => assert!(message.contains("over the limit"), "{message}"),
+        other => panic!("expected record-too-large, got {other:?}"),
     }
     assert_eq!(
         snapshot(&engine),
@@ -742,8 +746,12 @@ async fn a_request_too_large_to_store_is_refused_alone_and_the_engine_goes_on() 
     let padded = format!("{source}\n// {}\n", "注".repeat(30_000));
     let versions = engine.workflow_versions().expect("versions");
     match engine.deploy(padded).await {
-        Err(EngineError::InvalidArgument(m)) => assert!(m.contains("over the limit"), "{m}"),
-        other => panic!("expected InvalidArgument, got {other:?}"),
+        Err(EngineError::BadField {
+            field: "source",
+            reason: "record-too-large",
+            message,
+        }) => assert!(message.contains("over the limit"), "{message}"),
+        other => panic!("expected record-too-large, got {other:?}"),
     }
     assert_eq!(engine.workflow_versions().expect("versions"), versions);
     engine
@@ -1032,7 +1040,7 @@ async fn a_started_case_cannot_take_a_childs_id() {
     let (_dir, _clock, engine) = fresh_engine();
     let refused = engine.start(start_ledger("b/0")).await;
     assert!(
-        matches!(&refused, Err(EngineError::InvalidArgument(m)) if m.contains("`/`")),
+        matches!(&refused, Err(EngineError::BadField { field: "case_id", message, .. }) if message.contains("`/`")),
         "{refused:?}"
     );
     engine.start(start_batch("b", "b")).await.expect("start");

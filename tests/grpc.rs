@@ -990,8 +990,9 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
         ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
         ("an unknown workflow and no case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u2".into(), case_id: String::new(), workflow: "告知承诺".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),
-        ("no request id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: String::new(), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
-        ("bad case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "bad-id".into(), case_id: "a b".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-argument"),
+        ("no request id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: String::new(), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "missing-field"),
+        ("a request id too long to keep", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "r".repeat(257), case_id: "b-2".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "bad-request-id"),
+        ("bad case id", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "bad-id".into(), case_id: "a b".into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "bad-case-id"),
         ("duplicate case", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "dup".into(), ..start.clone() })).await.map(|_| ()), Code::AlreadyExists, "case-exists"),
         ("the enterprise's side named its own registration authority", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "self".into(), case_id: "b-5".into(), bindings: [("registration".to_owned(), "hebei.sjz.platform".to_owned())].into(), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-start"),
         ("a variable the workflow keeps", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "kept".into(), case_id: "b-4".into(), variables: structure(json!({"enterprise_name": "某公司", "credit_code": "91130100MA0TEST002", "registered_at": "2020-06-01T00:00:00Z"})), ..start.clone() })).await.map(|_| ()), Code::InvalidArgument, "invalid-start"),
@@ -1008,6 +1009,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("a filter value the variable can never have", cases.list_cases(authed(t, proto::ListCasesRequest { workflow: "baolian_escalation".into(), variable_name: "level".into(), variable_value: "planet".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "bad-variable-value"),
         ("bad workflow name", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "zzfl_abolish".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
         ("unknown workflow version", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish/versions/99".into() })).await.map(|_| ()), Code::NotFound, "workflow-not-found"),
+        ("a version past any number", definitions.get_workflow(authed(t, proto::GetWorkflowRequest { name: "workflows/zzfl_abolish/versions/99999999999".into() })).await.map(|_| ()), Code::NotFound, "workflow-not-found"),
         ("invalid deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into(), require_migration_check: false })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
         ("not RON at all", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "{{{".into(), require_migration_check: false })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
         ("invalid checked deploy", definitions.deploy_workflow(authed(Some(&server.token("admin")), proto::DeployWorkflowRequest { source: "Workflow(name: \"x\", title: \"坏\", roles: [], start: \"nowhere\", states: [])".into(), require_migration_check: true })).await.map(|_| ()), Code::InvalidArgument, "workflow-invalid"),
@@ -1038,6 +1040,26 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             Err(_) => {}
         }
     }
+    // Workflows are named as ListWorkflows shows them too, not only bare.
+    let listed = cases
+        .list_cases(authed(
+            t,
+            proto::ListCasesRequest {
+                workflow: "workflows/zzfl_registration".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("a workflow's resource name filters")
+        .into_inner();
+    assert_eq!(
+        listed
+            .cases
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        ["b-1"]
+    );
     // Under the 1 MiB message limit but over the store's record limit: refused
     // alone (it used to fail the commit and stop every later write).
     let too_large = cases
@@ -1052,7 +1074,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ))
         .await
         .expect_err("too large to store");
-    if too_large.code() != Code::InvalidArgument || reason(&too_large) != "invalid-argument" {
+    if too_large.code() != Code::InvalidArgument || reason(&too_large) != "record-too-large" {
         failures.push(format!(
             "a request too large to store: {:?} [{}] {}",
             too_large.code(),

@@ -1443,14 +1443,28 @@ pub fn deadline_due(
     within: &Period,
     vars: &BTreeMap<String, Json>,
 ) -> Result<DateTime<Utc>, String> {
-    match within.anchor() {
-        Some(anchor) => anchored_period(lib, now, anchor),
+    let due = match within.anchor() {
+        Some(anchor) => anchored_period(lib, now, anchor)?,
         None => {
             let (unit, n) = period(within, vars)?;
-            add_period(lib, now, unit, n)
+            add_period(lib, now, unit, n)?
         }
+    };
+    // Clients read deadlines as `google.protobuf.Timestamp`s, and exports
+    // as RFC 3339: neither can carry a later moment.
+    let last = DateTime::<Utc>::from_timestamp(LAST_TIMESTAMP_SECONDS, 0)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    if due > last {
+        return Err(format!(
+            "`{within}` from {now} would end in the year {}: a deadline must end by 9999-12-31, the last day a timestamp can carry",
+            chrono::Datelike::year(&due)
+        ));
     }
+    Ok(due)
 }
+
+/// 9999-12-31T23:59:59Z, the last second a `google.protobuf.Timestamp` holds.
+const LAST_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
 /// The unit and count of a length of time, reading a variable amount from
 /// `vars`. A day fixed on the calendar (`DayOf`, `LastDayOf`) is no length: an

@@ -138,6 +138,14 @@ pub enum EngineError {
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request field that can never be right (`field` empty: the request
+    /// as a whole), with the machine-readable `reason` clients branch on.
+    #[error("{message}")]
+    BadField {
+        field: &'static str,
+        reason: &'static str,
+        message: String,
+    },
     #[error("the workflow does not validate ({} problems)", .0.len())]
     Invalid(Vec<Diagnostic>),
     /// A deploy that required a migration check: running cases would break.
@@ -765,10 +773,14 @@ fn check_case_id(id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(EngineError::InvalidArgument(format!(
-            "case id `{}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : (`/` is kept for the children a case spawns)",
-            id.escape_debug()
-        )))
+        Err(EngineError::BadField {
+            field: "case_id",
+            reason: "bad-case-id",
+            message: format!(
+                "case id `{}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : (`/` is kept for the children a case spawns)",
+                id.escape_debug()
+            ),
+        })
     }
 }
 
@@ -790,15 +802,21 @@ fn request_key(agency: &str, request_id: &str) -> String {
 
 fn check_request_id(id: &str) -> Result<()> {
     if id.is_empty() {
-        return Err(EngineError::InvalidArgument(
-            "a request id is required, so that retries are safe".into(),
-        ));
+        return Err(EngineError::BadField {
+            field: "request_id",
+            reason: "missing-field",
+            message: "a request id is required, so that retries are safe".into(),
+        });
     }
     if id.len() > 256 {
-        return Err(EngineError::InvalidArgument(format!(
-            "the request id is {} bytes long: at most 256 bytes (UTF-8) are kept",
-            id.len()
-        )));
+        return Err(EngineError::BadField {
+            field: "request_id",
+            reason: "bad-request-id",
+            message: format!(
+                "the request id is {} bytes long: at most 256 bytes (UTF-8) are kept",
+                id.len()
+            ),
+        });
     }
     Ok(())
 }
@@ -887,11 +905,15 @@ pub fn searchable_value(
             }
         }
     }
-    Err(EngineError::InvalidArgument(format!(
-        "`{raw}` can never be the value of `{name}` ({}): {}",
-        crate::lang::value::type_name(first),
-        refusal.unwrap_or_else(|| "no value".into())
-    )))
+    Err(EngineError::BadField {
+        field: "variable_value",
+        reason: "bad-variable-value",
+        message: format!(
+            "`{raw}` can never be the value of `{name}` ({}): {}",
+            crate::lang::value::type_name(first),
+            refusal.unwrap_or_else(|| "no value".into())
+        ),
+    })
 }
 
 /// Index entries of a case under the rules it runs on.
@@ -1218,7 +1240,11 @@ impl Batch<'_> {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)))
             .unwrap_or_else(|panic| Err(internal(&*panic)));
         let result = result.and_then(|done| match self.oversized() {
-            Some(problem) => Err(EngineError::InvalidArgument(problem)),
+            Some(problem) => Err(EngineError::BadField {
+                field: "",
+                reason: "record-too-large",
+                message: problem,
+            }),
             None => Ok(done),
         });
         if result.is_err() {
@@ -1616,9 +1642,13 @@ impl Batch<'_> {
         };
         let size = record.encoded_len();
         if size > MAX_RECORD_BYTES {
-            return Err(EngineError::InvalidArgument(format!(
-                "workflow `{name}` would be stored as a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}: split it into smaller workflows"
-            )));
+            return Err(EngineError::BadField {
+                field: "source",
+                reason: "record-too-large",
+                message: format!(
+                    "workflow `{name}` would be stored as a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}: split it into smaller workflows"
+                ),
+            });
         }
         rules.versions.insert(compiled.digest.clone(), version);
         rules.current.insert(name.clone(), version);
@@ -2216,7 +2246,7 @@ mod tests {
         // A variable not searchable is left to the caller's checks.
         assert_eq!(value("note", "anything").unwrap(), "anything");
         for (name, raw) in [("fee", "twelve"), ("amount", "1.5"), ("level", "planet")] {
-            let Err(EngineError::InvalidArgument(message)) = value(name, raw) else {
+            let Err(EngineError::BadField { message, .. }) = value(name, raw) else {
                 panic!("`{raw}` for {name} was accepted");
             };
             assert!(message.contains(raw) && message.contains(name), "{message}");

@@ -119,6 +119,12 @@ fn number_to_json(n: &ron::Number) -> Json {
 /// Checks `value` against `ty` and returns it in normal form: decimals as
 /// canonical strings, times as RFC 3339 in UTC. The error says what was
 /// expected and what was found.
+fn outside_exact_integers(n: impl std::fmt::Display) -> String {
+    format!(
+        "integer {n} is outside ±{MAX_EXACT_INTEGER} (2^53 − 1), the range JSON and protobuf's Value carry exactly"
+    )
+}
+
 pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<Json, String> {
     let found = || describe(value);
     match (ty, value) {
@@ -129,14 +135,15 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
                 .map(|f| f as i64)
         }) {
             Some(i) if i.unsigned_abs() <= MAX_EXACT_INTEGER as u64 => Ok(Json::from(i)),
-            Some(_) => Err(format!(
-                "integer {n} is outside ±{MAX_EXACT_INTEGER}, the range JSON carries exactly"
-            )),
+            Some(_) => Err(outside_exact_integers(n)),
+            None if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(outside_exact_integers(n)),
             None => Err(format!("expected an integer, found number {n}")),
         },
         (Type::Integer, Json::String(s)) => match s.parse::<i64>() {
             Ok(i) if i.unsigned_abs() <= MAX_EXACT_INTEGER as u64 => Ok(Json::from(i)),
-            _ => Err(format!("expected an integer, found string \"{s}\"")),
+            Ok(_) => Err(outside_exact_integers(s)),
+            Err(_) if s.parse::<i128>().is_ok() => Err(outside_exact_integers(s)),
+            Err(_) => Err(format!("expected an integer, found string \"{s}\"")),
         },
         (Type::Decimal, Json::Number(n)) => decimal(&n.to_string()),
         (Type::Decimal, Json::String(s)) => decimal(s),
@@ -336,6 +343,17 @@ mod tests {
         // The one integer whose absolute value overflows is outside the range too.
         assert!(check(&json!(i64::MIN), &Type::Integer, None).is_err());
         assert!(check(&json!(i64::MIN.to_string()), &Type::Integer, None).is_err());
+        // An integer too large is called that, whatever form it came in.
+        for big in [
+            json!(9_007_199_254_740_992.0),
+            json!("9007199254740993"),
+            json!(u64::MAX),
+        ] {
+            let e = check(&big, &Type::Integer, None).unwrap_err();
+            assert!(e.contains("is outside ±9007199254740991"), "{big}: {e}");
+        }
+        let e = check(&json!(1.5), &Type::Integer, None).unwrap_err();
+        assert_eq!(e, "expected an integer, found number 1.5");
         assert_eq!(
             check(&json!(-MAX_EXACT_INTEGER), &Type::Integer, None),
             Ok(json!(-MAX_EXACT_INTEGER))

@@ -195,6 +195,16 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::InvalidArgument(message) => {
             status(Code::InvalidArgument, "invalid-argument", message, &[])
         }
+        EngineError::BadField {
+            field: "",
+            reason,
+            message,
+        } => status(Code::InvalidArgument, reason, message, &[]),
+        EngineError::BadField {
+            field,
+            reason,
+            message,
+        } => invalid(reason, field, message),
         EngineError::Invalid(diagnostics) => diagnostics_status(&diagnostics),
         EngineError::WouldBreak(report) => migration_status(&report),
         EngineError::Stopped => status(Code::Unavailable, "stopped", "the engine is stopping", &[]),
@@ -376,14 +386,8 @@ fn check_filter(
                 ),
             ));
         }
-        if let Err(e) = crate::engine::durable::searchable_value(library, workflow, variable, value)
-        {
-            return Err(invalid(
-                "bad-variable-value",
-                "variable_value",
-                e.to_string(),
-            ));
-        }
+        crate::engine::durable::searchable_value(library, workflow, variable, value)
+            .map_err(engine_status)?;
     }
     Ok(())
 }
@@ -966,7 +970,8 @@ impl Api {
         };
         let rest = name.strip_prefix("workflows/").ok_or_else(bad)?;
         let (workflow, version) = match rest.split_once("/versions/") {
-            Some((w, v)) => (w, Some(v.parse::<u32>().map_err(|_| bad())?)),
+            // A number past any version is no version, not a malformed name.
+            Some((w, v)) => (w, Some(v.parse::<u64>().map_err(|_| bad())?)),
             None => (rest, None),
         };
         if workflow.is_empty() || workflow.contains('/') {
@@ -976,7 +981,7 @@ impl Api {
             .workflow_versions()
             .map_err(engine_status)?
             .into_iter()
-            .filter(|v| v.name == workflow && version.is_none_or(|n| v.version == n))
+            .filter(|v| v.name == workflow && version.is_none_or(|n| u64::from(v.version) == n))
             .max_by_key(|v| v.version)
             .ok_or_else(|| {
                 status(
@@ -986,6 +991,15 @@ impl Api {
                     &[],
                 )
             })
+    }
+}
+
+/// A request's workflow field, given bare (`gaozhi_chengnuo`) or as the
+/// resource name `ListWorkflows` shows (`workflows/gaozhi_chengnuo`).
+fn workflow_field(given: String) -> String {
+    match given.strip_prefix("workflows/") {
+        Some(bare) => bare.to_owned(),
+        None => given,
     }
 }
 
@@ -1105,7 +1119,8 @@ impl CasesService for Api {
         request: Request<proto::CreateCaseRequest>,
     ) -> Result<Response<proto::CreateCaseResponse>, Status> {
         let agency = writer_agency(&principal(&request)?)?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        r.workflow = workflow_field(r.workflow);
         if r.workflow.is_empty() {
             return Err(invalid("missing-field", "workflow", "workflow is required"));
         }
@@ -1176,7 +1191,8 @@ impl CasesService for Api {
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
-        if (!r.state.is_empty() || !r.variable_name.is_empty()) && r.workflow.is_empty() {
+        let workflow = workflow_field(r.workflow);
+        if (!r.state.is_empty() || !r.variable_name.is_empty()) && workflow.is_empty() {
             return Err(invalid(
                 "missing-field",
                 "workflow",
@@ -1191,7 +1207,7 @@ impl CasesService for Api {
             ));
         }
         let filter = CaseFilter {
-            workflow: non_empty(r.workflow),
+            workflow: non_empty(workflow),
             state: non_empty(r.state),
             agency: principal.agency().map(str::to_owned),
             variable: non_empty(r.variable_name).map(|n| (n, r.variable_value)),
@@ -1476,15 +1492,17 @@ impl AuditService for Api {
             ));
         }
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let workflow = workflow_field(r.workflow);
+        let library = self.engine.library();
         check_filter(
-            &self.engine.library(),
-            non_empty(r.workflow.clone()).as_deref(),
+            &library,
+            non_empty(workflow.clone()).as_deref(),
             non_empty(r.state.clone()).as_deref(),
             None,
         )?;
         let filter = crate::audit::ExportFilter {
             case,
-            workflow: non_empty(r.workflow),
+            workflow: non_empty(workflow),
             agency: non_empty(r.agency),
             state: non_empty(r.state),
             since,
@@ -1572,7 +1590,7 @@ impl AuditService for Api {
         } else if r.workflow.is_empty() {
             VerifyScope::All
         } else {
-            VerifyScope::Workflow(r.workflow)
+            VerifyScope::Workflow(workflow_field(r.workflow))
         };
         let report = audit_blocking(&self.engine, move |source, _| {
             crate::audit::verify(source, &scope, None)

@@ -775,6 +775,17 @@ fn a_deadline_counted_from_an_unset_variable_is_a_calendar_rejection() {
     let e = err(fire(&lib, &broken, "approve", "k", json!({}), now));
     assert_eq!(e.code, RejectCode::Calendar);
     assert!(e.message.contains("`days`, which is unset"), "{e}");
+    // Regression: a count large enough to end past 9999 was accepted, and
+    // clients could not read the deadline the server then sent them.
+    let within =
+        crate::lang::model::Period::Days(crate::lang::model::Amount::Variable("days".into()));
+    let vars = |days: u32| BTreeMap::from([("days".to_owned(), json!(days))]);
+    let e = deadline_due(&lib, now, &within, &vars(4_000_000)).unwrap_err();
+    assert!(
+        e.contains("would end in the year 12972") && e.contains("by 9999-12-31"),
+        "{e}"
+    );
+    assert!(deadline_due(&lib, now, &within, &vars(365)).is_ok());
 }
 
 #[test]
