@@ -167,6 +167,44 @@ pub const MAX_EXPRESSION_CHARS: usize = 2000;
 pub const STACK_BYTES: usize = 64 << 20;
 
 /// Compiles `source` and checks it against `scope`.
+/// CEL's reserved words: a name that is one cannot follow a `.`.
+const RESERVED: [&str; 21] = [
+    "as",
+    "break",
+    "const",
+    "continue",
+    "else",
+    "false",
+    "for",
+    "function",
+    "if",
+    "import",
+    "in",
+    "let",
+    "loop",
+    "namespace",
+    "null",
+    "package",
+    "return",
+    "true",
+    "var",
+    "void",
+    "while",
+];
+
+/// The first `object.word` in `source` whose word is reserved in CEL
+/// (`vars.in`), which does not parse though a variable may be so named.
+fn reserved_selection(source: &str) -> Option<(&str, &str)> {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    source.match_indices('.').find_map(|(dot, _)| {
+        let before = &source[..dot];
+        let object = &before[before.trim_end_matches(is_ident).len()..];
+        let after = &source[dot + 1..];
+        let word = &after[..after.len() - after.trim_start_matches(is_ident).len()];
+        (!object.is_empty() && RESERVED.contains(&word)).then_some((object, word))
+    })
+}
+
 pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> {
     let length = source.chars().count();
     if length > MAX_EXPRESSION_CHARS {
@@ -192,7 +230,9 @@ pub fn compile(source: &str, scope: &Scope) -> Result<Compiled, Vec<ExprIssue>> 
             .map(|e| ExprIssue {
                 code: "expr-syntax",
                 message: format!("expression does not compile: {}", syntax_message(&e.msg)),
-                hint: None,
+                hint: reserved_selection(source).map(|(object, word)| {
+                    format!("`{word}` is a reserved word in CEL: write `{object}['{word}']`")
+                }),
                 line: e.pos.0.max(1) as usize,
                 col: e.pos.1.max(1) as usize,
             })
@@ -905,6 +945,20 @@ mod tests {
         );
         assert_eq!(issues("'opne' != vars.phase")[0].2, 1);
         assert_eq!(issues("vars.phase == 'closed' && vars.phase > 'a'"), vec![]);
+    }
+
+    #[test]
+    fn a_reserved_word_after_a_dot_is_named_with_how_to_write_it() {
+        let Err(found) = compile("vars.in > 0", &Scope::default()) else {
+            panic!("`vars.in` compiled");
+        };
+        assert_eq!(found[0].code, "expr-syntax");
+        assert_eq!(
+            found[0].hint.as_deref(),
+            Some("`in` is a reserved word in CEL: write `vars['in']`")
+        );
+        assert_eq!(reserved_selection("payload.inside + vars.x"), None);
+        assert_eq!(reserved_selection("a in b"), None);
     }
 
     #[test]

@@ -338,10 +338,29 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str, out: &mut Vec<Diagnos
     match ron_options().from_str::<T>(text) {
         Ok(value) => Some(value),
         Err(e) => {
-            out.push(syntax_diagnostic(path, &e));
+            let mut diagnostic = syntax_diagnostic(path, &e);
+            if diagnostic.hint.is_none()
+                && !matches!(e.code, ron::error::Error::TrailingCharacters)
+                && at_end(text, e.span.start.line, e.span.start.col)
+            {
+                diagnostic.hint = Some(
+                    "the file ends here, before its value is closed: a `)`, `]` or `}` may be missing at the end".into(),
+                );
+            }
+            out.push(diagnostic);
             None
         }
     }
+}
+
+/// Whether `line:col` (as `ron` counts them) is at or past the last
+/// character of `text` that is not white space: an error there (other than
+/// trailing characters) means the file was cut short.
+fn at_end(text: &str, line: usize, col: usize) -> bool {
+    let body = text.trim_end();
+    let last_line = body.lines().count().max(1);
+    let last_col = body.rsplit('\n').next().map_or(0, |l| l.chars().count());
+    (line, col) >= (last_line, last_col)
 }
 
 /// A `ron` error as a diagnostic; unknown fields and variants get a "did you mean".

@@ -924,6 +924,23 @@ impl WorkflowChecker<'_> {
     }
 
     fn check_amount(&self, r: &mut Reporter, path: &DocPath, period: &Period) {
+        // A century: past it a length is a slip of the keyboard, and far
+        // enough past it the deadline would not fit a timestamp at all.
+        let longest = match period {
+            Period::Hours(_) => 876_600,
+            Period::Days(_) => 36_525,
+            _ => 25_000,
+        };
+        if let Some(Amount::Fixed(n)) = period.amount()
+            && *n > longest
+        {
+            r.error(
+                "deadline-too-long",
+                path,
+                format!("`{period}` is more than a hundred years"),
+                Some(format!("at most {longest} of this unit")),
+            );
+        }
         if let Some(Amount::Variable(var)) = period.amount() {
             match self.w.variables.iter().find(|v| v.name == *var) {
                 None => self.unknown_variable(r, path, var, None),
@@ -1101,6 +1118,33 @@ impl WorkflowChecker<'_> {
             }
         }
         let expiry = state.deadline.as_ref().and_then(|d| d.on_expiry.as_deref());
+        // A deadline fires its event with no payload: when every transition
+        // on it requires a field, the deadline can never be taken.
+        let on_expiry: Vec<(usize, &crate::lang::model::Transition)> = state
+            .transitions
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| expiry == Some(t.event.as_str()))
+            .collect();
+        if !on_expiry.is_empty()
+            && on_expiry
+                .iter()
+                .all(|(_, t)| t.payload.iter().any(|f| f.required))
+        {
+            for (j, t) in &on_expiry {
+                if let Some((k, field)) = t.payload.iter().enumerate().find(|(_, f)| f.required) {
+                    r.error(
+                        "deadline-payload",
+                        &sp.field("transitions").index(*j).field("payload").index(k),
+                        format!(
+                            "`{}` is the deadline's expiry event, which comes with no payload, but payload field `{}` is required: the deadline would be refused every time",
+                            t.event, field.name
+                        ),
+                        Some("make the field `required: false` (test it with `has(payload.x)`), or give the event a transition without required fields".into()),
+                    );
+                }
+            }
+        }
         let mut unguarded: HashMap<&str, usize> = HashMap::new();
         for (j, t) in state.transitions.iter().enumerate() {
             let tp = sp.field("transitions").index(j);
