@@ -2306,6 +2306,38 @@ async fn bytes_that_are_not_the_methods_message_are_invalid_argument_on_every_rp
             "{method}: {refused:?}"
         );
     }
+    // Well formed, but nested past prost's limit: said as such, not "malformed".
+    let mut deep = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue("底".into())),
+    };
+    for _ in 0..50 {
+        deep = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                fields: [("x".to_owned(), deep)].into(),
+            })),
+        };
+    }
+    let (mut cases, _, _) = server.clients().await;
+    let refused = cases
+        .fire_event(authed(
+            Some(&admin),
+            proto::FireEventRequest {
+                request_id: "deep".into(),
+                case: "cases/any".into(),
+                event: "e".into(),
+                payload: Some(prost_types::Struct {
+                    fields: [("deep".to_owned(), deep)].into(),
+                }),
+                expected_sequence: None,
+            },
+        ))
+        .await
+        .expect_err("too deep");
+    assert_eq!(
+        (refused.code(), reason(&refused)),
+        (Code::InvalidArgument, "too-deep".to_owned()),
+        "{refused:?}"
+    );
     server.stop().await;
 }
 

@@ -54,7 +54,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 ///   `message-too-large`, with the limit;
 /// - a request that does not decode as its protobuf message is INTERNAL,
 ///   which must never answer bad input: INVALID_ARGUMENT, reason
-///   `malformed-message`.
+///   `malformed-message` (`too-deep` past prost's 100 levels of nesting).
 fn tonic_refusals_rewritten(
     mut response: tonic::codegen::http::Response<tonic::body::Body>,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
@@ -73,14 +73,25 @@ fn tonic_refusals_rewritten(
             .map(|refusal| refusal.message().to_owned())
             .filter(|message| message.starts_with("failed to decode"))
             .map(|message| {
-                api::status(
-                    tonic::Code::InvalidArgument,
-                    "malformed-message",
-                    format!(
-                        "the request is not a well-formed protobuf message of its method: {message}"
-                    ),
-                    &[],
-                )
+                // prost stops at 100 levels of nested messages: a valid
+                // request, only too deep (a `Struct` inside a `Struct` …).
+                if message.contains("recursion limit reached") {
+                    api::status(
+                        tonic::Code::InvalidArgument,
+                        "too-deep",
+                        "the request nests messages more than 100 levels deep (a payload's objects and lists inside one another count): flatten it".to_owned(),
+                        &[("limit_levels", "100".to_owned())],
+                    )
+                } else {
+                    api::status(
+                        tonic::Code::InvalidArgument,
+                        "malformed-message",
+                        format!(
+                            "the request is not a well-formed protobuf message of its method: {message}"
+                        ),
+                        &[],
+                    )
+                }
             }),
         _ => None,
     };
