@@ -594,6 +594,7 @@ impl Checker<'_> {
                 Form::Method => method,
             };
             if fits {
+                self.check_constant_conversion(node, call, name);
                 return function.returns.clone();
             }
             let (message, hint) = if method {
@@ -629,6 +630,48 @@ impl Checker<'_> {
         };
         self.report(node, "unknown-name", message, hint);
         Ty::Dyn
+    }
+
+    /// `duration('…')` and `timestamp('…')` of a literal give the same
+    /// result at every evaluation: one the runtime cannot convert would fail
+    /// every time (`duration('1d')`: durations count `h`, `m`, `s`, `ms`, …).
+    fn check_constant_conversion(&mut self, node: &IdedExpr, call: &CallExpr, name: &str) {
+        let (true, None, [argument]) = (
+            matches!(name, "duration" | "timestamp"),
+            &call.target,
+            call.args.as_slice(),
+        ) else {
+            return;
+        };
+        let Expr::Literal(LiteralValue::String(text)) = &argument.expr else {
+            return;
+        };
+        let Ok(quoted) = serde_json::to_string(text.inner()) else {
+            return;
+        };
+        let Ok(program) = Program::compile(&format!("{name}({quoted})")) else {
+            return;
+        };
+        let context = cel::Context::with_env(environment());
+        // Third-party code: a panic inside it says nothing about the literal.
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(&context)));
+        if let Ok(Err(e)) = run {
+            let example = if name == "duration" {
+                "a duration counts h, m, s, ms, us or ns: `duration('24h')`, not days"
+            } else {
+                "a timestamp is RFC 3339: `timestamp('2020-06-01T09:00:00+08:00')`"
+            };
+            self.report(
+                node,
+                "bad-constant",
+                format!(
+                    "`{name}('{}')` fails at every evaluation: {e}",
+                    text.inner()
+                ),
+                Some(example.to_owned()),
+            );
+        }
     }
 
     /// A string literal compared with an enumeration must be one of its values.
@@ -945,6 +988,26 @@ mod tests {
         );
         assert_eq!(issues("'opne' != vars.phase")[0].2, 1);
         assert_eq!(issues("vars.phase == 'closed' && vars.phase > 'a'"), vec![]);
+    }
+
+    #[test]
+    fn conversions_of_literals_that_always_fail_are_reported() {
+        let found = issues("duration('25h') > duration('1d')");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].1, "bad-constant");
+        assert!(
+            found[0]
+                .0
+                .starts_with("`duration('1d')` fails at every evaluation"),
+            "{found:?}"
+        );
+        assert_eq!(issues("timestamp('2020-13-01')")[0].1, "bad-constant");
+        assert!(
+            issues(
+                "timestamp('2020-06-01T09:00:00+08:00') < now && duration('90m') > duration('1h')"
+            )
+            .is_empty()
+        );
     }
 
     #[test]
