@@ -284,7 +284,55 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         assert_ne!(code, Some(0), "{config}");
         assert!(text.contains(said), "{config}: {text}");
         assert!(!text.contains("serving"), "{config}: {text}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{config}: a refused start made the data folder"
+        );
     }
+    // Paths a configuration file sets are read from its own folder.
+    std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("etc/govflow.toml"),
+        "[tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n",
+    )
+    .expect("write");
+    let (code, text) = serve_refused(dir.path(), &["--config", "etc/govflow.toml"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains(&format!(
+            "(cert) {}",
+            Path::new("etc").join("server.pem").display()
+        )),
+        "{text}"
+    );
+    // Regression: a start refused for its workflows still made the data
+    // folder and an empty store in it.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).expect("mkdir");
+    for file in ["agencies.ron", "gaozhi_chengnuo.ron"] {
+        std::fs::copy(root().join("workflows").join(file), broken.join(file)).expect("copy");
+    }
+    std::fs::write(broken.join("bad.ron"), "Workflow(name: \"bad\")").expect("write");
+    let out = govflow()
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+            "--workflows",
+        ])
+        .arg(&broken)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("the workflows do not validate"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a start refused for its workflows made the data folder"
+    );
 }
 
 /// `govflow serve` logs one line per call, with the caller (never its
@@ -463,4 +511,67 @@ fn a_server_that_cannot_be_reached_is_said_with_what_to_check() {
             && said.contains("--server or GOVFLOW_SERVER"),
         "{said}"
     );
+}
+
+/// `govflow serve --data data` in `dir` until it says it is serving: the
+/// server, and what it wrote before that.
+fn serve_until_serving(dir: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut server = govflow()
+        .current_dir(dir)
+        .args([
+            "serve",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+            "--workflows",
+        ])
+        .arg(root().join("workflows"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut log = BufReader::new(server.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert_ne!(log.read_line(&mut line).expect("read"), 0, "ended: {said}");
+        said.push_str(&line);
+    }
+    // Keep reading, so that a full pipe never blocks the server.
+    std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    (server, said)
+}
+
+fn stop(mut server: std::process::Child) {
+    let stopped = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    server.wait().expect("ends");
+}
+
+/// Regression: a data folder whose store was lost (deleted, restored
+/// without it) was served empty without a word, and one whose tokens file
+/// was lost got new tokens for every agency as silently as a first start.
+#[test]
+fn a_lost_store_or_tokens_file_is_said_loudly_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, first) = serve_until_serving(dir.path());
+    stop(server);
+    assert!(!first.contains("was in use before"), "{first}");
+    std::fs::remove_dir_all(dir.path().join("data/store")).expect("remove the store");
+    let (server, said) = serve_until_serving(dir.path());
+    stop(server);
+    assert!(
+        said.contains("is empty, but this data folder was in use before"),
+        "{said}"
+    );
+    std::fs::remove_file(dir.path().join("data/credentials.toml")).expect("remove tokens");
+    let (server, said) = serve_until_serving(dir.path());
+    stop(server);
+    assert!(said.contains("new tokens generated in"), "{said}");
+    assert!(!said.contains("is empty, but"), "{said}");
 }

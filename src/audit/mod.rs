@@ -54,7 +54,7 @@ use crate::store::StoreError;
 pub enum AuditError {
     #[error("{0}")]
     Store(StoreError),
-    #[error("the store cannot be read: {}", describe_sled(.0))]
+    #[error("the store cannot be read: {}", crate::store::sled_message(.0))]
     Sled(sled::Error),
     #[error("{0} is not a govflow store folder (no sled database in it)")]
     NoStore(String),
@@ -147,23 +147,10 @@ impl AuditError {
     /// [`AuditError::Sled`] starts with (for a message that names the store).
     pub fn unreadable_reason(&self) -> String {
         match self {
-            AuditError::Sled(e) => describe_sled(e),
-            AuditError::Store(StoreError::Sled(e)) => describe_sled(e),
+            AuditError::Sled(e) => crate::store::sled_message(e),
+            AuditError::Store(StoreError::Sled(e)) => crate::store::sled_message(e),
             other => other.to_string(),
         }
-    }
-}
-
-/// A sled error in words: its own text of a corruption ends in an empty
-/// backtrace and shows the offset as a debug value.
-pub fn describe_sled(e: &sled::Error) -> String {
-    match e {
-        sled::Error::Corruption { at: Some(at), .. } => {
-            format!("its data is corrupt (at byte {} of its log)", at.lid())
-        }
-        sled::Error::Corruption { at: None, .. } => "its data is corrupt".to_owned(),
-        sled::Error::Io(io) => format!("I/O error: {io}"),
-        other => other.to_string(),
     }
 }
 

@@ -208,8 +208,21 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::Invalid(diagnostics) => diagnostics_status(&diagnostics),
         EngineError::WouldBreak(report) => migration_status(&report),
         EngineError::Stopped => status(Code::Unavailable, "stopped", "the engine is stopping", &[]),
-        EngineError::Store(e) => status(Code::Internal, "storage", e.to_string(), &[]),
-        EngineError::Internal(message) => status(Code::Internal, "internal", message, &[]),
+        EngineError::Store(e) => {
+            // The operator must hear of it even with the call log off.
+            if e.is_corruption() {
+                tracing::error!(
+                    "a request failed on the store: {e}: keep a copy of the data folder, and run `govflow audit verify --data` on the copy to see what is damaged"
+                );
+            } else {
+                tracing::error!("a request failed on the store: {e}");
+            }
+            status(Code::Internal, "storage", e.to_string(), &[])
+        }
+        EngineError::Internal(message) => {
+            tracing::error!("a request failed inside the engine: {message}");
+            status(Code::Internal, "internal", message, &[])
+        }
     }
 }
 

@@ -193,6 +193,12 @@ pub enum ServeError {
     Engine(EngineError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the store at {path} cannot be opened: {source}")]
+    StoreOpen {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
     #[error(transparent)]
     Credentials(#[from] auth::CredentialError),
     #[error("gRPC server: {0}")]
@@ -229,8 +235,31 @@ impl Config {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         config.check().map_err(err)?;
+        // Paths the file sets are read from the file's folder, not from
+        // wherever the server happens to be started (a service manager
+        // starts it in `/`); those it leaves out keep their defaults.
+        let table: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let folder = path.parent().unwrap_or(Path::new(""));
+        let near = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        };
+        if table.contains_key("data") {
+            near(&mut config.data);
+        }
+        if table.contains_key("workflows") {
+            near(&mut config.workflows);
+        }
+        if let Some(tls) = &mut config.tls {
+            near(&mut tls.cert);
+            near(&mut tls.key);
+            if let Some(ca) = &mut tls.client_ca {
+                near(ca);
+            }
+        }
         Ok(config)
     }
 
@@ -264,6 +293,17 @@ pub struct Prepared {
     pub watchers: api::Watchers,
     /// The working-day calendar and its file, whose end is announced ahead.
     pub calendar: Option<(PathBuf, Calendar)>,
+}
+
+fn invalid_workflows(diagnostics: &[crate::lang::diag::Diagnostic]) -> ServeError {
+    ServeError::Invalid(
+        diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 /// Opens the engine and the credentials the configuration describes.
@@ -301,24 +341,12 @@ pub fn prepare_with_clock(
     if let Some(unknown) = auditors.iter().find(|a| !agencies.contains(*a)) {
         return Err(ServeError::UnknownAuditor(unknown.clone()));
     }
-    make_data_folder(&config.data)?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache(
-        &config.data.join("store"),
-        config.store_cache_mib.saturating_mul(1 << 20),
-    )?);
-    let options = EngineOptions {
-        cache_cases: config.cache_cases,
-    };
-    let engine = Engine::open_with(store, &sources, clock, options).map_err(|e| match e {
-        EngineError::Invalid(diagnostics) => ServeError::Invalid(
-            diagnostics
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
-        other => ServeError::Engine(other),
-    })?;
+    // Checked before anything is created: a start refused for its
+    // workflows or its TLS files leaves no data folder behind.
+    let validated = crate::lang::validate::validate(&sources);
+    if validated.library.is_none() {
+        return Err(invalid_workflows(&validated.diagnostics));
+    }
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
     if let Some(tls) = &tls {
         // Parsed now, so that a bad file stops the start before it serves.
@@ -326,14 +354,48 @@ pub fn prepare_with_clock(
             .tls_config(tls.clone())
             .map_err(ServeError::TlsInvalid)?;
     }
+    make_data_folder(&config.data)?;
+    let token_path = config.data.join("credentials.toml");
+    let had_tokens = token_path.exists();
+    let store_dir = config.data.join("store");
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open_with_cache(&store_dir, config.store_cache_mib.saturating_mul(1 << 20))
+            .map_err(|source| match source {
+                // Already says which store, and what to do.
+                StoreError::InUse { .. } | StoreError::NewerFormat { .. } => {
+                    ServeError::Store(source)
+                }
+                source => ServeError::StoreOpen {
+                    path: store_dir.display().to_string(),
+                    source,
+                },
+            })?,
+    );
+    // Whether this store was in use before this start.
+    let store_used = !store.workflow_versions()?.is_empty();
+    if !store_used && had_tokens && config.credentials.is_empty() {
+        tracing::error!(
+            "the store at {} is empty, but this data folder was in use before ({} is there): if the store was lost or damaged, stop the server now and restore the data folder from a backup; otherwise every case it held is gone",
+            store_dir.display(),
+            token_path.display()
+        );
+    }
+    let options = EngineOptions {
+        cache_cases: config.cache_cases,
+    };
+    let engine = Engine::open_with(store, &sources, clock, options).map_err(|e| match e {
+        EngineError::Invalid(diagnostics) => invalid_workflows(&diagnostics),
+        other => ServeError::Engine(other),
+    })?;
     let (credentials, token_file) = if config.credentials.is_empty() {
-        let path = config.data.join("credentials.toml");
+        let path = token_path;
         let mut names = agencies.clone();
         names.insert(ADMIN.to_owned());
         let (mut tokens, added) = auth::ensure_token_file(&path, &names)?;
         // On a first start every name is new; later, a new token is news to
-        // whoever held the old one (a line removed, a file partly restored).
-        if !added.is_empty() && added.len() < names.len() {
+        // whoever held the old one (a line removed, a file partly restored,
+        // the whole file lost from a store in use).
+        if !added.is_empty() && (added.len() < names.len() || store_used) {
             tracing::warn!(
                 "new tokens generated in {} for: {} (any token they held before no longer works)",
                 path.display(),

@@ -26,6 +26,18 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/govflow.v1.rs"));
 }
 
+impl StoreError {
+    /// Whether the store's own data is damaged (not the disk full, a lock, …).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled(sled::Error::Corruption { .. })
+                | StoreError::Decode { .. }
+                | StoreError::Corrupt(_)
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {}", sled_message(.0))]
@@ -62,9 +74,15 @@ pub enum StoreError {
 /// What a sled error says, in words an operator acts on. sled hands a
 /// failed write on to later calls as a copy whose text is the original's
 /// debug form (`Os { code: 28, kind: StorageFull, … }`), but keeps its kind.
-fn sled_message(e: &sled::Error) -> String {
+pub fn sled_message(e: &sled::Error) -> String {
     use std::io::ErrorKind;
     match e {
+        // sled's own text shows the offset as a debug value and ends in an
+        // empty backtrace.
+        sled::Error::Corruption { at: Some(at), .. } => {
+            format!("its data is corrupt (at byte {} of its log)", at.lid())
+        }
+        sled::Error::Corruption { at: None, .. } => "its data is corrupt".to_owned(),
         sled::Error::Io(io) => match io.kind() {
             ErrorKind::StorageFull => {
                 "the disk holding the data folder is full (no space left on the device): free space and restart the server".to_owned()
