@@ -117,6 +117,9 @@ pub fn export(
     if let Some(workflow) = &filter.workflow {
         super::known_workflow(source, workflow)?;
     }
+    if let Some(state) = &filter.state {
+        super::known_state(source, filter.workflow.as_deref(), state)?;
+    }
     let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
     let mut summary = ExportSummary::default();
     let mut encoder = Encoder::new();

@@ -70,6 +70,8 @@ pub enum AuditError {
     NotFound(String),
     #[error("no workflow `{name}` was ever deployed in this store (its workflows: {known})")]
     UnknownWorkflow { name: String, known: String },
+    #[error("no state `{name}` in the workflows of this store (their states: {known})")]
+    UnknownState { name: String, known: String },
     #[error("case `{case_id}`: the case record does not decode ({message})")]
     CaseUndecodable { case_id: String, message: String },
     #[error("case `{case_id}`: the history entry stored at {} {message}", slot.map_or_else(|| "an unknown position".to_owned(), |s| format!("sequence {s}")))]
@@ -114,6 +116,32 @@ pub fn known_workflow(source: &dyn RecordSource, name: &str) -> Result<()> {
     Err(AuditError::UnknownWorkflow {
         name: name.to_owned(),
         known: known.into_iter().collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Refuses a state filter that no stored version of the workflow (of any
+/// workflow, when none is named) has: it could match no entry.
+pub fn known_state(source: &dyn RecordSource, workflow: Option<&str>, state: &str) -> Result<()> {
+    let mut states = std::collections::BTreeSet::new();
+    for version in source.workflow_versions()? {
+        if workflow.is_some_and(|w| w != version.name) {
+            continue;
+        }
+        // A version that no longer reads names no state; its cases still
+        // have records to match, so nothing is refused on its account.
+        let Ok(def) = crate::lang::load::ron_options()
+            .from_str::<crate::lang::model::Workflow>(&version.source)
+        else {
+            return Ok(());
+        };
+        states.extend(def.states.into_iter().map(|s| s.name));
+    }
+    if states.contains(state) {
+        return Ok(());
+    }
+    Err(AuditError::UnknownState {
+        name: state.to_owned(),
+        known: states.into_iter().collect::<Vec<_>>().join(", "),
     })
 }
 

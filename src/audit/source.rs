@@ -152,6 +152,40 @@ pub fn visit_case<S: RecordSource + ?Sized>(
 /// cannot be opened (audit a copy, or stop the server).
 pub struct SledSource {
     db: sled::Db,
+    /// The copy a read-only store is audited in; removed after `db` closes
+    /// (fields drop in order).
+    _copy: Option<tempfile::TempDir>,
+}
+
+/// Whether opening failed only because sled may not write where the store
+/// is (a read-only backup or snapshot): sled opens its files for writing.
+fn needs_write_access(e: &StoreError) -> bool {
+    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+    match e {
+        StoreError::Sled(sled::Error::Io(io)) => {
+            matches!(io.kind(), ReadOnlyFilesystem | PermissionDenied)
+        }
+        StoreError::Io { source, .. } => {
+            matches!(source.kind(), ReadOnlyFilesystem | PermissionDenied)
+        }
+        _ => false,
+    }
+}
+
+/// Copies the files of the store folder `from` (sled keeps no subfolders
+/// but `blobs`) into `to`.
+fn copy_store(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_store(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// sled's page cache when auditing a store folder.
@@ -182,6 +216,34 @@ fn midpoint(a: &[u8], b: &[u8]) -> Vec<u8> {
     mid
 }
 
+/// Opens a copy of the store in `dir`, for a store sled may not write.
+fn open_copy(dir: &Path) -> Result<(sled::Db, tempfile::TempDir)> {
+    let copy = tempfile::tempdir().map_err(|e| AuditError::Store(io_error(dir, e)))?;
+    tracing::warn!(
+        "the store at {} cannot be written, and sled opens a store only to write: auditing a copy of it in {}",
+        dir.display(),
+        copy.path().display()
+    );
+    copy_store(dir, copy.path()).map_err(|e| AuditError::Store(io_error(dir, e)))?;
+    let db = open_db(copy.path(), AUDIT_CACHE_BYTES).map_err(audit_error)?;
+    Ok((db, copy))
+}
+
+fn audit_error(e: StoreError) -> AuditError {
+    match e {
+        StoreError::InUse { path } => AuditError::StoreInUse(path),
+        StoreError::Sled(e) => AuditError::Sled(e),
+        other => AuditError::Store(other),
+    }
+}
+
+fn io_error(dir: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: dir.display().to_string(),
+        source,
+    }
+}
+
 fn decode_error(e: &prost::DecodeError) -> String {
     format!("does not decode: {e}")
 }
@@ -194,20 +256,23 @@ impl SledSource {
         }
         // An audit reads each record once, in key order: a large page cache
         // only costs memory and page faults (sled's default is 1 GiB).
-        let db = open_db(dir, AUDIT_CACHE_BYTES).map_err(|e| match e {
-            StoreError::InUse { path } => AuditError::StoreInUse(path),
-            StoreError::Sled(e) => AuditError::Sled(e),
-            other => AuditError::Store(other),
-        })?;
+        let (db, copy) = match open_db(dir, AUDIT_CACHE_BYTES) {
+            Ok(db) => (db, None),
+            Err(e) if needs_write_access(&e) => {
+                let (db, copy) = open_copy(dir)?;
+                (db, Some(copy))
+            }
+            Err(e) => return Err(audit_error(e)),
+        };
         if db.scan_prefix([b'W', SEP]).next().transpose()?.is_none() {
             return Err(AuditError::EmptyStore(dir.display().to_string()));
         }
-        Ok(SledSource { db })
+        Ok(SledSource { db, _copy: copy })
     }
 
     /// Audits a sled database that is already open.
     pub fn from_db(db: sled::Db) -> Self {
-        SledSource { db }
+        SledSource { db, _copy: None }
     }
 
     /// The case id of the first history record at or after `id`'s, or of
@@ -717,6 +782,40 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::Memory;
     use super::*;
+
+    /// A store on read-only media (a backup, a snapshot) is audited in a
+    /// copy, since sled opens its files for writing; the copy goes with it.
+    #[test]
+    fn a_store_sled_may_not_write_is_audited_in_a_copy() {
+        use std::io::{Error, ErrorKind};
+        for kind in [ErrorKind::ReadOnlyFilesystem, ErrorKind::PermissionDenied] {
+            assert!(needs_write_access(&StoreError::Sled(sled::Error::Io(
+                Error::from(kind)
+            ))));
+            assert!(needs_write_access(&io_error(
+                Path::new("s"),
+                Error::from(kind)
+            )));
+        }
+        assert!(!needs_write_access(&StoreError::Sled(sled::Error::Io(
+            Error::from(ErrorKind::StorageFull)
+        ))));
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = open_db(dir.path(), AUDIT_CACHE_BYTES).expect("opens");
+            db.insert([b'W', SEP, b'w'], b"version".to_vec())
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let (db, copy) = open_copy(dir.path()).expect("the copy opens");
+        let copied = copy.path().to_path_buf();
+        assert_eq!(db.scan_prefix([b'W', SEP]).count(), 1);
+        drop(SledSource {
+            db,
+            _copy: Some(copy),
+        });
+        assert!(!copied.exists(), "the copy is removed with the source");
+    }
 
     fn case(id: &str, workflow: &str, sequence: u64) -> proto::Case {
         proto::Case {

@@ -163,6 +163,10 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
             read_diagnostics.push(not_utf8_but(&path, encoding));
             continue;
         }
+        if let Some(binary) = not_text(&path, &bytes) {
+            read_diagnostics.push(binary);
+            continue;
+        }
         match String::from_utf8(bytes) {
             Ok(text) => texts.push((path, text)),
             Err(e) => read_diagnostics.push(not_utf8(&path, e.as_bytes(), e.utf8_error())),
@@ -224,15 +228,51 @@ fn wide_encoding(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
         [0xFF, 0xFE, ..] => ("UTF-16 (little-endian)", "UTF-16"),
         [0xFE, 0xFF, ..] => ("UTF-16 (big-endian)", "UTF-16"),
         _ => {
-            let start = &bytes[..bytes.len().min(1024)];
-            let nul = start.iter().filter(|b| **b == 0).count();
-            if start.len() < 2 || nul * 4 < start.len() {
+            // Mostly-ASCII text in a wide encoding has its zero bytes in
+            // fixed places: every other byte (UTF-16), three of every four
+            // (UTF-32). A binary file has them anywhere.
+            let start = &bytes[..bytes.len().min(1024) / 4 * 4];
+            if start.is_empty() {
                 return None;
             }
-            ("UTF-16 or UTF-32", "UTF-16")
+            let zero_share = |step: usize, at: usize| {
+                let column: Vec<u8> = start.iter().skip(at).step_by(step).copied().collect();
+                column.iter().filter(|b| **b == 0).count() as f64 / column.len() as f64
+            };
+            let quarters: Vec<f64> = (0..4).map(|at| zero_share(4, at)).collect();
+            let halves = [zero_share(2, 0), zero_share(2, 1)];
+            if quarters.iter().filter(|s| **s >= 0.9).count() == 3
+                && quarters.iter().any(|s| *s <= 0.1)
+            {
+                ("UTF-32", "UTF-32")
+            } else if halves.iter().any(|s| *s >= 0.9) && halves.iter().any(|s| *s <= 0.1) {
+                ("UTF-16", "UTF-16")
+            } else {
+                return None;
+            }
         }
     };
     Some(encoding)
+}
+
+/// A file with NUL bytes in it that is no wide encoding: not text at all
+/// (a program, a picture, a spreadsheet saved with a `.ron` name).
+fn not_text(path: &Path, bytes: &[u8]) -> Option<Diagnostic> {
+    let nul = bytes.iter().position(|b| *b == 0)?;
+    Some(
+        Diagnostic::at(
+            path,
+            LineCol { line: 1, col: 1 },
+            "not-utf8",
+            format!(
+                "the file is not text (byte {} is NUL, as in binary files), so it was not read",
+                nul + 1
+            ),
+        )
+        .with_hint(Some(
+            "a workflow is a RON text file saved as UTF-8".to_owned(),
+        )),
+    )
 }
 
 /// A file in an encoding [`wide_encoding`] recognised, which govflow does not read.

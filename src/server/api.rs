@@ -1332,6 +1332,7 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
         ),
         e @ A::OutOfRange { .. } => status(Code::OutOfRange, "out-of-range", e.to_string(), &[]),
         e @ A::UnknownWorkflow { .. } => invalid("unknown-workflow", "workflow", e.to_string()),
+        e @ A::UnknownState { .. } => invalid("unknown-state", "state", e.to_string()),
         // INTERNAL is kept for storage failures.
         e @ (A::Store(_) | A::Sled(_)) => status(Code::Internal, "storage", e.to_string(), &[]),
         other => status(
