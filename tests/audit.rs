@@ -1948,3 +1948,143 @@ async fn a_corrupt_store_is_reported_once_in_plain_words() {
     assert_eq!(through_store.unreadable_reason(), "its data is corrupt");
     assert!(std::error::Error::source(&through_store).is_none());
 }
+
+/// Regression: the Python verifier stopped with a traceback on a line nested
+/// 2000 deep, on one byte that is not UTF-8 (with no line number) and on a
+/// 5000-digit integer; a byte-order mark from an editor made a false
+/// "missing"; and a head line before its entries or among another case's, a
+/// case in two blocks and cases out of id order passed. Each is now a
+/// problem of its line (the BOM at the start is ignored), and the other
+/// lines are still checked.
+#[test]
+fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_checks_the_rest() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/export");
+    // (file, options, exit code, the lines printed: each line starts with its item)
+    let cases: [(&str, &[&str], i32, &[&str]); 11] = [
+        (
+            "sound.jsonl",
+            &["--quiet"],
+            0,
+            &["all 7 entries in 3 cases verified"],
+        ),
+        (
+            "bom.jsonl",
+            &[],
+            0,
+            &[
+                "note: the export starts with a UTF-8 byte-order mark (as some editors save \
+                 files): it was ignored",
+                "ok   a: 3 entries, chain intact",
+                "ok   b: 3 entries, chain intact",
+                "ok   c: 1 entries, chain intact",
+                "all 7 entries in 3 cases verified",
+            ],
+        ),
+        (
+            "headless.jsonl",
+            &["--quiet", "--without-heads"],
+            0,
+            &["all 7 entries in 3 cases verified"],
+        ),
+        (
+            "deep.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 5): unreadable: objects or arrays nested too deeply to read",
+                "1 problem(s) in 0 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "not_utf8.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 6): unreadable: not UTF-8 text: byte 123 of the line (0xe9) is \
+                 not valid UTF-8",
+                "BAD  case b sequence 2 (before line 7, which holds sequence 3): missing: entry 2 \
+                 is missing (the next entry is 3)",
+                "2 problem(s) in 1 case(s); 6 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "long_integer.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 6): unreadable: an integer 5000 digits long, too long to read \
+                 (an export's integers have at most 16 digits)",
+                "BAD  case b sequence 2 (before line 7, which holds sequence 3): missing: entry 2 \
+                 is missing (the next entry is 3)",
+                "2 problem(s) in 1 case(s); 6 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "head_first.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  case a (line 1): misplaced: the head line comes before the case's entries \
+                 (from line 2): it belongs right after the case's last entry",
+                "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "head_among_others.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  case b (line 3): misplaced: the head line stands among case a's entries \
+                 (lines 2 and 4), not right after its own case's last entry (line 8)",
+                "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "split_case.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  case a sequence 3 (line 7): misplaced: the case's entries are split: these \
+                 come after case b's (line 5), apart from the case's earlier ones (ending on line \
+                 2); an export holds each case's entries together",
+                "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        (
+            "cases_out_of_order.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  case a sequence 1 (line 5): misplaced: case a comes after case b (line 3): \
+                 an export lists the cases in case-id order",
+                "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        // The layout is checked in an export without head lines too.
+        (
+            "cases_out_of_order.jsonl",
+            &["--quiet", "--without-heads"],
+            1,
+            &[
+                "BAD  case a sequence 1 (line 5): misplaced: case a comes after case b (line 3)",
+                "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+    ];
+    for (name, options, expected_code, expected) in cases {
+        let Some((code, text)) = python_verify(&dir.join(name), options) else {
+            return;
+        };
+        assert_eq!(code, expected_code, "{name} {options:?}:\n{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), expected.len(), "{name} {options:?}:\n{text}");
+        for (line, start) in lines.iter().zip(expected) {
+            assert!(
+                line.starts_with(start),
+                "{name} {options:?}: {start:?}:\n{text}"
+            );
+        }
+        assert!(!text.contains("Traceback"), "{name}:\n{text}");
+        assert!(!text.contains("set_int_max_str_digits"), "{name}:\n{text}");
+    }
+}

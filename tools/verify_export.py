@@ -34,9 +34,21 @@ two would see different entries.
 --without-heads  accept cases without a head line (exports by govflow before
                  2026-11-27 have none); their ends are then not checked.
 
+The layout of docs/hash-chain.md is checked too ("misplaced"): each case's
+entries together in one block, the blocks in case-id order, and a case's head
+line right after its last entry (not before its entries, nor among another
+case's).
+
+The export is read as bytes and each line decoded on its own: a line that is
+not UTF-8, not JSON, nested too deeply or holding an integer too long to read
+is reported ("unreadable", with its line) and the other lines are still
+checked. A UTF-8 byte-order mark at the very start of the file (as some
+editors save one) is ignored, with a note; anywhere else it is a problem.
+
 Standard library only.
 """
 
+import bisect
 import hashlib
 import json
 import sys
@@ -115,19 +127,80 @@ def mistyped(line, members):
             if not isinstance(line.get(k), t) or (t is int and isinstance(line.get(k), bool))]
 
 
-def read_entries(stream, problems):
-    """Parses the export; returns ({case_id: [Row]} in file order,
-    {case_id: [(line, head_sequence, head_hash)]})."""
+class IntegerTooLong(Exception):
+    """An integer in a line too long for Python to read (sys.get_int_max_str_digits)."""
+
+    def __init__(self, digits):
+        Exception.__init__(self, digits)
+        self.digits = digits
+
+
+def parse_int(text):
+    """json's integers, with a plain error for one too long to convert."""
+    try:
+        return int(text)
+    except ValueError:
+        raise IntegerTooLong(len(text.lstrip("-")))
+
+
+class Unreadable(Exception):
+    """The export as a whole cannot be read."""
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def parse_line(text):
+    """The JSON value on one line, or raises ValueError with a plain reason."""
+    try:
+        return json.loads(text, object_pairs_hook=unique_members, parse_int=parse_int)
+    except IntegerTooLong as e:
+        raise ValueError("an integer %d digits long, too long to read (an export's integers "
+                         "have at most 16 digits)" % e.digits)
+    except RecursionError:
+        raise ValueError("objects or arrays nested too deeply to read (more than about %d "
+                         "levels; govflow's entries are never nested that deeply)"
+                         % sys.getrecursionlimit())
+    except ValueError as e:
+        if text.startswith("\ufeff"):
+            raise ValueError("the line starts with a byte-order mark (U+FEFF), which only the very "
+                             "start of the file may have (were files joined?)")
+        raise ValueError("not JSON: %s" % e)
+
+
+def read_entries(stream, problems, notes):
+    """Parses the export (a binary stream), line by line; returns ({case_id:
+    [Row]} in file order, {case_id: [(line, head_sequence, head_hash)]}, the
+    layout: (line, case_id, is_head) of each entry line and well-formed head
+    line, in file order)."""
     cases = {}
     heads = {}
+    layout = []
     for number, raw in enumerate(stream, start=1):
-        text = raw.strip()
+        skipped = 0
+        if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise Unreadable("it is UTF-16 text (it starts with a UTF-16 byte-order mark), not "
+                             "UTF-8 as govflow writes it: save it as UTF-8")
+        if number == 1 and raw.startswith(BOM):
+            # A byte-order mark, as some editors save UTF-8: not part of any entry.
+            raw = raw[len(BOM):]
+            skipped = len(BOM)
+            notes.append("the export starts with a UTF-8 byte-order mark (as some editors save "
+                         "files): it was ignored")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(Problem(None, None, number, "unreadable",
+                                    "not UTF-8 text: byte %d of the line (0x%02x) is not valid UTF-8"
+                                    % (e.start + skipped + 1, raw[e.start])))
+            continue
+        text = text.strip()
         if not text:
             continue
         try:
-            entry = json.loads(text, object_pairs_hook=unique_members)
+            entry = parse_line(text)
         except ValueError as e:
-            problems.append(Problem(None, None, number, "unreadable", "not JSON: %s" % e))
+            problems.append(Problem(None, None, number, "unreadable", str(e)))
             continue
         if not isinstance(entry, dict):
             problems.append(Problem(None, None, number, "unreadable", "not a JSON object"))
@@ -141,7 +214,10 @@ def read_entries(stream, problems):
                                         % ", ".join(bad)))
                 continue
             heads.setdefault(case_id, []).append((number, entry["head_sequence"], entry["head_hash"]))
+            layout.append((number, case_id, True))
             continue
+        if case_id is not None:
+            layout.append((number, case_id, False))
         bad = mistyped(entry, REQUIRED)
         unknown = sorted(set(entry) - ENTRY_MEMBERS)
         missing = sorted(ENTRY_MEMBERS - set(entry) - set(REQUIRED))
@@ -159,8 +235,78 @@ def read_entries(stream, problems):
             problems.append(Problem(case_id, entry["sequence"], number, "unreadable",
                                     "it holds text that is not Unicode (a lone surrogate escape)"))
             continue
+        except RecursionError:
+            problems.append(Problem(case_id, entry["sequence"], number, "unreadable",
+                                    "objects or arrays nested too deeply to hash (more than about "
+                                    "%d levels)" % sys.getrecursionlimit()))
+            continue
         cases.setdefault(case_id, []).append(Row(number, entry, computed))
-    return cases, heads
+    return cases, heads, layout
+
+
+def check_layout(layout, cases, heads, problems):
+    """Checks the layout of docs/hash-chain.md: each case's entries in one
+    block, the blocks in case-id order, and the case's head line right after
+    its last entry. Lines that cannot be read, and head lines of cases with no
+    entries or named twice (reported elsewhere), do not count."""
+    entries = [(line, case_id) for line, case_id, is_head in layout if not is_head]
+    sequence_at = {row.line: row.sequence for rows in cases.values() for row in rows}
+
+    def problem(case_id, line, detail):
+        problems.append(Problem(case_id, sequence_at.get(line), line, "misplaced", detail))
+
+    # Blocks: runs of entry lines of one case (head lines between them do not count).
+    blocks = []  # [case_id, first line, last line]
+    for line, case_id in entries:
+        if blocks and blocks[-1][0] == case_id:
+            blocks[-1][2] = line
+        else:
+            blocks.append([case_id, line, line])
+    ended = {}  # case id -> last line of its first block
+    for i, (case_id, first, last) in enumerate(blocks):
+        if i > 0:
+            before_id, _, before_last = blocks[i - 1]
+            if case_id in ended:
+                problem(case_id, first,
+                        "the case's entries are split: these come after case %s's (line %d), "
+                        "apart from the case's earlier ones (ending on line %d); an export holds "
+                        "each case's entries together" % (before_id, before_last, ended[case_id]))
+            elif case_id < before_id:
+                problem(case_id, first,
+                        "case %s comes after case %s (line %d): an export lists the cases in "
+                        "case-id order" % (case_id, before_id, before_last))
+        ended.setdefault(case_id, last)
+
+    # Head lines: the first of each case with entries, right after its last entry.
+    entry_lines = [line for line, _ in entries]
+    for case_id, case_heads in heads.items():
+        own = [line for line, c in entries if c == case_id]
+        if not own:
+            continue  # a head line for a case with no entries: reported as missing
+        line = case_heads[0][0]
+        at = bisect.bisect_left(entry_lines, line)
+        previous = entries[at - 1] if at > 0 else None
+        following = entries[at] if at < len(entries) else None
+        if following is not None and following[1] == case_id:
+            if previous is not None and previous[1] == case_id:
+                detail = ("entries of the case follow the head line (from line %d): it belongs "
+                          "right after the case's last entry" % following[0])
+            else:
+                detail = ("the head line comes before the case's entries (from line %d): it belongs "
+                          "right after the case's last entry" % following[0])
+        elif previous is None or previous[1] != case_id:
+            if previous is not None and following is not None and previous[1] == following[1]:
+                where = "among case %s's entries (lines %d and %d)" % (previous[1], previous[0],
+                                                                       following[0])
+            elif previous is not None:
+                where = "after case %s's entry on line %d" % (previous[1], previous[0])
+            else:
+                where = "before any entry"
+            detail = ("the head line stands %s, not right after its own case's last entry "
+                      "(line %d)" % (where, own[-1]))
+        else:
+            continue
+        problems.append(Problem(case_id, None, line, "misplaced", detail))
 
 
 def check_head(case_id, rows, heads, partial, without_heads, already, problems):
@@ -278,6 +424,11 @@ def check_case(case_id, rows, partial, problems):
 
 
 def main(argv):
+    # Case ids are printed as read: one holding a lone surrogate escape is
+    # shown escaped instead of stopping the report.
+    for out in (sys.stdout, sys.stderr):
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(errors="backslashreplace")
     partial = False
     allow_empty = False
     quiet = False
@@ -305,14 +456,15 @@ def main(argv):
         return 2
 
     problems = []
+    notes = []
     try:
         if paths and paths[0] != "-":
-            with open(paths[0], encoding="utf-8") as stream:
-                cases, heads = read_entries(stream, problems)
+            with open(paths[0], "rb") as stream:
+                cases, heads, layout = read_entries(stream, problems, notes)
         else:
-            stream = open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
-            cases, heads = read_entries(stream, problems)
-    except (OSError, UnicodeDecodeError) as e:
+            stream = open(sys.stdin.fileno(), "rb", closefd=False)
+            cases, heads, layout = read_entries(stream, problems, notes)
+    except (OSError, Unreadable) as e:
         print("verify_export.py: cannot read the export: %s" % e, file=sys.stderr)
         return 2
 
@@ -321,6 +473,15 @@ def main(argv):
               "export` fail? see its message); pass --allow-empty if no entries are expected",
               file=sys.stderr)
         return 2
+
+    if not quiet:
+        for note in notes:
+            print("note: %s" % note)
+    # The layout is checked apart: its problems do not explain any entry's
+    # content, so the head checks below must not count them as named.
+    misplaced = []
+    check_layout(layout, cases, heads, misplaced)
+    misplaced_cases = {p.case_id for p in misplaced}
 
     entries = 0
     late = 0
@@ -336,7 +497,7 @@ def main(argv):
             late += 1
         already = named.get(case_id, set()) | {p.sequence for p in problems[before:]}
         check_head(case_id, rows, heads.get(case_id), partial, without_heads, already, problems)
-        if not quiet and len(problems) == before:
+        if not quiet and len(problems) == before and case_id not in misplaced_cases:
             print("ok   %s: %d entries, chain intact" % (case_id, len(rows)))
 
     for case_id in sorted(set(heads) - set(cases), key=str):
@@ -344,6 +505,7 @@ def main(argv):
             problems.append(Problem(case_id, None, line, "missing",
                                     "a head line for a case none of whose entries is in the export"))
 
+    problems.extend(misplaced)
     for problem in problems:
         print("BAD  %s" % problem)
     bad_cases = len({p.case_id for p in problems if p.case_id is not None})
