@@ -422,17 +422,27 @@ fn workflow_lines(workflows: &[proto::WorkflowSummary]) -> Vec<String> {
 /// A change the server refused or whose answer was lost: as [`failure`],
 /// and for a lost answer, how to find out whether it was made.
 fn change_failure(status: &Status, request_id: &str) -> anyhow::Error {
+    lost_change(
+        status,
+        &format!(
+            "run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
+        ),
+    )
+    .into()
+}
+
+/// A refusal of a change; when the answer was lost on the way (the change
+/// may or may not have been made), with how to find out safely.
+fn lost_change(status: &Status, find_out: &str) -> Refusal {
     use tonic::Code;
     let mut refusal = Refusal::of(status);
     if matches!(
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     ) {
-        refusal.hint = format!(
-            "the change may or may not have been made; run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
-        );
+        refusal.hint = format!("the change may or may not have been made; {find_out}");
     }
-    refusal.into()
+    refusal
 }
 
 /// A watch that ended (the server stopping, a slow reader cut off, the
@@ -787,8 +797,14 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                 }
                 Err(status) => {
                     use tonic_types::StatusExt;
-                    eprintln!("{}", failure(&status));
+                    let refusal = lost_change(
+                        &status,
+                        "deploying the same file again is safe: a source already deployed is answered as such, never deployed twice",
+                    );
                     let details = status.get_error_details();
+                    if !as_json {
+                        eprintln!("{refusal}");
+                    }
                     print_source_violations(&details, &file);
                     if let Some(failed) = details.precondition_failure() {
                         for v in &failed.violations {
@@ -798,6 +814,10 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                                 v.description
                             );
                         }
+                    }
+                    if as_json {
+                        // Said on standard output as JSON, as every refusal is.
+                        return Err(refusal.into());
                     }
                     return Ok(ExitCode::from(1));
                 }
@@ -1037,6 +1057,13 @@ mod tests {
         assert!(lost.contains("--request-id cli-42"), "{lost}");
         let refused = change_failure(&Status::failed_precondition("wrong state"), "cli-42");
         assert_eq!(refused.to_string(), "FailedPrecondition: wrong state");
+        // Regression: a deploy whose connection broke said only "transport
+        // error", though the deploy may have been made.
+        let deploy = lost_change(&Status::unknown("transport error"), "deploy again");
+        assert_eq!(
+            deploy.hint,
+            "the change may or may not have been made; deploy again"
+        );
     }
 
     /// Regression: `--server 127.0.0.1:50051`, the address `govflow serve`

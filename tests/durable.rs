@@ -1224,3 +1224,29 @@ async fn deadlines_that_loop_without_time_passing_are_held_back() {
         .expect("stop");
     assert_eq!(engine.case("relay").expect("case").outcome, "stopped");
 }
+
+/// Regression: a workflow deployed over the API, and not in the workflows
+/// folder, could start no new case once the server restarted ("no workflow
+/// is loaded"): a deploy lasted until the next restart.
+#[tokio::test]
+async fn a_deployed_workflow_not_in_the_folder_stays_current_after_a_restart() {
+    let (dir, clock, engine) = fresh_engine();
+    let source = std::fs::read_to_string(data().join("ledger.ron")).expect("read");
+    let renamed = source.replace("name: \"ledger\"", "name: \"ledger_two\"");
+    assert_ne!(renamed, source);
+    let deployed = engine.deploy(renamed).await.expect("deploy");
+    assert_eq!((deployed.version, deployed.created), (1, true));
+    let versions = engine.workflow_versions().expect("versions");
+    engine.shutdown();
+    drop(engine);
+    let engine = open_engine(dir.path(), &clock);
+    assert_eq!(engine.workflow_versions().expect("versions"), versions);
+    engine
+        .start(StartRequest {
+            workflow: "ledger_two".into(),
+            ..start_ledger("two")
+        })
+        .await
+        .expect("a case starts on the deployed workflow after the restart");
+    assert_eq!(engine.case("two").expect("case").workflow_version, 1);
+}

@@ -481,6 +481,29 @@ impl Engine {
             };
             rules.current.insert(name.clone(), version);
         }
+        // A workflow deployed (DeployWorkflow) and not in the folder stays
+        // current too: a deploy is for good, not until the next restart.
+        for (name, v) in &latest {
+            if library.workflows.contains_key(*name) {
+                continue;
+            }
+            match rules.deployed.compile(name, &v.source) {
+                Some(deployed) => {
+                    tracing::info!(
+                        workflow = %name,
+                        "version {} stays current: deployed earlier, not in the workflows folder",
+                        v.version
+                    );
+                    rules.current.insert((*name).to_owned(), v.version);
+                    kept_deployed.push(((*name).to_owned(), v.source.clone(), deployed));
+                }
+                None => tracing::warn!(
+                    workflow = %name,
+                    "version {}, deployed earlier and not in the workflows folder, no longer validates: no new case can start on it (its running cases go on if they can)",
+                    v.version
+                ),
+            }
+        }
         let mut library = library;
         for (name, source, deployed) in kept_deployed {
             rules.deployed.set_current(&name, source);

@@ -886,9 +886,10 @@ impl DefinitionsService for Api {
             .into_values()
             .filter(|v| v.name > after)
             .map(|v| proto::WorkflowSummary {
+                // By digest: a version deployed earlier, no longer in the
+                // workflows folder, has its title too.
                 title: library
-                    .workflows
-                    .get(&v.name)
+                    .pinned(&v.name, &v.digest)
                     .map(|w| w.def.title.clone())
                     .unwrap_or_default(),
                 name: format!("workflows/{}", v.name),
