@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::load::{self, Document, Sources};
-use super::validate::{CompiledWorkflow, validate};
+use super::validate::{CompiledWorkflow, validate_stored};
 use crate::calendar::Calendar;
 
 #[derive(Debug, Clone, Default)]
@@ -76,9 +76,10 @@ impl DeployedSources {
     }
 
     /// A stored version of workflow `name`, compiled against what is
-    /// deployed now; `None` when it no longer validates.
+    /// deployed now; `None` when it no longer validates (rules added since
+    /// it was stored only warn: [`super::validate::LATER_RULES`]).
     pub fn compile(&self, name: &str, source: &str) -> Option<Arc<CompiledWorkflow>> {
-        validate(&self.sources_with(name, source))
+        validate_stored(&self.sources_with(name, source))
             .library
             .and_then(|l| l.workflows.get(name).cloned())
     }

@@ -146,6 +146,28 @@ pub fn is_workflow_name(name: &str) -> bool {
 
 /// Validates everything loaded and compiles it.
 pub fn validate(sources: &Sources) -> Validated {
+    validate_demoting(sources, &[])
+}
+
+/// Rules added since workflow versions may have been stored. Each catches
+/// something that failed at run time anyway (a deadline refused every time,
+/// a spawn or binding that could never be made), so a stored version that
+/// breaks only these still compiles: its running cases must go on moving,
+/// and its histories replaying. A new deploy is held to them.
+pub const LATER_RULES: [&str; 5] = [
+    "spawn-binding",
+    "effect-binding",
+    "deadline-payload",
+    "deadline-too-long",
+    "bad-constant",
+];
+
+/// [`validate`] for a version already stored: [`LATER_RULES`] only warn.
+pub fn validate_stored(sources: &Sources) -> Validated {
+    validate_demoting(sources, &LATER_RULES)
+}
+
+fn validate_demoting(sources: &Sources, demoted: &[&str]) -> Validated {
     let mut diagnostics = sources.diagnostics.clone();
     let directory = check_agencies(sources, &mut diagnostics);
     let catalogues = check_catalogues(sources, directory.as_ref(), &mut diagnostics);
@@ -206,6 +228,9 @@ pub fn validate(sources: &Sources) -> Validated {
     }
     diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
     diagnostics.dedup();
+    for d in diagnostics.iter_mut().filter(|d| demoted.contains(&d.code)) {
+        d.severity = super::diag::Severity::Warning;
+    }
     let library = (!diagnostics.iter().any(Diagnostic::is_error)).then(|| Library {
         versions: workflows
             .values()
@@ -1724,5 +1749,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A version stored before a rule was added still compiles (its cases
+    /// must go on moving and replaying); a new deploy of it is refused.
+    #[test]
+    fn a_stored_version_breaking_only_later_rules_still_compiles() {
+        let source = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/invalid/deadline_payload.ron"),
+        )
+        .expect("read");
+        let agencies = "Agencies(agencies: [Agency(id: \"k\", name: \"县\", level: County)])";
+        let sources = crate::lang::load::from_texts(
+            vec![
+                ("agencies.ron".into(), agencies.to_owned()),
+                ("deadline_payload.ron".into(), source),
+            ],
+            None,
+        );
+        let strict = validate(&sources);
+        assert!(strict.library.is_none());
+        assert!(
+            strict
+                .diagnostics
+                .iter()
+                .any(|d| d.code == "deadline-payload" && d.is_error())
+        );
+        let stored = validate_stored(&sources);
+        assert!(stored.library.is_some(), "{:?}", stored.diagnostics);
+        assert!(
+            stored
+                .diagnostics
+                .iter()
+                .any(|d| d.code == "deadline-payload" && !d.is_error())
+        );
     }
 }
