@@ -339,36 +339,13 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
 /// token), the status code and reason, also for calls it refuses.
 #[test]
 fn serve_logs_each_call_with_its_caller_and_status() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     let dir = tempfile::tempdir().expect("tempdir");
     let address = {
         let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         free.local_addr().expect("addr").to_string()
     };
-    let mut server = govflow()
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--data",
-            "data",
-            "--listen",
-            &address,
-            "--workflows",
-        ])
-        .arg(root().join("workflows"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let mut log = BufReader::new(server.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("serving") {
-        line.clear();
-        assert_ne!(
-            log.read_line(&mut line).expect("read"),
-            0,
-            "the server ended"
-        );
-    }
+    let (mut server, mut log, _) = serve_until_serving(dir.path(), &address);
     let tokens: toml::Table = toml::from_str(
         &std::fs::read_to_string(dir.path().join("data/credentials.toml")).expect("tokens"),
     )
@@ -513,25 +490,25 @@ fn a_server_that_cannot_be_reached_is_said_with_what_to_check() {
     );
 }
 
-/// `govflow serve --data data` in `dir` until it says it is serving: the
-/// server, and what it wrote before that.
-fn serve_until_serving(dir: &Path) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
+/// `govflow serve --data data` in `dir` on `listen` until it says it is
+/// serving: the server, its log from there on, and what it wrote before.
+fn serve_until_serving(
+    dir: &Path,
+    listen: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+    String,
+) {
+    use std::io::BufRead;
     let mut server = govflow()
         .current_dir(dir)
-        .args([
-            "serve",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-            "--workflows",
-        ])
+        .args(["serve", "--data", "data", "--listen", listen, "--workflows"])
         .arg(root().join("workflows"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starts");
-    let mut log = BufReader::new(server.stderr.take().expect("stderr"));
+    let mut log = std::io::BufReader::new(server.stderr.take().expect("stderr"));
     let mut said = String::new();
     let mut line = String::new();
     while !line.contains("serving") {
@@ -539,7 +516,13 @@ fn serve_until_serving(dir: &Path) -> (std::process::Child, String) {
         assert_ne!(log.read_line(&mut line).expect("read"), 0, "ended: {said}");
         said.push_str(&line);
     }
-    // Keep reading, so that a full pipe never blocks the server.
+    (server, log, said)
+}
+
+/// [`serve_until_serving`] on a free port, the rest of its log drained so
+/// that a full pipe never blocks the server.
+fn serve_quietly(dir: &Path) -> (std::process::Child, String) {
+    let (server, mut log, said) = serve_until_serving(dir, "127.0.0.1:0");
     std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
     (server, said)
 }
@@ -559,18 +542,18 @@ fn stop(mut server: std::process::Child) {
 #[test]
 fn a_lost_store_or_tokens_file_is_said_loudly_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, first) = serve_until_serving(dir.path());
+    let (server, first) = serve_quietly(dir.path());
     stop(server);
     assert!(!first.contains("was in use before"), "{first}");
     std::fs::remove_dir_all(dir.path().join("data/store")).expect("remove the store");
-    let (server, said) = serve_until_serving(dir.path());
+    let (server, said) = serve_quietly(dir.path());
     stop(server);
     assert!(
         said.contains("is empty, but this data folder was in use before"),
         "{said}"
     );
     std::fs::remove_file(dir.path().join("data/credentials.toml")).expect("remove tokens");
-    let (server, said) = serve_until_serving(dir.path());
+    let (server, said) = serve_quietly(dir.path());
     stop(server);
     assert!(said.contains("new tokens generated in"), "{said}");
     assert!(!said.contains("is empty, but"), "{said}");
