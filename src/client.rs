@@ -130,6 +130,10 @@ pub enum CaseCommand {
         /// A searchable variable: NAME=VALUE (needs --workflow).
         #[arg(long = "var", value_name = "NAME=VALUE")]
         variable: Option<String>,
+        /// Only cases whose deadline comes before this time (RFC 3339, or
+        /// `now` for those overdue), soonest first.
+        #[arg(long, value_name = "TIME")]
+        due_before: Option<String>,
     },
     /// The cases awaiting you, with their deadlines.
     Inbox,
@@ -304,6 +308,20 @@ fn variable_filter(text: &str) -> Result<(String, String)> {
         (name, Json::String(value)) => (name, value),
         (name, other) => (name, other.to_string()),
     })
+}
+
+/// A time on the command line: RFC 3339, or `now`.
+fn time_argument(text: &str) -> Result<prost_types::Timestamp> {
+    let time = if text == "now" {
+        chrono::Utc::now()
+    } else {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.to_utc())
+            .with_context(|| {
+                format!("`{text}` is not a time like 2020-06-01T09:00:00+08:00 (or `now`)")
+            })?
+    };
+    Ok(records::timestamp(time))
 }
 
 /// `LEFT=RIGHT`, split at the first `=`.
@@ -622,11 +640,13 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
             workflow,
             state,
             variable,
+            due_before,
         } => {
             let (variable_name, variable_value) = match variable {
                 Some(v) => variable_filter(&v)?,
                 None => Default::default(),
             };
+            let due_before = due_before.as_deref().map(time_argument).transpose()?;
             let mut token = String::new();
             let mut listed = 0;
             loop {
@@ -642,6 +662,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                             state: state.clone().unwrap_or_default(),
                             variable_name: variable_name.clone(),
                             variable_value: variable_value.clone(),
+                            due_before,
                         })?,
                     )
                     .await

@@ -1250,3 +1250,93 @@ async fn a_deployed_workflow_not_in_the_folder_stays_current_after_a_restart() {
         .expect("a case starts on the deployed workflow after the restart");
     assert_eq!(engine.case("two").expect("case").workflow_version, 1);
 }
+
+/// Cases by deadline: those due before a time, soonest first, filtered and
+/// paged like any list; a reminder is not a deadline, and a closed case has
+/// none.
+#[tokio::test]
+async fn cases_are_listed_by_deadline_soonest_first() {
+    let (_dir, clock, engine) = fresh_engine();
+    // Started a day apart, latest first, so that id order is not due order.
+    for (day, id) in [(0, "c"), (1, "b"), (2, "a"), (3, "z")] {
+        clock.set(t0() + TimeDelta::days(day));
+        engine.start(start_ledger(id)).await.expect("start");
+    }
+    engine
+        .fire(fire("z", "close-z", "close", COUNTY, json!({})))
+        .await
+        .expect("close");
+    let ids = |page: &govflow::store::Page| -> Vec<String> {
+        page.cases.iter().map(|c| c.id.clone()).collect()
+    };
+    let timer = |id: &str, kind: proto::TimerKind| {
+        let case = engine.case(id).expect("case");
+        let timer = case
+            .timers
+            .iter()
+            .find(|t| t.kind == kind as i32)
+            .expect("timer")
+            .clone();
+        records::from_timestamp(timer.due_time.as_ref())
+    };
+    let deadline = |id: &str| timer(id, proto::TimerKind::Expiry);
+    assert!(deadline("c") < deadline("b") && deadline("b") < deadline("a"));
+    let everything = CaseFilter::default();
+    let listed = engine
+        .list_due(&everything, deadline("a"), "", 50)
+        .expect("list");
+    assert_eq!(
+        ids(&listed),
+        ["c", "b"],
+        "due strictly before, soonest first"
+    );
+    // A reminder before the first deadline is no deadline.
+    let reminder = timer("c", proto::TimerKind::Reminder);
+    assert!(reminder < deadline("c"));
+    let listed = engine
+        .list_due(&everything, deadline("c"), "", 50)
+        .expect("list");
+    assert!(listed.cases.is_empty(), "{:?}", ids(&listed));
+    let later = deadline("a") + TimeDelta::days(30);
+    let listed = engine.list_due(&everything, later, "", 50).expect("list");
+    assert_eq!(
+        ids(&listed),
+        ["c", "b", "a"],
+        "a closed case has no deadline"
+    );
+    // Paged: each page goes on from the last one, without gaps or repeats.
+    let first = engine.list_due(&everything, later, "", 2).expect("list");
+    assert_eq!(ids(&first), ["c", "b"]);
+    let rest = engine
+        .list_due(&everything, later, &first.next_page_token, 2)
+        .expect("list");
+    assert_eq!(ids(&rest), ["a"]);
+    assert!(rest.next_page_token.is_empty());
+    // Filtered as any list.
+    let theirs = CaseFilter {
+        agency: Some(CITY.into()),
+        state: Some("open".into()),
+        workflow: Some("ledger".into()),
+        ..Default::default()
+    };
+    let listed = engine.list_due(&theirs, later, "", 50).expect("list");
+    assert_eq!(ids(&listed), ["c", "b", "a"]);
+    let nobody = CaseFilter {
+        agency: Some("hebei".into()),
+        ..Default::default()
+    };
+    assert!(
+        engine
+            .list_due(&nobody, later, "", 50)
+            .expect("list")
+            .cases
+            .is_empty()
+    );
+    assert!(matches!(
+        engine.list_due(&everything, later, "not a token", 50),
+        Err(EngineError::BadField {
+            reason: "bad-page-token",
+            ..
+        })
+    ));
+}

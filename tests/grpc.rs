@@ -1001,6 +1001,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("wrongly typed field", cases.fire_event(authed(Some(&amr), fire("register", json!({"business_scope": 3, "permits": []}), None, "f2"))).await.map(|_| ()), Code::InvalidArgument, "invalid-payload"),
         ("unknown event", cases.fire_event(authed(Some(&amr), fire("explode", json!({}), None, "f3"))).await.map(|_| ()), Code::InvalidArgument, "unknown-event"),
         ("sequence mismatch", cases.fire_event(authed(Some(&amr), fire("refuse", json!({"reason": "材料不全"}), Some(7), "f4"))).await.map(|_| ()), Code::Aborted, "sequence-mismatch"),
+        ("a due_before that is no time", cases.list_cases(authed(t, proto::ListCasesRequest { due_before: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "bad-time"),
         ("negative page size", cases.list_cases(authed(t, proto::ListCasesRequest { page_size: -1, ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "bad-page-size"),
         ("state without workflow", cases.list_cases(authed(t, proto::ListCasesRequest { state: "applied".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "missing-field"),
         ("a filter on an unknown workflow", cases.list_cases(authed(t, proto::ListCasesRequest { workflow: "gaozhi_chengnou".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "unknown-workflow"),
@@ -1059,6 +1060,22 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
             .iter()
             .map(|c| c.id.as_str())
             .collect::<Vec<_>>(),
+        ["b-1"]
+    );
+    // And by deadline: b-1's registration is due within a working day.
+    let due = cases
+        .list_cases(authed(
+            t,
+            proto::ListCasesRequest {
+                due_before: Some(records::timestamp(at("2030-01-01T00:00:00Z"))),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("listed by deadline")
+        .into_inner();
+    assert_eq!(
+        due.cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         ["b-1"]
     );
     // Under the 1 MiB message limit but over the store's record limit: refused

@@ -681,20 +681,73 @@ impl Engine {
         Ok(self.inner.store.history(id, 0, usize::MAX)?)
     }
 
-    /// Cases matching `filter`; a variable's value is matched as
+    /// Cases matching `filter`, by id; a variable's value is matched as
     /// [`searchable_value`] normalises it.
     pub fn list(&self, filter: &CaseFilter, page_token: &str, page_size: usize) -> Result<Page> {
+        let filter = self.normalised(filter)?;
+        Ok(self.inner.store.list(&filter, page_token, page_size)?)
+    }
+
+    /// Cases matching `filter` whose running deadline (the state's expiry,
+    /// not a reminder) comes before `before`, soonest first: what is due or
+    /// overdue. Read from the store's timers, which are kept in due order.
+    pub fn list_due(
+        &self,
+        filter: &CaseFilter,
+        before: DateTime<Utc>,
+        page_token: &str,
+        page_size: usize,
+    ) -> Result<Page> {
+        let filter = self.normalised(filter)?;
+        let store = &self.inner.store;
+        let size = page_size.clamp(1, 1000);
+        let mut cursor = due_position(page_token)?;
+        let mut last_taken: Option<DueTimer> = None;
+        let mut page = Page::default();
+        loop {
+            const CHUNK: usize = 256;
+            let timers = store.due_timers(before, cursor.as_ref(), CHUNK, &|_| false)?;
+            let exhausted = timers.len() < CHUNK;
+            for timer in timers {
+                cursor = Some(timer.clone());
+                if timer.due >= before {
+                    return Ok(page);
+                }
+                let Some(case) = store.case(&timer.case_id)? else {
+                    continue;
+                };
+                let expiry = case
+                    .timers
+                    .iter()
+                    .any(|t| t.id == timer.timer_id && t.kind == proto::TimerKind::Expiry as i32);
+                if !expiry || !filter.matches(&case) {
+                    continue;
+                }
+                if page.cases.len() == size {
+                    page.next_page_token = last_taken.as_ref().map(due_token).unwrap_or_default();
+                    return Ok(page);
+                }
+                page.cases.push(case);
+                last_taken = Some(timer);
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+    }
+
+    /// `filter` with its variable's value as the index holds it.
+    fn normalised<'f>(&self, filter: &'f CaseFilter) -> Result<std::borrow::Cow<'f, CaseFilter>> {
         if let (Some(workflow), Some((name, raw))) = (&filter.workflow, &filter.variable) {
             let value = searchable_value(&self.library(), workflow, name, raw)?;
             if value != *raw {
-                let filter = CaseFilter {
+                return Ok(std::borrow::Cow::Owned(CaseFilter {
                     variable: Some((name.clone(), value)),
                     ..filter.clone()
-                };
-                return Ok(self.inner.store.list(&filter, page_token, page_size)?);
+                }));
             }
         }
-        Ok(self.inner.store.list(filter, page_token, page_size)?)
+        Ok(std::borrow::Cow::Borrowed(filter))
     }
 
     /// Cases in which `agency` can act now.
@@ -842,6 +895,40 @@ fn check_request_id(id: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The page token of [`Engine::list_due`]: the last timer of a page.
+fn due_token(timer: &DueTimer) -> String {
+    serde_json::json!([
+        timer
+            .due
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        timer.case_id,
+        timer.timer_id
+    ])
+    .to_string()
+}
+
+/// Where a [`Engine::list_due`] page goes on from; none for the first page.
+fn due_position(token: &str) -> Result<Option<DueTimer>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || EngineError::BadField {
+        field: "page_token",
+        reason: "bad-page-token",
+        message: "the page token is not one this listing gave".into(),
+    };
+    let (due, case_id, timer_id): (String, String, String) =
+        serde_json::from_str(token).map_err(|_| bad())?;
+    let due = DateTime::parse_from_rfc3339(&due)
+        .map_err(|_| bad())?
+        .to_utc();
+    Ok(Some(DueTimer {
+        due,
+        case_id,
+        timer_id,
+    }))
 }
 
 /// Whether two versions of a case have the same index entries: true when

@@ -1239,6 +1239,12 @@ impl CasesService for Api {
             .variable
             .as_ref()
             .map_or(("", ""), |(n, v)| (n.as_str(), v.as_str()));
+        let due_before = r
+            .due_before
+            .as_ref()
+            .map(|t| request_time(t, "due_before"))
+            .transpose()?;
+        let due = due_before.map(|t| t.to_rfc3339()).unwrap_or_default();
         let listing = [
             "ListCases",
             principal.name(),
@@ -1246,11 +1252,14 @@ impl CasesService for Api {
             filter.state.as_deref().unwrap_or(""),
             variable_name,
             variable_value,
+            &due,
         ];
-        let mut page = self
-            .engine
-            .list(&filter, &page_position(&listing, &r.page_token)?, size)
-            .map_err(engine_status)?;
+        let position = page_position(&listing, &r.page_token)?;
+        let mut page = match due_before {
+            Some(before) => self.engine.list_due(&filter, before, &position, size),
+            None => self.engine.list(&filter, &position, size),
+        }
+        .map_err(engine_status)?;
         fit_page(&mut page);
         Ok(Response::new(proto::ListCasesResponse {
             cases: page.cases,

@@ -183,8 +183,30 @@ pub struct CaseFilter {
     pub state: Option<String>,
     /// Only cases in which this agency holds a role.
     pub agency: Option<String>,
-    /// A searchable variable and the value it must have.
+    /// A searchable variable and the value it must have (as indexed: a
+    /// string as itself, any other value as JSON text).
     pub variable: Option<(String, String)>,
+}
+
+impl CaseFilter {
+    /// Whether `case` is one the filter selects.
+    pub fn matches(&self, case: &proto::Case) -> bool {
+        self.workflow.as_ref().is_none_or(|w| case.workflow == *w)
+            && self.state.as_ref().is_none_or(|s| case.state == *s)
+            && self
+                .agency
+                .as_ref()
+                .is_none_or(|a| case.bindings.values().any(|b| b == a))
+            && self.variable.as_ref().is_none_or(|(name, value)| {
+                case.variables
+                    .as_ref()
+                    .and_then(|v| v.fields.get(name))
+                    .map(records::from_value)
+                    .is_some_and(|v| {
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned) == *value
+                    })
+            })
+    }
 }
 
 /// A page of case ids and the token for the next one.

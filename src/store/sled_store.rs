@@ -766,23 +766,7 @@ impl Store for SledStore {
             ) => index_prefix(&IndexKey::Agency(a.clone())),
             _ => vec![b'C', SEP],
         };
-        self.page(&prefix, page_token, page_size, |case| {
-            filter.workflow.as_ref().is_none_or(|w| case.workflow == *w)
-                && filter.state.as_ref().is_none_or(|s| case.state == *s)
-                && filter
-                    .agency
-                    .as_ref()
-                    .is_none_or(|a| case.bindings.values().any(|b| b == a))
-                && filter.variable.as_ref().is_none_or(|(name, value)| {
-                    case.variables
-                        .as_ref()
-                        .and_then(|v| v.fields.get(name))
-                        .map(records::from_value)
-                        .is_some_and(|v| {
-                            v.as_str().map_or_else(|| v.to_string(), str::to_owned) == *value
-                        })
-                })
-        })
+        self.page(&prefix, page_token, page_size, |case| filter.matches(case))
     }
 
     fn inbox(&self, agency: &str, page_token: &str, page_size: usize) -> Result<Page> {
