@@ -702,7 +702,6 @@ impl Engine {
         let store = &self.inner.store;
         let size = page_size.clamp(1, 1000);
         let mut cursor = due_position(page_token)?;
-        let mut last_taken: Option<DueTimer> = None;
         let mut page = Page::default();
         // Timers of cases the filter leaves out (other agencies', reminders)
         // are read past; past this many a page ends early, with a token to
@@ -734,11 +733,11 @@ impl Engine {
                     continue;
                 }
                 if page.cases.len() == size {
-                    page.next_page_token = last_taken.as_ref().map(due_token).unwrap_or_default();
+                    page.next_page_token = page.tokens_after.last().cloned().unwrap_or_default();
                     return Ok(page);
                 }
                 page.cases.push(case);
-                last_taken = Some(timer);
+                page.tokens_after.push(due_token(&timer));
             }
             if exhausted {
                 return Ok(page);

@@ -497,11 +497,7 @@ fn listing_print(listing: &[&str]) -> [u8; 8] {
 /// Ends a page of cases early when it would be too large to send (see
 /// [`PAGE_BYTES`]); the next page starts after its last case.
 fn fit_page(page: &mut crate::store::Page) {
-    let fit = fitting(&page.cases);
-    if fit < page.cases.len() {
-        page.cases.truncate(fit);
-        page.next_page_token = page.cases.last().map(|c| c.id.clone()).unwrap_or_default();
-    }
+    page.truncate(fitting(&page.cases));
 }
 
 /// `items` as records, as many as fit in one answer (see [`fitting`]), and

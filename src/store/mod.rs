@@ -215,6 +215,29 @@ pub struct Page {
     pub cases: Vec<proto::Case>,
     /// Empty when there is no further page.
     pub next_page_token: String,
+    /// For a listing not in id order: beside each case, the token that goes
+    /// on after it (a page cut short must end on one). Empty in id order,
+    /// where a case's id is that token.
+    pub tokens_after: Vec<String>,
+}
+
+impl Page {
+    /// Keeps the first `n` cases, the next page going on after the last.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.cases.len() {
+            return;
+        }
+        self.cases.truncate(n);
+        self.next_page_token = match n.checked_sub(1) {
+            Some(last) => self
+                .tokens_after
+                .get(last)
+                .cloned()
+                .unwrap_or_else(|| self.cases[last].id.clone()),
+            None => String::new(),
+        };
+        self.tokens_after.truncate(n);
+    }
 }
 
 /// Storage for the engine. Applying a commit is atomic (all of it or none of
@@ -288,6 +311,8 @@ pub trait Store: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A full disk is said as such, also when sled passes on its copy of
     /// the error (whose text is the original's debug form).
     #[test]
@@ -302,5 +327,33 @@ mod tests {
             "{said}"
         );
         assert!(!said.contains("Os {"), "{said}");
+    }
+
+    /// Regression: a deadline listing cut short to fit an answer ended on a
+    /// case id, which is no token of that listing: the next page was refused.
+    #[test]
+    fn a_page_cut_short_goes_on_after_its_last_case() {
+        let case = |id: &str| proto::Case {
+            id: id.into(),
+            ..Default::default()
+        };
+        let mut by_due = Page {
+            cases: vec![case("c"), case("a"), case("b")],
+            next_page_token: "after-b".into(),
+            tokens_after: vec!["after-c".into(), "after-a".into(), "after-b".into()],
+        };
+        by_due.truncate(2);
+        assert_eq!(by_due.cases.len(), 2);
+        assert_eq!(by_due.next_page_token, "after-a");
+        assert_eq!(by_due.tokens_after, ["after-c", "after-a"]);
+        let mut by_id = Page {
+            cases: vec![case("a"), case("b")],
+            ..Default::default()
+        };
+        by_id.truncate(1);
+        assert_eq!(by_id.next_page_token, "a");
+        let mut whole = by_id.clone();
+        whole.truncate(5);
+        assert_eq!(whole, by_id);
     }
 }
