@@ -278,6 +278,12 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
             "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
             "the TLS certificate and key (`tls` in the configuration) cannot be used",
         ),
+        (
+            // Regression: the mapping was ignored, and its client refused.
+            "no-ca.toml",
+            "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[client_certificates]\n\"sha256:00\" = \"hebei.sjz.tax\"\n",
+            "without `[tls]` and its `client_ca` no client is asked for one",
+        ),
     ] {
         std::fs::write(dir.path().join(config), text).expect("write");
         let (code, text) = serve_refused(dir.path(), &["--config", config]);

@@ -1378,3 +1378,83 @@ async fn a_deadline_listing_reads_a_bounded_number_of_timers_per_page() {
         .expect("list");
     assert_eq!(all.cases.len(), 1000);
 }
+
+/// Regression: a spawn whose child workflow is named at run time (so that
+/// validation cannot check it) could set a variable the child keeps.
+#[tokio::test]
+async fn a_spawn_named_at_run_time_sets_only_given_variables_of_its_child() {
+    const KEEPER: &str = r#"Workflow(
+        name: "keeper",
+        title: "子流程",
+        roles: [Role(name: "handler", binding: Given)],
+        variables: [
+            Variable(name: "label", type: String, given: true),
+            Variable(name: "approved", type: Boolean, default: false),
+        ],
+        start: "open",
+        states: [
+            State(name: "open", title: "办理", transitions: [
+                Transition(event: "close", to: "done", roles: ["handler"]),
+            ]),
+            State(name: "done", title: "完成", outcome: "done"),
+        ],
+    )"#;
+    let spawner = |variables: &str| {
+        format!(
+            r#"Workflow(
+        name: "spawner",
+        title: "父流程",
+        roles: [Role(name: "handler", binding: Given)],
+        start: "open",
+        states: [
+            State(name: "open", title: "办理", transitions: [
+                Transition(event: "spawn", to: "waiting", roles: ["handler"],
+                    spawn: Spawn(for_each: "[1]", workflow: "'kee' + 'per'",
+                        variables: {{{variables}}}, bindings: {{"handler": Starter}})),
+            ]),
+            State(name: "waiting", title: "等待", children: AwaitChildren(wait: All, to: "done")),
+            State(name: "done", title: "完成", outcome: "done"),
+        ],
+    )"#
+        )
+    };
+    let (_dir, _clock, engine) = fresh_engine();
+    engine.deploy(KEEPER.into()).await.expect("child deploys");
+    engine
+        .deploy(spawner(r#""label": "'x'", "approved": "true""#))
+        .await
+        .expect("deploys: the child is named at run time");
+    engine
+        .start(start_handled("spawner", "s", COUNTY))
+        .await
+        .expect("start");
+    let refused = engine
+        .fire(fire("s", "spawn-forged", "spawn", COUNTY, json!({})))
+        .await;
+    match refused {
+        Err(EngineError::Rejected(r)) => {
+            assert_eq!(r.code, RejectCode::EffectFailed);
+            assert!(
+                r.message.contains("child `s/0` cannot start")
+                    && r.message
+                        .contains("`approved` is kept by workflow `keeper`"),
+                "{r}"
+            );
+        }
+        other => panic!("a forged child variable was {other:?}"),
+    }
+    assert!(engine.case("s/0").is_err(), "no child was started");
+    engine
+        .deploy(spawner(r#""label": "'x'""#))
+        .await
+        .expect("deploys");
+    engine
+        .start(start_handled("spawner", "t", COUNTY))
+        .await
+        .expect("start");
+    engine
+        .fire(fire("t", "spawn", "spawn", COUNTY, json!({})))
+        .await
+        .expect("a spawn that sets only given variables");
+    assert_eq!(engine.case("t/0").expect("child").workflow, "keeper");
+}

@@ -574,12 +574,47 @@ pub fn admit_start(
     vars: &JsonMap<String, Json>,
 ) -> Result<(), Rejection> {
     let case = &step.case;
+    given_only(lib, case, vars.keys())?;
+    if !starter.is_empty() && !case.bindings.values().any(|a| a == starter) {
+        return Err(reject(
+            RejectCode::RoleNotAllowed,
+            format!(
+                "`{starter}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
+                case.workflow,
+                case.bindings
+                    .iter()
+                    .map(|(role, agency)| format!("{role} = {agency}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a spawn must also satisfy, as a start from outside does: it sets
+/// only variables the child's workflow declares `given` (checked where a
+/// spawn is made, not in [`start_child`], which replays also run).
+pub fn admit_spawn(lib: &Library, child: &Step, request: &SpawnRequest) -> Result<(), Rejection> {
+    given_only(lib, &child.case, request.vars.keys()).map_err(|r| {
+        reject(
+            RejectCode::EffectFailed,
+            format!("child `{}` cannot start: {}", request.child_id, r.message),
+        )
+    })
+}
+
+/// Refuses a start that names a variable its workflow keeps (not `given`).
+fn given_only<'n>(
+    lib: &Library,
+    case: &Case,
+    names: impl Iterator<Item = &'n String>,
+) -> Result<(), Rejection> {
     let wf = match lib.pinned(&case.workflow, &case.digest) {
         Some(wf) => wf,
         None => compiled(lib, &case.workflow)?,
     };
-    let kept: Vec<&str> = vars
-        .keys()
+    let kept: Vec<&str> = names
         .filter(|name| wf.variable(name).is_some_and(|v| !v.given))
         .map(String::as_str)
         .collect();
@@ -608,20 +643,6 @@ pub fn admit_start(
                 } else {
                     given.join(", ")
                 }
-            ),
-        ));
-    }
-    if !starter.is_empty() && !case.bindings.values().any(|a| a == starter) {
-        return Err(reject(
-            RejectCode::RoleNotAllowed,
-            format!(
-                "`{starter}` would hold no role in this `{}` case, so it may not start it: an agency starts only cases in which it holds a role (its bindings: {})",
-                case.workflow,
-                case.bindings
-                    .iter()
-                    .map(|(role, agency)| format!("{role} = {agency}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
             ),
         ));
     }

@@ -132,7 +132,9 @@ pub enum EngineError {
         expected: u64,
         current: u64,
     },
-    #[error("request id `{0}` was already used for a different request")]
+    #[error(
+        "request id `{0}` was already used for a different request; a changed or corrected request needs a new request id (a refused request keeps its answer too, so that its retries agree)"
+    )]
     RequestIdReused(String),
     #[error("case `{0}` already exists")]
     AlreadyExists(String),
@@ -850,8 +852,10 @@ impl Engine {
 /// and holds no `/`: that is kept for the children a case spawns
 /// (`{parent}/{n}`), so that no started case can take a child's id.
 fn check_case_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
+    // A first character that is a letter or digit: `-x` would read as an
+    // option on a command line, `..` as a folder.
+    let ok = id.len() <= 128
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
@@ -862,7 +866,7 @@ fn check_case_id(id: &str) -> Result<()> {
             field: "case_id",
             reason: "bad-case-id",
             message: format!(
-                "case id `{}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . : (`/` is kept for the children a case spawns)",
+                "case id `{}` must be 1 to 128 characters of A-Z a-z 0-9 - _ . :, starting with a letter or digit (`/` is kept for the children a case spawns)",
                 id.escape_debug()
             ),
         })
@@ -1464,6 +1468,7 @@ impl Batch<'_> {
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
         for request in &step.spawn {
             let child = core::start_child(&library, &step.case, request, &starter, self.now)?;
+            core::admit_spawn(&library, &child, request)?;
             // Started cases cannot take a child's id, but a store written
             // before that rule may hold one: never write a child over it.
             let taken = self.case(&child.case.id).map_err(|e| Rejection {

@@ -416,6 +416,7 @@ impl Driver<'_> {
             let child = {
                 let parent_case = self.case(&id)?;
                 core::start_child(self.lib, parent_case, request, &starter, self.clock)
+                    .and_then(|child| core::admit_spawn(self.lib, &child, request).map(|()| child))
                     .map_err(|r| format!("child {} could not start: {r}", request.child_id))?
             };
             self.commit(child)?;

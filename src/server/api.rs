@@ -181,11 +181,9 @@ pub fn engine_status(e: EngineError) -> Status {
             format!("case `{id}` is at sequence {current}, not the expected {expected}"),
             &[("current_sequence", current.to_string())],
         ),
-        EngineError::RequestIdReused(id) => invalid(
-            "request-id-reused",
-            "request_id",
-            format!("request id `{id}` was already used for a different request"),
-        ),
+        e @ EngineError::RequestIdReused(_) => {
+            invalid("request-id-reused", "request_id", e.to_string())
+        }
         EngineError::AlreadyExists(id) => status(
             Code::AlreadyExists,
             "case-exists",

@@ -271,6 +271,11 @@ impl Config {
         if self.store_cache_mib == 0 {
             return Err("store_cache_mib must be at least 1 (MiB)".into());
         }
+        if !self.client_certificates.is_empty()
+            && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err("client_certificates map client certificates to agencies, but without `[tls]` and its `client_ca` no client is asked for one: add `client_ca` (the authority that signs the clients' certificates), or remove client_certificates".into());
+        }
         Ok(())
     }
 
