@@ -245,14 +245,14 @@ impl Client {
                 .tls_config(tls)
                 .context("the TLS settings cannot be used")?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the server at {server} (is `govflow serve` running there? give its address with --server or GOVFLOW_SERVER)"
-                )
-            })?;
+        let channel = endpoint.connect().await.map_err(|e| Refusal {
+            code: "Unavailable".into(),
+            reason: "unreachable".into(),
+            message: format!("cannot reach the server at {server}: {}", causes(&e)),
+            hint:
+                "is `govflow serve` running there? give its address with --server or GOVFLOW_SERVER"
+                    .into(),
+        })?;
         Ok(Client {
             channel,
             token: c.token.clone(),
@@ -310,6 +310,23 @@ fn variable_filter(text: &str) -> Result<(String, String)> {
     })
 }
 
+/// An error and its causes, each said once (transport errors repeat
+/// their source in their own text).
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()) {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
 /// A time on the command line: RFC 3339, or `now`.
 fn time_argument(text: &str) -> Result<prost_types::Timestamp> {
     let time = if text == "now" {
@@ -350,6 +367,7 @@ fn case_json(c: &proto::Case) -> Json {
         "id": c.id,
         "workflow": c.workflow,
         "workflow_version": c.workflow_version,
+        "workflow_digest": c.workflow_digest,
         "state": c.state,
         "outcome": c.outcome,
         "sequence": c.sequence,
@@ -358,7 +376,10 @@ fn case_json(c: &proto::Case) -> Json {
         "parent": c.parent,
         "children": c.children.iter().map(|ch| json!({"case_id": ch.case_id, "workflow": ch.workflow, "outcome": ch.outcome})).collect::<Vec<_>>(),
         "timers": c.timers.iter().map(|t| json!({"id": t.id, "event": t.event, "due_time": records::rfc3339(t.due_time.as_ref())})).collect::<Vec<_>>(),
+        "signatures": c.signatures.iter().map(|s| json!({"role": s.role, "agency": s.agency, "approved": s.approved, "sign_time": records::rfc3339(s.sign_time.as_ref())})).collect::<Vec<_>>(),
+        "create_time": records::rfc3339(c.create_time.as_ref()),
         "update_time": records::rfc3339(c.update_time.as_ref()),
+        "head_hash": hex::encode(&c.head_hash),
     })
 }
 
@@ -488,7 +509,7 @@ pub struct Refusal {
     pub code: String,
     pub reason: String,
     pub message: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    /// What to do about it; empty when there is nothing to add.
     pub hint: String,
 }
 

@@ -232,7 +232,7 @@ fn main() -> ExitCode {
         // nothing is wrong, and nothing more is wanted.
         Err(e) if reader_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("govflow: {}", chain(&e));
+            eprintln!("govflow: {}", client::causes(e.as_ref()));
             ExitCode::from(2)
         }
     }
@@ -512,27 +512,21 @@ fn answer(result: Result<ExitCode>, json: bool) -> ExitCode {
             Some(refusal) if json => {
                 println!("{}", serde_json::json!({ "error": refusal }));
             }
-            _ => eprintln!("govflow: {}", chain(&e)),
+            // So is what stopped the command before any answer (an argument
+            // it cannot use, a file it cannot read), in the same shape.
+            None if json => {
+                let refusal = client::Refusal {
+                    code: "InvalidArgument".into(),
+                    reason: "client".into(),
+                    message: client::causes(e.as_ref()),
+                    hint: String::new(),
+                };
+                println!("{}", serde_json::json!({ "error": refusal }));
+            }
+            _ => eprintln!("govflow: {}", client::causes(e.as_ref())),
         }
         ExitCode::from(1)
     })
-}
-
-/// An error and its causes, each cause only if the text so far does not
-/// already say it (many errors repeat their source in their own message).
-fn chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let said = cause.to_string();
-        if text.contains(&said) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&said);
-    }
-    text
 }
 
 fn validate_command(paths: &[PathBuf], format: OutputFormat) -> Result<ExitCode> {
@@ -648,7 +642,7 @@ fn graph_command(
 
 #[cfg(test)]
 mod tests {
-    use super::{chain, reader_gone};
+    use super::{client, reader_gone};
 
     /// Regression: `govflow audit at … | head` ended with "Broken pipe (os
     /// error 32)" and exit 2; a reader that has what it wanted is not an error.
@@ -671,8 +665,14 @@ mod tests {
     fn an_error_chain_says_each_cause_once() {
         let io = std::io::Error::other("disk on fire");
         let e = anyhow::Error::from(Repeats(io)).context("opening the store");
-        assert_eq!(chain(&e), "opening the store: storage: disk on fire");
+        assert_eq!(
+            client::causes(e.as_ref()),
+            "opening the store: storage: disk on fire"
+        );
         let plain = anyhow::anyhow!("no such case").context("reading a case");
-        assert_eq!(chain(&plain), "reading a case: no such case");
+        assert_eq!(
+            client::causes(plain.as_ref()),
+            "reading a case: no such case"
+        );
     }
 }

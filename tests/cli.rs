@@ -494,6 +494,23 @@ fn a_server_that_cannot_be_reached_is_said_with_what_to_check() {
             && said.contains("--server or GOVFLOW_SERVER"),
         "{said}"
     );
+    // Regression: with --json it was a plain line on stderr and nothing on
+    // stdout, so a script had no answer to read.
+    let refused = govflow()
+        .args(["case", "list", "--json", "--server", "127.0.0.1:1"])
+        .env("GOVFLOW_TOKEN", "gf_0123456789abcdef0123456789abcdef")
+        .output()
+        .expect("runs");
+    assert_eq!(refused.status.code(), Some(1));
+    let answer: serde_json::Value =
+        serde_json::from_slice(&refused.stdout).expect("a JSON answer on stdout");
+    assert_eq!(answer["error"]["code"], "Unavailable");
+    assert_eq!(answer["error"]["reason"], "unreachable");
+    assert!(
+        answer["error"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("--server"))
+    );
 }
 
 /// `govflow serve --data data` in `dir` on `listen` until it says it is

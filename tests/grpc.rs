@@ -1818,10 +1818,13 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
     assert!(String::from_utf8_lossy(&shown.stdout).contains("\"tls-1\""));
     let without_ca = show(Vec::new()).await;
     assert_ne!(without_ca.status.code(), Some(0));
+    // Asked for JSON, the failure is a JSON answer too.
+    let answer: Json = serde_json::from_slice(&without_ca.stdout).expect("JSON on stdout");
     assert!(
-        String::from_utf8_lossy(&without_ca.stderr).contains("needs `--ca-cert FILE`"),
-        "{}",
-        String::from_utf8_lossy(&without_ca.stderr)
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("needs `--ca-cert FILE`")),
+        "{answer}"
     );
     server.stop().await;
 }
