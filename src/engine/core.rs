@@ -214,10 +214,12 @@ pub enum RejectCode {
     UnknownWorkflow,
     /// A timer was fired before it is due.
     TimerNotDue,
+    /// The case's workflow version is not one this library can run.
+    VersionUnavailable,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 13] = [
+    pub const ALL: [RejectCode; 14] = [
         RejectCode::UnknownEvent,
         RejectCode::WrongState,
         RejectCode::CaseClosed,
@@ -231,6 +233,7 @@ impl RejectCode {
         RejectCode::UnknownChild,
         RejectCode::UnknownWorkflow,
         RejectCode::TimerNotDue,
+        RejectCode::VersionUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -248,6 +251,7 @@ impl RejectCode {
             RejectCode::UnknownChild => "unknown-child",
             RejectCode::UnknownWorkflow => "unknown-workflow",
             RejectCode::TimerNotDue => "timer-not-due",
+            RejectCode::VersionUnavailable => "version-unavailable",
         }
     }
 
@@ -610,10 +614,7 @@ fn given_only<'n>(
     case: &Case,
     names: impl Iterator<Item = &'n String>,
 ) -> Result<(), Rejection> {
-    let wf = match lib.pinned(&case.workflow, &case.digest) {
-        Some(wf) => wf,
-        None => compiled(lib, &case.workflow)?,
-    };
+    let wf = pinned(lib, case)?;
     let kept: Vec<&str> = names
         .filter(|name| wf.variable(name).is_some_and(|v| !v.given))
         .map(String::as_str)
@@ -698,10 +699,7 @@ pub fn apply(
     input: &Input,
     now: DateTime<Utc>,
 ) -> Result<Step, Rejection> {
-    let wf = match lib.pinned(&case.workflow, &case.digest) {
-        Some(wf) => wf,
-        None => compiled(lib, &case.workflow)?,
-    };
+    let wf = pinned(lib, case)?;
     if let Some(outcome) = &case.outcome {
         return Err(reject(
             RejectCode::CaseClosed,
@@ -1638,6 +1636,21 @@ fn finish(
 // ───────────────────────────── helpers ─────────────────────────────
 
 /// The current version of workflow `name`, or why there is none.
+/// The rules `case` runs on: the version it is pinned to, never another.
+fn pinned<'l>(lib: &'l Library, case: &Case) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
+    if let Some(wf) = lib.pinned(&case.workflow, &case.digest) {
+        return Ok(wf);
+    }
+    compiled(lib, &case.workflow)?;
+    Err(reject(
+        RejectCode::VersionUnavailable,
+        format!(
+            "case `{}` runs on a version of workflow `{}` (digest {}) that this server cannot run: it no longer validates here, or a newer govflow deployed it (the server's log names it); the case cannot move until that version runs again",
+            case.id, case.workflow, case.digest
+        ),
+    ))
+}
+
 pub fn compiled<'l>(lib: &'l Library, name: &str) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
     lib.workflows.get(name).ok_or_else(|| {
         let names = lib.workflows.keys().map(String::as_str);

@@ -470,6 +470,17 @@ impl Engine {
                 }
                 other => {
                     let version = other.map_or(1, |v| v.version + 1);
+                    if let Some(replaced) = other {
+                        // It may have been deployed over gRPC: say what
+                        // replaces it, so that a deploy is never undone
+                        // without a word.
+                        tracing::warn!(
+                            workflow = %name,
+                            "the workflows folder's file differs from version {} (deployed {}): it is version {version} now, and new cases start on it",
+                            replaced.version,
+                            records::rfc3339(replaced.deploy_time.as_ref())
+                        );
+                    }
                     new_versions.push(proto::WorkflowVersion {
                         name: name.clone(),
                         version,

@@ -26,49 +26,55 @@ fn diverge(sequence: u64, reason: impl Into<String>) -> Divergence {
     }
 }
 
-/// Names the first field in which two entries differ.
+/// Names the first field in which two entries differ, with both values.
 fn difference(stored: &Entry, produced: &Entry) -> Option<String> {
-    let fields: [(&str, bool); 12] = [
-        ("time", stored.at == produced.at),
-        ("actor", stored.actor == produced.actor),
-        ("event", stored.event == produced.event),
-        ("payload", stored.payload == produced.payload),
-        ("from state", stored.from == produced.from),
-        ("to state", stored.to == produced.to),
-        (
-            "variables changed",
-            stored.vars_changed == produced.vars_changed,
-        ),
+    fn json(value: &impl serde::Serialize) -> String {
+        serde_json::to_string(value).unwrap_or_default()
+    }
+    let (s, p) = (stored, produced);
+    type Show = fn(&Entry) -> String;
+    let fields: [(&str, bool, Show); 12] = [
+        ("time", s.at == p.at, |e| e.at.to_rfc3339()),
+        ("actor", s.actor == p.actor, |e| json(&e.actor)),
+        ("event", s.event == p.event, |e| e.event.clone()),
+        ("payload", s.payload == p.payload, |e| e.payload.to_string()),
+        ("from state", s.from == p.from, |e| e.from.clone()),
+        ("to state", s.to == p.to, |e| e.to.clone()),
+        ("variables changed", s.vars_changed == p.vars_changed, |e| {
+            json(&e.vars_changed)
+        }),
         (
             "bindings changed",
-            stored.bindings_changed == produced.bindings_changed,
+            s.bindings_changed == p.bindings_changed,
+            |e| json(&e.bindings_changed),
         ),
-        ("timers set", stored.timers_set == produced.timers_set),
+        ("timers set", s.timers_set == p.timers_set, |e| {
+            json(&e.timers_set)
+        }),
         (
             "timers cancelled",
-            stored.timers_cancelled == produced.timers_cancelled,
+            s.timers_cancelled == p.timers_cancelled,
+            |e| json(&e.timers_cancelled),
         ),
         (
             "calendar version",
-            stored.calendar_version == produced.calendar_version,
+            s.calendar_version == p.calendar_version,
+            |e| json(&e.calendar_version),
         ),
-        ("workflow digest", stored.digest == produced.digest),
+        ("workflow digest", s.digest == p.digest, |e| {
+            e.digest.clone()
+        }),
     ];
-    fields.iter().find(|(_, same)| !same).map(|(name, _)| {
-        let show = |e: &Entry| match *name {
-            "to state" => e.to.clone(),
-            "variables changed" => serde_json::to_string(&e.vars_changed).unwrap_or_default(),
-            "payload" => e.payload.to_string(),
-            "event" => e.event.clone(),
-            "timers set" => serde_json::to_string(&e.timers_set).unwrap_or_default(),
-            _ => format!("{:?}", e.seq),
-        };
-        format!(
-            "the stored {name} differs from what the rules produce (stored {}, produced {})",
-            show(stored),
-            show(produced)
-        )
-    })
+    fields
+        .iter()
+        .find(|(_, same, _)| !same)
+        .map(|(name, _, show)| {
+            format!(
+                "the stored {name} differs from what the rules produce (stored {}, produced {})",
+                show(stored),
+                show(produced)
+            )
+        })
 }
 
 /// A stored deadline spent on a refusal other than "no transition applies",
@@ -165,4 +171,45 @@ pub fn replay(
         current = Some(step.case);
     }
     Ok(cases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testkit;
+
+    /// Regression: fields without a display of their own were shown as the
+    /// step's sequence ("stored 2, produced 2"), which hid what differed.
+    #[test]
+    fn a_divergence_shows_the_two_values_that_differ() {
+        let lib = testkit::library();
+        let entry = core::start(
+            &lib,
+            "permit",
+            "c1",
+            "ent",
+            &[("tax".to_owned(), "tax".to_owned())].into(),
+            &serde_json::json!({"county": "k"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            testkit::at("2020-06-01T09:00:00+08:00"),
+        )
+        .expect("starts")
+        .entry;
+        let mut other = entry.clone();
+        other.digest = "f".repeat(64);
+        let said = difference(&entry, &other).expect("differs");
+        assert!(
+            said.starts_with("the stored workflow digest differs")
+                && said.contains(&entry.digest)
+                && said.contains(&other.digest),
+            "{said}"
+        );
+        let mut later = entry.clone();
+        later.calendar_version = Some("cn_holidays@2".into());
+        let said = difference(&entry, &later).expect("differs");
+        assert!(said.contains("cn_holidays@2"), "{said}");
+        assert_eq!(difference(&entry, &entry.clone()), None);
+    }
 }

@@ -106,7 +106,6 @@ pub struct Library {
 }
 
 impl Library {
-    /// The version a case is pinned to (by its digest), else the current one.
     /// Every version known of the workflow `name`, the current one included.
     pub fn versions_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a CompiledWorkflow> {
         self.workflows
@@ -116,11 +115,15 @@ impl Library {
             .map(|w| &**w)
     }
 
+    /// The version a case is pinned to, by its digest; the current one only
+    /// for a case that names none. A version this library does not hold
+    /// (one that no longer compiles, or one a newer govflow deployed) is
+    /// none: a case on it must not run under other rules.
     pub fn pinned(&self, name: &str, digest: &str) -> Option<&Arc<CompiledWorkflow>> {
-        self.versions
-            .get(digest)
-            .filter(|w| w.def.name == name)
-            .or_else(|| self.workflows.get(name))
+        if digest.is_empty() {
+            return self.workflows.get(name);
+        }
+        self.versions.get(digest).filter(|w| w.def.name == name)
     }
 }
 

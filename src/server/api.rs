@@ -161,7 +161,8 @@ pub fn engine_status(e: EngineError) -> Status {
                 | RejectCode::Calendar
                 | RejectCode::UnknownTimer
                 | RejectCode::UnknownChild
-                | RejectCode::TimerNotDue => Code::FailedPrecondition,
+                | RejectCode::TimerNotDue
+                | RejectCode::VersionUnavailable => Code::FailedPrecondition,
             };
             status(code, r.code.as_str(), r.message, &[])
         }

@@ -257,6 +257,33 @@ fn roles_kept_separate_are_never_held_by_one_agency() {
     assert_eq!(delegated.bindings["approval"], "tax");
 }
 
+/// Regression: a case on a version the library cannot run (it no longer
+/// validates, or a newer govflow deployed it) ran under the current rules,
+/// and its history then failed to replay.
+#[test]
+fn a_case_runs_only_on_the_version_it_is_pinned_to() {
+    let lib = testkit::library();
+    let case = start_permit(&lib, json!({"county": "k"})).case;
+    let mut elsewhere = case.clone();
+    elsewhere.digest = "0".repeat(64);
+    let e = err(fire(
+        &lib,
+        &elsewhere,
+        "submit",
+        "ent",
+        json!({"amount": 1}),
+        t0(),
+    ));
+    assert_eq!(e.code, RejectCode::VersionUnavailable);
+    assert!(e.message.contains("cannot run"), "{e}");
+    let e = err(fire_timer(&lib, &elsewhere, "any", t0()));
+    assert_eq!(e.code, RejectCode::VersionUnavailable);
+    // A case that names no version runs on the current one.
+    let mut unnamed = case;
+    unnamed.digest.clear();
+    assert!(fire(&lib, &unnamed, "submit", "ent", json!({"amount": 1}), t0()).is_ok());
+}
+
 #[test]
 fn start_rejects_bad_variables_and_bindings() {
     let lib = testkit::library();
