@@ -148,6 +148,34 @@ fn catalogue_import_of_a_bad_csv_names_the_line_and_changes_nothing() {
     assert_eq!(std::fs::read(&catalogue).expect("read"), before);
 }
 
+/// Regression: an import whose ids clash with rows the catalogue keeps (an
+/// `--id-prefix` of the other level) wrote a catalogue that no longer
+/// validated, and said it had imported them.
+#[test]
+fn catalogue_import_that_would_give_two_rows_one_key_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalogue = dir.path().join("permits.ron");
+    std::fs::copy(root().join("workflows/catalogues/permits.ron"), &catalogue).expect("copy");
+    let before = std::fs::read(&catalogue).expect("read");
+    let out = govflow()
+        .args(["catalogue", "import", "--level", "central", "--csv"])
+        .arg(root().join("tests/data/catalogue/official_sample.csv"))
+        .arg("--catalogue")
+        .arg(&catalogue)
+        .arg("--agencies")
+        .arg(root().join("workflows/agencies.ron"))
+        .args(["--id-prefix", "ZZFL-H-"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("appears in two rows") && err.contains("was not changed"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&catalogue).expect("read"), before);
+}
+
 /// Regression: a missing file's I/O error was printed twice (once in the
 /// message, once as its cause). A relative path is shown with the folder it
 /// was looked for in.
@@ -580,4 +608,69 @@ fn a_lost_store_or_tokens_file_is_said_loudly_at_start() {
     stop(server);
     assert!(said.contains("new tokens generated in"), "{said}");
     assert!(!said.contains("is empty, but"), "{said}");
+}
+
+/// `--min-coverage` holds the workflows the scenarios exercise to it, as
+/// its help says; it no longer also failed every workflow without one, and
+/// a value that is no percentage is a usage error (NaN turned the gate off).
+#[test]
+fn the_coverage_gate_holds_exercised_workflows_and_takes_only_percentages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        root().join("workflows/agencies.ron"),
+        dir.path().join("agencies.ron"),
+    )
+    .expect("copy");
+    let workflow = |name: &str| {
+        format!(
+            r#"Workflow(
+    name: "{name}",
+    title: "覆盖",
+    roles: [Role(name: "office", binding: Starter)],
+    start: "open",
+    states: [
+        State(name: "open", title: "办理", transitions: [
+            Transition(event: "close", to: "done", roles: ["office"]),
+            Transition(event: "drop", to: "dropped", roles: ["office"]),
+        ]),
+        State(name: "done", title: "完成", outcome: "done"),
+        State(name: "dropped", title: "撤回", outcome: "dropped"),
+    ],
+)"#
+        )
+    };
+    std::fs::write(dir.path().join("tested.ron"), workflow("tested")).expect("write");
+    std::fs::write(dir.path().join("idle.ron"), workflow("idle")).expect("write");
+    std::fs::write(
+        dir.path().join("closes.ron"),
+        r#"Scenario(
+    name: "办结",
+    workflow: "tested",
+    start: Start(at: "2020-06-01T09:00:00+08:00", by: "hebei.sjz"),
+    steps: [Fire(event: "close", by: "hebei.sjz"), Expect(Expect(state: "done"))],
+)"#,
+    )
+    .expect("write");
+    let gate = |percent: &str| {
+        govflow()
+            .args(["test", "--min-coverage", percent])
+            .arg(dir.path())
+            .output()
+            .expect("runs")
+    };
+    let half = gate("50");
+    assert_eq!(
+        half.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&half.stdout)
+    );
+    let more = gate("60");
+    assert_eq!(more.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&more.stdout).contains("1 workflow below the required coverage")
+    );
+    for nonsense in ["NaN", "150", "-1"] {
+        assert_eq!(gate(nonsense).status.code(), Some(2), "{nonsense}");
+    }
 }
