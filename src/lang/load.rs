@@ -331,6 +331,17 @@ pub fn read_source(
     let text = source_text(text);
     let map = SourceMap::new(text);
     let document = parse_document(path, text, &map, out);
+    for (key, at) in map.repeated_keys() {
+        out.push(
+            Diagnostic::at(
+                path,
+                at,
+                "duplicate-name",
+                format!("key `{key}` is written twice in one map: only the last would count"),
+            )
+            .with_hint(Some("keep one of them".to_owned())),
+        );
+    }
     (map, document)
 }
 

@@ -123,6 +123,32 @@ impl SourceMap {
         self.root.as_ref().and_then(|n| n.name.as_deref())
     }
 
+    /// Keys written twice in one map (`{"a": 1, "a": 2}`), which `ron` reads
+    /// as the last one alone, silently: each repeat, and where its value is.
+    pub fn repeated_keys(&self) -> Vec<(String, LineCol)> {
+        fn walk(map: &SourceMap, node: &Node, out: &mut Vec<(String, LineCol)>) {
+            match &node.body {
+                Body::Entries(entries) => {
+                    let mut seen = std::collections::HashSet::new();
+                    for (key, value) in entries {
+                        if !seen.insert(key) {
+                            out.push((key.clone(), map.line_col(value.start)));
+                        }
+                        walk(map, value, out);
+                    }
+                }
+                Body::Fields(fields) => fields.iter().for_each(|(_, v)| walk(map, v, out)),
+                Body::Items(items) => items.iter().for_each(|v| walk(map, v, out)),
+                Body::Atom => {}
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(root) = &self.root {
+            walk(self, root, &mut out);
+        }
+        out
+    }
+
     /// Where the value at `path` starts, or its nearest located ancestor.
     pub fn locate(&self, path: &DocPath) -> LineCol {
         let Some(mut node) = self.root.as_ref() else {
