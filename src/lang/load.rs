@@ -336,7 +336,7 @@ pub fn read_source(
             Diagnostic::at(
                 path,
                 at,
-                "duplicate-name",
+                "repeated-key",
                 format!("key `{key}` is written twice in one map: only the last would count"),
             )
             .with_hint(Some("keep one of them".to_owned())),

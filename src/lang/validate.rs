@@ -154,15 +154,17 @@ pub fn validate(sources: &Sources) -> Validated {
 
 /// Rules added since workflow versions may have been stored. Each catches
 /// something that failed at run time anyway (a deadline refused every time,
-/// a spawn or binding that could never be made), so a stored version that
-/// breaks only these still compiles: its running cases must go on moving,
-/// and its histories replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 5] = [
+/// a spawn or binding that could never be made) or that ran as read (a
+/// repeated key's last value), so a stored version that breaks only these
+/// still compiles: its running cases must go on moving, and its histories
+/// replaying. A new deploy is held to them.
+pub const LATER_RULES: [&str; 6] = [
     "spawn-binding",
     "effect-binding",
     "deadline-payload",
     "deadline-too-long",
     "bad-constant",
+    "repeated-key",
 ];
 
 /// [`validate`] for a version already stored: [`LATER_RULES`] only warn.
