@@ -1774,6 +1774,15 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
         .await
         .expect_err("unlisted certificate, no token");
     assert_eq!(refused.code(), Code::Unauthenticated);
+    // The refusal names the certificate, as the operator must add it.
+    let fingerprint = hex::encode(sha2::Sha256::digest(stranger_cert.der().as_ref()));
+    assert!(
+        refused
+            .message()
+            .contains(&format!("\"sha256:{fingerprint}\"")),
+        "{}",
+        refused.message()
+    );
     let plaintext = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .expect("uri")
         .connect()

@@ -186,11 +186,11 @@ impl Credentials {
     ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
         let credentials = self.clone();
         move |mut request: Request<()>| {
-            let by_certificate = request.peer_certs().and_then(|certs| {
-                let leaf = certs.first()?;
-                let fingerprint: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
-                credentials.by_certificate.get(&fingerprint).cloned()
-            });
+            let presented: Option<[u8; 32]> = request
+                .peer_certs()
+                .and_then(|certs| Some(Sha256::digest(certs.first()?.as_ref()).into()));
+            let by_certificate = presented
+                .and_then(|fingerprint| credentials.by_certificate.get(&fingerprint).cloned());
             let caller = request
                 .extensions()
                 .get::<super::request_log::Caller>()
@@ -207,11 +207,19 @@ impl Credentials {
                 return Ok(request);
             }
             let mut headers = request.metadata().get_all("authorization").iter();
-            let header = headers.next().ok_or_else(|| {
-                unauthenticated(
+            let header = headers.next().ok_or_else(|| match presented {
+                // What the operator must add to map this certificate.
+                Some(fingerprint) => unauthenticated(
+                    "no-credential",
+                    &format!(
+                        "the client certificate presented (\"sha256:{}\") is mapped to no agency (`client_certificates` in the server's configuration), and no `authorization: Bearer <token>` was sent",
+                        hex::encode(fingerprint)
+                    ),
+                ),
+                None => unauthenticated(
                     "no-credential",
                     "no credential: send `authorization: Bearer <token>`",
-                )
+                ),
             })?;
             // Two credentials are ambiguous: a proxy that reads the last and
             // this server the first would each see another caller.
