@@ -149,6 +149,16 @@ const WAY_ERROR_LIST: &str = "直接取消审批, 审批改为备案, 实行告�
 pub enum ImportError {
     #[error("{file}: neither UTF-8 nor GB18030 (GBK) text: save the CSV as UTF-8")]
     Encoding { file: String },
+    #[error(
+        "{file}: the file is {encoding} text (Excel's \"Unicode text\"), not UTF-8: save it as \"CSV UTF-8\", or convert it with `iconv -f {iconv} -t UTF-8`"
+    )]
+    WideEncoding {
+        file: String,
+        encoding: &'static str,
+        iconv: &'static str,
+    },
+    #[error("{file}: the file is empty: it needs a header row and the catalogue's rows")]
+    EmptyFile { file: String },
     /// The CSV itself is malformed (e.g. an unclosed quote).
     #[error("{file}:{line}: malformed CSV: {message}")]
     Csv {
@@ -451,6 +461,18 @@ impl<'a> Matcher<'a> {
 /// GB18030 (which includes GBK and GB2312), as Excel on Chinese Windows
 /// saves CSV files.
 pub fn csv_text(file_name: &str, bytes: &[u8]) -> Result<(String, &'static str), ImportError> {
+    if let Some((encoding, iconv)) = crate::lang::load::wide_encoding(bytes) {
+        return Err(ImportError::WideEncoding {
+            file: file_name.into(),
+            encoding,
+            iconv,
+        });
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ImportError::EmptyFile {
+            file: file_name.into(),
+        });
+    }
     if let Ok(text) = std::str::from_utf8(bytes) {
         return Ok((text.to_owned(), "UTF-8"));
     }
@@ -864,6 +886,24 @@ mod tests {
             csv_text("a.csv", &gbk).expect("gbk"),
             (text.to_owned(), "GB18030")
         );
+        // Excel's "Unicode text" is UTF-16: said as such, not as "neither".
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(
+                "事项名称,设定依据\n"
+                    .encode_utf16()
+                    .flat_map(u16::to_le_bytes),
+            )
+            .collect();
+        let refused = csv_text("u.csv", &utf16).expect_err("utf-16");
+        assert!(
+            refused.to_string().contains("UTF-16 (little-endian) text"),
+            "{refused}"
+        );
+        assert!(matches!(
+            csv_text("e.csv", b" \r\n"),
+            Err(ImportError::EmptyFile { .. })
+        ));
         let refused = csv_text("a.csv", &[0x80, 0xff, 0x41]).expect_err("neither");
         assert_eq!(
             refused.to_string(),

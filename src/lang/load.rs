@@ -221,7 +221,7 @@ fn not_utf8(path: &Path, bytes: &[u8], error: std::str::Utf8Error) -> Diagnostic
 /// such a file was refused at its first byte with a hint about GBK, or (all
 /// ASCII, no mark) taken as text and refused as RON.
 /// Its name, and the name `iconv` knows it by.
-fn wide_encoding(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
+pub(crate) fn wide_encoding(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
     let encoding = match bytes {
         [0xFF, 0xFE, 0, 0, ..] => ("UTF-32 (little-endian)", "UTF-32"),
         [0, 0, 0xFE, 0xFF, ..] => ("UTF-32 (big-endian)", "UTF-32"),
