@@ -216,7 +216,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
 }
 
 /// RFC 3339, or a date meaning its first moment in Asia/Shanghai (UTC+8).
-fn parse_time(text: &str) -> Result<DateTime<Utc>> {
+pub(crate) fn parse_time(text: &str) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.to_utc());
     }

@@ -12,6 +12,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 
 use govflow::lang::validate::count;
+use govflow::server::api::bare_workflow_name;
 use govflow::store::proto::{
     self, audit_service_client::AuditServiceClient, cases_service_client::CasesServiceClient,
     definitions_service_client::DefinitionsServiceClient,
@@ -130,8 +131,8 @@ pub enum CaseCommand {
         /// A searchable variable: NAME=VALUE (needs --workflow).
         #[arg(long = "var", value_name = "NAME=VALUE")]
         variable: Option<String>,
-        /// Only cases whose deadline comes before this time (RFC 3339, or
-        /// `now` for those overdue), soonest first.
+        /// Only cases whose deadline comes before this time (RFC 3339, a
+        /// date, or `now` for those overdue), soonest first.
         #[arg(long, value_name = "TIME")]
         due_before: Option<String>,
     },
@@ -327,16 +328,12 @@ pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// A time on the command line: RFC 3339, or `now`.
+/// A time on the command line: as the audit commands read one, or `now`.
 fn time_argument(text: &str) -> Result<prost_types::Timestamp> {
     let time = if text == "now" {
         chrono::Utc::now()
     } else {
-        chrono::DateTime::parse_from_rfc3339(text)
-            .map(|t| t.to_utc())
-            .with_context(|| {
-                format!("`{text}` is not a time like 2020-06-01T09:00:00+08:00 (or `now`)")
-            })?
+        crate::audit_cmd::parse_time(text)?
     };
     Ok(records::timestamp(time))
 }
@@ -547,11 +544,6 @@ impl std::fmt::Display for Refusal {
 }
 
 impl std::error::Error for Refusal {}
-
-/// A workflow named as `workflow list` shows it (`workflows/{name}`) or bare.
-fn bare_workflow_name(given: &str) -> String {
-    given.strip_prefix("workflows/").unwrap_or(given).to_owned()
-}
 
 pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCode> {
     let client = Client::connect(&connection).await?;

@@ -412,7 +412,17 @@ impl Engine {
         clock: Arc<dyn Clock>,
         options: EngineOptions,
     ) -> Result<Engine> {
-        let validated = validate(sources);
+        Self::open_validated(store, sources, validate(sources), clock, options)
+    }
+
+    /// [`Engine::open_with`] on sources the caller has validated already.
+    pub fn open_validated(
+        store: Arc<dyn Store>,
+        sources: &load::Sources,
+        validated: crate::lang::validate::Validated,
+        clock: Arc<dyn Clock>,
+        options: EngineOptions,
+    ) -> Result<Engine> {
         let Some(library) = validated.library else {
             return Err(EngineError::Invalid(validated.diagnostics));
         };
@@ -982,16 +992,6 @@ fn same_index_inputs(library: &Library, a: &proto::Case, b: &proto::Case) -> boo
         && searchable_equal()
 }
 
-/// The text a searchable variable's value is indexed under; none for an
-/// unset one.
-fn indexed_text(value: Json) -> Option<String> {
-    match value {
-        Json::Null => None,
-        Json::String(s) => Some(s),
-        other => Some(other.to_string()),
-    }
-}
-
 /// A list filter's value for the searchable variable `name` of `workflow`,
 /// as the index holds it: normalised by the variable's declared type, as a
 /// stored value is, so that `12.50` finds an amount given as `12.5` and a
@@ -1029,7 +1029,7 @@ pub fn searchable_value(
         for candidate in candidates.iter().flatten() {
             match crate::lang::value::check(candidate, ty, Some(&library.directory)) {
                 Ok(normalised) => {
-                    if let Some(text) = indexed_text(normalised) {
+                    if let Some(text) = records::indexed_text(normalised) {
                         return Ok(text);
                     }
                 }
@@ -1071,7 +1071,7 @@ pub fn index_keys(library: &Library, case: &proto::Case) -> BTreeSet<IndexKey> {
             .and_then(|v| v.fields.get(&var.name))
             .map(records::from_value)
             .unwrap_or(Json::Null);
-        let Some(text) = indexed_text(value) else {
+        let Some(text) = records::indexed_text(value) else {
             continue;
         };
         keys.insert(IndexKey::Variable {
@@ -2372,7 +2372,11 @@ mod tests {
                     crate::lang::value::check(&serde_json::from_str(stored).unwrap(), ty, None)
                 })
                 .unwrap();
-            assert_eq!(indexed_text(normalised).as_deref(), Some(stored), "{name}");
+            assert_eq!(
+                records::indexed_text(normalised).as_deref(),
+                Some(stored),
+                "{name}"
+            );
         }
         assert_eq!(value("fee", "12.50").unwrap(), "12.5");
         assert_eq!(value("fee", "012.500").unwrap(), "12.5");

@@ -341,7 +341,7 @@ fn check_filter(
     library: &crate::lang::validate::Library,
     workflow: Option<&str>,
     state: Option<&str>,
-    variable: Option<(&str, &str)>,
+    variable: Option<&str>,
 ) -> Result<(), Status> {
     let Some(workflow) = workflow else {
         return Ok(());
@@ -377,7 +377,7 @@ fn check_filter(
             ));
         }
     }
-    if let Some((variable, value)) = variable {
+    if let Some(variable) = variable {
         let searchable: BTreeSet<&str> = versions
             .iter()
             .flat_map(|w| w.def.variables.iter())
@@ -398,9 +398,9 @@ fn check_filter(
                 ),
             ));
         }
-        crate::engine::durable::searchable_value(library, workflow, variable, value)
-            .map_err(engine_status)?;
     }
+    // A value the variable can never have is the engine's to refuse, where
+    // it normalises the value (`Engine::list`, `bad-variable-value`).
     Ok(())
 }
 
@@ -1003,13 +1003,10 @@ impl Api {
     }
 }
 
-/// A request's workflow field, given bare (`gaozhi_chengnuo`) or as the
-/// resource name `ListWorkflows` shows (`workflows/gaozhi_chengnuo`).
-fn workflow_field(given: String) -> String {
-    match given.strip_prefix("workflows/") {
-        Some(bare) => bare.to_owned(),
-        None => given,
-    }
+/// A workflow named bare (`gaozhi_chengnuo`) or as the resource name
+/// `ListWorkflows` shows (`workflows/gaozhi_chengnuo`), by its bare name.
+pub fn bare_workflow_name(given: &str) -> String {
+    given.strip_prefix("workflows/").unwrap_or(given).to_owned()
 }
 
 /// A request's `field` (variables, payload) as JSON. NaN and the
@@ -1129,7 +1126,7 @@ impl CasesService for Api {
     ) -> Result<Response<proto::CreateCaseResponse>, Status> {
         let agency = writer_agency(&principal(&request)?)?;
         let mut r = request.into_inner();
-        r.workflow = workflow_field(r.workflow);
+        r.workflow = bare_workflow_name(&r.workflow);
         if r.workflow.is_empty() {
             return Err(invalid("missing-field", "workflow", "workflow is required"));
         }
@@ -1200,7 +1197,7 @@ impl CasesService for Api {
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
-        let workflow = workflow_field(r.workflow);
+        let workflow = bare_workflow_name(&r.workflow);
         if (!r.state.is_empty() || !r.variable_name.is_empty()) && workflow.is_empty() {
             return Err(invalid(
                 "missing-field",
@@ -1225,10 +1222,7 @@ impl CasesService for Api {
             &self.engine.library(),
             filter.workflow.as_deref(),
             filter.state.as_deref(),
-            filter
-                .variable
-                .as_ref()
-                .map(|(name, value)| (name.as_str(), value.as_str())),
+            filter.variable.as_ref().map(|(name, _)| name.as_str()),
         )?;
         let (variable_name, variable_value) = filter
             .variable
@@ -1511,7 +1505,7 @@ impl AuditService for Api {
             ));
         }
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
-        let workflow = workflow_field(r.workflow);
+        let workflow = bare_workflow_name(&r.workflow);
         let library = self.engine.library();
         check_filter(
             &library,
@@ -1609,7 +1603,7 @@ impl AuditService for Api {
         } else if r.workflow.is_empty() {
             VerifyScope::All
         } else {
-            VerifyScope::Workflow(workflow_field(r.workflow))
+            VerifyScope::Workflow(bare_workflow_name(&r.workflow))
         };
         let report = audit_blocking(&self.engine, move |source, _| {
             crate::audit::verify(source, &scope, None)

@@ -388,10 +388,12 @@ pub fn prepare_with_clock(
     let options = EngineOptions {
         cache_cases: config.cache_cases,
     };
-    let engine = Engine::open_with(store, &sources, clock, options).map_err(|e| match e {
-        EngineError::Invalid(diagnostics) => invalid_workflows(&diagnostics),
-        other => ServeError::Engine(other),
-    })?;
+    let engine = Engine::open_validated(store, &sources, validated, clock, options).map_err(
+        |e| match e {
+            EngineError::Invalid(diagnostics) => invalid_workflows(&diagnostics),
+            other => ServeError::Engine(other),
+        },
+    )?;
     let (credentials, token_file) = if config.credentials.is_empty() {
         let path = token_path;
         let mut names = agencies.clone();

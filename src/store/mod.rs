@@ -202,9 +202,8 @@ impl CaseFilter {
                     .as_ref()
                     .and_then(|v| v.fields.get(name))
                     .map(records::from_value)
-                    .is_some_and(|v| {
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned) == *value
-                    })
+                    .and_then(records::indexed_text)
+                    .is_some_and(|text| text == *value)
             })
     }
 }

@@ -166,6 +166,16 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
+/// The text a searchable variable's value is indexed and filtered under: a
+/// string as itself, any other value as JSON text; none for an unset one.
+pub fn indexed_text(value: Json) -> Option<String> {
+    match value {
+        Json::Null => None,
+        Json::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
+}
+
 pub fn from_case(c: &proto::Case) -> core::Case {
     core::Case {
         id: c.id.clone(),
