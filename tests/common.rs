@@ -267,4 +267,7 @@ impl Store for TestStore {
     fn last_position(&self) -> govflow::store::Result<u64> {
         self.inner.last_position()
     }
+    fn secret(&self) -> [u8; 32] {
+        self.inner.secret()
+    }
 }

@@ -895,8 +895,19 @@ fn check_case_id(id: &str) -> Result<()> {
 }
 
 /// The id of a case started without one: `{workflow}-` and 12 hex digits
-/// of the SHA-256 of `seed`, the same on a retry.
-fn derived_case_id(workflow: &str, seed: &str) -> String {
+/// of the HMAC-SHA-256, under the store's secret, of `seed` (the request's
+/// key). The same on a retry; and not an id another agency can work out
+/// beforehand and take first, to have the starter's requests land in a case
+/// it made (an unkeyed digest of a request id could be).
+fn derived_case_id(workflow: &str, secret: &[u8; 32], seed: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, seed.as_bytes());
+    format!("{workflow}-{}", &hex::encode(tag.as_ref())[..12])
+}
+
+/// The id earlier govflows derived, unkeyed, so that a retry of a start
+/// they answered still finds its first answer.
+fn unkeyed_case_id(workflow: &str, seed: &str) -> String {
     let digest = hex::encode(Sha256::digest(seed.as_bytes()));
     format!("{workflow}-{}", &digest[..12])
 }
@@ -1245,9 +1256,9 @@ impl Batch<'_> {
         ))
     }
 
-    /// The first answer to a request id, if it was seen before.
     /// The first answer to the request `request_id` of `agency`, if it was
-    /// answered before (an error if the id was used for another request).
+    /// answered before (an error if the id was used for another request):
+    /// an answer kept under any of `fingerprints` is this request's.
     ///
     /// Stores of format 1 kept outcomes under the bare id, for every agency
     /// at once: such an outcome is this request's only if its fingerprint,
@@ -1258,11 +1269,11 @@ impl Batch<'_> {
         &self,
         agency: &str,
         request_id: &str,
-        fingerprint: &[u8],
+        fingerprints: &[&[u8]],
         format_1_fingerprint: &[u8],
     ) -> Result<Option<Result<proto::Case>>> {
         let stored = match self.outcome(&request_key(agency, request_id))? {
-            Some(stored) if stored.fingerprint == fingerprint => stored,
+            Some(stored) if fingerprints.contains(&stored.fingerprint.as_slice()) => stored,
             Some(_) => return Err(EngineError::RequestIdReused(request_id.to_owned())),
             None => match self.outcome(request_id)? {
                 Some(stored) if stored.fingerprint == format_1_fingerprint => stored,
@@ -1521,6 +1532,9 @@ impl Batch<'_> {
 
     fn start(&mut self, mut r: StartRequest) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
+        // Fingerprints under which earlier govflows may have kept this
+        // request's answer: they derived a missing case id unkeyed.
+        let mut earlier_fingerprints = Vec::new();
         let mut format_1_fingerprint = None;
         if r.case_id.is_empty() {
             // A derived id is made of the workflow's name: for a workflow
@@ -1530,17 +1544,28 @@ impl Batch<'_> {
             // Derived from the request's key, so that two agencies' requests
             // of the same id start two cases. Format 1 derived it from the
             // bare id: a retry of such a start is known by that.
-            let format_1 = StartRequest {
-                case_id: derived_case_id(&r.workflow, &r.request_id),
+            let key = request_key(&r.agency, &r.request_id);
+            let with_id = |case_id| StartRequest {
+                case_id,
                 ..r.clone()
             };
-            format_1_fingerprint = Some(start_fingerprint(&format_1));
-            r.case_id = derived_case_id(&r.workflow, &request_key(&r.agency, &r.request_id));
+            format_1_fingerprint = Some(start_fingerprint(&with_id(unkeyed_case_id(
+                &r.workflow,
+                &r.request_id,
+            ))));
+            earlier_fingerprints.push(start_fingerprint(&with_id(unkeyed_case_id(
+                &r.workflow,
+                &key,
+            ))));
+            r.case_id = derived_case_id(&r.workflow, &self.writer.store.secret(), &key);
         }
         check_case_id(&r.case_id)?;
         let fp = start_fingerprint(&r);
         let format_1_fp = format_1_fingerprint.as_deref().unwrap_or(&fp);
-        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp, format_1_fp)? {
+        let fingerprints: Vec<&[u8]> = std::iter::once(fp.as_slice())
+            .chain(earlier_fingerprints.iter().map(Vec::as_slice))
+            .collect();
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &fingerprints, format_1_fp)? {
             return first;
         }
         if self.case(&r.case_id)?.is_some() {
@@ -1572,7 +1597,7 @@ impl Batch<'_> {
     ) -> Result<proto::Case> {
         check_request_id(&r.request_id)?;
         let fp = fire_fingerprint(&r);
-        if let Some(first) = self.replay(&r.agency, &r.request_id, &fp, &fp)? {
+        if let Some(first) = self.replay(&r.agency, &r.request_id, &[&fp], &fp)? {
             return first;
         }
         let case = self
@@ -2559,7 +2584,7 @@ mod prefetch_tests {
         };
         // And of a start `legacy-start` without a case id, whose id format 1
         // derived from the bare request id.
-        let derived = derived_case_id("permit", "legacy-start");
+        let derived = unkeyed_case_id("permit", "legacy-start");
         start_permit(&engine, &derived).await;
         let mut legacy_start = permit_start("");
         legacy_start.request_id = "legacy-start".into();
@@ -2610,6 +2635,67 @@ mod prefetch_tests {
             !matches!(answered, Err(EngineError::RequestIdReused(_))),
             "{answered:?}"
         );
+    }
+
+    /// Regression: the id of a case started without one was an unkeyed
+    /// digest of the agency and request id, so another agency could work it
+    /// out and start a case of its own under it first, where the starter's
+    /// requests would then land. It is now keyed with the store's secret; a
+    /// retry of a start an earlier govflow answered still gets its answer.
+    #[tokio::test]
+    async fn a_derived_case_id_cannot_be_worked_out_and_earlier_ones_still_answer_retries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = forgetful_engine(dir.path());
+        let mut fresh = permit_start("");
+        fresh.request_id = "fresh".into();
+        let started = engine.start(fresh.clone()).await.expect("start");
+        let key = request_key("ent", "fresh");
+        assert!(started.id.starts_with("permit-"), "{}", started.id);
+        assert_ne!(started.id, unkeyed_case_id("permit", &key));
+        assert_ne!(started.id, unkeyed_case_id("permit", "fresh"));
+        let again = engine.start(fresh.clone()).await.expect("retry");
+        assert_eq!(
+            (again.id.as_str(), again.sequence),
+            (started.id.as_str(), 1)
+        );
+
+        // A start answered before this version, its id derived unkeyed from
+        // the request's key (kept under that key, as since format 2).
+        let earlier = unkeyed_case_id("permit", &request_key("ent", "earlier"));
+        start_permit(&engine, &earlier).await;
+        let mut earlier_start = permit_start("");
+        earlier_start.request_id = "earlier".into();
+        earlier_start.case_id.clone_from(&earlier);
+        let commit = Commit {
+            number: 1000,
+            requests: vec![proto::RecordedRequest {
+                request_id: request_key("ent", "earlier"),
+                outcome: Some(proto::RequestOutcome {
+                    fingerprint: start_fingerprint(&earlier_start),
+                    result: Some(proto::request_outcome::Result::Step(proto::CaseStep {
+                        case_id: earlier.clone(),
+                        sequence: 1,
+                    })),
+                }),
+            }],
+            ..Default::default()
+        };
+        let store = Arc::clone(engine.store());
+        engine.shutdown();
+        drop(engine);
+        store.apply_all(&[&commit]).expect("applied");
+        store.write_out().expect("written out");
+        drop(store);
+        let engine = forgetful_engine(dir.path());
+        earlier_start.case_id.clear();
+        let retried = engine.start(earlier_start).await.expect("retry");
+        assert_eq!(
+            (retried.id.as_str(), retried.sequence),
+            (earlier.as_str(), 1)
+        );
+        // And the keyed id is the same after reopening.
+        let again = engine.start(fresh).await.expect("retry after reopening");
+        assert_eq!(again.id, started.id);
     }
 
     #[tokio::test]

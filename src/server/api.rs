@@ -446,51 +446,94 @@ fn fitting<T: prost::Message>(records: &[T]) -> usize {
         .map_or(records.len(), |n| n.max(1))
 }
 
-/// A page token: the position the next page goes on from, behind a
-/// fingerprint of the listing that gave it (method, caller and filter). A
-/// token taken to another listing, or made up, is refused instead of
-/// silently skipping what lies before its position.
-fn page_token(listing: &[&str], position: &str) -> String {
-    if position.is_empty() {
-        return String::new();
-    }
-    format!(
-        "{}{}",
-        hex::encode(listing_print(listing)),
-        hex::encode(position)
-    )
-}
+/// Seals page tokens. A token is the position the next page goes on from,
+/// encrypted and authenticated (ChaCha20-Poly1305) under a key made from the
+/// store's secret, and bound to the listing that gave it (method, caller and
+/// filter). A caller can neither read a position, which may name a case of
+/// another agency (a listing by deadline that stops after reading many
+/// others' timers stops on one of theirs), nor make one up, nor take one to
+/// another listing: each is refused instead of silently skipping what lies
+/// before it. Tokens outlive a restart, as the store's secret does.
+#[derive(Clone)]
+pub struct PageTokens(Arc<ring::aead::LessSafeKey>);
 
-/// The position a page token goes on from, if it was given for this listing.
-fn page_position(listing: &[&str], token: &str) -> Result<String, Status> {
-    if token.is_empty() {
-        return Ok(String::new());
+impl PageTokens {
+    pub fn new(store_secret: &[u8; 32]) -> Self {
+        use sha2::Digest;
+        let key = sha2::Sha256::new()
+            .chain_update(b"govflow page tokens\0")
+            .chain_update(store_secret)
+            .finalize();
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
+            .expect("a ChaCha20-Poly1305 key is 32 bytes, as a SHA-256 digest is");
+        PageTokens(Arc::new(ring::aead::LessSafeKey::new(key)))
     }
-    token
-        .strip_prefix(&hex::encode(listing_print(listing)))
-        .and_then(|rest| hex::decode(rest).ok())
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|position| !position.is_empty())
-        .ok_or_else(|| {
+
+    /// The token of `position` for `listing` (empty when there is no next page).
+    fn seal(&self, listing: &[&str], position: &str) -> Result<String, Status> {
+        if position.is_empty() {
+            return Ok(String::new());
+        }
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| {
+            tracing::error!("no randomness for a page token: {e}");
+            Status::unavailable(
+                "the server cannot make a page token now (no randomness): try again",
+            )
+        })?;
+        let mut sealed = position.as_bytes().to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(listing_print(listing)),
+                &mut sealed,
+            )
+            .map_err(|_| Status::internal("a page token could not be sealed"))?;
+        Ok(hex::encode([&nonce[..], &sealed].concat()))
+    }
+
+    /// The position a page token goes on from, if this server gave it for this listing.
+    fn open(&self, listing: &[&str], token: &str) -> Result<String, Status> {
+        if token.is_empty() {
+            return Ok(String::new());
+        }
+        let refused = || {
             invalid(
                 "bad-page-token",
                 "page_token",
                 "page_token was not issued by this server for this listing: a token goes on only with the caller and filter of the page that gave it",
             )
-        })
+        };
+        let mut bytes = hex::decode(token).map_err(|_| refused())?;
+        if bytes.len() <= ring::aead::NONCE_LEN {
+            return Err(refused());
+        }
+        let mut sealed = bytes.split_off(ring::aead::NONCE_LEN);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(&bytes).map_err(|_| refused())?;
+        let position = self
+            .0
+            .open_in_place(
+                nonce,
+                ring::aead::Aad::from(listing_print(listing)),
+                &mut sealed,
+            )
+            .map_err(|_| refused())?;
+        String::from_utf8(position.to_vec())
+            .ok()
+            .filter(|position| !position.is_empty())
+            .ok_or_else(refused)
+    }
 }
 
-fn listing_print(listing: &[&str]) -> [u8; 8] {
+/// What a token is bound to: a digest of the listing's parts.
+fn listing_print(listing: &[&str]) -> [u8; 32] {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     for part in listing {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    let digest = hasher.finalize();
-    let mut print = [0; 8];
-    print.copy_from_slice(&digest[..8]);
-    print
+    hasher.finalize().into()
 }
 
 /// Ends a page of cases early when it would be too large to send (see
@@ -531,6 +574,7 @@ pub struct Api {
     pub watch_cutoff: std::time::Duration,
     /// Watch tasks running.
     pub watchers: Watchers,
+    pub page_tokens: PageTokens,
 }
 
 /// Gauges of the watch streams: tasks running, and streams not yet done
@@ -868,7 +912,7 @@ impl DefinitionsService for Api {
         let r = request.into_inner();
         let size = page_size(r.page_size, 50)?;
         let listing = ["ListWorkflows", principal.name()];
-        let after = page_position(&listing, &r.page_token)?;
+        let after = self.page_tokens.open(&listing, &r.page_token)?;
         let mut current: std::collections::BTreeMap<String, proto::WorkflowVersion> =
             std::collections::BTreeMap::new();
         for v in self.engine.workflow_versions().map_err(engine_status)? {
@@ -896,7 +940,9 @@ impl DefinitionsService for Api {
         let more = rest.len() > size;
         let workflows: Vec<_> = rest.into_iter().take(size).collect();
         let next_page_token = match workflows.last() {
-            Some(last) if more => page_token(&listing, last.name.trim_start_matches("workflows/")),
+            Some(last) if more => self
+                .page_tokens
+                .seal(&listing, last.name.trim_start_matches("workflows/"))?,
             _ => String::new(),
         };
         Ok(Response::new(proto::ListWorkflowsResponse {
@@ -1243,7 +1289,7 @@ impl CasesService for Api {
             variable_value,
             &due,
         ];
-        let position = page_position(&listing, &r.page_token)?;
+        let position = self.page_tokens.open(&listing, &r.page_token)?;
         let mut page = match due_before {
             Some(before) => self.engine.list_due(&filter, before, &position, size),
             None => self.engine.list(&filter, &position, size),
@@ -1252,7 +1298,7 @@ impl CasesService for Api {
         fit_page(&mut page);
         Ok(Response::new(proto::ListCasesResponse {
             cases: page.cases,
-            next_page_token: page_token(&listing, &page.next_page_token),
+            next_page_token: self.page_tokens.seal(&listing, &page.next_page_token)?,
         }))
     }
 
@@ -1269,7 +1315,11 @@ impl CasesService for Api {
         let listing = ["ListInbox", agency.as_str()];
         let mut page = self
             .engine
-            .inbox(&agency, &page_position(&listing, &r.page_token)?, size)
+            .inbox(
+                &agency,
+                &self.page_tokens.open(&listing, &r.page_token)?,
+                size,
+            )
             .map_err(engine_status)?;
         fit_page(&mut page);
         let library = self.engine.library();
@@ -1315,7 +1365,7 @@ impl CasesService for Api {
             .collect();
         Ok(Response::new(proto::ListInboxResponse {
             items,
-            next_page_token: page_token(&listing, &page.next_page_token),
+            next_page_token: self.page_tokens.seal(&listing, &page.next_page_token)?,
         }))
     }
 }
@@ -1705,7 +1755,7 @@ impl AuditService for Api {
         visible(&self.engine, &principal, &id)?;
         let size = page_size(r.page_size, 100)?;
         let listing = ["ListHistoryEntries", principal.name(), id.as_str()];
-        let position = page_position(&listing, &r.page_token)?;
+        let position = self.page_tokens.open(&listing, &r.page_token)?;
         let from: u64 = if position.is_empty() {
             1
         } else {
@@ -1724,7 +1774,8 @@ impl AuditService for Api {
             .map_err(|e| engine_status(e.into()))?;
         let kept = size.min(fitting(&entries));
         let next_page_token = if entries.len() > kept {
-            page_token(&listing, &(from + kept as u64).to_string())
+            self.page_tokens
+                .seal(&listing, &(from + kept as u64).to_string())?
         } else {
             String::new()
         };
@@ -1740,6 +1791,50 @@ impl AuditService for Api {
 mod tests {
     use super::*;
     use prost::Message;
+
+    /// Regression: a page token was the position in hex behind an unkeyed
+    /// digest of the listing, so a caller could read it (a listing by
+    /// deadline cut short on another agency's timer showed that case's id
+    /// and deadline) and make up its own.
+    #[test]
+    fn a_page_token_hides_its_position_and_opens_only_for_its_listing() {
+        let tokens = PageTokens::new(&[7; 32]);
+        let listing = ["ListCases", "hebei.sjz.tax", "", "", "", "", "2026"];
+        let position = r#"["2026-11-28T19:58:31Z","secret-housing-01995","1:expiry"]"#;
+        let token = tokens.seal(&listing, position).expect("sealed");
+        assert_eq!(tokens.open(&listing, &token).expect("opens"), position);
+        let bytes = hex::decode(&token).expect("hex");
+        for clear in [
+            position.as_bytes(),
+            b"secret-housing",
+            hex::encode(position).as_bytes(),
+        ] {
+            assert!(!bytes.windows(clear.len()).any(|w| w == clear));
+            assert!(!token.as_bytes().windows(clear.len()).any(|w| w == clear));
+        }
+        let refused = |token: &str, listing: &[&str], tokens: &PageTokens| {
+            let status = tokens.open(listing, token).expect_err("refused");
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(status.message().contains("not issued by this server"));
+        };
+        // Another caller's listing, another store's key, a digit changed,
+        // cut short, and the earlier, unsealed form.
+        let mut theirs = listing;
+        theirs[1] = "hebei.sjz.water";
+        refused(&token, &theirs, &tokens);
+        refused(&token, &listing, &PageTokens::new(&[8; 32]));
+        let last = if token.ends_with('0') { "1" } else { "0" };
+        refused(
+            &format!("{}{last}", &token[..token.len() - 1]),
+            &listing,
+            &tokens,
+        );
+        refused(&token[..20], &listing, &tokens);
+        refused(&hex::encode(position), &listing, &tokens);
+        // Nothing to go on from is no token at all.
+        assert_eq!(tokens.seal(&listing, "").expect("sealed"), "");
+        assert_eq!(tokens.open(&listing, "").expect("opens"), "");
+    }
 
     /// What a status repeats of a request is cut to fit a client's trailer
     /// limit, keeping the start and the end, and never inside a character.

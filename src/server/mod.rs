@@ -631,6 +631,7 @@ pub async fn serve_on(
         stopping,
         watch_cutoff,
         watchers: watchers.clone(),
+        page_tokens: api::PageTokens::new(&engine.store().secret()),
     };
     // Streams never end by themselves: tell them to, or draining waits forever.
     let (draining, drain_begun) = tokio::sync::oneshot::channel::<()>();

@@ -19,6 +19,11 @@ pub(crate) fn format_key() -> Vec<u8> {
     key(b'V', &[b"format"])
 }
 
+/// `V·secret`: the store's own random secret (see `Store::secret`).
+pub(crate) fn secret_key() -> Vec<u8> {
+    key(b'V', &[b"secret"])
+}
+
 /// `C·{case}`: the case record.
 pub(crate) fn case_key(id: &str) -> Vec<u8> {
     key(b'C', &[id.as_bytes()])

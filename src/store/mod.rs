@@ -306,6 +306,10 @@ pub trait Store: Send + Sync + 'static {
     fn feed(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>>;
     /// The position of the last feed item (0 when there is none).
     fn last_position(&self) -> Result<u64>;
+    /// A random secret of this store's own, the same every time it is
+    /// opened: the key that seals page tokens and derives case ids, so that
+    /// neither can be forged or predicted by a caller.
+    fn secret(&self) -> [u8; 32];
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `V·format` | the store's format ([`FORMAT`]), u32 |
+//! | `V·secret` | 32 random bytes made when the store is first opened (see `Store::secret`) |
 //! | `C·{case}` | `Case` |
 //! | `H·{case}·{sequence u64}` | `HistoryEntry` |
 //! | `T·{due ns i64 as ordered u64}{case}·{timer}` | empty |
@@ -31,7 +32,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use prost::Message;
 
-use super::keys::{SEP, case_key, format_key, history_key, history_prefix, key, prefix_end};
+use super::keys::{
+    SEP, case_key, format_key, history_key, history_prefix, key, prefix_end, secret_key,
+};
 use super::{
     CaseFilter, Commit, DueTimer, FeedItem, IndexKey, Page, Result, Store, StoreError, proto,
     records,
@@ -69,6 +72,7 @@ pub struct SledStore {
     blobs: std::path::PathBuf,
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     observer: Option<SyncObserver>,
+    secret: [u8; 32],
 }
 
 /// Nanoseconds since the epoch, flipped so that unsigned byte order is time order.
@@ -362,6 +366,28 @@ fn stored_format(db: &sled::Db) -> Result<Option<u32>> {
         .transpose()
 }
 
+/// The store's secret, made (random) if it has none yet. Written like the
+/// format record: synced with the first commit. A secret lost to a crash
+/// before that sealed nothing that could outlive it but page tokens, which
+/// are then refused as not issued by this server.
+fn stored_secret(db: &sled::Db) -> Result<[u8; 32]> {
+    if let Some(v) = db.get(secret_key())? {
+        return <[u8; 32]>::try_from(v.as_ref()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "the store's secret record ({} bytes, not 32)",
+                v.len()
+            ))
+        });
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| StoreError::Io {
+        path: "the system's random source".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    db.insert(secret_key(), &secret)?;
+    Ok(secret)
+}
+
 /// sled's own default page cache: 1 GiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 
@@ -388,6 +414,7 @@ impl SledStore {
             // format is written.
             db.insert(format_key(), &FORMAT.to_be_bytes())?;
         }
+        let secret = stored_secret(&db)?;
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Io {
             path: log_path.display().to_string(),
@@ -401,6 +428,7 @@ impl SledStore {
             blobs: dir.join("blobs"),
             synced_blobs: Default::default(),
             observer: None,
+            secret,
         })
     }
 
@@ -570,6 +598,10 @@ fn add_to_batch(batch: &mut sled::Batch, commit: &Commit) -> Result<()> {
 }
 
 impl Store for SledStore {
+    fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
     fn apply_all(&self, commits: &[&Commit]) -> Result<()> {
         if commits.iter().all(|c| c.is_empty()) {
             return Ok(());
@@ -1084,6 +1116,25 @@ mod tests {
     /// or of an older format, is recorded as this one when opened; one of a
     /// newer format is refused, by the store and by the audit alike, and
     /// left as it was.
+    #[test]
+    fn a_store_keeps_its_own_secret_across_reopening() {
+        let (a, b) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let secret = SledStore::open(a.path()).expect("open").secret();
+        let other = SledStore::open(b.path()).expect("open").secret();
+        assert_ne!(secret, other, "each store makes its own");
+        assert_ne!(secret, [0; 32]);
+        // Made with the first commit's sync, like the format record.
+        {
+            let store = SledStore::open(a.path()).expect("reopen");
+            assert_eq!(store.secret(), secret);
+            store.commit(&Commit::default()).expect("commit");
+        }
+        assert_eq!(SledStore::open(a.path()).expect("reopen").secret(), secret);
+    }
+
     #[test]
     fn a_store_records_its_format_and_one_of_a_newer_format_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
