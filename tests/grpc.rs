@@ -698,7 +698,8 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
 }
 
 #[tokio::test]
-async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_time() {
+async fn a_baolian_problem_escalates_to_supervision_and_the_leader_as_deadlines_pass_on_virtual_time()
+ {
     let (_dir, clock, server) = serve("2020-09-21T09:00:00+08:00").await;
     let mut platform = Agent::new(&server, "hebei.sjz.platform").await;
     let mut team = Agent::new(&server, "hebei.sjz.industry").await;
@@ -715,21 +716,24 @@ async fn a_baolian_problem_escalates_when_the_county_deadline_passes_on_virtual_
         .fire("bl-1", "report_progress", json!({"progress": "已申请调剂"}))
         .await
         .expect("report");
-    // Ten working days later (past National Day), the county's limit has passed.
+    // Ten working days later (past National Day), the county's limit has
+    // passed: the problem is put under 督办, still the county's to solve.
     clock.set(at("2020-10-11T00:00:01+08:00"));
     server.engine.tick().await.expect("timers fire");
-    let mut city = Agent::new(&server, "hebei.sjz").await;
-    let case = city
-        .get("bl-1")
-        .await
-        .expect("the city now holds a role and sees the case");
-    assert_eq!(case.state, "city_handling");
-    assert_eq!(case.bindings["handler"], "hebei.sjz");
+    let case = county.get("bl-1").await.expect("the county still sees it");
+    assert_eq!(case.state, "supervised");
+    assert_eq!(case.bindings["handler"], "hebei.sjz.gaocheng");
+    // Five working days of 督办 pass too: it goes to the 包联市领导.
+    clock.set(at("2020-10-17T00:00:01+08:00"));
+    server.engine.tick().await.expect("timers fire");
+    let mut leader = Agent::new(&server, "hebei.sjz.office").await;
+    let case = leader.get("bl-1").await.expect("the leader sees the case");
+    assert_eq!(case.state, "leader_coordination");
     // The county may no longer report it solved.
     let refused = county
         .fire("bl-1", "resolve", json!({"solution": "已协调"}))
         .await
-        .expect_err("no longer the handler");
+        .expect_err("only the leader resolves now");
     assert_eq!(refused.code(), Code::PermissionDenied);
     audited(&server).await;
     server.stop().await;
