@@ -158,7 +158,8 @@ pub fn validate(sources: &Sources) -> Validated {
 /// repeated key's last value), so a stored version that breaks only these
 /// still compiles: its running cases must go on moving, and its histories
 /// replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 6] = [
+pub const LATER_RULES: [&str; 7] = [
+    "separated-roles",
     "spawn-binding",
     "effect-binding",
     "deadline-payload",
@@ -748,6 +749,7 @@ impl WorkflowChecker<'_> {
                     );
                 }
             }
+            self.check_separation_possible(r, &path, role);
             // A derived binding must not lead back to itself.
             let mut current = &role.binding;
             for _ in 0..=self.w.roles.len() {
@@ -771,6 +773,81 @@ impl WorkflowChecker<'_> {
                     Some(other) => current = &other.binding,
                     None => break,
                 }
+            }
+        }
+    }
+
+    /// A role kept separate from another fixed to the same agency: no case
+    /// could ever start.
+    fn check_separation_possible(
+        &self,
+        r: &mut Reporter,
+        path: &DocPath,
+        role: &super::model::Role,
+    ) {
+        let Binding::Fixed(agency) = &role.binding else {
+            return;
+        };
+        for (j, other) in role.separate_from.iter().enumerate() {
+            if self.fixed_for_good(other) == Some(agency) {
+                r.error(
+                    "separated-roles",
+                    &path.field("separate_from").index(j),
+                    format!(
+                        "roles `{}` and `{other}` are both fixed to `{agency}`, and `{}` is kept separate from `{other}`: every start would be refused",
+                        role.name, role.name
+                    ),
+                    Some("fix one of them to another agency, or keep them no longer separate".into()),
+                );
+            }
+        }
+    }
+
+    /// The agency a role is fixed to and never re-bound from.
+    fn fixed_for_good(&self, role: &str) -> Option<&String> {
+        let found = self.w.roles.iter().find(|o| o.name == role)?;
+        let Binding::Fixed(agency) = &found.binding else {
+            return None;
+        };
+        let rebound = self.w.states.iter().flat_map(|s| &s.transitions).any(|t| {
+            t.effects
+                .iter()
+                .any(|e| matches!(e, Effect::Bind { role: bound, .. } if bound == role))
+        });
+        (!rebound).then_some(agency)
+    }
+
+    /// A `Bind` to a fixed agency that a role kept separate from the bound
+    /// one is fixed to for good: the effect would fail every time.
+    fn check_bind_separation(&self, r: &mut Reporter, path: &DocPath, bound: &str, to: &Binding) {
+        let Binding::Fixed(agency) = to else {
+            return;
+        };
+        let separated = self.w.roles.iter().filter_map(|role| {
+            if role.name == bound {
+                Some(
+                    role.separate_from
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>(),
+                )
+            } else if role.separate_from.iter().any(|o| o == bound) {
+                Some(vec![role.name.as_str()])
+            } else {
+                None
+            }
+        });
+        for other in separated.flatten() {
+            if self.fixed_for_good(other) == Some(agency) {
+                r.error(
+                    "separated-roles",
+                    &path.field("to"),
+                    format!(
+                        "this gives `{agency}` role `{bound}`, which is kept separate from role `{other}`, fixed to `{agency}`: the step would be refused every time"
+                    ),
+                    Some("bind another agency, or keep the roles no longer separate".into()),
+                );
+                return;
             }
         }
     }
@@ -1277,6 +1354,7 @@ impl WorkflowChecker<'_> {
                             &scope,
                             BindingSite::Effect(role),
                         );
+                        self.check_bind_separation(r, &ep, role, to);
                     }
                 }
             }
