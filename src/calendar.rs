@@ -269,6 +269,19 @@ pub enum CalendarError {
     },
 }
 
+impl CalendarError {
+    /// The line of the calendar file at fault, for an error in one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            CalendarError::Malformed { line, .. }
+            | CalendarError::BadDate { line, .. }
+            | CalendarError::UnknownKind { line, .. }
+            | CalendarError::DuplicateDate { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Holiday,

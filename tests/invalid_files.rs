@@ -133,3 +133,30 @@ fn validate_shows_missing_calendar_warnings_and_exits_0() {
         "{text}"
     );
 }
+
+/// Regression: an error in the holiday calendar was located at line 1,
+/// column 1, whatever line it was on, so an editor jumped to the wrong place.
+#[test]
+fn a_calendar_error_is_located_at_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let calendar = dir.path().join("calendar");
+    std::fs::create_dir(&calendar).expect("calendar folder");
+    let csv = calendar.join("cn_holidays.csv");
+    std::fs::write(
+        &csv,
+        "date,kind\n2026-10-01,holiday\n2026-10-02,holiday\n2026-10-03,holidya\n",
+    )
+    .expect("written");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_govflow"))
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{}:4:1: error[calendar]: ", csv.display())),
+        "{text}"
+    );
+    assert!(text.contains("unknown kind `holidya`"), "{text}");
+}

@@ -179,9 +179,13 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
         .and_then(|path| match Calendar::load(&path) {
             Ok(calendar) => Some((path, calendar)),
             Err(e) => {
+                // At the line at fault, so that an editor goes to it.
                 calendar_diagnostics.push(Diagnostic::at(
                     &path,
-                    LineCol { line: 1, col: 1 },
+                    LineCol {
+                        line: e.line().unwrap_or(1),
+                        col: 1,
+                    },
                     "calendar",
                     e.to_string(),
                 ));
