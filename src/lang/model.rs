@@ -158,7 +158,7 @@ pub struct State {
     /// Makes this a countersign (会签) state.
     #[serde(default)]
     pub countersign: Option<Countersign>,
-    /// Makes this a state that waits for the children spawned on entry.
+    /// Makes this a state that waits for the case's children (see [`AwaitChildren`]).
     #[serde(default)]
     pub children: Option<AwaitChildren>,
     #[serde(default)]
@@ -370,7 +370,9 @@ pub enum RejectRule {
     CountAgainst,
 }
 
-/// A state that waits for the child cases spawned by the transition into it.
+/// A state that waits for the case's child cases: every child the case has
+/// spawned so far, on entering this state or earlier, counts (the wait is
+/// over at once for `Any` if one of them has already settled).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwaitChildren {
@@ -384,7 +386,7 @@ pub struct AwaitChildren {
 pub enum WaitFor {
     /// Every child has settled (reached a terminal state).
     All,
-    /// The first child has settled.
+    /// A child has settled (any of them, also one that settled before the wait began).
     Any,
 }
 
