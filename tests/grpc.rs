@@ -595,7 +595,7 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         .fire(
             "gz-1",
             "commit",
-            json!({"kind": "conditions_met", "commitment_text": "承诺已具备条件"}),
+            json!({"kind": "conditions_met", "commitment_text": "承诺已具备条件", "materials": ["告知承诺书（已签章）", "建设工程规划许可证"]}),
         )
         .await
         .expect("commit");
@@ -1594,7 +1594,7 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
         .fire(
             "zz-1/2",
             "commit",
-            json!({"kind": "conditions_met", "commitment_text": "承诺真实"}),
+            json!({"kind": "conditions_met", "commitment_text": "承诺真实", "materials": ["告知承诺书（已签章）", "经营场所平面图"]}),
         )
         .await
         .expect("commit");
@@ -1644,6 +1644,25 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     amr.fire("zz-1/3", "take_into_supervision", json!({}))
         .await
         .expect("optimise child");
+    // The filed and the 告知承诺 items stay under supervision, so the
+    // registration waits for them, until the enterprise deregisters.
+    let parent = ftz.get("zz-1").await.expect("parent");
+    assert_eq!(parent.state, "awaiting_permits");
+    amr.fire(
+        "zz-1/1",
+        "end_supervision",
+        json!({"reason": "enterprise_deregistered", "note": "企业已注销登记"}),
+    )
+    .await
+    .expect("filing supervision ended");
+    police
+        .fire(
+            "zz-1/2",
+            "end_supervision",
+            json!({"reason": "enterprise_deregistered", "decision": "企业已注销登记，注销许可"}),
+        )
+        .await
+        .expect("commitment supervision ended");
     let parent = ftz.get("zz-1").await.expect("parent");
     assert_eq!(parent.state, "all_settled");
     assert!(

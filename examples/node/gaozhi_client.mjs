@@ -138,7 +138,11 @@ async function main() {
     breach_consequences: "撤销许可",
     model_letter: "示范文本",
   });
-  await fire(PLATFORM, "commit", { kind: "conditions_met", commitment_text: "承诺已具备条件" });
+  // The commitment comes with the materials asked for (a non-empty list): without them it is refused.
+  const commitment = { kind: "conditions_met", commitment_text: "承诺已具备条件" };
+  await refused("a commitment without materials", grpc.status.INVALID_ARGUMENT, "invalid-payload",
+    () => fire(PLATFORM, "commit", commitment, `${id}-commit-without-materials`));
+  await fire(PLATFORM, "commit", { ...commitment, materials: ["告知承诺书（已签章）", "建设工程规划许可证"] });
   await refused("the platform grants", grpc.status.PERMISSION_DENIED, "role-not-allowed",
     () => fire(PLATFORM, "grant", {}, `${id}-grant-by-platform`));
   await refused("another agency reads", grpc.status.NOT_FOUND, "case-not-found",

@@ -111,7 +111,13 @@ def main():
     fire(APPROVAL, "inform", {"conditions": ["已取得建设工程规划许可证"],
                               "supervision_rules": "领证后30日内核查",
                               "breach_consequences": "撤销许可", "model_letter": "示范文本"})
-    fire(PLATFORM, "commit", {"kind": "conditions_met", "commitment_text": "承诺已具备条件"})
+    # The commitment comes with the materials asked for (a non-empty list): without them it is
+    # refused.
+    commitment = {"kind": "conditions_met", "commitment_text": "承诺已具备条件"}
+    refused("a commitment without materials", grpc.StatusCode.INVALID_ARGUMENT, "invalid-payload",
+            lambda: fire(PLATFORM, "commit", commitment,
+                         request_id=args.case_id + "-commit-without-materials"))
+    fire(PLATFORM, "commit", {**commitment, "materials": ["告知承诺书（已签章）", "建设工程规划许可证"]})
     refused("the platform grants", grpc.StatusCode.PERMISSION_DENIED, "role-not-allowed",
             lambda: fire(PLATFORM, "grant", request_id=args.case_id + "-grant-by-platform"))
     refused("another agency reads", grpc.StatusCode.NOT_FOUND, "case-not-found",
