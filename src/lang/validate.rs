@@ -158,8 +158,9 @@ pub fn validate(sources: &Sources) -> Validated {
 /// repeated key's last value), so a stored version that breaks only these
 /// still compiles: its running cases must go on moving, and its histories
 /// replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 7] = [
+pub const LATER_RULES: [&str; 8] = [
     "separated-roles",
+    "kept-expiry",
     "spawn-binding",
     "effect-binding",
     "deadline-payload",
@@ -1171,7 +1172,9 @@ impl WorkflowChecker<'_> {
             let dp = sp.field("deadline");
             self.check_amount(r, &dp.field("within"), &deadline.within);
             self.check_anchor(r, &dp.field("within"), &deadline.within, false);
-            if deadline.within.amount() == Some(&Amount::Fixed(0)) {
+            // `Days(0)` and `WorkingDays(0)` are the end of the day the
+            // state is entered (当场, 当日), not its moment.
+            if matches!(&deadline.within, Period::Hours(Amount::Fixed(0))) {
                 r.error(
                     "zero-deadline",
                     &dp.field("within"),
@@ -1265,6 +1268,17 @@ impl WorkflowChecker<'_> {
                         hint_for(role, "roles", self.role_names()),
                     );
                 }
+            }
+            if t.keep_deadline && t.to == state.name && expiry == Some(t.event.as_str()) {
+                r.error(
+                    "kept-expiry",
+                    &tp.field("keep_deadline"),
+                    format!(
+                        "`{}` is the expiry of state `{}`'s deadline, and keeping that deadline keeps the timer that has just fired: it would fire again at once, in a loop",
+                        t.event, state.name
+                    ),
+                    Some("leave out `keep_deadline` (the deadline starts again), or record the lateness in a state of its own".into()),
+                );
             }
             if t.keep_deadline && t.to != state.name {
                 r.error(
