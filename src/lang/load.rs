@@ -393,9 +393,13 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str, out: &mut Vec<Diagnos
     match ron_options().from_str::<T>(text) {
         Ok(value) => Some(value),
         Err(e) => {
-            let mut diagnostic = syntax_diagnostic(path, &e);
+            let mut diagnostic = syntax_diagnostic(path, &e, text);
             if diagnostic.hint.is_none()
-                && !matches!(e.code, ron::error::Error::TrailingCharacters)
+                && !matches!(
+                    e.code,
+                    ron::error::Error::TrailingCharacters
+                        | ron::error::Error::MissingStructField { .. }
+                )
                 && at_end(text, e.span.start.line, e.span.start.col)
             {
                 diagnostic.hint = Some(
@@ -419,12 +423,15 @@ fn at_end(text: &str, line: usize, col: usize) -> bool {
 }
 
 /// A `ron` error as a diagnostic; unknown fields and variants get a "did you mean".
-pub fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError) -> Diagnostic {
+fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError, text: &str) -> Diagnostic {
     use ron::error::Error;
-    let at = LineCol {
-        line: e.span.start.line,
-        col: e.span.start.col,
-    };
+    let at = past_blanks(
+        text,
+        LineCol {
+            line: e.span.start.line,
+            col: e.span.start.col,
+        },
+    );
     let hint = match &e.code {
         Error::NoSuchStructField {
             expected, found, ..
@@ -434,8 +441,24 @@ pub fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError) -> Diagnosti
             expected, found, ..
         } => did_you_mean(found, expected.iter().copied())
             .or_else(|| Some(format!("expected one of: {}", expected.join(", ")))),
+        // Reported where the struct closes: at the end of the file for a
+        // workflow's own fields, which is no sign of a file cut short.
+        Error::MissingStructField { field, outer } => {
+            let to = outer
+                .as_deref()
+                .map(|o| format!(" to the `{o}`"))
+                .unwrap_or_default();
+            Some(format!(
+                "add `{field}: …`{to}, before the `)` that closes it: the field is required"
+            ))
+        }
+        // serde's words for a length that is neither a count nor a name.
+        Error::Message(m) if m.contains("untagged enum Amount") => Some(
+            "a length is a whole number, 0 or more (`Days(5)`), or the name of an Integer variable in quotes (`Days(\"commit_days\")`)".to_owned(),
+        ),
         _ => None,
-    };
+    }
+    .or_else(|| full_width_hint(text, at));
     let message = match &e.code {
         // ron's own words name its options, which an author cannot set.
         Error::ExceededRecursionLimit => {
@@ -444,6 +467,60 @@ pub fn syntax_diagnostic(path: &Path, e: &ron::error::SpannedError) -> Diagnosti
         other => other.to_string(),
     };
     Diagnostic::at(path, at, "syntax", message).with_hint(hint)
+}
+
+/// `at`, moved past the blanks it stands on to what follows on its line: ron
+/// reports an unexpected token where the blanks before it begin.
+fn past_blanks(text: &str, at: LineCol) -> LineCol {
+    let Some(line) = at.line.checked_sub(1).and_then(|n| text.lines().nth(n)) else {
+        return at;
+    };
+    let blanks = line
+        .chars()
+        .skip(at.col.saturating_sub(1))
+        .take_while(|c| *c == ' ' || *c == '\t')
+        .count();
+    let rest = line.chars().nth(at.col.saturating_sub(1) + blanks);
+    match rest {
+        Some(_) if blanks > 0 => LineCol {
+            col: at.col + blanks,
+            ..at
+        },
+        _ => at,
+    }
+}
+
+/// Full-width punctuation a Chinese input method types, and the ASCII RON reads.
+const FULL_WIDTH: [(char, char); 14] = [
+    ('，', ','),
+    ('：', ':'),
+    ('“', '"'),
+    ('”', '"'),
+    ('‘', '\''),
+    ('’', '\''),
+    ('（', '('),
+    ('）', ')'),
+    ('［', '['),
+    ('］', ']'),
+    ('【', '['),
+    ('】', ']'),
+    ('｛', '{'),
+    ('｝', '}'),
+];
+
+/// A hint when full-width punctuation stands where the error is (ron
+/// reports some such errors one character early): outside a string, RON
+/// reads only the ASCII marks.
+fn full_width_hint(text: &str, at: LineCol) -> Option<String> {
+    let line = text.lines().nth(at.line.checked_sub(1)?)?;
+    let (typed, ascii) = line
+        .chars()
+        .skip(at.col.saturating_sub(1))
+        .take(3)
+        .find_map(|c| FULL_WIDTH.iter().find(|(wide, _)| *wide == c))?;
+    Some(format!(
+        "`{typed}` is full-width punctuation (typed with a Chinese input method), which RON does not read: type the ASCII `{ascii}` (quote marks inside a string may stay)"
+    ))
 }
 
 fn collect_ron(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
