@@ -493,8 +493,8 @@ pub fn start_version(
         pending = waiting;
     }
 
-    if let Some(shared) = shared_duties(wf, &bindings) {
-        return Err(invalid(shared));
+    if let Some(problem) = shared_duties(wf, &bindings).or_else(|| misplaced(lib, wf, &bindings)) {
+        return Err(invalid(problem));
     }
 
     let mut case = Case {
@@ -562,6 +562,30 @@ fn shared_duties(wf: &CompiledWorkflow, bindings: &BTreeMap<String, String>) -> 
             "`{agency}` would hold both role `{}` and role `{other}`, which workflow `{}` keeps separate",
             role.name, wf.def.name
         ))
+    })
+}
+
+/// The first role bound to an agency of another level than the role asks
+/// for (`level`), described. Agencies outside the directory (there is none
+/// loaded) are not judged.
+fn misplaced(
+    lib: &Library,
+    wf: &CompiledWorkflow,
+    bindings: &BTreeMap<String, String>,
+) -> Option<String> {
+    wf.def.roles.iter().find_map(|role| {
+        let wanted = role.level?;
+        let agency = bindings.get(&role.name)?;
+        let found = lib.directory.get(agency)?.level;
+        (found != wanted).then(|| {
+            format!(
+                "`{agency}` is a {}-level agency and role `{}` of workflow `{}` is held only at the {} level",
+                found.as_str(),
+                role.name,
+                wf.def.name,
+                wanted.as_str()
+            )
+        })
     })
 }
 
@@ -900,8 +924,10 @@ fn transition_path(
                             failed(format!("re-binding role `{role}`: {}", e.message()))
                         })?;
                 new.bindings.insert(role.clone(), id);
-                if let Some(shared) = shared_duties(wf, &new.bindings) {
-                    return Err(failed(format!("re-binding role `{role}`: {shared}")));
+                if let Some(problem) =
+                    shared_duties(wf, &new.bindings).or_else(|| misplaced(lib, wf, &new.bindings))
+                {
+                    return Err(failed(format!("re-binding role `{role}`: {problem}")));
                 }
                 cel.set_roles(&new.bindings);
             }

@@ -42,6 +42,11 @@ pub struct Role {
     /// start, and so is a step that would re-bind it so.
     #[serde(default)]
     pub separate_from: Vec<String>,
+    /// The level the agency holding this role must be at (the county
+    /// government an enterprise names is a county): a start or a re-binding
+    /// that gives it to an agency of another level is refused.
+    #[serde(default)]
+    pub level: Option<Level>,
 }
 
 /// How a role finds its agency: at start, and again when an effect re-binds it.

@@ -18,7 +18,7 @@ use super::expr::{self, Scope, Ty};
 use super::load::{SourceFile, Sources};
 use super::locate::DocPath;
 use super::model::{
-    Amount, Binding, Catalogue, Effect, Period, Quorum, Spawn, Type, Variable, Workflow,
+    Amount, Binding, Catalogue, Effect, Level, Period, Quorum, Spawn, Type, Variable, Workflow,
 };
 use super::value::{self, Directory, ron_to_json};
 use crate::calendar::{AnchorDay, Calendar};
@@ -751,6 +751,9 @@ impl WorkflowChecker<'_> {
                 }
             }
             self.check_separation_possible(r, &path, role);
+            if let Some(level) = role.level {
+                self.check_bound_level(r, &path.field("binding"), &role.name, level, &role.binding);
+            }
             // A derived binding must not lead back to itself.
             let mut current = &role.binding;
             for _ in 0..=self.w.roles.len() {
@@ -775,6 +778,35 @@ impl WorkflowChecker<'_> {
                     None => break,
                 }
             }
+        }
+    }
+
+    /// A binding that can only give a role of `level` an agency of another
+    /// level: a fixed agency of the directory, or an ancestor at another level.
+    fn check_bound_level(
+        &self,
+        r: &mut Reporter,
+        path: &DocPath,
+        role: &str,
+        level: Level,
+        binding: &Binding,
+    ) {
+        let found = match binding {
+            Binding::Fixed(agency) => self.directory.and_then(|d| d.get(agency)).map(|a| a.level),
+            Binding::AncestorOf { level: at, .. } => Some(*at),
+            _ => None,
+        };
+        if let Some(found) = found.filter(|f| *f != level) {
+            r.error(
+                "role-level",
+                path,
+                format!(
+                    "role `{role}` is held only at the {} level, and this binds it to a {}-level agency: that would be refused every time",
+                    level.as_str(),
+                    found.as_str()
+                ),
+                Some(format!("bind a {}-level agency, or change the role's `level`", level.as_str())),
+            );
         }
     }
 
@@ -1369,6 +1401,15 @@ impl WorkflowChecker<'_> {
                             BindingSite::Effect(role),
                         );
                         self.check_bind_separation(r, &ep, role, to);
+                        if let Some(level) = self
+                            .w
+                            .roles
+                            .iter()
+                            .find(|o| o.name == *role)
+                            .and_then(|o| o.level)
+                        {
+                            self.check_bound_level(r, &ep.field("to"), role, level, to);
+                        }
                     }
                 }
             }

@@ -257,6 +257,79 @@ fn roles_kept_separate_are_never_held_by_one_agency() {
     assert_eq!(delegated.bindings["approval"], "tax");
 }
 
+/// Regression: an agency could name itself, or any agency, the county of a
+/// case (`county = hebei.sjz.tax`), and hold the county's role. A role with
+/// a `level` is held only by an agency at that level, at start and after a
+/// re-binding.
+#[test]
+fn a_role_with_a_level_is_held_only_at_that_level() {
+    const LEVELLED: &str = r#"Workflow(
+        name: "levelled",
+        title: "层级",
+        roles: [
+            Role(name: "applicant", binding: Starter),
+            Role(name: "county_gov", binding: Variable("county"), level: County),
+            Role(name: "city_gov", binding: ParentOf("county_gov"), level: City),
+        ],
+        variables: [Variable(name: "county", given: true, type: Agency)],
+        start: "review",
+        states: [
+            State(name: "review", title: "审查", transitions: [
+                Transition(event: "hand_over", to: "review", roles: ["county_gov"],
+                    payload: [Field(name: "to", type: Agency)],
+                    effects: [Bind(role: "county_gov", to: Expr("payload.to"))]),
+                Transition(event: "grant", to: "granted", roles: ["county_gov"]),
+            ]),
+            State(name: "granted", title: "准予", outcome: "granted"),
+        ],
+    )"#;
+    let mut docs = testkit::standard_docs();
+    docs.push(("levelled.ron", LEVELLED));
+    let lib = testkit::library_of(&testkit::sources(&docs, None));
+    let none = BTreeMap::new();
+    let go = |county: &str| {
+        start(
+            &lib,
+            "levelled",
+            "l1",
+            "ent",
+            &none,
+            &obj(json!({"county": county})),
+            t0(),
+        )
+    };
+    let e = err(go("amr"));
+    assert_eq!(e.code, RejectCode::InvalidStart);
+    assert!(
+        e.message.contains(
+            "`amr` is a city-level agency and role `county_gov` of workflow `levelled` is held only at the county level"
+        ),
+        "{e}"
+    );
+    let case = ok(go("k")).case;
+    assert_eq!(case.bindings["city_gov"], "c");
+    let e = err(fire(
+        &lib,
+        &case,
+        "hand_over",
+        "k",
+        json!({"to": "amr"}),
+        t0(),
+    ));
+    assert_eq!(e.code, RejectCode::EffectFailed);
+    assert!(e.message.contains("re-binding role `county_gov`"), "{e}");
+    let moved = ok(fire(
+        &lib,
+        &case,
+        "hand_over",
+        "k",
+        json!({"to": "k2"}),
+        t0(),
+    ))
+    .case;
+    assert_eq!(moved.bindings["county_gov"], "k2");
+}
+
 /// Regression: a case on a version the library cannot run (it no longer
 /// validates, or a newer govflow deployed it) ran under the current rules,
 /// and its history then failed to replay.
