@@ -762,17 +762,15 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 let st = width(cases().map(|c| c.state.as_str()), 22);
                 for item in &page.items {
                     let Some(c) = &item.case else { continue };
-                    let deadline = item
-                        .deadline
-                        .as_ref()
-                        .map(|d| records::rfc3339(Some(d)))
-                        .unwrap_or_else(|| "—".into());
+                    let deadline = item.deadline.as_ref().map(|d| records::rfc3339(Some(d)));
                     if as_json {
+                        // No deadline is null, not the table's dash.
                         out!(
                             "{}",
                             json!({"case": case_json(c), "events": item.events, "deadline": deadline})
                         );
                     } else {
+                        let deadline = deadline.unwrap_or_else(|| "—".into());
                         out!(
                             "{:<36} {:<wf$} {:<st$} due {}  can: {}",
                             c.id,

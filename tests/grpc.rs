@@ -2269,6 +2269,64 @@ async fn the_command_line_pages_through_a_long_inbox_and_says_when_there_is_noth
     server.stop().await;
 }
 
+/// Regression: `govflow case inbox --json` gave a case without a deadline
+/// the table's dash (`"deadline": "—"`) instead of null.
+#[tokio::test]
+async fn the_command_line_inbox_in_json_gives_null_for_no_deadline() {
+    let (_dir, _clock, server) = serve("2020-06-01T09:00:00+08:00").await;
+    let (mut cases, _, _) = server.clients().await;
+    let platform = server.token("hebei.sjz.platform");
+    cases
+        .create_case(authed(
+            Some(&platform),
+            new_case(
+                "gz-json",
+                "gaozhi_chengnuo",
+                &[
+                    ("approval", "hebei.sjz.approval"),
+                    ("supervision", "hebei.sjz.housing"),
+                    ("registration", "hebei.sjz.amr"),
+                ],
+                json!({"permit_id": "SGXK-1", "permit_name": "建筑工程施工许可", "enterprise_name": "石家庄某置业有限公司", "credit_code": "91130102MA0HOUS001"}),
+            ),
+        ))
+        .await
+        .expect("starts");
+    let amr = server.token("hebei.sjz.amr");
+    cases
+        .create_case(authed(Some(&amr), trading_registration("r-json")))
+        .await
+        .expect("starts");
+    let address = format!("127.0.0.1:{}", server.port);
+    let inbox = |token: String| {
+        cli(vec![
+            "case".into(),
+            "inbox".into(),
+            "--json".into(),
+            "--server".into(),
+            address.clone(),
+            "--token".into(),
+            token,
+        ])
+    };
+    let item = |out: std::process::Output, id: &str| -> Json {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Json>(l).expect("a JSON line"))
+            .find(|item| item["case"]["id"] == id)
+            .expect("the case is in the inbox")
+    };
+    let waiting = item(inbox(platform).await, "gz-json");
+    assert_eq!(waiting["deadline"], Json::Null, "{waiting}");
+    let due = item(inbox(amr).await, "r-json");
+    assert!(
+        due["deadline"].as_str().is_some_and(|d| d.ends_with('Z')),
+        "{due}"
+    );
+    server.stop().await;
+}
+
 /// Sends its bytes as they are, so that a test can send what no generated
 /// client would: bytes that are not a protobuf message.
 #[derive(Clone, Copy, Default)]
