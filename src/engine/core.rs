@@ -387,7 +387,8 @@ pub fn start_version(
     let invalid = |m: String| reject(RejectCode::InvalidStart, m);
     if !starter.is_empty() && !known_agency(lib, starter) {
         return Err(invalid(format!(
-            "the starter `{starter}` is not an agency of the directory"
+            "the starter: {}",
+            lib.directory.unknown(starter)
         )));
     }
 
@@ -435,7 +436,8 @@ pub fn start_version(
         }
         if !known_agency(lib, agency) {
             return Err(invalid(format!(
-                "role `{role}`: `{agency}` is not an agency of the directory"
+                "role `{role}`: {}",
+                lib.directory.unknown(agency)
             )));
         }
     }
@@ -1986,9 +1988,7 @@ fn resolve_binding(
         },
     };
     if !known_agency(lib, &id) {
-        return Err(BindError::Failed(format!(
-            "`{id}` is not an agency of the directory"
-        )));
+        return Err(BindError::Failed(lib.directory.unknown(&id)));
     }
     Ok(id)
 }

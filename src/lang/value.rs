@@ -33,6 +33,17 @@ impl Directory {
         }
     }
 
+    /// What to say of `id`, which is not an agency of the directory: with
+    /// the closest id, when one is close (ids are long and dotted, easily
+    /// misspelt).
+    pub fn unknown(&self, id: &str) -> String {
+        let close = super::diag::did_you_mean(id, self.ids());
+        match close {
+            Some(hint) => format!("`{id}` is not an agency of the directory ({hint})"),
+            None => format!("`{id}` is not an agency of the directory"),
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<&Agency> {
         self.by_id.get(id)
     }
@@ -168,9 +179,7 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
             }
         }
         (Type::Agency, Json::String(s)) => match directory {
-            Some(dir) if !dir.contains(s) => {
-                Err(format!("`{s}` is not an agency of the directory"))
-            }
+            Some(dir) if !dir.contains(s) => Err(dir.unknown(s)),
             _ => Ok(value.clone()),
         },
         (Type::List(inner), Json::Array(items)) => items
@@ -391,5 +400,29 @@ mod tests {
         );
         assert!(dir.ancestor_at("p", Level::County).is_none());
         assert!(check(&json!("x"), &Type::Agency, Some(&dir)).is_err());
+    }
+
+    /// Regression: a misspelt agency id got no suggestion, although
+    /// misspelt fields and events do.
+    #[test]
+    fn an_unknown_agency_id_is_told_the_closest_one() {
+        let agencies: Agencies = crate::lang::load::ron_options()
+            .from_str(
+                r#"Agencies(agencies: [
+                Agency(id: "hebei", name: "省", level: Province),
+                Agency(id: "hebei.sjz", name: "市", level: City, parent: "hebei"),
+                Agency(id: "hebei.sjz.power", name: "供电公司", level: City, parent: "hebei.sjz"),
+            ])"#,
+            )
+            .expect("parses");
+        let dir = Directory::new(&agencies);
+        assert_eq!(
+            check(&json!("hebei.sjz.powr"), &Type::Agency, Some(&dir)),
+            Err("`hebei.sjz.powr` is not an agency of the directory (did you mean `hebei.sjz.power`?)".into())
+        );
+        assert_eq!(
+            dir.unknown("nowhere"),
+            "`nowhere` is not an agency of the directory"
+        );
     }
 }
