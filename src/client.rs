@@ -131,8 +131,9 @@ pub enum CaseCommand {
         /// A searchable variable: NAME=VALUE (needs --workflow).
         #[arg(long = "var", value_name = "NAME=VALUE")]
         variable: Option<String>,
-        /// Only cases whose deadline comes before this time (RFC 3339, a
-        /// date, or `now` for those overdue), soonest first.
+        /// Only cases whose deadline comes at or before this time (RFC 3339,
+        /// a date — the start of that day in Beijing — or `now` for those
+        /// overdue), soonest first, with their deadlines.
         #[arg(long, value_name = "TIME")]
         due_before: Option<String>,
     },
@@ -329,6 +330,20 @@ pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A time on the command line: as the audit commands read one, or `now`.
+/// A time as the tables show it: in Beijing time (the time the policies'
+/// deadlines are set in, and that clerks read), to the second. A deadline
+/// at the end of a day shows as `24:00` of that day, as 截止…24时 is said,
+/// rather than as midnight of the next. `--json` keeps RFC 3339 in UTC.
+fn shown_time(t: Option<&prost_types::Timestamp>) -> String {
+    let beijing = chrono::FixedOffset::east_opt(8 * 3600).expect("a valid offset");
+    let local = records::from_timestamp(t).with_timezone(&beijing);
+    let end_of_day = local.time() == chrono::NaiveTime::MIN;
+    match local.date_naive().pred_opt() {
+        Some(day) if end_of_day => format!("{day} 24:00:00 +08:00"),
+        _ => local.format("%Y-%m-%d %H:%M:%S %:z").to_string(),
+    }
+}
+
 fn time_argument(text: &str) -> Result<prost_types::Timestamp> {
     let time = if text == "now" {
         chrono::Utc::now()
@@ -425,7 +440,7 @@ fn case_lines(c: &proto::Case) -> Vec<String> {
         lines.push(format!(
             "{kind:<10} {:<18} {}",
             t.event,
-            records::rfc3339(t.due_time.as_ref())
+            shown_time(t.due_time.as_ref())
         ));
     }
     for ch in &c.children {
@@ -634,7 +649,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                             out!(
                                 "{:>4}  {}  {:<28} {:<24} {} → {}",
                                 e.sequence,
-                                records::rfc3339(e.time.as_ref()),
+                                shown_time(e.time.as_ref()),
                                 actor,
                                 e.event,
                                 e.from_state,
@@ -687,6 +702,16 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 for c in &page.cases {
                     if as_json {
                         out!("{}", case_json(c));
+                    } else if due_before.is_some() {
+                        // Listed by deadline: the deadline is what to show.
+                        let deadline = records::running_deadline(c);
+                        out!(
+                            "{:<36} {:<wf$} {:<st$} due {}",
+                            c.id,
+                            c.workflow,
+                            c.state,
+                            shown_time(deadline)
+                        );
                     } else {
                         out!(
                             "{:<36} {:<wf$} {:<st$} seq {}",
@@ -734,7 +759,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                     out!(
                         "{:>8}  {}  {:<28} {:>4}  {:<24} {} → {}",
                         message.cursor,
-                        records::rfc3339(e.time.as_ref()),
+                        shown_time(e.time.as_ref()),
                         e.case_id,
                         e.sequence,
                         e.event,
@@ -770,7 +795,10 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                             json!({"case": case_json(c), "events": item.events, "deadline": deadline})
                         );
                     } else {
-                        let deadline = deadline.unwrap_or_else(|| "—".into());
+                        let deadline = item
+                            .deadline
+                            .as_ref()
+                            .map_or_else(|| "—".into(), |d| shown_time(Some(d)));
                         out!(
                             "{:<36} {:<wf$} {:<st$} due {}  can: {}",
                             c.id,
@@ -1122,6 +1150,24 @@ mod tests {
         })
     }
 
+    /// Regression: tables showed times in UTC to the nanosecond
+    /// (`2026-12-11T16:00:00Z` for the end of 11 December in Beijing).
+    #[test]
+    fn tables_show_beijing_time_and_a_day_ends_at_24_00() {
+        assert_eq!(
+            shown_time(due("2020-06-01T01:00:00.123456789Z").as_ref()),
+            "2020-06-01 09:00:00 +08:00"
+        );
+        assert_eq!(
+            shown_time(due("2026-12-11T16:00:00Z").as_ref()),
+            "2026-12-11 24:00:00 +08:00"
+        );
+        assert_eq!(
+            shown_time(due("2026-12-11T16:00:01Z").as_ref()),
+            "2026-12-12 00:00:01 +08:00"
+        );
+    }
+
     /// Regression: `case show` printed both reminders and the deadline as
     /// `deadline time_limit_expired <time>`.
     #[test]
@@ -1164,9 +1210,9 @@ mod tests {
         assert_eq!(
             timers,
             [
-                "reminder   time_limit_expired 2020-06-03T16:00:00Z",
-                "reminder   time_limit_expired 2020-06-04T16:00:00Z",
-                "deadline   time_limit_expired 2020-06-05T16:00:00Z",
+                "reminder   time_limit_expired 2020-06-03 24:00:00 +08:00",
+                "reminder   time_limit_expired 2020-06-04 24:00:00 +08:00",
+                "deadline   time_limit_expired 2020-06-05 24:00:00 +08:00",
             ]
         );
         assert_eq!(lines[0], "case       c1");

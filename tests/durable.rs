@@ -1283,18 +1283,30 @@ async fn cases_are_listed_by_deadline_soonest_first() {
     assert!(deadline("c") < deadline("b") && deadline("b") < deadline("a"));
     let everything = CaseFilter::default();
     let listed = engine
+        .list_due(
+            &everything,
+            deadline("a") - TimeDelta::nanoseconds(1),
+            "",
+            50,
+        )
+        .expect("list");
+    assert_eq!(ids(&listed), ["c", "b"], "due before, soonest first");
+    // Regression: a deadline at the very time asked for was left out, so
+    // `--due-before 2026-12-12` missed the cases due at the end of the 11th.
+    let listed = engine
         .list_due(&everything, deadline("a"), "", 50)
         .expect("list");
-    assert_eq!(
-        ids(&listed),
-        ["c", "b"],
-        "due strictly before, soonest first"
-    );
+    assert_eq!(ids(&listed), ["c", "b", "a"], "due at or before");
     // A reminder before the first deadline is no deadline.
     let reminder = timer("c", proto::TimerKind::Reminder);
     assert!(reminder < deadline("c"));
     let listed = engine
-        .list_due(&everything, deadline("c"), "", 50)
+        .list_due(
+            &everything,
+            deadline("c") - TimeDelta::nanoseconds(1),
+            "",
+            50,
+        )
         .expect("list");
     assert!(listed.cases.is_empty(), "{:?}", ids(&listed));
     let later = deadline("a") + TimeDelta::days(30);

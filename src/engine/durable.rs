@@ -712,8 +712,8 @@ impl Engine {
     }
 
     /// Cases matching `filter` whose running deadline (the state's expiry,
-    /// not a reminder) comes before `before`, soonest first: what is due or
-    /// overdue. Read from the store's timers, which are kept in due order.
+    /// not a reminder) comes at or before `before`, soonest first: what is
+    /// due or overdue. Read from the store's timers, which are kept in due order.
     pub fn list_due(
         &self,
         filter: &CaseFilter,
@@ -742,7 +742,7 @@ impl Engine {
                 }
                 read += 1;
                 cursor = Some(timer.clone());
-                if timer.due >= before {
+                if timer.due > before {
                     return Ok(page);
                 }
                 let Some(case) = store.case(&timer.case_id)? else {

@@ -1350,12 +1350,7 @@ impl CasesService for Api {
                         events.extend([cs.sign_event.clone(), cs.reject_event.clone()]);
                     }
                 }
-                let deadline = case
-                    .timers
-                    .iter()
-                    .filter(|t| t.kind() == proto::TimerKind::Expiry)
-                    .filter_map(|t| t.due_time)
-                    .min_by_key(|t| (t.seconds, t.nanos));
+                let deadline = records::running_deadline(&case).copied();
                 proto::InboxItem {
                     case: Some(case),
                     events,

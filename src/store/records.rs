@@ -33,6 +33,16 @@ pub fn from_timestamp(t: Option<&prost_types::Timestamp>) -> DateTime<Utc> {
 }
 
 /// RFC 3339 in UTC, as in exports and the canonical encoding.
+/// The case's running deadline: its state's expiry (not a reminder), the
+/// soonest if there were several.
+pub fn running_deadline(case: &proto::Case) -> Option<&prost_types::Timestamp> {
+    case.timers
+        .iter()
+        .filter(|t| t.kind() == proto::TimerKind::Expiry)
+        .filter_map(|t| t.due_time.as_ref())
+        .min_by_key(|t| (t.seconds, t.nanos))
+}
+
 pub fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
     from_timestamp(t).to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
