@@ -501,7 +501,7 @@ impl PageTokens {
             invalid(
                 "bad-page-token",
                 "page_token",
-                "page_token was not issued by this server for this listing: a token goes on only with the caller and filter of the page that gave it",
+                "page_token was not issued by this server for this listing: a token goes on only with the caller and filter of the page that gave it, and not across an upgrade of govflow; start the listing again without a token",
             )
         };
         let mut bytes = hex::decode(token).map_err(|_| refused())?;

@@ -279,7 +279,12 @@ fn stored_segment_size(conf: &[u8]) -> Option<usize> {
 /// 2: request outcomes are kept under the agency and its request id, not
 /// the bare id (a format-1 govflow would not find them, and would run a
 /// retried request again).
-pub const FORMAT: u32 = 2;
+///
+/// 3: the store keeps a secret (`V·secret`) that derives the ids of cases
+/// started without one (a format-2 govflow would derive another id for a
+/// retry, refuse it as a different request, and its client would start the
+/// case twice) and seals page tokens.
+pub const FORMAT: u32 = 3;
 
 /// Opens the sled database of the store in `dir` ([`sled_config`]), unless
 /// it is of a newer format than [`FORMAT`]. sled closes its files from
