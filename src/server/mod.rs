@@ -52,9 +52,13 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 ///   latter), and a compressed one that inflates past it is
 ///   RESOURCE_EXHAUSTED without a reason: both get reason
 ///   `message-too-large`, with the limit;
-/// - a request that does not decode as its protobuf message is INTERNAL,
-///   which must never answer bad input: INVALID_ARGUMENT, reason
-///   `malformed-message` (`too-deep` past prost's 100 levels of nesting).
+/// - a request that does not decode as its protobuf message, or whose
+///   gRPC framing is broken (a message cut short, a compressed flag without
+///   an encoding), is INTERNAL, which must never answer bad input:
+///   INVALID_ARGUMENT, reason `malformed-message` (`too-deep` past prost's
+///   100 levels of nesting). (gRPC's compression document asks for
+///   INTERNAL for the compressed flag; a department system reading it would
+///   look for a fault in the server, not in its own request.)
 fn tonic_refusals_rewritten(
     mut response: tonic::codegen::http::Response<tonic::body::Body>,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
@@ -71,7 +75,11 @@ fn tonic_refusals_rewritten(
         )),
         Some(b"13") => tonic::Status::from_header_map(headers)
             .map(|refusal| refusal.message().to_owned())
-            .filter(|message| message.starts_with("failed to decode"))
+            .filter(|message| {
+                message.starts_with("failed to decode")
+                    || message.starts_with("Unexpected EOF decoding stream")
+                    || message.starts_with("protocol error: received message with")
+            })
             .map(|message| {
                 // prost stops at 100 levels of nested messages: a valid
                 // request, only too deep (a `Struct` inside a `Struct` …).
@@ -773,6 +781,43 @@ pub async fn serve_on(
 
 #[cfg(test)]
 mod tests {
+    /// Regression: a request whose gRPC framing is broken (cut short, or
+    /// flagged compressed without an encoding) was answered INTERNAL with
+    /// no reason, which reads as a fault of the server.
+    #[test]
+    fn broken_framing_is_answered_as_a_malformed_message() {
+        use tonic_types::StatusExt;
+        for refusal in [
+            "Unexpected EOF decoding stream.",
+            "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            "failed to decode Protobuf message: invalid wire type",
+        ] {
+            let mut response = tonic::codegen::http::Response::new(tonic::body::Body::empty());
+            tonic::Status::internal(refusal)
+                .add_header(response.headers_mut())
+                .expect("headers");
+            let rewritten = super::tonic_refusals_rewritten(response);
+            let status = tonic::Status::from_header_map(rewritten.headers()).expect("a status");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{refusal}");
+            assert_eq!(
+                status
+                    .get_error_details()
+                    .error_info()
+                    .map(|i| i.reason.as_str()),
+                Some("malformed-message"),
+                "{refusal}"
+            );
+        }
+        // A fault of the server stays one.
+        let mut response = tonic::codegen::http::Response::new(tonic::body::Body::empty());
+        tonic::Status::internal("storage failed")
+            .add_header(response.headers_mut())
+            .expect("headers");
+        let kept = super::tonic_refusals_rewritten(response);
+        let status = tonic::Status::from_header_map(kept.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+    }
+
     use super::*;
 
     #[test]
