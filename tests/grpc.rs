@@ -684,6 +684,8 @@ async fn a_gaozhi_case_runs_end_to_end_across_a_restart_with_each_agencys_own_cr
         .case
         .expect("case");
     assert_eq!((then.state.as_str(), then.sequence), ("applied", 2));
+    // Regression: the case as of a step had no head hash.
+    assert_eq!(then.head_hash, history[1].hash);
     // Verifying every case is for auditors.
     let refused = audit
         .verify_history(authed(
@@ -990,6 +992,7 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         ("a time with negative nanoseconds", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Time(prost_types::Timestamp { seconds: 1_600_000_000, nanos: -1 })) })).await.map(|_| ()), Code::InvalidArgument, "bad-time"),
         ("an unknown picture format", definitions.render_workflow(authed(t, proto::RenderWorkflowRequest { name: "workflows/zzfl_abolish".into(), format: 99 })).await.map(|_| ()), Code::InvalidArgument, "bad-format"),
         ("malformed case name", cases.get_case(authed(t, proto::GetCaseRequest { name: "b-1".into() })).await.map(|_| ()), Code::InvalidArgument, "bad-resource-name"),
+        ("a case id no case can have", cases.fire_event(authed(t, proto::FireEventRequest { case: format!("cases/{}", "b".repeat(3000)), request_id: "long".into(), event: "x".into(), ..Default::default() })).await.map(|_| ()), Code::InvalidArgument, "bad-case-id"),
         ("a step past the head", audit.get_case_at(authed(t, proto::GetCaseAtRequest { name: "cases/b-1".into(), at: Some(proto::get_case_at_request::At::Sequence(99)) })).await.map(|_| ()), Code::OutOfRange, "out-of-range"),
         ("unknown case", cases.get_case(authed(t, proto::GetCaseRequest { name: "cases/nope".into() })).await.map(|_| ()), Code::NotFound, "case-not-found"),
         ("unknown workflow", cases.create_case(authed(t, proto::CreateCaseRequest { request_id: "u".into(), case_id: "b-9".into(), workflow: "nope".into(), ..start.clone() })).await.map(|_| ()), Code::NotFound, "unknown-workflow"),

@@ -548,6 +548,8 @@ pub struct CaseAt {
     pub timers: Vec<Timer>,
     /// The whole case as replayed.
     pub case: core::Case,
+    /// The stored hash of the step that led there: the head of the chain then.
+    pub head_hash: Vec<u8>,
     /// The step that led there.
     pub step: ReplayStep,
 }
@@ -614,6 +616,14 @@ pub fn case_at(source: &dyn RecordSource, lib: &Library, id: &str, at: At) -> Re
     let (Some(after), Some(entry)) = (cases.last(), entries.get(n - 1)) else {
         return Err(out_of_range(format!("{at:?}")));
     };
+    let mut head_hash = Vec::new();
+    source.visit_history(id, &mut |raw| match raw.entry {
+        Ok(stored) if stored.sequence == entry.seq => {
+            head_hash.clone_from(&stored.hash);
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    })?;
     Ok(CaseAt {
         case_id: id.to_owned(),
         workflow: case.workflow.clone(),
@@ -626,6 +636,7 @@ pub fn case_at(source: &dyn RecordSource, lib: &Library, id: &str, at: At) -> Re
         bindings: after.bindings.clone(),
         timers: after.timers.clone(),
         case: after.clone(),
+        head_hash,
         step: ReplayStep::new(entry, &loaded.request_ids[n - 1], after),
     })
 }

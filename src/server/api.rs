@@ -321,17 +321,34 @@ fn writer_agency(principal: &Principal) -> Result<String, Status> {
 
 /// `cases/{id}` → id.
 fn case_id(name: &str, field: &str) -> Result<String, Status> {
-    name.strip_prefix("cases/")
+    let id = name
+        .strip_prefix("cases/")
         .filter(|id| !id.is_empty())
-        .map(str::to_owned)
         .ok_or_else(|| {
             invalid(
                 "bad-resource-name",
                 field,
                 format!("`{name}` is not a case name: expected `cases/{{case}}`"),
             )
-        })
+        })?;
+    // No case has a longer id (128 characters, and a few for each level of
+    // children); ids are otherwise not judged here, as a store may hold ids
+    // from before today's rules, which must stay readable.
+    if id.len() > MAX_CASE_NAME_BYTES {
+        return Err(invalid(
+            "bad-case-id",
+            field,
+            format!(
+                "a case id of {} bytes: no case has an id over {MAX_CASE_NAME_BYTES} bytes",
+                id.len()
+            ),
+        ));
+    }
+    Ok(id.to_owned())
 }
+
+/// The longest case id a request may name (see [`case_id`]).
+const MAX_CASE_NAME_BYTES: usize = 1024;
 
 /// A filter naming a workflow, state or variable that no version of the
 /// library knows can never match: it is refused, naming the field, so that
@@ -1735,7 +1752,7 @@ impl AuditService for Api {
             case: Some(records::case(
                 &found.case,
                 current.workflow_version,
-                Vec::new(),
+                found.head_hash,
             )),
         }))
     }
