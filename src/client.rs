@@ -99,7 +99,9 @@ pub enum CaseCommand {
     Fire {
         /// The case id (or `cases/{id}`).
         case: String,
-        /// The event to fire (`govflow case show` lists the case's state).
+        /// The event to fire (`govflow case inbox` lists those you may fire
+        /// now; `govflow workflow events WORKFLOW --state STATE` the payload
+        /// fields each takes).
         event: String,
         /// A payload field: NAME=VALUE, the value as JSON or else a string (repeatable).
         #[arg(long = "set", value_name = "NAME=VALUE")]
@@ -173,6 +175,20 @@ pub enum WorkflowCommand {
         /// The workflow's name (or `workflows/{name}`).
         name: String,
         /// That version instead of the current one.
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// The events of a deployed workflow, state by state: who may fire
+    /// each, where it leads, the payload fields it takes (name, type,
+    /// whether required, title) and its guard — what `case fire` needs.
+    Events {
+        /// The workflow's name (or `workflows/{name}`).
+        name: String,
+        /// Only the events of this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// That version instead of the current one (a case's version is in
+        /// `case show`).
         #[arg(long)]
         version: Option<u32>,
     },
@@ -330,6 +346,125 @@ pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A time on the command line: as the audit commands read one, or `now`.
+/// An event as `workflow events` lists it.
+struct EventShown<'w> {
+    event: &'w str,
+    roles: &'w [String],
+    to: &'w str,
+    title: &'w str,
+    fields: &'w [govflow::lang::model::Field],
+    guard: Option<&'w str>,
+}
+
+/// `workflow events`: for each state (or only `only`), each event that can
+/// be fired in it, with its roles, target, payload fields and guard; one
+/// JSON object per event with `json`.
+fn event_lines(
+    workflow: &govflow::lang::model::Workflow,
+    only: Option<&str>,
+    json: bool,
+) -> Vec<String> {
+    use govflow::lang::value::type_name;
+    let signing = govflow::engine::core::countersign_fields();
+    let mut lines = Vec::new();
+    for state in workflow
+        .states
+        .iter()
+        .filter(|s| only.is_none_or(|o| o == s.name))
+    {
+        let expiry = state.deadline.as_ref().and_then(|d| d.on_expiry.as_deref());
+        // What the deadline alone fires is no agency's to fire.
+        let mut events: Vec<EventShown> = state
+            .transitions
+            .iter()
+            .filter(|t| !t.roles.is_empty() || expiry != Some(t.event.as_str()))
+            .map(|t| EventShown {
+                event: &t.event,
+                roles: &t.roles,
+                to: &t.to,
+                title: &t.title,
+                fields: &t.payload,
+                guard: t.guard.as_deref(),
+            })
+            .collect();
+        if let Some(cs) = &state.countersign {
+            for (event, title, to) in [
+                (&cs.sign_event, "会签同意", &cs.approved),
+                (&cs.reject_event, "会签不同意", &cs.rejected),
+            ] {
+                events.push(EventShown {
+                    event,
+                    roles: &cs.roles,
+                    to,
+                    title,
+                    fields: &signing,
+                    guard: None,
+                });
+            }
+        }
+        if json {
+            for e in &events {
+                let fields: Vec<Json> = e
+                    .fields
+                    .iter()
+                    .map(|f| json!({"name": f.name, "type": type_name(&f.ty), "required": f.required, "title": f.title}))
+                    .collect();
+                lines.push(
+                    json!({"state": state.name, "event": e.event, "roles": e.roles, "to": e.to, "title": e.title, "payload": fields, "guard": e.guard})
+                        .to_string(),
+                );
+            }
+            continue;
+        }
+        let deadline = state
+            .deadline
+            .as_ref()
+            .map(|d| {
+                let fires = expiry.map(|e| format!(" → {e}")).unwrap_or_default();
+                format!("  (deadline {}{fires})", d.within)
+            })
+            .unwrap_or_default();
+        let closed = state
+            .outcome
+            .as_ref()
+            .map(|o| format!("  (ends the case: {o})"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "state {} {}{deadline}{closed}",
+            state.name, state.title
+        ));
+        if events.is_empty() && state.outcome.is_none() {
+            lines.push("  (no event an agency fires here)".into());
+        }
+        for e in events {
+            lines.push(format!(
+                "  {} → {}  [{}]  {}",
+                e.event,
+                e.to,
+                e.roles.join(", "),
+                e.title
+            ));
+            for f in e.fields {
+                let optional = if f.required { "" } else { " (optional)" };
+                let title = if f.title.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", f.title)
+                };
+                lines.push(format!(
+                    "      {}: {}{optional}{title}",
+                    f.name,
+                    type_name(&f.ty)
+                ));
+            }
+            if let Some(guard) = e.guard {
+                lines.push(format!("      only if: {guard}"));
+            }
+        }
+    }
+    lines
+}
+
 /// A time as the tables show it: in Beijing time (the time the policies'
 /// deadlines are set in, and that clerks read), to the second. A deadline
 /// at the end of a day shows as `24:00` of that day, as 截止…24时 is said,
@@ -989,6 +1124,51 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
                 );
             }
         }
+        WorkflowCommand::Events {
+            name,
+            state,
+            version,
+        } => {
+            let name = workflow_name(&name, version);
+            let v = definitions
+                .get_workflow(client.request(proto::GetWorkflowRequest { name })?)
+                .await
+                .map_err(|s| failure(&s))?
+                .into_inner()
+                .workflow_version
+                .unwrap_or_default();
+            let mut problems = Vec::new();
+            let Some(workflow) = govflow::lang::load::parse::<govflow::lang::model::Workflow>(
+                std::path::Path::new(&v.name),
+                &v.source,
+                &mut problems,
+            ) else {
+                anyhow::bail!(
+                    "the source of {} version {} does not read as a workflow: {}",
+                    v.name,
+                    v.version,
+                    problems
+                        .iter()
+                        .map(|d| d.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            };
+            if let Some(wanted) = &state
+                && !workflow.states.iter().any(|s| s.name == *wanted)
+            {
+                let names: Vec<&str> = workflow.states.iter().map(|s| s.name.as_str()).collect();
+                anyhow::bail!(
+                    "{} version {} has no state `{wanted}` (its states: {})",
+                    v.name,
+                    v.version,
+                    names.join(", ")
+                );
+            }
+            for line in event_lines(&workflow, state.as_deref(), as_json) {
+                out!("{line}");
+            }
+        }
         WorkflowCommand::Graph { name, format } => {
             let format = match format {
                 govflow::render::Format::Dot => proto::RenderFormat::Dot,
@@ -1148,6 +1328,62 @@ mod tests {
             seconds: t.timestamp(),
             nanos: 0,
         })
+    }
+
+    /// Regression: nothing on the command line said which payload fields an
+    /// event takes (a clerk found them one refusal at a time).
+    #[test]
+    fn workflow_events_lists_each_events_roles_fields_and_guard() {
+        let source = r#"Workflow(
+            name: "w",
+            title: "审批",
+            roles: [Role(name: "county"), Role(name: "amr")],
+            start: "review",
+            states: [
+                State(name: "review", title: "审查",
+                    deadline: Deadline(within: Days(3), on_expiry: "late"),
+                    transitions: [
+                        Transition(event: "late", to: "review", roles: []),
+                        Transition(event: "grant", to: "joint", title: "准予", roles: ["county"],
+                            guard: "payload.days > 0",
+                            payload: [
+                                Field(name: "days", type: Integer, title: "期限"),
+                                Field(name: "note", type: String, required: false),
+                            ]),
+                    ]),
+                State(name: "joint", title: "会签", countersign: Countersign(roles: ["county", "amr"],
+                    approved: "done", rejected: "done")),
+                State(name: "done", title: "完成", outcome: "done"),
+            ],
+        )"#;
+        let mut problems = Vec::new();
+        let workflow: govflow::lang::model::Workflow =
+            govflow::lang::load::parse(std::path::Path::new("w.ron"), source, &mut problems)
+                .expect("parses");
+        let lines = event_lines(&workflow, None, false);
+        assert_eq!(
+            lines,
+            [
+                "state review 审查  (deadline 3 days → late)",
+                "  grant → joint  [county]  准予",
+                "      days: an integer — 期限",
+                "      note: a string (optional)",
+                "      only if: payload.days > 0",
+                "state joint 会签",
+                "  sign → done  [county, amr]  会签同意",
+                "      comment: a string (optional) — 意见",
+                "  reject → done  [county, amr]  会签不同意",
+                "      comment: a string (optional) — 意见",
+                "state done 完成  (ends the case: done)",
+            ]
+        );
+        let only: Vec<Json> = event_lines(&workflow, Some("review"), true)
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0]["event"], "grant");
+        assert_eq!(only[0]["payload"][1]["required"], false);
     }
 
     /// Regression: tables showed times in UTC to the nanosecond

@@ -1142,7 +1142,8 @@ fn countersign(
 }
 
 /// A sign or reject may carry a comment (审批意见), nothing else.
-fn countersign_fields() -> [Field; 1] {
+/// The payload of a countersign's sign and reject events: an optional comment.
+pub fn countersign_fields() -> [Field; 1] {
     [Field {
         name: "comment".into(),
         ty: Type::String,
