@@ -1548,16 +1548,24 @@ impl WorkflowChecker<'_> {
         var: &Variable,
     ) {
         self.compile_expr(r, path, source, scope, Some(&Ty::of(&var.ty)));
-        if let Type::Enum(allowed) = &var.ty
+        // A quoted constant is checked as the engine will check the value:
+        // an enum's member, an agency of the directory, a real date.
+        let checked = matches!(var.ty, Type::Enum(_) | Type::Agency | Type::Date);
+        if checked
             && let Some(literal) = string_literal(source)
-            && !allowed.contains(&literal)
+            && let Err(problem) =
+                value::check(&Json::String(literal.clone()), &var.ty, self.directory)
         {
-            r.error(
-                "type-mismatch",
-                path,
-                format!("`{literal}` is not one of {}", allowed.join(", ")),
-                super::diag::did_you_mean(&literal, allowed.iter().map(String::as_str)),
-            );
+            // An enum's member has always been checked; agencies and dates
+            // are checked since, under a rule stored versions only warn of.
+            let (code, hint) = match &var.ty {
+                Type::Enum(allowed) => (
+                    "type-mismatch",
+                    super::diag::did_you_mean(&literal, allowed.iter().map(String::as_str)),
+                ),
+                _ => ("bad-constant", None),
+            };
+            r.error(code, path, problem, hint);
         }
     }
 
