@@ -742,13 +742,37 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 payload: Some(to_struct(&fields)?),
                 expected_sequence: expect_sequence,
             };
-            let response = cases
-                .fire_event(client.request(request)?)
-                .await
-                .map_err(|s| change_failure(&s, &rid))?;
-            if let Some(case) = response.into_inner().case {
-                print_case(&case, as_json);
+            let name = request.case.clone();
+            let refused = match cases.fire_event(client.request(request)?).await {
+                Ok(response) => {
+                    if let Some(case) = response.into_inner().case {
+                        print_case(&case, as_json);
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(status) => status,
+            };
+            let mut refusal = lost_change(
+                &refused,
+                &format!(
+                    "run the same command with --request-id {rid} to find out (a retry gets the first answer, never a second step)"
+                ),
+            );
+            // A guard or a payload is the workflow's rule: say where the
+            // rules of the case's state are listed, field by field.
+            if refusal.hint.is_empty()
+                && matches!(refusal.reason.as_str(), "guard-false" | "invalid-payload")
+                && let Ok(found) = cases
+                    .get_case(client.request(proto::GetCaseRequest { name })?)
+                    .await
+                && let Some(case) = found.into_inner().case
+            {
+                refusal.hint = format!(
+                    "what each event of state `{}` needs: govflow workflow events {} --version {} --state {}",
+                    case.state, case.workflow, case.workflow_version, case.state
+                );
             }
+            return Err(refusal.into());
         }
         CaseCommand::Show { case, history } => {
             let name = case_name(&case);

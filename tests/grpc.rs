@@ -2272,6 +2272,48 @@ async fn the_command_line_pages_through_a_long_inbox_and_says_when_there_is_noth
     server.stop().await;
 }
 
+/// Regression: a step refused by a guard or a payload said nothing of where
+/// a clerk finds what the event needs; the hint now names the command that
+/// lists it for the case's state and version.
+#[tokio::test]
+async fn the_command_line_points_a_refused_step_at_the_events_of_its_state() {
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
+    let (mut cases, _, _) = server.clients().await;
+    cases
+        .create_case(authed(
+            Some(&server.token("hebei.sjz.platform")),
+            baolian(
+                "bl-hint",
+                json!({"enterprise_name": "某公司", "credit_code": "91130182MA0A000009", "county": "hebei.sjz.gaocheng", "problem_summary": "用地"}),
+            ),
+        ))
+        .await
+        .expect("started");
+    let out = cli(vec![
+        "case".into(),
+        "fire".into(),
+        "bl-hint".into(),
+        "classify".into(),
+        "--set".into(),
+        "level=city".into(),
+        "--json".into(),
+        "--server".into(),
+        format!("127.0.0.1:{}", server.port),
+        "--token".into(),
+        server.token("hebei.sjz.industry"),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let refusal: Json = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(refusal["error"]["reason"], "guard-false", "{refusal}");
+    assert_eq!(
+        refusal["error"]["hint"],
+        "what each event of state `awaiting_classification` needs: govflow workflow events baolian_escalation --version 1 --state awaiting_classification",
+        "{refusal}"
+    );
+    server.stop().await;
+}
+
 /// Regression: `govflow case inbox --json` gave a case without a deadline
 /// the table's dash (`"deadline": "—"`) instead of null.
 #[tokio::test]
