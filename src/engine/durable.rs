@@ -914,8 +914,9 @@ fn unkeyed_case_id(workflow: &str, seed: &str) -> String {
 
 /// What a request's outcome is kept under: its id within the agency that
 /// sent it. Department systems choose their ids on their own, so one
-/// agency's request `1` is not another's, and no agency learns which ids
-/// another has used. The agency's length comes first, so that no two
+/// agency's request `1` is not another's, and no agency can reach another's
+/// outcomes by sending its ids (a history entry shows the agencies of the
+/// case the request id that made it, not what another of their ids did). The agency's length comes first, so that no two
 /// pairs share a key.
 fn request_key(agency: &str, request_id: &str) -> String {
     format!("{}:{agency}:{request_id}", agency.len())

@@ -498,7 +498,11 @@ impl PageTokens {
                 "the server cannot make a page token now (no randomness): try again",
             )
         })?;
+        // Padded to a multiple of PAD_TO bytes, so that a token's length
+        // does not tell the length of the case id it may hold (another
+        // agency's, when a scan stopped on one of its timers).
         let mut sealed = position.as_bytes().to_vec();
+        sealed.resize(sealed.len().div_ceil(PAD_TO) * PAD_TO, 0);
         self.0
             .seal_in_place_append_tag(
                 ring::aead::Nonce::assume_unique_for_key(nonce),
@@ -535,12 +539,20 @@ impl PageTokens {
                 &mut sealed,
             )
             .map_err(|_| refused())?;
-        String::from_utf8(position.to_vec())
+        // A position holds no NUL: what follows the first is padding.
+        let end = position
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(position.len());
+        String::from_utf8(position[..end].to_vec())
             .ok()
             .filter(|position| !position.is_empty())
             .ok_or_else(refused)
     }
 }
+
+/// Sealed positions are padded to a multiple of this many bytes.
+const PAD_TO: usize = 256;
 
 /// What a token is bound to: a digest of the listing's parts.
 fn listing_print(listing: &[&str]) -> [u8; 32] {
@@ -1843,6 +1855,10 @@ mod tests {
         );
         refused(&token[..20], &listing, &tokens);
         refused(&hex::encode(position), &listing, &tokens);
+        // Regression: a token's length told the length of the position,
+        // and so of another agency's case id.
+        let short = tokens.seal(&listing, r#"["2026-11-28T19:58:31Z","a","1:expiry"]"#);
+        assert_eq!(short.expect("sealed").len(), token.len());
         // Nothing to go on from is no token at all.
         assert_eq!(tokens.seal(&listing, "").expect("sealed"), "");
         assert_eq!(tokens.open(&listing, "").expect("opens"), "");
