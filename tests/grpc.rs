@@ -2314,6 +2314,67 @@ async fn the_command_line_points_a_refused_step_at_the_events_of_its_state() {
     server.stop().await;
 }
 
+/// Regression: the enterprise service platform could start a 包联 quarterly
+/// bulletin naming itself the issuer, and then publicly criticise a
+/// department. It holds only the roles fixed to it.
+#[tokio::test]
+async fn neither_the_enterprise_platform_nor_a_county_department_takes_a_role_not_theirs() {
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
+    let (mut cases, _, _) = server.clients().await;
+    let refused = cases
+        .create_case(authed(
+            Some(&server.token("hebei.sjz.platform")),
+            new_case(
+                "bulletin-1",
+                "baolian_quarterly_bulletin",
+                &[("issuer", "hebei.sjz.platform")],
+                json!({"quarter": "2020Q3"}),
+            ),
+        ))
+        .await
+        .expect_err("the platform is no issuer");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(reason(&refused), "invalid-start");
+    assert!(
+        refused.message().contains("acts for enterprises"),
+        "{refused:?}"
+    );
+    // Regression: a county department (of level County too) could name
+    // itself the county of a 困难企业 case and act as the county government.
+    let county_department = server.token("hebei.sjz.gaocheng.hrss");
+    let refused = cases
+        .create_case(authed(
+            Some(&county_department),
+            new_case(
+                "kn-1",
+                "kunnan_qiye",
+                &[
+                    ("insurance_agency", "hebei.sjz.gaocheng.hrss.unemployment"),
+                    ("hrss", "hebei.sjz.gaocheng.hrss"),
+                ],
+                json!({"enterprise_name": "某纺织有限公司", "credit_code": "91130182MA0TEXT001", "county": "hebei.sjz.gaocheng.hrss", "insured_at": "county"}),
+            ),
+        ))
+        .await
+        .expect_err("a county department is no county government");
+    assert_eq!(reason(&refused), "invalid-start", "{refused:?}");
+    assert!(refused.message().contains("role `city_gov`"), "{refused:?}");
+    // A department may issue it.
+    cases
+        .create_case(authed(
+            Some(&server.token("hebei.sjz.industry")),
+            new_case(
+                "bulletin-2",
+                "baolian_quarterly_bulletin",
+                &[("issuer", "hebei.sjz.industry")],
+                json!({"quarter": "2020Q3"}),
+            ),
+        ))
+        .await
+        .expect("a department issues it");
+    server.stop().await;
+}
+
 /// Regression: `govflow case inbox --json` gave a case without a deadline
 /// the table's dash (`"deadline": "—"`) instead of null.
 #[tokio::test]

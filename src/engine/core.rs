@@ -567,8 +567,10 @@ fn shared_duties(wf: &CompiledWorkflow, bindings: &BTreeMap<String, String>) -> 
     })
 }
 
-/// The first role bound to an agency of another level than the role asks
-/// for (`level`), described. Agencies outside the directory (there is none
+/// The first role bound to an agency it may not have, described: one of
+/// another level than the role asks for (`level`), or an agency acting for
+/// enterprises (`for_enterprises`) in a role not made for it (not fixed to
+/// it, nor the starter's). Agencies outside the directory (there is none
 /// loaded) are not judged.
 fn misplaced(
     lib: &Library,
@@ -576,13 +578,24 @@ fn misplaced(
     bindings: &BTreeMap<String, String>,
 ) -> Option<String> {
     wf.def.roles.iter().find_map(|role| {
-        let wanted = role.level?;
         let agency = bindings.get(&role.name)?;
-        let found = lib.directory.get(agency)?.level;
-        (found != wanted).then(|| {
+        let found = lib.directory.get(agency)?;
+        let made_for_it = match &role.binding {
+            Binding::Fixed(fixed) => fixed == agency,
+            Binding::Starter => true,
+            _ => false,
+        };
+        if found.for_enterprises && !made_for_it {
+            return Some(format!(
+                "`{agency}` acts for enterprises and cannot hold role `{}` of workflow `{}`, which is a department's (it holds only the roles fixed to it)",
+                role.name, wf.def.name
+            ));
+        }
+        let wanted = role.level?;
+        (found.level != wanted).then(|| {
             format!(
                 "`{agency}` is a {}-level agency and role `{}` of workflow `{}` is held only at the {} level",
-                found.as_str(),
+                found.level.as_str(),
                 role.name,
                 wf.def.name,
                 wanted.as_str()

@@ -516,4 +516,11 @@ pub struct Agency {
     pub level: Level,
     #[serde(default)]
     pub parent: Option<String>,
+    /// An agency through which enterprises act (the enterprise service
+    /// platform): it holds only the roles made for it — fixed to it, or the
+    /// starter's — never a department's role given at start or bound later,
+    /// so that an enterprise cannot review, approve or criticise in its own
+    /// cases or any other.
+    #[serde(default)]
+    pub for_enterprises: bool,
 }

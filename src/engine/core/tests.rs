@@ -330,6 +330,72 @@ fn a_role_with_a_level_is_held_only_at_that_level() {
     assert_eq!(moved.bindings["county_gov"], "k2");
 }
 
+/// Regression: the enterprise service platform could name itself to a
+/// department's role bound at start (the issuer of a 通报批评, the reviewer
+/// of its own permit) wherever the workflow did not keep it apart by name.
+/// An agency `for_enterprises` holds only the roles fixed to it.
+#[test]
+fn an_agency_acting_for_enterprises_holds_no_departments_role() {
+    const AGENCIES: &str = r#"Agencies(agencies: [
+        Agency(id: "c", name: "市", level: City),
+        Agency(id: "pf", name: "企业服务平台", level: City, parent: "c", for_enterprises: true),
+        Agency(id: "amr", name: "市场监管局", level: City, parent: "c"),
+    ])"#;
+    const REVIEW: &str = r#"Workflow(
+        name: "review",
+        title: "审查",
+        roles: [
+            Role(name: "platform", binding: Fixed("pf")),
+            Role(name: "reviewer", binding: Given),
+        ],
+        start: "open",
+        states: [
+            State(name: "open", title: "审查", transitions: [
+                Transition(event: "hand_over", to: "open", roles: ["reviewer"],
+                    payload: [Field(name: "to", type: Agency)],
+                    effects: [Bind(role: "reviewer", to: Expr("payload.to"))]),
+                Transition(event: "done", to: "closed", roles: ["reviewer"]),
+            ]),
+            State(name: "closed", title: "完成", outcome: "done"),
+        ],
+    )"#;
+    let lib = testkit::library_of(&testkit::sources(
+        &[("agencies.ron", AGENCIES), ("review.ron", REVIEW)],
+        None,
+    ));
+    let none = JsonMap::new();
+    let go = |starter: &str, reviewer: &str| {
+        start(
+            &lib,
+            "review",
+            "r1",
+            starter,
+            &given(&[("reviewer", reviewer)]),
+            &none,
+            t0(),
+        )
+    };
+    let e = err(go("pf", "pf"));
+    assert_eq!(e.code, RejectCode::InvalidStart);
+    assert!(
+        e.message
+            .contains("`pf` acts for enterprises and cannot hold role `reviewer`"),
+        "{e}"
+    );
+    let case = ok(go("amr", "amr")).case;
+    assert_eq!(case.bindings["platform"], "pf", "its own role it holds");
+    let e = err(fire(
+        &lib,
+        &case,
+        "hand_over",
+        "amr",
+        json!({"to": "pf"}),
+        t0(),
+    ));
+    assert_eq!(e.code, RejectCode::EffectFailed);
+    assert!(e.message.contains("acts for enterprises"), "{e}");
+}
+
 /// Regression: a case on a version the library cannot run (it no longer
 /// validates, or a newer govflow deployed it) ran under the current rules,
 /// and its history then failed to replay.
