@@ -93,9 +93,9 @@ pub enum AuditError {
     },
     #[error("loading the workflows: {0}")]
     Load(LoadError),
-    #[error("the workflows do not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
+    #[error("the workflows do not validate ({})", crate::lang::validate::count(.0.iter().filter(|d| d.is_error()).count(), "problem", "problems"))]
     InvalidLibrary(Vec<Diagnostic>),
-    #[error("the new workflow version does not validate ({} problems)", .0.iter().filter(|d| d.is_error()).count())]
+    #[error("the new workflow version does not validate ({})", crate::lang::validate::count(.0.iter().filter(|d| d.is_error()).count(), "problem", "problems"))]
     InvalidWorkflow(Vec<Diagnostic>),
     #[error("writing the export: {0}")]
     Write(#[source] std::io::Error),

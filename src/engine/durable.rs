@@ -148,7 +148,7 @@ pub enum EngineError {
         reason: &'static str,
         message: String,
     },
-    #[error("the workflow does not validate ({} problems)", .0.len())]
+    #[error("the workflow does not validate ({})", crate::lang::validate::count(.0.len(), "problem", "problems"))]
     Invalid(Vec<Diagnostic>),
     /// A deploy that required a migration check: running cases would break.
     #[error("{} running case(s) of `{}` would break under the new version", .0.breaking.len(), .0.workflow)]

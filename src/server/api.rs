@@ -123,8 +123,8 @@ fn diagnostics_status(diagnostics: &[Diagnostic]) -> Status {
     let errors: Vec<&Diagnostic> = diagnostics.iter().filter(|d| d.is_error()).collect();
     let message = match errors.first() {
         Some(d) => format!(
-            "the workflow does not validate ({} problems); first: {}:{}: {}",
-            errors.len(),
+            "the workflow does not validate ({}); first: {}:{}: {}",
+            crate::lang::validate::count(errors.len(), "problem", "problems"),
             d.line,
             d.col,
             d.message
@@ -1815,6 +1815,29 @@ impl AuditService for Api {
 mod tests {
     use super::*;
     use prost::Message;
+
+    /// Regression: a deploy refused for one problem said "(1 problems)".
+    #[test]
+    fn a_refused_deploy_counts_its_problems_in_words() {
+        let problem = |message: &str| {
+            Diagnostic::at(
+                std::path::Path::new("w.ron"),
+                crate::lang::locate::LineCol { line: 3, col: 5 },
+                "unknown-state",
+                message.to_owned(),
+            )
+        };
+        let one = diagnostics_status(&[problem("no state `x`")]);
+        assert!(
+            one.message().starts_with(
+                "the workflow does not validate (1 problem); first: 3:5: no state `x`"
+            ),
+            "{}",
+            one.message()
+        );
+        let two = diagnostics_status(&[problem("a"), problem("b")]);
+        assert!(two.message().contains("(2 problems)"), "{}", two.message());
+    }
 
     /// Regression: a page token was the position in hex behind an unkeyed
     /// digest of the listing, so a caller could read it (a listing by
