@@ -681,6 +681,53 @@ async fn a_cache_exactly_as_large_as_the_cases_in_use_reads_none_of_them_again()
     );
 }
 
+/// Regression: a case whose record had grown over the store's limit step by
+/// step (a list appended to each time) refused a small request with
+/// `record-too-large`, "send less data", as if the request were at fault.
+/// It is `case-too-large` now, naming what fills the case.
+#[tokio::test]
+async fn a_case_grown_too_large_refuses_a_small_step_and_says_why() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine
+        .start(start_handled("grow", "g", COUNTY))
+        .await
+        .expect("start");
+    let add = |n: usize| {
+        engine.fire(fire(
+            "g",
+            &format!("add-{n}"),
+            "add",
+            COUNTY,
+            json!({"text": "记".repeat(7_000)}),
+        ))
+    };
+    // Each note is about 21 KB, and each step records the whole list it
+    // changes: two fit, the third does not, though its own payload is well
+    // under the limit.
+    for n in 0..2 {
+        add(n).await.expect("fits");
+    }
+    let refused = add(2).await;
+    match refused {
+        Err(EngineError::BadField {
+            reason: "case-too-large",
+            message,
+            ..
+        }) => {
+            assert!(
+                message.contains("case `g` has grown too large"),
+                "{message}"
+            );
+            assert!(message.contains("`log`"), "{message}");
+        }
+        other => panic!("expected case-too-large, got {other:?}"),
+    }
+    engine
+        .fire(fire("g", "finish", "finish", COUNTY, json!({})))
+        .await
+        .expect("a step that adds nothing is taken");
+}
+
 /// Regression: one request whose records were over the store's limit (a
 /// 200 KB payload, or a rejection quoting a 200 KB event name) failed the
 /// commit, and with it every later write of the engine.

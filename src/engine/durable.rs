@@ -943,6 +943,27 @@ fn check_request_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Why case `id` would be too large a record, with what takes its room: its
+/// largest variables (a ledger that grows each step, documents kept in it).
+fn case_too_large(id: &str, case: &proto::Case, size: usize) -> String {
+    let mut largest: Vec<(&String, usize)> = case
+        .variables
+        .iter()
+        .flat_map(|v| &v.fields)
+        .map(|(name, value)| (name, value.encoded_len()))
+        .collect();
+    largest.sort_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+    let named: Vec<String> = largest
+        .iter()
+        .take(3)
+        .map(|(name, bytes)| format!("`{name}` {bytes} bytes"))
+        .collect();
+    format!(
+        "case `{id}` has grown too large: this step would make a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}, so it is refused; most of it is the case's variables ({}): keep large documents outside the case and refer to them, and end a case that has grown this large rather than add to it",
+        named.join(", ")
+    )
+}
+
 /// The page token of [`Engine::list_due`]: the last timer of a page.
 fn due_token(timer: &DueTimer) -> String {
     serde_json::json!([
@@ -1386,9 +1407,9 @@ impl Batch<'_> {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)))
             .unwrap_or_else(|panic| Err(internal(&*panic)));
         let result = result.and_then(|done| match self.oversized() {
-            Some(problem) => Err(EngineError::BadField {
+            Some((reason, problem)) => Err(EngineError::BadField {
                 field: "",
-                reason: "record-too-large",
+                reason,
                 message: problem,
             }),
             None => Ok(done),
@@ -1441,25 +1462,38 @@ impl Batch<'_> {
 
     /// What is wrong if a case the request under way changed, or a history
     /// entry it added, is over the store's record limit.
-    fn oversized(&self) -> Option<String> {
+    fn oversized(&self) -> Option<(&'static str, String)> {
         for (id, was) in &self.undo {
             let Some(p) = self.cases.get(id) else {
                 continue;
             };
-            let size = p.after.encoded_len();
-            if size > MAX_RECORD_BYTES {
-                return Some(format!(
-                    "the step would make case `{id}` a record of {size} bytes, over the limit of {MAX_RECORD_BYTES}: it is refused (send less data, or keep large documents outside the case and refer to them)"
-                ));
-            }
+            // An entry too large to record is the request's fault when its
+            // own data is (the payload); when only the variables the step
+            // rewrites are (their whole new values are recorded), it is
+            // the case that has grown.
             let new_entries = &p.entries[was.as_ref().map_or(0, |w| w.1)..];
             for entry in new_entries {
                 let size = entry.encoded_len();
-                if size > MAX_RECORD_BYTES {
-                    return Some(format!(
-                        "the step would add to case `{id}` a history entry of {size} bytes, over the limit of {MAX_RECORD_BYTES}: it is refused (send less data)"
+                if size <= MAX_RECORD_BYTES {
+                    continue;
+                }
+                let own = proto::HistoryEntry {
+                    variables_changed: None,
+                    ..entry.clone()
+                };
+                if own.encoded_len() > MAX_RECORD_BYTES / 2 {
+                    return Some((
+                        "record-too-large",
+                        format!(
+                            "the step would add to case `{id}` a history entry of {size} bytes, over the limit of {MAX_RECORD_BYTES}: it is refused (send less data; a payload field copied into a variable counts twice)"
+                        ),
                     ));
                 }
+                return Some(("case-too-large", case_too_large(id, &p.after, size)));
+            }
+            let size = p.after.encoded_len();
+            if size > MAX_RECORD_BYTES {
+                return Some(("case-too-large", case_too_large(id, &p.after, size)));
             }
         }
         None

@@ -194,11 +194,27 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::InvalidArgument(message) => {
             status(Code::InvalidArgument, "invalid-argument", message, &[])
         }
+        // The request is sound; the case it would change has no room left.
+        EngineError::BadField {
+            field: "",
+            reason: reason @ "case-too-large",
+            message,
+        } => status(
+            Code::FailedPrecondition,
+            reason,
+            message,
+            &[("limit_bytes", crate::store::MAX_RECORD_BYTES.to_string())],
+        ),
         EngineError::BadField {
             field: "",
             reason,
             message,
-        } => status(Code::InvalidArgument, reason, message, &[]),
+        } => status(
+            Code::InvalidArgument,
+            reason,
+            message,
+            &[("limit_bytes", crate::store::MAX_RECORD_BYTES.to_string())],
+        ),
         EngineError::BadField {
             field,
             reason,
