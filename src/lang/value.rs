@@ -156,7 +156,12 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
             Err(_) if s.parse::<i128>().is_ok() => Err(outside_exact_integers(s)),
             Err(_) => Err(format!("expected an integer, found string \"{s}\"")),
         },
-        (Type::Decimal, Json::Number(n)) => decimal(&n.to_string()),
+        // A double in positional notation: JSON's shortest form writes
+        // 0.0000001 as `1e-7`, which is no decimal.
+        (Type::Decimal, Json::Number(n)) => match n.as_f64().filter(|_| n.is_f64()) {
+            Some(f) => decimal(&f.to_string()),
+            None => decimal(&n.to_string()),
+        },
         (Type::Decimal, Json::String(s)) => decimal(s),
         (Type::Date, Json::String(s)) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
             .map(|d| Json::String(d.to_string()))
@@ -335,6 +340,12 @@ mod tests {
             Ok(json!("12.5"))
         );
         assert_eq!(check(&json!(3), &Type::Decimal, None), Ok(json!("3")));
+        // Regression: a small double arrived as `1e-7` and was refused.
+        assert_eq!(
+            check(&json!(0.0000001), &Type::Decimal, None),
+            Ok(json!("0.0000001"))
+        );
+        assert_eq!(check(&json!(4.5), &Type::Decimal, None), Ok(json!("4.5")));
         assert!(check(&json!("1,000"), &Type::Decimal, None).is_err());
         assert_eq!(
             check(&json!("2020-06-01T09:00:00+08:00"), &Type::Time, None),
