@@ -407,7 +407,7 @@ fn event_lines(
                 let fields: Vec<Json> = e
                     .fields
                     .iter()
-                    .map(|f| json!({"name": f.name, "type": type_name(&f.ty), "required": f.required, "title": f.title}))
+                    .map(|f| json!({"name": f.name, "type": type_json(&f.ty), "description": type_name(&f.ty), "required": f.required, "title": f.title}))
                     .collect();
                 lines.push(
                     json!({"state": state.name, "event": e.event, "roles": e.roles, "to": e.to, "title": e.title, "payload": fields, "guard": e.guard})
@@ -463,6 +463,23 @@ fn event_lines(
         }
     }
     lines
+}
+
+/// A payload field's type for scripts: its kind, with an enum's values and
+/// a list's item type (`{"kind": "enum", "values": [...]}`).
+fn type_json(ty: &govflow::lang::model::Type) -> Json {
+    use govflow::lang::model::Type;
+    match ty {
+        Type::String => json!({"kind": "string"}),
+        Type::Integer => json!({"kind": "integer"}),
+        Type::Decimal => json!({"kind": "decimal"}),
+        Type::Boolean => json!({"kind": "boolean"}),
+        Type::Date => json!({"kind": "date"}),
+        Type::Time => json!({"kind": "time"}),
+        Type::Agency => json!({"kind": "agency"}),
+        Type::Enum(values) => json!({"kind": "enum", "values": values}),
+        Type::List(item) => json!({"kind": "list", "items": type_json(item)}),
+    }
 }
 
 /// A time as the tables show it: in Beijing time (the time the policies'
@@ -1408,6 +1425,8 @@ mod tests {
         assert_eq!(only.len(), 1);
         assert_eq!(only[0]["event"], "grant");
         assert_eq!(only[0]["payload"][1]["required"], false);
+        assert_eq!(only[0]["payload"][0]["type"], json!({"kind": "integer"}));
+        assert_eq!(only[0]["payload"][0]["description"], "an integer");
     }
 
     /// Regression: tables showed times in UTC to the nanosecond
