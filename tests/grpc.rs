@@ -1229,6 +1229,40 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
     server.stop().await;
 }
 
+/// Regression: a watch opened "from now" that was cut before its first step
+/// had no cursor to resume from, and lost the steps made in between. Its
+/// headers now say where it starts.
+#[tokio::test]
+async fn a_watch_from_now_says_where_it_starts() {
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
+    baolian_case(&server, "w-0").await;
+    let mut client = CasesServiceClient::new(server.channel().await);
+    let response = client
+        .watch_events(authed(
+            Some(&server.token(WATCHER)),
+            proto::WatchEventsRequest::default(),
+        ))
+        .await
+        .expect("watching");
+    let start = response
+        .metadata()
+        .get("cursor")
+        .and_then(|v| v.to_str().ok())
+        .expect("a cursor header")
+        .to_owned();
+    assert_ne!(start, "0", "the steps already made are behind it");
+    drop(response);
+    baolian_case(&server, "w-1").await;
+    let mut resumed = open_watch(&server, WATCHER, &start, None).await;
+    let first = watched(&next_step(&mut resumed, 10).await);
+    assert_eq!(
+        first,
+        ("w-1".to_owned(), 1),
+        "resumed from the start, not from now"
+    );
+    server.stop().await;
+}
+
 /// The platform watches the 包联 cases of these tests (it holds a role in each).
 const WATCHER: &str = "hebei.sjz.platform";
 

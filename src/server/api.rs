@@ -1203,12 +1203,19 @@ impl CasesService for Api {
             }
             // Dropping `tx` ends the stream after the steps it holds and the status.
         });
-        Ok(Response::new(WatchStream {
+        let mut response = Response::new(WatchStream {
             steps,
             end: Some(end),
             _open: Counted::new(&self.watchers.streams),
             _caller: caller_watch,
-        }))
+        });
+        // Where the stream starts, in its headers: a watch opened "from now"
+        // that is cut before its first step can resume from there, without
+        // missing the steps made in between.
+        if let Ok(start) = position.to_string().parse() {
+            response.metadata_mut().insert("cursor", start);
+        }
+        Ok(response)
     }
 
     async fn create_case(
