@@ -999,6 +999,23 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// A deployed workflow version (the current one, unless `version`), with its source.
+async fn deployed_version(
+    client: &Client,
+    definitions: &mut DefinitionsServiceClient<tonic::transport::Channel>,
+    name: &str,
+    version: Option<u32>,
+) -> Result<proto::WorkflowVersion> {
+    let name = workflow_name(name, version);
+    Ok(definitions
+        .get_workflow(client.request(proto::GetWorkflowRequest { name })?)
+        .await
+        .map_err(|s| failure(&s))?
+        .into_inner()
+        .workflow_version
+        .unwrap_or_default())
+}
+
 pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Result<ExitCode> {
     let client = Client::connect(&connection).await?;
     let mut definitions = DefinitionsServiceClient::new(client.channel.clone());
@@ -1142,14 +1159,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
             }
         }
         WorkflowCommand::Show { name, version } => {
-            let name = workflow_name(&name, version);
-            let v = definitions
-                .get_workflow(client.request(proto::GetWorkflowRequest { name })?)
-                .await
-                .map_err(|s| failure(&s))?
-                .into_inner()
-                .workflow_version
-                .unwrap_or_default();
+            let v = deployed_version(&client, &mut definitions, &name, version).await?;
             if as_json {
                 out!(
                     "{}",
@@ -1170,14 +1180,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
             state,
             version,
         } => {
-            let name = workflow_name(&name, version);
-            let v = definitions
-                .get_workflow(client.request(proto::GetWorkflowRequest { name })?)
-                .await
-                .map_err(|s| failure(&s))?
-                .into_inner()
-                .workflow_version
-                .unwrap_or_default();
+            let v = deployed_version(&client, &mut definitions, &name, version).await?;
             let mut problems = Vec::new();
             let Some(workflow) = govflow::lang::load::parse::<govflow::lang::model::Workflow>(
                 std::path::Path::new(&v.name),

@@ -2557,6 +2557,18 @@ mod prefetch_tests {
         .expect("engine opens")
     }
 
+    /// `engine` stopped, `commit` written into its store as an earlier
+    /// govflow would have written it, and the engine opened again.
+    fn reopened_with(engine: Engine, dir: &std::path::Path, commit: &Commit) -> Engine {
+        let store = Arc::clone(engine.store());
+        engine.shutdown();
+        drop(engine);
+        store.apply_all(&[commit]).expect("applied");
+        store.write_out().expect("written out");
+        drop(store);
+        forgetful_engine(dir)
+    }
+
     fn permit_start(id: &str) -> StartRequest {
         let mut variables = JsonMap::new();
         variables.insert("county".into(), Json::from("k"));
@@ -2639,13 +2651,7 @@ mod prefetch_tests {
             requests: vec![legacy, legacy_started],
             ..Default::default()
         };
-        let store = Arc::clone(engine.store());
-        engine.shutdown();
-        drop(engine);
-        store.apply_all(&[&commit]).expect("applied");
-        store.write_out().expect("written out");
-        drop(store);
-        let engine = forgetful_engine(dir.path());
+        let engine = reopened_with(engine, dir.path(), &commit);
 
         legacy_start.case_id.clear();
         let restarted = engine.start(legacy_start).await.expect("retry");
@@ -2715,13 +2721,7 @@ mod prefetch_tests {
             }],
             ..Default::default()
         };
-        let store = Arc::clone(engine.store());
-        engine.shutdown();
-        drop(engine);
-        store.apply_all(&[&commit]).expect("applied");
-        store.write_out().expect("written out");
-        drop(store);
-        let engine = forgetful_engine(dir.path());
+        let engine = reopened_with(engine, dir.path(), &commit);
         earlier_start.case_id.clear();
         let retried = engine.start(earlier_start).await.expect("retry");
         assert_eq!(

@@ -388,18 +388,23 @@ mod tests {
         );
     }
 
+    /// The directory of `source` (an `Agencies(…)` RON text).
+    fn directory(source: &str) -> Directory {
+        let agencies: Agencies = crate::lang::load::ron_options()
+            .from_str(source)
+            .expect("parses");
+        Directory::new(&agencies)
+    }
+
     #[test]
     fn directory_walks_up_to_a_level() {
-        let agencies: Agencies = crate::lang::load::ron_options()
-            .from_str(
-                r#"Agencies(agencies: [
+        let dir = directory(
+            r#"Agencies(agencies: [
                 Agency(id: "p", name: "省", level: Province),
                 Agency(id: "c", name: "市", level: City, parent: "p"),
                 Agency(id: "k", name: "县", level: County, parent: "c"),
             ])"#,
-            )
-            .expect("parses");
-        let dir = Directory::new(&agencies);
+        );
         assert_eq!(dir.parent("k").map(|a| a.id.as_str()), Some("c"));
         assert_eq!(
             dir.ancestor_at("k", Level::Province).map(|a| a.id.as_str()),
@@ -417,16 +422,13 @@ mod tests {
     /// misspelt fields and events do.
     #[test]
     fn an_unknown_agency_id_is_told_the_closest_one() {
-        let agencies: Agencies = crate::lang::load::ron_options()
-            .from_str(
-                r#"Agencies(agencies: [
+        let dir = directory(
+            r#"Agencies(agencies: [
                 Agency(id: "hebei", name: "省", level: Province),
                 Agency(id: "hebei.sjz", name: "市", level: City, parent: "hebei"),
                 Agency(id: "hebei.sjz.power", name: "供电公司", level: City, parent: "hebei.sjz"),
             ])"#,
-            )
-            .expect("parses");
-        let dir = Directory::new(&agencies);
+        );
         assert_eq!(
             check(&json!("hebei.sjz.powr"), &Type::Agency, Some(&dir)),
             Err("`hebei.sjz.powr` is not an agency of the directory (did you mean `hebei.sjz.power`?)".into())
