@@ -195,7 +195,7 @@ fn record_difference(stored: &proto::Case, replayed: &core::Case) -> Option<Stri
         ),
         (
             "timers",
-            stored.timers == replayed.timers,
+            core::same_deadlines(&stored.timers, &replayed.timers),
             show(&stored.timers),
             show(&replayed.timers),
         ),
