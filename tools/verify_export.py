@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Verify a govflow history export (JSON Lines) without trusting govflow.
 
-Usage: verify_export.py [--partial] [--allow-empty] [--quiet] [FILE]
+Usage: verify_export.py [--partial | --since] [--allow-empty] [--quiet] [--without-heads] [FILE]
 
 Reads the export (FILE, or standard input), recomputes every entry's hash with
 the canonical encoding of docs/hash-chain.md, and checks each case's chain:
@@ -16,9 +16,13 @@ An empty input is an error: a failed export (`govflow audit export ... |
 verify_export.py`) writes nothing, and nothing must not pass for a verified
 history.
 
---partial      accept chains that do not start at sequence 1 (an export
-               filtered by time, with --since or --until); the first entry's
+--partial      accept chains that do not start at sequence 1, nor reach the
+               entry their head line seals (an export filtered by time, with
+               --until, or --since and --until); the first entry's
                previous_hash is then not checked.
+--since        for an export filtered with --since alone, which runs to the
+               end of each history: accept chains that start late, but each
+               must still reach the entry its head line seals.
 --allow-empty  accept an empty input (an export whose filters may select
                nothing).
 --quiet        print only the problems and the summary line.
@@ -27,7 +31,7 @@ Each case's entries are followed by its head line, {"case_id", "head_sequence",
 "head_hash"}: the last entry its case record seals. The last entry of the case
 must be that one, so entries removed from, rewritten at or added to the end
 of a history are seen too (with --partial, only when the export reaches the
-end). A line with a member named twice, or with members other than those of
+end, or with --since). A line with a member named twice, or with members other than those of
 docs/hash-chain.md, is refused: readers that keep the first or the last of
 two would see different entries.
 
@@ -309,7 +313,7 @@ def check_layout(layout, cases, heads, problems):
         problems.append(Problem(case_id, None, line, "misplaced", detail))
 
 
-def check_head(case_id, rows, heads, partial, without_heads, already, problems):
+def check_head(case_id, rows, heads, ends_early, without_heads, already, problems):
     """Checks that the case's last entry is the one its head line names;
     `already` holds the sequence numbers of the case already named."""
     if not heads:
@@ -331,7 +335,7 @@ def check_head(case_id, rows, heads, partial, without_heads, already, problems):
                                 "the history goes on to entry %d past its head, entry %d: added after "
                                 "it was sealed" % (last.sequence, sequence)))
     elif last.sequence < sequence:
-        if not partial:
+        if not ends_early:
             problems.append(Problem(case_id, last.sequence + 1, line, "missing",
                                     "entries %d to %d are missing from the end (the head seals entry %d)"
                                     % (last.sequence + 1, sequence, sequence)
@@ -430,6 +434,7 @@ def main(argv):
         if hasattr(out, "reconfigure"):
             out.reconfigure(errors="backslashreplace")
     partial = False
+    since = False
     allow_empty = False
     quiet = False
     without_heads = False
@@ -437,6 +442,8 @@ def main(argv):
     for arg in argv[1:]:
         if arg == "--partial":
             partial = True
+        elif arg == "--since":
+            since = True
         elif arg == "--allow-empty":
             allow_empty = True
         elif arg == "--quiet":
@@ -493,7 +500,7 @@ def main(argv):
         rows = cases[case_id]
         entries += len(rows)
         before = len(problems)
-        if check_case(case_id, rows, partial, problems):
+        if check_case(case_id, rows, partial or since, problems):
             late += 1
         already = named.get(case_id, set()) | {p.sequence for p in problems[before:]}
         check_head(case_id, rows, heads.get(case_id), partial, without_heads, already, problems)
@@ -514,7 +521,8 @@ def main(argv):
               % (len(problems), bad_cases, entries, len(cases)))
         if late:
             print("hint: %d case(s) start after sequence 1, as they do in an export filtered by time "
-                  "(--since/--until): check such an export with --partial" % late)
+                  "(--since/--until): check such an export with --since (it runs to the end) "
+                  "or --partial (with --until)" % late)
         return 1
     if not cases:
         print("the export is empty, as --allow-empty allows: nothing to verify")
