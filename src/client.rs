@@ -625,13 +625,17 @@ fn workflow_lines(workflows: &[proto::WorkflowSummary]) -> Vec<String> {
 /// A change the server refused or whose answer was lost: as [`failure`],
 /// and for a lost answer, how to find out whether it was made.
 fn change_failure(status: &Status, request_id: &str) -> anyhow::Error {
+    change_refusal(status, request_id).into()
+}
+
+/// [`change_failure`]'s refusal, for a caller that adds its own hint.
+fn change_refusal(status: &Status, request_id: &str) -> Refusal {
     lost_change(
         status,
         &format!(
             "run the same command with --request-id {request_id} to find out (a retry gets the first answer, never a second step)"
         ),
     )
-    .into()
 }
 
 /// A refusal of a change; when the answer was lost on the way (the change
@@ -769,12 +773,7 @@ pub async fn case(connection: Connection, command: CaseCommand) -> Result<ExitCo
                 }
                 Err(status) => status,
             };
-            let mut refusal = lost_change(
-                &refused,
-                &format!(
-                    "run the same command with --request-id {rid} to find out (a retry gets the first answer, never a second step)"
-                ),
-            );
+            let mut refusal = change_refusal(&refused, &rid);
             // A guard or a payload is the workflow's rule: say where the
             // rules of the case's state are listed, field by field.
             if refusal.hint.is_empty()

@@ -506,7 +506,7 @@ pub fn start_version(
         pending = waiting;
     }
 
-    if let Some(problem) = shared_duties(wf, &bindings).or_else(|| misplaced(lib, wf, &bindings)) {
+    if let Some(problem) = binding_problem(lib, wf, &bindings) {
         return Err(invalid(problem));
     }
 
@@ -560,6 +560,17 @@ pub fn start_version(
         spawn: Vec::new(),
         settled: fx.settled,
     })
+}
+
+/// What is wrong with `bindings`, at start or after a re-binding: two roles
+/// kept separate held by one agency, or a role held by an agency it may not
+/// have.
+fn binding_problem(
+    lib: &Library,
+    wf: &CompiledWorkflow,
+    bindings: &BTreeMap<String, String>,
+) -> Option<String> {
+    shared_duties(wf, bindings).or_else(|| misplaced(lib, wf, bindings))
 }
 
 /// The first pair of roles the workflow keeps separate (`separate_from`)
@@ -950,9 +961,7 @@ fn transition_path(
                             failed(format!("re-binding role `{role}`: {}", e.message()))
                         })?;
                 new.bindings.insert(role.clone(), id);
-                if let Some(problem) =
-                    shared_duties(wf, &new.bindings).or_else(|| misplaced(lib, wf, &new.bindings))
-                {
+                if let Some(problem) = binding_problem(lib, wf, &new.bindings) {
                     return Err(failed(format!("re-binding role `{role}`: {problem}")));
                 }
                 cel.set_roles(&new.bindings);
@@ -1165,8 +1174,8 @@ fn countersign(
     ))
 }
 
-/// A sign or reject may carry a comment (审批意见), nothing else.
-/// The payload of a countersign's sign and reject events: an optional comment.
+/// The payload of a countersign's sign and reject events: a comment
+/// (审批意见), optional, and nothing else.
 pub fn countersign_fields() -> [Field; 1] {
     [Field {
         name: "comment".into(),
@@ -1688,7 +1697,6 @@ fn finish(
 
 // ───────────────────────────── helpers ─────────────────────────────
 
-/// The current version of workflow `name`, or why there is none.
 /// The rules `case` runs on: the version it is pinned to, never another.
 fn pinned<'l>(lib: &'l Library, case: &Case) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
     if let Some(wf) = lib.pinned(&case.workflow, &case.digest) {
@@ -1704,6 +1712,7 @@ fn pinned<'l>(lib: &'l Library, case: &Case) -> Result<&'l Arc<CompiledWorkflow>
     ))
 }
 
+/// The current version of workflow `name`, or why there is none.
 pub fn compiled<'l>(lib: &'l Library, name: &str) -> Result<&'l Arc<CompiledWorkflow>, Rejection> {
     lib.workflows.get(name).ok_or_else(|| {
         let names = lib.workflows.keys().map(String::as_str);

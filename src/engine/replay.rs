@@ -184,6 +184,24 @@ mod tests {
     use super::*;
     use crate::engine::testkit;
 
+    /// The first step of a `permit` case `c1`, started by `ent` at `at`.
+    fn started_permit(lib: &Library, at: chrono::DateTime<chrono::Utc>) -> Step {
+        core::start(
+            lib,
+            "permit",
+            "c1",
+            "ent",
+            &[("tax".to_owned(), "tax".to_owned())].into(),
+            &object(serde_json::json!({"county": "k"})),
+            at,
+        )
+        .expect("starts")
+    }
+
+    fn object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
     /// Regression: appending next year's holidays to the calendar, as the
     /// README asks every winter, gave the calendar a new version, and every
     /// stored step that had set a deadline then failed to replay ("stored
@@ -195,17 +213,7 @@ mod tests {
         let extended = format!("{}2021-01-01,holiday\n", testkit::CALENDAR);
         let after = testkit::library_of(&testkit::sources(&docs, Some(&extended)));
         let t0 = testkit::at("2020-06-01T09:00:00+08:00");
-        let object = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
-        let started = core::start(
-            &before,
-            "permit",
-            "c1",
-            "ent",
-            &[("tax".to_owned(), "tax".to_owned())].into(),
-            &object(serde_json::json!({"county": "k"})),
-            t0,
-        )
-        .expect("starts");
+        let started = started_permit(&before, t0);
         let submit = Input::Fire {
             event: "submit".into(),
             agency: "ent".into(),
@@ -235,20 +243,7 @@ mod tests {
     #[test]
     fn a_divergence_shows_the_two_values_that_differ() {
         let lib = testkit::library();
-        let entry = core::start(
-            &lib,
-            "permit",
-            "c1",
-            "ent",
-            &[("tax".to_owned(), "tax".to_owned())].into(),
-            &serde_json::json!({"county": "k"})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            testkit::at("2020-06-01T09:00:00+08:00"),
-        )
-        .expect("starts")
-        .entry;
+        let entry = started_permit(&lib, testkit::at("2020-06-01T09:00:00+08:00")).entry;
         let mut other = entry.clone();
         other.digest = "f".repeat(64);
         let said = difference(&entry, &other).expect("differs");
