@@ -118,6 +118,8 @@ pub(super) struct Loaded {
     pub case: proto::Case,
     pub entries: Vec<core::Entry>,
     pub request_ids: Vec<String>,
+    /// Each entry's stored hash (filled by [`load`], as `request_ids` are).
+    pub hashes: Vec<Vec<u8>>,
     /// Why the history could not be read past `entries`.
     pub unreadable: Option<(Option<u64>, String)>,
 }
@@ -135,11 +137,13 @@ pub(super) fn load(source: &dyn RecordSource, id: &str) -> Result<Loaded> {
     };
     let mut entries = Vec::new();
     let mut request_ids = Vec::new();
+    let mut hashes = Vec::new();
     let mut unreadable = None;
     source.visit_history(id, &mut |raw| match raw.entry {
         Ok(entry) => {
             entries.push(records::from_entry(entry));
             request_ids.push(entry.request_id.clone());
+            hashes.push(entry.hash.clone());
             ControlFlow::Continue(())
         }
         Err(message) => {
@@ -151,6 +155,7 @@ pub(super) fn load(source: &dyn RecordSource, id: &str) -> Result<Loaded> {
         case,
         entries,
         request_ids,
+        hashes,
         unreadable,
     })
 }
@@ -428,6 +433,7 @@ pub fn replay_all(
                     case: proto::Case::default(),
                     entries: Vec::new(),
                     request_ids: Vec::new(),
+                    hashes: Vec::new(),
                     unreadable: None,
                 },
             )
@@ -616,14 +622,6 @@ pub fn case_at(source: &dyn RecordSource, lib: &Library, id: &str, at: At) -> Re
     let (Some(after), Some(entry)) = (cases.last(), entries.get(n - 1)) else {
         return Err(out_of_range(format!("{at:?}")));
     };
-    let mut head_hash = Vec::new();
-    source.visit_history(id, &mut |raw| match raw.entry {
-        Ok(stored) if stored.sequence == entry.seq => {
-            head_hash.clone_from(&stored.hash);
-            ControlFlow::Break(())
-        }
-        _ => ControlFlow::Continue(()),
-    })?;
     Ok(CaseAt {
         case_id: id.to_owned(),
         workflow: case.workflow.clone(),
@@ -636,7 +634,7 @@ pub fn case_at(source: &dyn RecordSource, lib: &Library, id: &str, at: At) -> Re
         bindings: after.bindings.clone(),
         timers: after.timers.clone(),
         case: after.clone(),
-        head_hash,
+        head_hash: loaded.hashes[n - 1].clone(),
         step: ReplayStep::new(entry, &loaded.request_ids[n - 1], after),
     })
 }
