@@ -659,12 +659,14 @@ fn export(data: &Path, filter: &ExportFilter, output: Option<&Path>) -> Result<E
         );
     }
     eprintln!(
-        "exported {} of {}{}",
+        "exported {} of {}{}; SHA-256 of the export before its end line: {} (keep it apart from \
+         the file: tools/verify_export.py prints the one it computes)",
         count(summary.entries, "entry", "entries"),
         count(summary.cases, "case", "cases"),
         output
             .map(|p| format!(" to {}", p.display()))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        summary.sha256
     );
     Ok(if summary.skipped.is_empty() {
         ExitCode::SUCCESS

@@ -307,6 +307,7 @@ async fn an_export_seals_each_history_s_end_and_refuses_ambiguous_lines() {
         c.remove(last_of_a);
     });
     python_names(&cut, &[("a", 5, "missing")]);
+    python_sees_the_seal_broken(&cut);
     // The last entry rewritten and its hash recomputed: consistent in itself,
     // but not the entry the head seals.
     let rewritten = tampered("rewritten.jsonl", &|c| {
@@ -318,6 +319,7 @@ async fn an_export_seals_each_history_s_end_and_refuses_ambiguous_lines() {
         c[last_of_a] = serde_json::to_string(&e).expect("json");
     });
     python_names(&rewritten, &[("a", 5, "altered")]);
+    python_sees_the_seal_broken(&rewritten);
     // Only the head shows it: without head lines (an export from before
     // them), the rewrite passes when heads are not required, and a missing
     // head is a problem when they are.
@@ -325,7 +327,7 @@ async fn an_export_seals_each_history_s_end_and_refuses_ambiguous_lines() {
     let without_heads: String = std::fs::read_to_string(&rewritten)
         .expect("read")
         .lines()
-        .filter(|l| !l.contains("\"head_hash\""))
+        .filter(|l| !l.contains("\"head_hash\"") && !l.contains("\"end_of_export\""))
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&headless, without_heads).expect("write");
@@ -377,7 +379,12 @@ pub(crate) fn python_names(export: &Path, expected: &[(&str, u64, &str)]) {
     };
 
     assert_eq!(code, 1, "the Python verifier must fail:\n{text}");
-    let bad: Vec<&str> = text.lines().filter(|l| l.starts_with("BAD")).collect();
+    // Problems of the export as a whole (its end line's counts and seal,
+    // which a file changed after it was written breaks) are not counted.
+    let bad: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("BAD") && !l.starts_with("BAD  export (line"))
+        .collect();
     for (case, seq, kind) in expected {
         let name = format!("case {case} sequence {seq} ");
         assert!(
@@ -391,6 +398,19 @@ pub(crate) fn python_names(export: &Path, expected: &[(&str, u64, &str)]) {
         expected.len(),
         "exactly the tampered entries:\n{text}"
     );
+}
+
+/// The Python verifier finds that the file is not the one exported: its end
+/// line's seal is broken.
+fn python_sees_the_seal_broken(export: &Path) {
+    if let Some((code, text)) = python_verify(export, &["--quiet"]) {
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with("BAD  export (line")
+                && l.contains(": altered: the SHA-256 of the export before its end line is")),
+            "the end line's seal must be broken:\n{text}"
+        );
+    }
 }
 
 /// The canonical hash of an exported entry (docs/hash-chain.md), computed
@@ -429,10 +449,12 @@ pub(crate) fn python_catches_tampering(export: &Path) {
         })
         .expect("a case with at least two entries");
     let scratch = tempfile::tempdir().expect("tempdir");
-    let write = |name: &str, out: Vec<String>| {
+    // Each copy is named as tampered with, and its end line's seal broken.
+    let check = |name: &str, out: Vec<String>, expected: &[(&str, u64, &str)]| {
         let path = scratch.path().join(name);
         std::fs::write(&path, out.join("\n") + "\n").expect("write");
-        path
+        python_names(&path, expected);
+        python_sees_the_seal_broken(&path);
     };
     let owned = || {
         lines
@@ -445,16 +467,17 @@ pub(crate) fn python_catches_tampering(export: &Path) {
     let mut entry = parsed[two].clone();
     entry["event"] = Json::String(format!("{}x", entry["event"].as_str().unwrap_or_default()));
     altered[two] = serde_json::to_string(&entry).expect("json");
-    python_names(&write("altered.jsonl", altered), &[(&case, 2, "altered")]);
+    check("altered.jsonl", altered, &[(&case, 2, "altered")]);
 
     let mut deleted = owned();
     deleted.remove(one);
-    python_names(&write("deleted.jsonl", deleted), &[(&case, 1, "missing")]);
+    check("deleted.jsonl", deleted, &[(&case, 1, "missing")]);
 
     let mut swapped = owned();
     swapped.swap(one, two);
-    python_names(
-        &write("swapped.jsonl", swapped),
+    check(
+        "swapped.jsonl",
+        swapped,
         &[(&case, 1, "reordered"), (&case, 2, "reordered")],
     );
 
@@ -464,7 +487,7 @@ pub(crate) fn python_catches_tampering(export: &Path) {
     fake["previous_hash"] = Json::String("42".repeat(32));
     fake["hash"] = Json::String(json_hash(&fake));
     forged[two] = serde_json::to_string(&fake).expect("json");
-    python_names(&write("forged.jsonl", forged), &[(&case, 2, "forged")]);
+    check("forged.jsonl", forged, &[(&case, 2, "forged")]);
 }
 
 /// Regression: a misspelt workflow in a filter verified, replayed and
@@ -958,8 +981,9 @@ fn export_with(source: &dyn RecordSource, filter: ExportFilter) -> Vec<Json> {
         .expect("utf-8")
         .lines()
         .map(|l| serde_json::from_str::<Json>(l).expect("a JSON line"))
-        // The entries; each case's head line after them is checked apart.
-        .filter(|l| l.get("head_hash").is_none())
+        // The entries; each case's head line after them, and the export's
+        // end line, are checked apart.
+        .filter(|l| l.get("head_hash").is_none() && l.get("end_of_export").is_none())
         .collect()
 }
 
@@ -999,6 +1023,16 @@ async fn export_lines_are_the_entries_and_filters_select_them() {
             last.sequence
         ));
     }
+    // Then the end line: the counts, and the digest of all that comes before.
+    let sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(expected.as_bytes()))
+    };
+    assert_eq!(summary.sha256, sha256);
+    expected.push_str(&format!(
+        "{{\"cases\":6,\"end_of_export\":true,\"entries\":{},\"left_out\":0,\"sha256\":\"{sha256}\"}}\n",
+        total_entries()
+    ));
     assert_eq!(text, expected);
     assert!(
         text.contains("石家庄某制造有限公司"),
@@ -1677,8 +1711,8 @@ fn path_arg(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
 }
 
-#[test]
-fn the_python_verifier_refuses_an_empty_export_unless_told_to_expect_one() {
+#[tokio::test]
+async fn the_python_verifier_refuses_an_empty_export_unless_told_to_expect_one() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let empty = scratch.path().join("empty.jsonl");
     std::fs::write(&empty, "").expect("write");
@@ -1694,7 +1728,14 @@ fn the_python_verifier_refuses_an_empty_export_unless_told_to_expect_one() {
             "verify_export.py: the export is empty: nothing was verified (did `govflow audit \
              export` fail? see its message); pass --allow-empty if no entries are expected\n"
         );
+        // An export that selects nothing still has its end line: a file
+        // without one is a failed export, unless it is older than end lines.
         let Some((code, text)) = python_verify(export, &["--allow-empty"]) else {
+            return;
+        };
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("BAD  export: missing: no end line"), "{text}");
+        let Some((code, text)) = python_verify(export, &["--allow-empty", "--without-end"]) else {
             return;
         };
         assert_eq!(code, 0, "{text}");
@@ -1702,6 +1743,32 @@ fn the_python_verifier_refuses_an_empty_export_unless_told_to_expect_one() {
             text,
             "the export is empty, as --allow-empty allows: nothing to verify\n"
         );
+    }
+    // What govflow writes when the filters select nothing: its end line alone.
+    let nothing = scratch.path().join("nothing.jsonl");
+    let built = build().await;
+    let mut out = Vec::new();
+    let summary = audit::export(
+        &source(&built),
+        &ExportFilter {
+            agency: Some("hebei.sjz.nobody".into()),
+            ..ExportFilter::default()
+        },
+        &mut out,
+    )
+    .expect("export");
+    assert_eq!((summary.cases, summary.entries), (0, 0));
+    std::fs::write(&nothing, out).expect("write");
+    if let Some((code, text)) = python_verify(&nothing, &[]) {
+        assert_eq!(code, 2, "{text}");
+        assert!(
+            text.starts_with("verify_export.py: the export holds no entries (its end line says"),
+            "{text}"
+        );
+    }
+    if let Some((code, text)) = python_verify(&nothing, &["--allow-empty", "--quiet"]) {
+        assert_eq!(code, 0, "{text}");
+        assert!(text.ends_with("nothing to verify\n"), "{text}");
     }
 
     // What `govflow audit export … | verify_export.py` hands the verifier
@@ -1749,7 +1816,14 @@ async fn a_time_window_export_checked_without_partial_names_the_first_entry_and_
         return;
     };
     assert_eq!(code, 1, "{text}");
-    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        text.contains("\nSHA-256 of the export before its end line: "),
+        "{text}"
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("SHA-256 of the export"))
+        .collect();
     assert_eq!(
         lines,
         [
@@ -1785,9 +1859,9 @@ async fn a_time_window_export_checked_without_partial_names_the_first_entry_and_
     if let Some((code, text)) = python_verify(&gapped, &["--partial", "--quiet"]) {
         assert_eq!(code, 1, "{text}");
         assert!(
-            text.starts_with(
-                "BAD  case a sequence 4 (before line 2, which holds sequence 5): missing: entry 4 \
-                 is missing (the next entry is 5)\n"
+            text.contains(
+                "\nBAD  case a sequence 4 (before line 2, which holds sequence 5): missing: entry \
+                 4 is missing (the next entry is 5)\n"
             ),
             "{text}"
         );
@@ -1990,17 +2064,22 @@ async fn a_corrupt_store_is_reported_once_in_plain_words() {
 /// "missing"; and a head line before its entries or among another case's, a
 /// case in two blocks and cases out of id order passed. Each is now a
 /// problem of its line (the BOM at the start is ignored), and the other
-/// lines are still checked.
+/// lines are still checked. Regression too: an export cut short at a case
+/// boundary, or with a whole case taken out, passed; its end line now
+/// counts and seals what comes before it.
 #[test]
 fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_checks_the_rest() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/export");
     // (file, options, exit code, the lines printed: each line starts with its item)
-    let cases: [(&str, &[&str], i32, &[&str]); 11] = [
+    let cases: [(&str, &[&str], i32, &[&str]); 16] = [
         (
             "sound.jsonl",
             &["--quiet"],
             0,
-            &["all 7 entries in 3 cases verified"],
+            &[
+                "SHA-256 of the export before its end line: ",
+                "all 7 entries in 3 cases verified",
+            ],
         ),
         (
             "bom.jsonl",
@@ -2012,6 +2091,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
                 "ok   a: 3 entries, chain intact",
                 "ok   b: 3 entries, chain intact",
                 "ok   c: 1 entries, chain intact",
+                "SHA-256 of the export before its end line: c5fa070560a303ad",
                 "all 7 entries in 3 cases verified",
             ],
         ),
@@ -2027,6 +2107,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             1,
             &[
                 "BAD  export (line 5): unreadable: objects or arrays nested too deeply to read",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 0 case(s); 7 entries in 3 cases checked",
             ],
         ),
@@ -2037,9 +2118,15 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             &[
                 "BAD  export (line 6): unreadable: not UTF-8 text: byte 123 of the line (0xe9) is \
                  not valid UTF-8",
+                // The byte was changed after the export was written.
+                "BAD  export (line 11): altered: the SHA-256 of the export before its end line is \
+                 926fb3b66c676425b04b7c3f3d5a508fe891822dc75a07f0af9e309858d686de, not the \
+                 c5fa070560a303ad749e2af7d5b3729c518dbdadb74d78a4a2047991bbfa2a92 the end line \
+                 seals",
                 "BAD  case b sequence 2 (before line 7, which holds sequence 3): missing: entry 2 \
                  is missing (the next entry is 3)",
-                "2 problem(s) in 1 case(s); 6 entries in 3 cases checked",
+                "SHA-256 of the export before its end line: 926fb3b66c676425",
+                "3 problem(s) in 1 case(s); 6 entries in 3 cases checked",
             ],
         ),
         (
@@ -2051,6 +2138,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
                  (an export's integers have at most 16 digits)",
                 "BAD  case b sequence 2 (before line 7, which holds sequence 3): missing: entry 2 \
                  is missing (the next entry is 3)",
+                "SHA-256 of the export before its end line: ",
                 "2 problem(s) in 1 case(s); 6 entries in 3 cases checked",
             ],
         ),
@@ -2061,6 +2149,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             &[
                 "BAD  case a (line 1): misplaced: the head line comes before the case's entries \
                  (from line 2): it belongs right after the case's last entry",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
             ],
         ),
@@ -2071,6 +2160,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             &[
                 "BAD  case b (line 3): misplaced: the head line stands among case a's entries \
                  (lines 2 and 4), not right after its own case's last entry (line 8)",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
             ],
         ),
@@ -2082,6 +2172,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
                 "BAD  case a sequence 3 (line 7): misplaced: the case's entries are split: these \
                  come after case b's (line 5), apart from the case's earlier ones (ending on line \
                  2); an export holds each case's entries together",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
             ],
         ),
@@ -2092,6 +2183,7 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             &[
                 "BAD  case a sequence 1 (line 5): misplaced: case a comes after case b (line 3): \
                  an export lists the cases in case-id order",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
             ],
         ),
@@ -2102,7 +2194,63 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             1,
             &[
                 "BAD  case a sequence 1 (line 5): misplaced: case a comes after case b (line 3)",
+                "SHA-256 of the export before its end line: ",
                 "1 problem(s) in 1 case(s); 7 entries in 3 cases checked",
+            ],
+        ),
+        // Cut short where one case ends and the next begins: every chain
+        // that is there is whole.
+        (
+            "cut_at_case.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export: missing: no end line: the export was cut short, perhaps at a case \
+                 boundary",
+                "1 problem(s) in 0 case(s); 6 entries in 2 cases checked",
+            ],
+        ),
+        (
+            "cut_at_case.jsonl",
+            &["--quiet", "--without-end"],
+            0,
+            &["all 6 entries in 2 cases verified"],
+        ),
+        // A whole case taken out.
+        (
+            "case_removed.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 7): missing: the end line counts 7 entries of 3 cases; the \
+                 export holds 4 entry lines of 2 cases: lines were removed or added",
+                "BAD  export (line 7): altered: the SHA-256 of the export before its end line is \
+                 6815dea0497bfcfe",
+                "SHA-256 of the export before its end line: 6815dea0497bfcfe",
+                "2 problem(s) in 0 case(s); 4 entries in 2 cases checked",
+            ],
+        ),
+        // Taken out and the end line made again: it verifies, and only the
+        // digest printed differs from the one the exporter printed (the
+        // sound file's, c5fa…).
+        (
+            "case_removed_resealed.jsonl",
+            &["--quiet"],
+            0,
+            &[
+                "SHA-256 of the export before its end line: 6815dea0497bfcfe",
+                "all 4 entries in 2 cases verified",
+            ],
+        ),
+        (
+            "after_end.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 12): misplaced: a line after the export's end line (line 11): \
+                 lines were added or files joined",
+                "SHA-256 of the export before its end line: c5fa070560a303ad",
+                "1 problem(s) in 0 case(s); 7 entries in 3 cases checked",
             ],
         ),
     ];

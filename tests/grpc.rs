@@ -389,9 +389,16 @@ async fn audited(server: &Server) -> u64 {
         .await
         .expect("export");
     assert!(skipped.is_empty(), "{skipped:?}");
-    // Every entry, and after each case's entries its head line.
+    // Every entry, after each case's entries its head line, and last the
+    // export's end line.
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("\"end_of_export\":true")),
+        "{lines:?}"
+    );
     let heads = lines.iter().filter(|l| l.contains("\"head_hash\"")).count();
-    assert_eq!((lines.len() - heads) as u64, total);
+    assert_eq!((lines.len() - heads - 1) as u64, total);
     assert_eq!(heads, all.len());
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("export.jsonl");
@@ -882,11 +889,9 @@ async fn the_authorisation_matrix_holds_for_every_rpc() {
                 .expect("export");
             lines
                 .iter()
-                .map(|l| {
-                    serde_json::from_str::<Json>(l).expect("json")["case_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned()
+                .filter_map(|l| {
+                    let line = serde_json::from_str::<Json>(l).expect("json");
+                    line["case_id"].as_str().map(str::to_owned)
                 })
                 .collect::<std::collections::BTreeSet<String>>()
         }
@@ -1721,9 +1726,10 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     )
     .await
     .expect("export");
-    // Its entries and its head line.
-    assert_eq!(lines.len() as u64, parent.sequence + 1);
-    assert!(lines[lines.len() - 1].contains("\"head_hash\""));
+    // Its entries, its head line and the end line.
+    assert_eq!(lines.len() as u64, parent.sequence + 2);
+    assert!(lines[lines.len() - 2].contains("\"head_hash\""));
+    assert!(lines[lines.len() - 1].contains("\"end_of_export\""));
     let (children, _) = export_lines(
         &mut audit,
         Some(&auditor),
@@ -1734,6 +1740,8 @@ async fn a_zzfl_registration_settles_when_its_four_children_do() {
     )
     .await
     .expect("export");
+    let (end, children) = children.split_last().expect("an end line");
+    assert!(end.contains("\"end_of_export\""), "{end}");
     assert!(
         !children.is_empty()
             && children

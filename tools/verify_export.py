@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Verify a govflow history export (JSON Lines) without trusting govflow.
 
-Usage: verify_export.py [--partial | --since] [--allow-empty] [--quiet] [--without-heads] [FILE]
+Usage: verify_export.py [--partial | --since] [--allow-empty] [--quiet] [--without-heads]
+                        [--without-end] [FILE]
 
 Reads the export (FILE, or standard input), recomputes every entry's hash with
 the canonical encoding of docs/hash-chain.md, and checks each case's chain:
@@ -38,6 +39,20 @@ two would see different entries.
 --without-heads  accept cases without a head line (exports by govflow before
                  2026-11-27 have none); their ends are then not checked.
 
+The export ends with one end line, {"end_of_export": true, "cases",
+"entries", "left_out", "sha256"}: how many cases and entry lines come before
+it, how many records the exporter could not read and left out, and the
+SHA-256 (hex) of every byte before it. An export without one was cut short
+(even at a case boundary); one whose counts or digest do not match had lines
+removed, added or changed, whole cases included. The digest it computes is
+printed with the summary: compare it with the one `govflow audit export`
+printed when it wrote the file, kept apart from it, to know the file is the
+one written and not one recomputed after a change.
+
+--without-end    accept an export without an end line (exports by govflow
+                 before the end line was added have none; --without-heads
+                 implies it, since exports without heads are older still).
+
 The layout of docs/hash-chain.md is checked too ("misplaced"): each case's
 entries together in one block, the blocks in case-id order, and a case's head
 line right after its last entry (not before its entries, nor among another
@@ -71,6 +86,8 @@ ENTRY_MEMBERS = {
     "calendar_version", "workflow_digest", "request_id", "previous_hash", "hash",
 }
 HEAD_MEMBERS = {"case_id": str, "head_sequence": int, "head_hash": str}
+END_MEMBERS = {"end_of_export": bool, "cases": int, "entries": int, "left_out": int,
+               "sha256": str}
 
 
 def unique_members(pairs):
@@ -110,6 +127,16 @@ class Problem:
         elif self.line is not None:
             where += " (line %d)" % self.line
         return "%s: %s: %s" % (where, self.kind, self.detail)
+
+
+class End:
+    """The export's end line, and what the lines before it hold."""
+
+    def __init__(self, line, fields, computed):
+        self.line = line
+        self.fields = fields
+        # SHA-256 (hex) of the bytes before the end line.
+        self.computed = computed
 
 
 class Row:
@@ -176,10 +203,14 @@ def read_entries(stream, problems, notes):
     """Parses the export (a binary stream), line by line; returns ({case_id:
     [Row]} in file order, {case_id: [(line, head_sequence, head_hash)]}, the
     layout: (line, case_id, is_head) of each entry line and well-formed head
-    line, in file order)."""
+    line, in file order, the end line (an End, or None), and the entry lines
+    before the end line, read or not)."""
     cases = {}
     heads = {}
     layout = []
+    end = None
+    entry_lines = 0
+    digest = hashlib.sha256()
     for number, raw in enumerate(stream, start=1):
         skipped = 0
         if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -191,6 +222,16 @@ def read_entries(stream, problems, notes):
             skipped = len(BOM)
             notes.append("the export starts with a UTF-8 byte-order mark (as some editors save "
                          "files): it was ignored")
+        if end is not None and raw.strip():
+            problems.append(Problem(None, None, number, "misplaced",
+                                    "a line after the export's end line (line %d): lines were added "
+                                    "or files joined" % end.line))
+            continue
+        before = digest.copy()
+        digest.update(raw)
+        if raw.strip():
+            # Every line but head and end lines is an entry, read or not.
+            entry_lines += 1
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -210,6 +251,16 @@ def read_entries(stream, problems, notes):
             problems.append(Problem(None, None, number, "unreadable", "not a JSON object"))
             continue
         case_id = entry.get("case_id") if isinstance(entry.get("case_id"), str) else None
+        if "end_of_export" in entry:
+            bad = mistyped(entry, END_MEMBERS) + sorted(set(entry) - set(END_MEMBERS))
+            if bad or entry["end_of_export"] is not True:
+                problems.append(Problem(None, None, number, "unreadable",
+                                        "an end line with missing, mistyped or unknown member(s): %s"
+                                        % ", ".join(bad or ["end_of_export"])))
+                continue
+            end = End(number, entry, before.hexdigest())
+            entry_lines -= 1
+            continue
         if "head_hash" in entry:
             bad = mistyped(entry, HEAD_MEMBERS) + sorted(set(entry) - set(HEAD_MEMBERS))
             if bad:
@@ -218,6 +269,7 @@ def read_entries(stream, problems, notes):
                                         % ", ".join(bad)))
                 continue
             heads.setdefault(case_id, []).append((number, entry["head_sequence"], entry["head_hash"]))
+            entry_lines -= 1
             layout.append((number, case_id, True))
             continue
         if case_id is not None:
@@ -245,7 +297,34 @@ def read_entries(stream, problems, notes):
                                     "%d levels)" % sys.getrecursionlimit()))
             continue
         cases.setdefault(case_id, []).append(Row(number, entry, computed))
-    return cases, heads, layout
+    return cases, heads, layout, end, entry_lines
+
+
+def check_end(end, cases, entry_lines, without_end, problems, notes):
+    """Checks the end line against what comes before it."""
+    if end is None:
+        if not without_end:
+            problems.append(Problem(None, None, None, "missing",
+                                    "no end line: the export was cut short, perhaps at a case "
+                                    "boundary (exports by govflow before end lines have none: check "
+                                    "those with --without-end)"))
+        return
+    fields = end.fields
+    if fields["entries"] != entry_lines or fields["cases"] != len(cases):
+        problems.append(Problem(None, None, end.line, "missing" if fields["entries"] > entry_lines
+                                else "forged",
+                                "the end line counts %d entries of %d cases; the export holds %d "
+                                "entry lines of %d cases: lines were removed or added" % (fields["entries"],
+                                                                     fields["cases"], entry_lines,
+                                                                     len(cases))))
+    if fields["sha256"] != end.computed:
+        problems.append(Problem(None, None, end.line, "altered",
+                                "the SHA-256 of the export before its end line is %s, not the %s "
+                                "the end line seals: lines were changed, removed or added"
+                                % (end.computed, fields["sha256"])))
+    if fields["left_out"]:
+        notes.append("the exporter left out %d record(s) it could not read (`govflow audit "
+                     "verify` on the store names them)" % fields["left_out"])
 
 
 def check_layout(layout, cases, heads, problems):
@@ -438,6 +517,7 @@ def main(argv):
     allow_empty = False
     quiet = False
     without_heads = False
+    without_end = False
     paths = []
     for arg in argv[1:]:
         if arg == "--partial":
@@ -450,6 +530,9 @@ def main(argv):
             quiet = True
         elif arg == "--without-heads":
             without_heads = True
+            without_end = True
+        elif arg == "--without-end":
+            without_end = True
         elif arg in ("-h", "--help"):
             print(__doc__.strip())
             return 0
@@ -467,19 +550,25 @@ def main(argv):
     try:
         if paths and paths[0] != "-":
             with open(paths[0], "rb") as stream:
-                cases, heads, layout = read_entries(stream, problems, notes)
+                cases, heads, layout, end, entry_lines = read_entries(stream, problems, notes)
         else:
             stream = open(sys.stdin.fileno(), "rb", closefd=False)
-            cases, heads, layout = read_entries(stream, problems, notes)
+            cases, heads, layout, end, entry_lines = read_entries(stream, problems, notes)
     except (OSError, Unreadable) as e:
         print("verify_export.py: cannot read the export: %s" % e, file=sys.stderr)
         return 2
 
     if not cases and not problems and not allow_empty:
-        print("verify_export.py: the export is empty: nothing was verified (did `govflow audit "
-              "export` fail? see its message); pass --allow-empty if no entries are expected",
-              file=sys.stderr)
+        if end is not None:
+            print("verify_export.py: the export holds no entries (its end line says the export's "
+                  "filters selected none): nothing was verified; pass --allow-empty if no entries "
+                  "are expected", file=sys.stderr)
+        else:
+            print("verify_export.py: the export is empty: nothing was verified (did `govflow audit "
+                  "export` fail? see its message); pass --allow-empty if no entries are expected",
+                  file=sys.stderr)
         return 2
+    check_end(end, cases, entry_lines, without_end, problems, notes)
 
     if not quiet:
         for note in notes:
@@ -515,6 +604,9 @@ def main(argv):
     problems.extend(misplaced)
     for problem in problems:
         print("BAD  %s" % problem)
+    if end is not None:
+        print("SHA-256 of the export before its end line: %s (compare it with the one `govflow "
+              "audit export` printed)" % end.computed)
     bad_cases = len({p.case_id for p in problems if p.case_id is not None})
     if problems:
         print("%d problem(s) in %d case(s); %d entries in %d cases checked"

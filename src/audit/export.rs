@@ -2,11 +2,15 @@
 //! `records::entry_json` serialised compactly (keys sorted, hashes included),
 //! cases in id order and each case's entries in sequence order, so that an
 //! outside tool can recompute every hash and chain (tools/verify_export.py).
+//! Each case's entries end with its head line, and the export ends with one
+//! end line that counts what came before it and seals it with SHA-256, so
+//! that an export cut short, or with whole cases taken out, is seen.
 
 use std::io::Write;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::source::{CaseEvent, RecordSource, visit_case};
 use super::{AuditError, Result};
@@ -70,6 +74,10 @@ pub struct ExportSummary {
     pub entries: u64,
     /// Records that could not be exported (they do not decode).
     pub skipped: Vec<SkippedRecord>,
+    /// SHA-256 (hex) of every byte of the export before its end line, which
+    /// carries it too: kept apart from the file (printed by `govflow audit
+    /// export`), it shows whether the file is still the one written.
+    pub sha256: String,
 }
 
 /// Whether the entry shows `agency` acting or being bound to a role.
@@ -105,6 +113,40 @@ fn head_line(case_id: &str, (sequence, hash): &(u64, Vec<u8>)) -> Vec<u8> {
     line
 }
 
+/// The line that ends an export: what it holds and the digest of every byte
+/// before this line, so that an export cut short (even at a case boundary)
+/// or with whole cases removed does not pass for a complete one.
+fn end_line(summary: &ExportSummary) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "end_of_export": true,
+        "cases": summary.cases,
+        "entries": summary.entries,
+        "left_out": summary.skipped.len(),
+        "sha256": summary.sha256,
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// A writer that hashes every byte it passes on.
+struct Digesting<W> {
+    inner: W,
+    digest: Sha256,
+}
+
+impl<W: Write> Write for Digesting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.digest.update(&buf[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Writes the histories selected by `filter` to `out` as JSON Lines,
 /// streaming case by case (one sweep of the store for a whole export).
 /// Records that do not decode are left out and listed in the summary; the
@@ -120,7 +162,10 @@ pub fn export(
     if let Some(state) = &filter.state {
         super::known_state(source, filter.workflow.as_deref(), state)?;
     }
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
+    let mut out = Digesting {
+        inner: std::io::BufWriter::with_capacity(1 << 16, out),
+        digest: Sha256::new(),
+    };
     let mut summary = ExportSummary::default();
     let mut encoder = Encoder::new();
     let mut id = String::new();
@@ -258,6 +303,10 @@ pub fn export(
     if let Some(e) = failure {
         return Err(AuditError::Write(e));
     }
-    out.flush().map_err(AuditError::Write)?;
+    summary.sha256 = hex::encode(out.digest.finalize());
+    let mut out = out.inner;
+    out.write_all(&end_line(&summary))
+        .and_then(|()| out.flush())
+        .map_err(AuditError::Write)?;
     Ok(summary)
 }
