@@ -1234,6 +1234,90 @@ async fn a_watch_resumes_from_its_cursor_without_gaps_or_duplicates() {
     server.stop().await;
 }
 
+/// The steps a watch shows an agency within `secs` seconds of quiet.
+async fn steps_within(
+    stream: &mut tonic::Streaming<proto::WatchEventsResponse>,
+    quiet_ms: u64,
+) -> Vec<(String, u64)> {
+    let mut seen = Vec::new();
+    while let Ok(message) =
+        tokio::time::timeout(Duration::from_millis(quiet_ms), stream.message()).await
+    {
+        seen.push(watched(&message.expect("ok").expect("a step")));
+    }
+    seen
+}
+
+/// Regression: which steps a watch showed an agency depended on the roles
+/// it held when the watch read them, not when the steps were made. A city
+/// department bound away from a case was never shown the step that did it
+/// (and a watch resumed later showed it nothing of the case), while the
+/// agency bound in its place was shown the case's earlier steps, from
+/// before it held any role. An agency now sees the steps just before or
+/// after which it holds a role, live and resumed alike.
+#[tokio::test]
+async fn a_watch_shows_an_agency_the_steps_made_while_it_held_a_role_however_late_it_reads_them() {
+    let (_dir, _clock, server) = serve("2020-09-21T09:00:00+08:00").await;
+    let department = "hebei.sjz.justice";
+    let province = "hebei";
+    let mut live = open_watch(&server, department, "0", None).await;
+    let mut platform = Agent::new(&server, WATCHER).await;
+    platform
+        .create(baolian(
+            "w-2",
+            json!({"enterprise_name": "某企业", "credit_code": "91130100MA0WATCH03", "county": "hebei.sjz.zhengding", "problem_summary": "用地审批"}),
+        ))
+        .await
+        .expect("started");
+    let mut team = Agent::new(&server, "hebei.sjz.industry").await;
+    // 2: the city department is bound as handler; 3: the case goes up to
+    // the province, whose government becomes handler; 4: a step without it.
+    team.fire(
+        "w-2",
+        "classify",
+        json!({"level": "city", "department": department}),
+    )
+    .await
+    .expect("classified");
+    team.fire("w-2", "escalate", json!({"reason": "涉及省级审批权限"}))
+        .await
+        .expect("escalated");
+    Agent::new(&server, "hebei.sjz.shuangchuang")
+        .await
+        .fire("w-2", "forward_to_province", json!({}))
+        .await
+        .expect("forwarded");
+    let step = |s: u64| ("w-2".to_owned(), s);
+    assert_eq!(steps_within(&mut live, 1500).await, [step(2), step(3)]);
+    // Read again from the start, after the fact: the same steps.
+    let mut again = open_watch(&server, department, "0", None).await;
+    assert_eq!(steps_within(&mut again, 1000).await, [step(2), step(3)]);
+    let mut bound_later = open_watch(&server, province, "0", None).await;
+    assert_eq!(
+        steps_within(&mut bound_later, 1000).await,
+        [step(3), step(4)]
+    );
+    // The agency bound away no longer reads the case; the province does.
+    let mut cases = CasesServiceClient::new(server.channel().await);
+    for (agency, code) in [(department, Code::NotFound), (province, Code::Ok)] {
+        let got = cases
+            .get_case(authed(
+                Some(&server.token(agency)),
+                proto::GetCaseRequest {
+                    name: "cases/w-2".into(),
+                },
+            ))
+            .await;
+        assert_eq!(
+            got.map_or_else(|s| s.code(), |_| Code::Ok),
+            code,
+            "{agency}"
+        );
+    }
+    audited(&server).await;
+    server.stop().await;
+}
+
 /// Regression: a watch opened "from now" that was cut before its first step
 /// had no cursor to resume from, and lost the steps made in between. Its
 /// headers now say where it starts.

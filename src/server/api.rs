@@ -739,7 +739,14 @@ struct Watch {
     durable: tokio::sync::watch::Receiver<u64>,
     stopping: tokio::sync::watch::Receiver<bool>,
     cutoff: std::time::Duration,
+    /// For an agency: each case's bindings after the last step of it read
+    /// (its sequence, the bindings), so that each step is read once.
+    bindings: HashMap<String, (u64, HashMap<String, String>)>,
 }
+
+/// How many cases' bindings a watch keeps; past it they are forgotten, and
+/// a case is read again from its start when it next moves.
+const WATCH_BINDINGS_KEPT: usize = 4096;
 
 impl Watch {
     /// Queues steps until the client goes away (`None`), or until it must
@@ -813,8 +820,17 @@ impl Watch {
 
     /// The history entries of `items` the principal may see, by (case,
     /// sequence): each case read once for the batch, not once per step.
+    ///
+    /// An agency sees a step if it held a role in the case just before it or
+    /// just after it: the step that binds it, the steps while it holds a
+    /// role, and the step that takes its last role away. That depends on the
+    /// history alone, not on who holds the roles when the watch is read, so
+    /// a watch resumed from a cursor delivers exactly the steps an unbroken
+    /// one would have (with the bindings of the time of reading, an agency
+    /// bound away lost the step that did it, and one bound later got steps
+    /// from before it held any role, depending on when it reconnected).
     fn entries(
-        &self,
+        &mut self,
         items: &[crate::store::FeedItem],
     ) -> Result<HashMap<(String, u64), proto::HistoryEntry>, EngineError> {
         let mut wanted: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
@@ -826,26 +842,49 @@ impl Watch {
         }
         let mut entries = HashMap::new();
         for (id, sequences) in wanted {
-            let case = self.engine.case(id)?;
-            if !sees(&self.principal, &case) {
-                continue;
-            }
             let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
                 continue;
             };
-            let steps = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
-            for entry in self.engine.store().history(id, first, steps)? {
+            // An agency's view needs the bindings before each step: they are
+            // folded from the case's first step, and kept for its next ones.
+            let agency = self
+                .principal
+                .agency()
+                .filter(|_| !self.principal.reads_all());
+            let (folded, mut bindings) = match agency {
+                Some(_) => self
+                    .bindings
+                    .remove(id)
+                    .filter(|(through, _)| *through < first)
+                    .unwrap_or_default(),
+                None => (first - 1, HashMap::new()),
+            };
+            let from = folded + 1;
+            let steps = usize::try_from(last - folded).unwrap_or(usize::MAX);
+            let mut found = BTreeSet::new();
+            for entry in self.engine.store().history(id, from, steps)? {
                 if entry.sequence > last {
                     break;
                 }
+                let seen = agency.is_none_or(|agency| {
+                    let held_before = bindings.values().any(|b| b == agency);
+                    bindings.extend(entry.bindings_changed.clone());
+                    held_before || bindings.values().any(|b| b == agency)
+                });
                 if sequences.contains(&entry.sequence) {
-                    entries.insert((id.to_owned(), entry.sequence), entry);
+                    found.insert(entry.sequence);
+                    if seen {
+                        entries.insert((id.to_owned(), entry.sequence), entry);
+                    }
                 }
             }
-            if let Some(missing) = sequences
-                .iter()
-                .find(|&&s| !entries.contains_key(&(id.to_owned(), s)))
-            {
+            if agency.is_some() {
+                if self.bindings.len() >= WATCH_BINDINGS_KEPT {
+                    self.bindings.clear();
+                }
+                self.bindings.insert(id.to_owned(), (last, bindings));
+            }
+            if let Some(missing) = sequences.iter().find(|s| !found.contains(*s)) {
                 return Err(EngineError::Store(crate::store::StoreError::Corrupt(
                     format!(
                         "the event feed names step {missing} of case `{id}`, which has no such history entry"
@@ -1187,6 +1226,7 @@ impl CasesService for Api {
             durable,
             stopping: self.stopping.clone(),
             cutoff: self.watch_cutoff,
+            bindings: HashMap::new(),
         };
         let running = Counted::new(&self.watchers.tasks);
         let (caller, started) = (watch.principal.name().to_owned(), std::time::Instant::now());
