@@ -94,6 +94,39 @@ fn deadlines_needing_the_calendar_are_warned_of_when_none_is_loaded() {
     assert_eq!(validate(&valid_with_calendar()).diagnostics, vec![]);
 }
 
+/// Regression: a workflow validated alone, with no agency directory beside
+/// it, passed with a misspelt `Fixed` agency, which the server's deploy then
+/// refused. Without a directory each workflow is now warned of it.
+#[test]
+fn a_workflow_validated_without_an_agency_directory_is_warned_that_its_agencies_went_unchecked() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(valid_dir().join("item_filing.ron")).expect("read");
+    let alone = scratch.path().join("item_filing.ron");
+    std::fs::write(&alone, text).expect("write");
+    let validated = validate(&load(&[alone]).expect("loads"));
+    assert!(validated.library.is_some(), "a warning only");
+    let warned: Vec<(Severity, &str, &str)> = validated
+        .diagnostics
+        .iter()
+        .filter(|d| d.code != "missing-calendar")
+        .map(|d| (d.severity, d.code, d.path.as_str()))
+        .collect();
+    assert_eq!(
+        warned,
+        [(Severity::Warning, "missing-directory", "roles")],
+        "{:#?}",
+        validated.diagnostics
+    );
+    // With the directory beside it, nothing to warn of.
+    let with_directory = validate(&valid_with_calendar());
+    assert!(
+        with_directory
+            .diagnostics
+            .iter()
+            .all(|d| d.code != "missing-directory")
+    );
+}
+
 /// Regression: "remind 1 working days before".
 #[test]
 fn periods_are_singular_for_one() {

@@ -188,6 +188,9 @@ fn validate_demoting(sources: &Sources, demoted: &[&str]) -> Validated {
     // A calendar file that failed to load is already an error of its own.
     let calendar_missing =
         sources.calendar.is_none() && !sources.diagnostics.iter().any(|d| d.code == "calendar");
+    // A directory file that failed to load is already an error of its own.
+    let directory_missing =
+        directory.is_none() && !sources.diagnostics.iter().any(Diagnostic::is_error);
     for (file, workflow) in sources.workflows() {
         let mut r = Reporter::new(&file.path, &file.map, &mut diagnostics);
         if let Some(first) = seen.insert(&workflow.name, file) {
@@ -215,6 +218,24 @@ fn validate_demoting(sources: &Sources, demoted: &[&str]) -> Validated {
         let (programs, reads) = checker.check(&mut r);
         if calendar_missing {
             check_calendar_needed(file, workflow, &mut diagnostics);
+        }
+        if directory_missing {
+            let path = DocPath::root().field("roles");
+            let mut d = Diagnostic::at(
+                &file.path,
+                file.map.locate(&path),
+                "missing-directory",
+                format!(
+                    "no agency directory (an `Agencies(` file such as agencies.ron) was loaded with workflow `{}`, so the agencies it names and the levels of its roles were not checked",
+                    workflow.name
+                ),
+            )
+            .with_hint(Some(
+                "validate the whole workflows folder (`govflow validate workflows`), or put the directory beside this file: a server refuses a deploy naming an agency it does not know".to_owned(),
+            ))
+            .warning();
+            d.path = path.to_string();
+            diagnostics.push(d);
         }
         let state_index = workflow
             .states
@@ -569,7 +590,7 @@ fn agency_ty() -> Ty {
 }
 
 /// Where a binding is written, which decides whether it may be `Given`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum BindingSite<'n> {
     /// A role's declaration: `Given` is supplied when the case starts.
     Role,
@@ -941,6 +962,18 @@ impl WorkflowChecker<'_> {
                         value::type_name(&v.ty)
                     ),
                     Some(format!("declare `{var}` with `type: Agency`")),
+                ),
+                // A role's binding is made once, when the case starts, from
+                // the variables it starts with: those given and defaulted.
+                Some(v) if site == BindingSite::Role && !v.given && v.default.is_none() => r.error(
+                    "unset-binding",
+                    path,
+                    format!(
+                        "a role is bound from variable `{var}` when a case starts, but `{var}` is neither `given` nor has a `default`, so it is unset then and every start would be refused (a later `Set` of it does not bind the role)"
+                    ),
+                    Some(format!(
+                        "declare `{var}` with `given: true`, or bind the role to an agency now (Starter, Fixed(\"…\")) and re-bind it when `{var}` is known with a `Bind(role: …, to: Variable(\"{var}\"))` effect"
+                    )),
                 ),
                 Some(_) => {}
             },
