@@ -140,6 +140,12 @@ pub fn did_you_mean<'c>(
     name: &str,
     candidates: impl IntoIterator<Item = &'c str>,
 ) -> Option<String> {
+    // A name this long is no slip of the keyboard, and comparing it costs
+    // time in proportion to its length times each candidate's: a caller
+    // sending a megabyte of name would hold whoever runs this.
+    if name.len() > MAX_SUGGESTED_NAME {
+        return None;
+    }
     let best = candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(name, c), c))
@@ -148,13 +154,26 @@ pub fn did_you_mean<'c>(
     Some(format!("did you mean `{}`?", best.1))
 }
 
+/// Names longer than this (in bytes) get no "did you mean".
+const MAX_SUGGESTED_NAME: usize = 256;
+
+/// At most this many names are listed in a hint: a file declaring thousands
+/// would otherwise repeat them all in each diagnostic.
+const MAX_LISTED: usize = 20;
+
 /// A hint listing what is allowed, for when nothing is close.
 pub fn one_of<'c>(what: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<String> {
-    let list: Vec<&str> = candidates.into_iter().collect();
+    let mut candidates = candidates.into_iter();
+    let list: Vec<&str> = candidates.by_ref().take(MAX_LISTED).collect();
     if list.is_empty() {
         return Some(format!("there are no {what}"));
     }
-    Some(format!("declared {what}: {}", list.join(", ")))
+    let more = candidates.count();
+    Some(if more == 0 {
+        format!("declared {what}: {}", list.join(", "))
+    } else {
+        format!("declared {what}: {}, … ({more} more)", list.join(", "))
+    })
 }
 
 /// The best hint for an unknown name: a close match, else the list of names.
@@ -182,6 +201,24 @@ mod tests {
             hint_for("zzz", "states", names),
             Some("declared states: county_handling, city_handling, closed".into())
         );
+    }
+
+    /// Regression: a hint listed every declared name (a 55 KB hint for each
+    /// unknown name in a file of 8,000 variables, so a small request to
+    /// ValidateWorkflow got an answer of hundreds of megabytes), and a
+    /// megabyte-long unknown name was compared with every candidate (a
+    /// second of the engine's time per start naming such an agency).
+    #[test]
+    fn hints_are_bounded_whatever_the_names() {
+        let many: Vec<String> = (0..8000).map(|i| format!("v{i}")).collect();
+        let hint = one_of("names", many.iter().map(String::as_str)).expect("a hint");
+        assert!(hint.starts_with("declared names: v0, v1, "), "{hint}");
+        assert!(hint.ends_with(", v19, … (7980 more)"), "{hint}");
+        // Past the length bound nothing is compared, however close.
+        let near = "x".repeat(MAX_SUGGESTED_NAME);
+        let long = near.clone() + "y";
+        assert!(did_you_mean(&near[1..], [near.as_str()]).is_some());
+        assert_eq!(did_you_mean(&long, [near.as_str()]), None);
     }
 
     #[test]

@@ -213,11 +213,13 @@ fn unknown_workflow(lib: &Library, name: &str, file: Option<&Path>) -> String {
         return format!("unknown workflow `{name}`: no such workflow is loaded ({close})");
     }
     let scenario = file.map_or_else(|| "SCENARIO".to_owned(), |f| f.display().to_string());
-    // The nearest folder above the scenario holding `NAME.ron`, if any.
+    // The nearest folder above the scenario holding `NAME.ron`, if any: not
+    // the scenario itself, which may bear its workflow's name.
     let found = file.and_then(|f| {
-        f.ancestors()
-            .skip(1)
-            .find(|dir| dir.join(format!("{name}.ron")).is_file())
+        f.ancestors().skip(1).find(|dir| {
+            let candidate = dir.join(format!("{name}.ron"));
+            candidate != f && candidate.is_file()
+        })
     });
     let (folder, workflow_file) = match found {
         Some(dir) if dir.as_os_str().is_empty() => ("./".to_owned(), format!("{name}.ron")),
@@ -921,6 +923,24 @@ mod tests {
             "unknown workflow `baolian_escalation`: no such workflow is loaded (loaded: child, \
              filing, permit, race, vote); pass its file or folder too, e.g. `govflow test \
              WORKFLOWS/` or `govflow test WORKFLOWS/baolian_escalation.ron SCENARIO`"
+        );
+        // Regression: a scenario named after its workflow was offered as the
+        // workflow's file; the one in the folder above is.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let scenarios = scratch.path().join("sc");
+        std::fs::create_dir(&scenarios).expect("mkdir");
+        let scenario = scenarios.join("vote.ron");
+        std::fs::write(&scenario, "").expect("write");
+        std::fs::write(scratch.path().join("vote.ron"), "").expect("write");
+        assert!(
+            unknown_workflow(&library, "vote", Some(&scenario)).ends_with(&format!(
+                "e.g. `govflow test {}/` or `govflow test {} {}`",
+                scratch.path().display(),
+                scratch.path().join("vote.ron").display(),
+                scenario.display()
+            )),
+            "{}",
+            unknown_workflow(&library, "vote", Some(&scenario))
         );
         // A near miss is a misspelling, not a missing file.
         assert_eq!(
