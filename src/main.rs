@@ -227,7 +227,22 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer)
         .init();
-    match run(cli) {
+    // Every command may compile or evaluate expressions (validate, test,
+    // replay), which need more stack than a main thread has in a debug
+    // build: the command runs on a thread with the stack they may need.
+    let command = std::thread::Builder::new()
+        .name("govflow".into())
+        .stack_size(govflow::lang::expr::STACK_BYTES)
+        .spawn(move || run(cli));
+    let outcome = match command {
+        Ok(thread) => match thread.join() {
+            Ok(outcome) => outcome,
+            // The panic has been printed by the hook.
+            Err(_) => return ExitCode::from(101),
+        },
+        Err(e) => Err(anyhow::Error::new(e).context("starting the command's thread")),
+    };
+    match outcome {
         Ok(code) => code,
         // The reader of our output went away (`govflow audit at … | head`):
         // nothing is wrong, and nothing more is wanted.

@@ -674,3 +674,34 @@ fn the_coverage_gate_holds_exercised_workflows_and_takes_only_percentages() {
         assert_eq!(gate(nonsense).status.code(), Some(2), "{nonsense}");
     }
 }
+
+/// Regression: `govflow validate` compiled expressions on the main thread,
+/// whose stack a guard nested 60 brackets deep (well inside the language's
+/// limits) overflowed in a debug build, aborting the process. Every command
+/// now runs on a thread with the stack expressions may need.
+#[test]
+fn validate_compiles_a_deeply_nested_guard_without_overflowing_its_stack() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let guard = format!("{}true{}", "(".repeat(60), ")".repeat(60));
+    let workflow = format!(
+        r#"Workflow(
+    name: "deep",
+    title: "深",
+    roles: [Role(name: "clerk", binding: Starter)],
+    start: "open",
+    states: [
+        State(name: "open", title: "办理", transitions: [
+            Transition(event: "close", to: "done", roles: ["clerk"], guard: "{guard}"),
+        ]),
+        State(name: "done", title: "完成", outcome: "done"),
+    ],
+)
+"#
+    );
+    let file = scratch.path().join("deep.ron");
+    std::fs::write(&file, workflow).expect("write");
+    let out = govflow().arg("validate").arg(&file).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("overflow"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
