@@ -890,11 +890,13 @@ async fn refused_timers_wait_and_never_hold_back_later_ones() {
     assert_eq!(engine.history("swell-000").expect("history").len(), 1);
 }
 
-/// A storage failure stops every change, says why, and leaves reads
-/// answering: a failed sync (as from a full disk), and a panic inside the
-/// store (sled's apply, on the applier thread), which used to end that
-/// thread with the batch's answers (callers got "stopped", and the engine
-/// looked alive while it refused everything).
+/// A storage failure stops every change and says why: a failed sync (as
+/// from a full disk), and a panic inside the store (sled's apply, on the
+/// applier thread), which used to end that thread with the batch's answers
+/// (callers got "stopped", and the engine looked alive while it refused
+/// everything). Regression: reads went on answering, and showed the step
+/// whose commit had failed (sled held it in memory) until a restart undid
+/// it; every read is now refused too, saying why.
 #[tokio::test]
 async fn a_storage_failure_stops_every_change_and_says_why() {
     type Switch = fn(&TestStore) -> &AtomicBool;
@@ -925,7 +927,20 @@ async fn a_storage_failure_stops_every_change_and_says_why() {
             matches!(still, Err(EngineError::Store(_))),
             "{why}: {still:?}"
         );
-        assert!(engine.case("a").is_ok(), "reads still answer");
+        for read in [
+            engine.case("a").map(|_| ()),
+            engine.history("a").map(|_| ()),
+            engine.list(&CaseFilter::default(), "", 10).map(|_| ()),
+        ] {
+            let Err(EngineError::Store(e)) = read else {
+                panic!("{why}: a read answered after storage failed: {read:?}");
+            };
+            assert!(
+                e.to_string()
+                    .contains("nothing is read until govflow is restarted"),
+                "{e}"
+            );
+        }
     }
 }
 

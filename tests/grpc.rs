@@ -2338,6 +2338,46 @@ async fn health_checks_answer_not_serving_once_storage_has_failed() {
             "{service}"
         );
     }
+    // Regression: reads answered with what sled held in memory, the failed
+    // step included; a deploy was refused as UNAVAILABLE "stopped".
+    let read = cases
+        .get_case(authed(
+            Some(&platform),
+            proto::GetCaseRequest {
+                name: "cases/h".into(),
+            },
+        ))
+        .await
+        .expect_err("nothing is read after storage failed");
+    assert_eq!(
+        (read.code(), reason(&read)),
+        (Code::Internal, "storage".to_owned())
+    );
+    assert!(
+        read.message().contains("until govflow is restarted"),
+        "{}",
+        read.message()
+    );
+    let mut definitions = DefinitionsServiceClient::new(server.channel().await);
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_filing.ron"),
+    )
+    .expect("read")
+        + "\n// a new version\n";
+    let deploy = definitions
+        .deploy_workflow(authed(
+            Some(&server.token("admin")),
+            proto::DeployWorkflowRequest {
+                source,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("nothing is deployed after storage failed");
+    assert_eq!(
+        (deploy.code(), reason(&deploy)),
+        (Code::Internal, "storage".to_owned())
+    );
     server.stop().await;
 }
 

@@ -565,6 +565,11 @@ impl Engine {
         );
         // Commit numbers go on from the store's last one.
         let progress = Arc::new(Progress::at(last_commit));
+        let failure: Failure = Arc::default();
+        let store: Arc<dyn Store> = Arc::new(Guarded {
+            inner: store,
+            failure: Arc::clone(&failure),
+        });
         let shadow = Arc::new(CacheShadow::new());
         let writer = Writer {
             store: Arc::clone(&store),
@@ -580,7 +585,6 @@ impl Engine {
             durable: Arc::clone(&durable),
             progress: Arc::clone(&progress),
         };
-        let failure: Failure = Arc::default();
         let writer_failure = Arc::clone(&failure);
         let handle = thread::Builder::new()
             .name("govflow-writer".into())
@@ -1924,15 +1928,18 @@ enum Reply {
     Deployed(oneshot::Sender<Result<Deployed>>, Result<Deployed>),
 }
 
+/// The refusal of a request whose commit, or an earlier one, failed.
+fn commit_failed(error: &str) -> EngineError {
+    EngineError::Store(StoreError::Io {
+        path: "commit".into(),
+        source: std::io::Error::other(error.to_owned()),
+    })
+}
+
 impl Reply {
     /// Answers the caller; when the commit failed, nothing it did is acknowledged.
     fn send(self, commit_error: Option<&str>) {
-        let failed = || {
-            EngineError::Store(StoreError::Io {
-                path: "commit".into(),
-                source: std::io::Error::other(commit_error.unwrap_or_default().to_owned()),
-            })
-        };
+        let failed = || commit_failed(commit_error.unwrap_or_default());
         match self {
             Reply::Case(tx, r) => {
                 let _ = tx.send(if commit_error.is_some() && r.is_ok() {
@@ -2046,6 +2053,112 @@ impl Progress {
 /// A storage failure stops all writing: what sled holds in memory may no
 /// longer be what is on disk, so nothing more may be acknowledged.
 type Failure = Arc<Mutex<Option<String>>>;
+
+/// The engine's store, which refuses every read once storage has failed:
+/// sled then holds in memory the batch that failed to reach the disk, and
+/// a read would show steps that never happened (gone after a restart), to
+/// every agency and auditor comparing head hashes. Writes go through
+/// unchecked: the writer and applier refuse them themselves.
+struct Guarded {
+    inner: Arc<dyn Store>,
+    failure: Failure,
+}
+
+impl Guarded {
+    fn readable(&self) -> std::result::Result<(), StoreError> {
+        match failed(&self.failure) {
+            Some(cause) => Err(StoreError::Failed(cause)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Store for Guarded {
+    fn apply_all(&self, commits: &[&Commit]) -> std::result::Result<(), StoreError> {
+        self.inner.apply_all(commits)
+    }
+    fn write_out(&self) -> std::result::Result<(), StoreError> {
+        self.inner.write_out()
+    }
+    fn sync(&self) -> std::result::Result<(), StoreError> {
+        self.inner.sync()
+    }
+    fn case(&self, id: &str) -> std::result::Result<Option<proto::Case>, StoreError> {
+        self.readable()?;
+        self.inner.case(id)
+    }
+    fn history(
+        &self,
+        id: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> std::result::Result<Vec<proto::HistoryEntry>, StoreError> {
+        self.readable()?;
+        self.inner.history(id, from_sequence, limit)
+    }
+    fn scan_requests(
+        &self,
+        each: &mut dyn FnMut(&str, u64),
+    ) -> std::result::Result<u64, StoreError> {
+        self.readable()?;
+        self.inner.scan_requests(each)
+    }
+    fn request_outcome(
+        &self,
+        number: u64,
+        request_id: &str,
+    ) -> std::result::Result<Option<proto::RequestOutcome>, StoreError> {
+        self.readable()?;
+        self.inner.request_outcome(number, request_id)
+    }
+    fn workflow_versions(&self) -> std::result::Result<Vec<proto::WorkflowVersion>, StoreError> {
+        self.readable()?;
+        self.inner.workflow_versions()
+    }
+    fn due_timers(
+        &self,
+        until: DateTime<Utc>,
+        after: Option<&DueTimer>,
+        limit: usize,
+        skip: &dyn Fn(&DueTimer) -> bool,
+    ) -> std::result::Result<Vec<DueTimer>, StoreError> {
+        self.readable()?;
+        self.inner.due_timers(until, after, limit, skip)
+    }
+    fn list(
+        &self,
+        filter: &CaseFilter,
+        page_token: &str,
+        page_size: usize,
+    ) -> std::result::Result<Page, StoreError> {
+        self.readable()?;
+        self.inner.list(filter, page_token, page_size)
+    }
+    fn inbox(
+        &self,
+        agency: &str,
+        page_token: &str,
+        page_size: usize,
+    ) -> std::result::Result<Page, StoreError> {
+        self.readable()?;
+        self.inner.inbox(agency, page_token, page_size)
+    }
+    fn case_ids(&self, after: &str, limit: usize) -> std::result::Result<Vec<String>, StoreError> {
+        self.readable()?;
+        self.inner.case_ids(after, limit)
+    }
+    fn feed(&self, after: u64, limit: usize) -> std::result::Result<Vec<FeedItem>, StoreError> {
+        self.readable()?;
+        self.inner.feed(after, limit)
+    }
+    fn last_position(&self) -> std::result::Result<u64, StoreError> {
+        self.readable()?;
+        self.inner.last_position()
+    }
+    fn secret(&self) -> [u8; 32] {
+        self.inner.secret()
+    }
+}
 
 /// A batch on its way to disk.
 struct Outgoing {
@@ -2387,7 +2500,7 @@ impl Command {
                 Reply::Case(tx, Box::new(Ok(proto::Case::default())))
             }
             Command::Tick(tx) => Reply::Count(tx, Ok(0)),
-            Command::Deploy(_, _, tx) => Reply::Deployed(tx, Err(EngineError::Stopped)),
+            Command::Deploy(_, _, tx) => Reply::Deployed(tx, Err(commit_failed(error))),
         };
         reply.send(Some(error));
     }

@@ -66,6 +66,10 @@ pub enum StoreError {
     #[error("a record of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
     #[error(
+        "storage failed earlier ({0}); nothing is read until govflow is restarted on it, since what it holds in memory may include steps that never reached the disk"
+    )]
+    Failed(String),
+    #[error(
         "the store {path} is in use by another process (a govflow already running on it?): stop that one, or give another data folder"
     )]
     InUse { path: String },
