@@ -303,6 +303,7 @@ pub fn ensure_token_file(
         message,
     };
     let mut tokens: BTreeMap<String, String> = if path.exists() {
+        keep_private(path).map_err(|e| file_error(e.to_string()))?;
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
         let parsed: TokenFile = toml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
         parsed.tokens
@@ -333,6 +334,27 @@ pub fn ensure_token_file(
 #[derive(serde::Serialize, serde::Deserialize)]
 struct TokenFile {
     tokens: BTreeMap<String, String>,
+}
+
+/// Makes the token file owner-only again if it was opened to others (a
+/// `chmod 644`, a copy or a restore from a backup): every agency's token is
+/// in it, so one local user could act as any agency.
+fn keep_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            tracing::warn!(
+                "the token file {} could be read by other users (mode {mode:o}); it holds every agency's bearer token, so it is owner-only (600) again",
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Writes a file that only its owner may read (mode 0600 on Unix), whole or
@@ -451,6 +473,14 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "still owner-only once rewritten");
+            // Regression: opened to others by hand, it stayed so, while the
+            // server said its tokens were in an owner-only file.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            let (third, added) = ensure_token_file(&path, &more).expect("read");
+            assert!(added.is_empty());
+            assert_eq!(third, second);
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "owner-only again");
         }
     }
 }
