@@ -705,3 +705,35 @@ fn validate_compiles_a_deeply_nested_guard_without_overflowing_its_stack() {
     assert!(!stderr.contains("overflow"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// Regression: `govflow serve` on a folder whose agencies.ron did not load
+/// (a misspelt field) said the workflows define no agency directory, where
+/// `govflow validate` located the mistake. It now gives the same located
+/// diagnostics.
+#[test]
+fn serve_locates_a_mistake_in_the_agency_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let workflows = dir.path().join("workflows");
+    crate::common::copy_tree(&root().join("workflows"), &workflows);
+    let directory = workflows.join("agencies.ron");
+    let text = std::fs::read_to_string(&directory).expect("read");
+    std::fs::write(&directory, text.replacen("Agency(id", "Agency(idd", 1)).expect("write");
+    let out = govflow()
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+            "--workflows",
+        ])
+        .arg(&workflows)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("define no agency directory"), "{stderr}");
+    assert!(stderr.contains("agencies.ron:"), "{stderr}");
+    assert!(stderr.contains("idd"), "{stderr}");
+}

@@ -342,6 +342,12 @@ pub fn prepare_with_clock(
         LoadError::Missing { .. } => ServeError::NoWorkflows(e),
         e => ServeError::Load(e),
     })?;
+    // Validated first, so that a directory that does not load is told with
+    // its located diagnostics, not as if there were none.
+    let validated = crate::lang::validate::validate(&sources);
+    if validated.library.is_none() {
+        return Err(invalid_workflows(&validated.diagnostics));
+    }
     let agencies: BTreeSet<String> = sources
         .agencies()
         .ok_or(ServeError::NoDirectory)?
@@ -356,10 +362,6 @@ pub fn prepare_with_clock(
     }
     // Checked before anything is created: a start refused for its
     // workflows or its TLS files leaves no data folder behind.
-    let validated = crate::lang::validate::validate(&sources);
-    if validated.library.is_none() {
-        return Err(invalid_workflows(&validated.diagnostics));
-    }
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
     if let Some(tls) = &tls {
         // Parsed now, so that a bad file stops the start before it serves.
