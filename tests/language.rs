@@ -282,3 +282,34 @@ fn every_construct_parses_validates_and_compiles() {
         );
     }
 }
+
+/// Regression: a workflows folder holding a link to itself or to its
+/// parent (`self -> .`, `up -> ..`) was walked for ever, its memory
+/// growing, and a pipe named `x.ron` blocked the read; `govflow serve
+/// --workflows` on such a folder hung at start without a word. Linked
+/// folders are now walked once, and only regular files are read.
+#[cfg(unix)]
+#[test]
+fn loading_a_folder_follows_each_linked_folder_once_and_reads_only_regular_files() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let folder = scratch.path().join("workflows");
+    crate::common::copy_tree(&valid_dir(), &folder);
+    std::os::unix::fs::symlink(".", folder.join("self")).expect("link");
+    std::os::unix::fs::symlink("..", folder.join("up")).expect("link");
+    let fifo = folder.join("pipe.ron");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let sources = load(std::slice::from_ref(&folder)).expect("loads");
+    let mut names: Vec<String> = sources.workflows().map(|(_, w)| w.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["all_constructs", "item_abolish", "item_filing"]);
+    // Named on its own, a pipe is refused, not waited on.
+    let refused = load(std::slice::from_ref(&fifo)).err().expect("refused");
+    assert!(
+        refused.to_string().contains("not a regular file"),
+        "{refused}"
+    );
+}

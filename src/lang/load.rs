@@ -25,6 +25,10 @@ pub enum LoadError {
     },
     #[error("{0}: not a .ron file or a folder")]
     NotRon(PathBuf),
+    /// A device, socket or pipe named like a source file: reading it could
+    /// wait for ever.
+    #[error("{0}: not a regular file (a pipe, socket or device), so it is not read")]
+    NotRegular(PathBuf),
     /// A file or folder named to be loaded is not there; a relative name is
     /// shown with the folder it was looked for in, the usual mistake being to
     /// run govflow from another folder.
@@ -120,6 +124,8 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
         if meta.is_dir() {
             collect_ron(path, &mut ron_files)?;
             shared_dirs.push(path.clone());
+        } else if !meta.is_file() {
+            return Err(LoadError::NotRegular(path.clone()));
         } else if path.extension().is_some_and(|e| e == "ron") {
             ron_files.push(path.clone());
             if let Some(dir) = path.parent() {
@@ -527,11 +533,27 @@ fn collect_ron(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     collect_ext(dir, "ron", out)
 }
 
+/// The files ending in `.ext` under `dir`, in name order. Linked folders are
+/// followed, each once: a link back up the tree (`ln -s .. up`) would
+/// otherwise be walked for ever. Only regular files are taken: a pipe named
+/// `x.ron` would block the read.
 fn collect_ext(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    walk(dir, ext, out, &mut std::collections::HashSet::new())
+}
+
+fn walk(
+    dir: &Path,
+    ext: &str,
+    out: &mut Vec<PathBuf>,
+    visited: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), LoadError> {
     let io = |error| LoadError::Io {
         path: dir.to_path_buf(),
         error,
     };
+    if !visited.insert(fs::canonicalize(dir).map_err(io)?) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io)?
         .map(|e| e.map(|e| e.path()))
@@ -540,8 +562,8 @@ fn collect_ext(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), Load
     entries.sort();
     for path in entries {
         if path.is_dir() {
-            collect_ext(&path, ext, out)?;
-        } else if path.extension().is_some_and(|e| e == ext) {
+            walk(&path, ext, out, visited)?;
+        } else if path.is_file() && path.extension().is_some_and(|e| e == ext) {
             out.push(path);
         }
     }
