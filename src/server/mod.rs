@@ -54,7 +54,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 ///   `message-too-large`, with the limit;
 /// - a request that does not decode as its protobuf message, or whose
 ///   gRPC framing is broken (a message cut short, a compressed flag without
-///   an encoding), is INTERNAL, which must never answer bad input:
+///   an encoding, gzip that does not inflate), is INTERNAL, which must never answer bad input:
 ///   INVALID_ARGUMENT, reason `malformed-message` (`too-deep` past prost's
 ///   100 levels of nesting). (gRPC's compression document asks for
 ///   INTERNAL for the compressed flag; a department system reading it would
@@ -79,6 +79,8 @@ fn tonic_refusals_rewritten(
                 message.starts_with("failed to decode")
                     || message.starts_with("Unexpected EOF decoding stream")
                     || message.starts_with("protocol error: received message with")
+                    // A compressed request whose gzip is cut short or damaged.
+                    || message.starts_with("Error decompressing")
             })
             .map(|message| {
                 // prost stops at 100 levels of nested messages: a valid
@@ -793,6 +795,8 @@ mod tests {
             "Unexpected EOF decoding stream.",
             "protocol error: received message with compressed-flag but no grpc-encoding was specified",
             "failed to decode Protobuf message: invalid wire type",
+            // Regression: a damaged gzip body was INTERNAL without a reason.
+            "Error decompressing: corrupt deflate stream, while sending request",
         ] {
             let mut response = tonic::codegen::http::Response::new(tonic::body::Body::empty());
             tonic::Status::internal(refusal)
