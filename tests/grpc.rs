@@ -1184,6 +1184,29 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         "{:?}",
         nested.diagnostics
     );
+    // Regression: every problem of a large source was answered, each hint
+    // listing every declared name: hundreds of megabytes for a request of a
+    // few hundred kilobytes. At most 1,000 are, then how many more there are.
+    let transitions: String = (0..1500)
+        .map(|i| format!("Transition(event: \"e{i}\", to: \"nowhere{i}\", roles: [\"clerk\"]),"))
+        .collect();
+    let many = definitions
+        .validate_workflow(authed(
+            t,
+            proto::ValidateWorkflowRequest {
+                source: format!(
+                    "Workflow(name: \"many\", title: \"多\", roles: [Role(name: \"clerk\", binding: Starter)], start: \"open\", states: [State(name: \"open\", title: \"办\", transitions: [{transitions}]), State(name: \"done\", title: \"完\", outcome: \"done\")])"
+                ),
+            },
+        ))
+        .await
+        .expect("validate answers many problems")
+        .into_inner();
+    assert!(!many.valid);
+    assert_eq!(many.diagnostics.len(), 1001);
+    let last = many.diagnostics.last().expect("a last one");
+    assert_eq!(last.code, "too-many-problems");
+    assert!(last.message.starts_with("500 more problems"), "{}", last.message);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     server.stop().await;
 }

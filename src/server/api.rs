@@ -926,6 +926,14 @@ async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
 }
 
+/// Validations of submitted sources running at once (one).
+static VALIDATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// At most this many diagnostics go in a ValidateWorkflow answer: a source
+/// of a megabyte can make tens of thousands, more than clients take in one
+/// message (4 MiB by default).
+const MAX_DIAGNOSTICS: usize = 1000;
+
 #[tonic::async_trait]
 impl DefinitionsService for Api {
     async fn deploy_workflow(
@@ -966,25 +974,54 @@ impl DefinitionsService for Api {
         request: Request<proto::ValidateWorkflowRequest>,
     ) -> Result<Response<proto::ValidateWorkflowResponse>, Status> {
         principal(&request)?;
-        let diagnostics = self.engine.check_source(&request.into_inner().source);
+        // A source of a megabyte can take seconds to check: checks run one
+        // at a time, off the threads that answer other calls, so that a few
+        // at once cannot hold up every agency's calls.
+        let _turn = VALIDATIONS
+            .acquire()
+            .await
+            .map_err(|e| status(Code::Unavailable, "stopped", e.to_string(), &[]))?;
+        let engine = self.engine.clone();
+        let source = request.into_inner().source;
+        let diagnostics = tokio::task::spawn_blocking(move || engine.check_source(&source))
+            .await
+            .map_err(|e| status(Code::Internal, "validate-panicked", e.to_string(), &[]))?;
+        let valid = !diagnostics.iter().any(Diagnostic::is_error);
+        let total = diagnostics.len();
+        let mut diagnostics: Vec<proto::Diagnostic> = diagnostics
+            .into_iter()
+            .take(MAX_DIAGNOSTICS)
+            .map(|d| proto::Diagnostic {
+                line: d.line as u32,
+                column: d.col as u32,
+                severity: if d.is_error() {
+                    "error".into()
+                } else {
+                    "warning".into()
+                },
+                code: d.code.to_owned(),
+                message: d.message,
+                hint: d.hint.unwrap_or_default(),
+                path: d.path,
+            })
+            .collect();
+        if total > MAX_DIAGNOSTICS {
+            diagnostics.push(proto::Diagnostic {
+                line: 0,
+                column: 0,
+                severity: "warning".into(),
+                code: "too-many-problems".into(),
+                message: format!(
+                    "{} more problems are not listed: the first {MAX_DIAGNOSTICS} are",
+                    total - MAX_DIAGNOSTICS
+                ),
+                hint: "fix these and validate again".into(),
+                path: String::new(),
+            });
+        }
         Ok(Response::new(proto::ValidateWorkflowResponse {
-            valid: !diagnostics.iter().any(Diagnostic::is_error),
-            diagnostics: diagnostics
-                .into_iter()
-                .map(|d| proto::Diagnostic {
-                    line: d.line as u32,
-                    column: d.col as u32,
-                    severity: if d.is_error() {
-                        "error".into()
-                    } else {
-                        "warning".into()
-                    },
-                    code: d.code.to_owned(),
-                    message: d.message,
-                    hint: d.hint.unwrap_or_default(),
-                    path: d.path,
-                })
-                .collect(),
+            valid,
+            diagnostics,
         }))
     }
 
