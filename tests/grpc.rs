@@ -1206,7 +1206,11 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
     assert_eq!(many.diagnostics.len(), 1001);
     let last = many.diagnostics.last().expect("a last one");
     assert_eq!(last.code, "too-many-problems");
-    assert!(last.message.starts_with("500 more problems"), "{}", last.message);
+    assert!(
+        last.message.starts_with("500 more problems"),
+        "{}",
+        last.message
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     server.stop().await;
 }
@@ -1940,6 +1944,32 @@ async fn mutual_tls_maps_a_client_certificate_to_its_agency() {
         .case
         .expect("case");
     assert_eq!(case.bindings["platform"], "hebei.sjz.platform");
+    // Regression: a token sent beside the certificate was ignored, even one
+    // of another agency. The same caller's token is fine; another's is
+    // refused as ambiguous.
+    let read_as = |token: String| {
+        let mut platform = platform.clone();
+        async move {
+            platform
+                .get_case(authed(
+                    Some(&token),
+                    proto::GetCaseRequest {
+                        name: "cases/tls-1".into(),
+                    },
+                ))
+                .await
+        }
+    };
+    read_as(server.token("hebei.sjz.platform"))
+        .await
+        .expect("certificate and token of one caller");
+    let ambiguous = read_as(server.token("hebei.sjz.amr"))
+        .await
+        .expect_err("certificate and token of two callers");
+    assert_eq!(
+        (ambiguous.code(), reason(&ambiguous)),
+        (Code::Unauthenticated, "ambiguous-credential".to_owned())
+    );
     let mut stranger =
         CasesServiceClient::new(connect(stranger_cert.pem(), stranger_key.serialize_pem()).await);
     let refused = stranger

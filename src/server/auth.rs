@@ -195,71 +195,96 @@ impl Credentials {
                 .extensions()
                 .get::<super::request_log::Caller>()
                 .cloned();
-            if let Some(principal) = by_certificate {
-                tracing::debug!(
-                    principal = principal.name(),
-                    "authenticated by client certificate"
-                );
-                if let Some(caller) = caller {
-                    caller.set(principal.name());
-                }
-                request.extensions_mut().insert(principal);
-                return Ok(request);
-            }
             let mut headers = request.metadata().get_all("authorization").iter();
-            let header = headers.next().ok_or_else(|| match presented {
-                // What the operator must add to map this certificate.
-                Some(fingerprint) => unauthenticated(
-                    "no-credential",
-                    &format!(
-                        "the client certificate presented (\"sha256:{}\") is mapped to no agency (`client_certificates` in the server's configuration), and no `authorization: Bearer <token>` was sent",
-                        hex::encode(fingerprint)
-                    ),
-                ),
-                None => unauthenticated(
-                    "no-credential",
-                    "no credential: send `authorization: Bearer <token>`",
-                ),
-            })?;
-            // Two credentials are ambiguous: a proxy that reads the last and
-            // this server the first would each see another caller.
-            if headers.next().is_some() {
-                return Err(unauthenticated(
-                    "malformed-credential",
-                    "more than one authorization header: send exactly one `authorization: Bearer <token>`",
-                ));
-            }
-            // The scheme's name is case-insensitive (RFC 9110 §11.1).
-            let token = header
-                .to_str()
-                .ok()
-                .and_then(|h| h.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, token)| token)
-                .ok_or_else(|| {
-                    unauthenticated(
+            let by_token = match headers.next() {
+                None => None,
+                // Two credentials are ambiguous: a proxy that reads the last
+                // and this server the first would each see another caller.
+                Some(_) if headers.next().is_some() => {
+                    return Err(unauthenticated(
                         "malformed-credential",
-                        "the authorization header must be `Bearer <token>`",
-                    )
-                })?;
-            let token = token.trim();
-            if token.is_empty() {
-                return Err(unauthenticated(
-                    "malformed-credential",
-                    "the bearer token is empty: send `authorization: Bearer <token>`",
-                ));
-            }
-            let principal = credentials
-                .principal(token)
-                .cloned()
-                .ok_or_else(|| unauthenticated("unknown-credential", "unknown or revoked token"))?;
-            tracing::debug!(principal = principal.name(), "authenticated by token");
+                        "more than one authorization header: send exactly one `authorization: Bearer <token>`",
+                    ));
+                }
+                Some(header) => Some(credentials.bearer(header)?),
+            };
+            let principal = match (by_certificate, by_token) {
+                // A certificate and a token of two callers: neither wins
+                // silently, since the caller meant one of them.
+                (Some(certified), Some(token)) if certified != token => {
+                    return Err(unauthenticated(
+                        "ambiguous-credential",
+                        &format!(
+                            "the client certificate is `{}`'s and the bearer token `{}`'s: send the credential of one caller",
+                            certified.name(),
+                            token.name()
+                        ),
+                    ));
+                }
+                (Some(certified), _) => {
+                    tracing::debug!(
+                        principal = certified.name(),
+                        "authenticated by client certificate"
+                    );
+                    certified
+                }
+                (None, Some(token)) => {
+                    tracing::debug!(principal = token.name(), "authenticated by token");
+                    token
+                }
+                (None, None) => {
+                    return Err(match presented {
+                        // What the operator must add to map this certificate.
+                        Some(fingerprint) => unauthenticated(
+                            "no-credential",
+                            &format!(
+                                "the client certificate presented (\"sha256:{}\") is mapped to no agency (`client_certificates` in the server's configuration), and no `authorization: Bearer <token>` was sent",
+                                hex::encode(fingerprint)
+                            ),
+                        ),
+                        None => unauthenticated(
+                            "no-credential",
+                            "no credential: send `authorization: Bearer <token>`",
+                        ),
+                    });
+                }
+            };
             if let Some(caller) = caller {
                 caller.set(principal.name());
             }
             request.extensions_mut().insert(principal);
             Ok(request)
         }
+    }
+
+    /// The principal of an `authorization: Bearer <token>` header.
+    fn bearer(
+        &self,
+        header: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ) -> Result<Principal, Status> {
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
+            .ok_or_else(|| {
+                unauthenticated(
+                    "malformed-credential",
+                    "the authorization header must be `Bearer <token>`",
+                )
+            })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(unauthenticated(
+                "malformed-credential",
+                "the bearer token is empty: send `authorization: Bearer <token>`",
+            ));
+        }
+        self.principal(token)
+            .cloned()
+            .ok_or_else(|| unauthenticated("unknown-credential", "unknown or revoked token"))
     }
 }
 
