@@ -158,7 +158,8 @@ pub fn validate(sources: &Sources) -> Validated {
 /// repeated key's last value), so a stored version that breaks only these
 /// still compiles: its running cases must go on moving, and its histories
 /// replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 9] = [
+pub const LATER_RULES: [&str; 10] = [
+    "spawn-cycle",
     "unset-binding",
     "separated-roles",
     "kept-expiry",
@@ -1480,6 +1481,31 @@ impl WorkflowChecker<'_> {
                     }
                     child
                 });
+                // A loop an agency drives (handing a case down a level at a
+                // time) ends when it stops; one that deadlines drive does not.
+                if let Some(child) = child
+                    && t.roles.is_empty()
+                    && let Some(cycle) = spawn_cycle(child, &self.w.name, self.workflows)
+                {
+                    r.error(
+                        "spawn-cycle",
+                        &spp.field("workflow"),
+                        if child.name == self.w.name {
+                            format!(
+                                "this spawn, which a deadline fires, starts a case of `{}` itself, whose deadline will spawn again: each case starts more, without end",
+                                child.name
+                            )
+                        } else {
+                            format!(
+                                "this spawn, which a deadline fires, starts a case of `{}`, and spawns that deadlines fire go round to `{}` again ({}): each case of the loop starts another, without end",
+                                child.name,
+                                self.w.name,
+                                cycle.join(" → ")
+                            )
+                        },
+                        Some("end the loop: let an agency's step spawn (a `roles:` list), or spawn a workflow whose deadlines do not spawn this one back".to_owned()),
+                    );
+                }
                 self.check_spawn(r, &spp, spawn, child, &item_scope);
             }
             self.optional_payload.clear();
@@ -1852,6 +1878,55 @@ fn check_enum_values(r: &mut Reporter, path: &DocPath, ty: &Type, what: &str) {
 }
 
 /// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
+/// The workflows `w` spawns by name (a literal `workflow:`) on transitions
+/// no agency fires: those its deadlines fire, which run by themselves.
+fn automatic_spawns(w: &Workflow) -> impl Iterator<Item = String> + '_ {
+    w.states
+        .iter()
+        .flat_map(|s| &s.transitions)
+        .filter(|t| t.roles.is_empty())
+        .filter_map(|t| t.spawn.as_ref())
+        .filter_map(|spawn| string_literal(&spawn.workflow))
+}
+
+/// The chain of spawns no agency fires from `parent` through `child` back
+/// to `parent`, if there is one (`[parent, child, …, parent]`).
+fn spawn_cycle(
+    child: &Workflow,
+    parent: &str,
+    workflows: &BTreeMap<&str, &Workflow>,
+) -> Option<Vec<String>> {
+    // Breadth first from the child, remembering how each was reached.
+    let mut reached: BTreeMap<String, String> = BTreeMap::new();
+    let mut queue = std::collections::VecDeque::from([child.name.clone()]);
+    reached.insert(child.name.clone(), parent.to_owned());
+    while let Some(name) = queue.pop_front() {
+        if name == parent {
+            let mut chain = vec![parent.to_owned()];
+            let mut at = reached.get(parent).cloned();
+            while let Some(step) = at {
+                chain.push(step.clone());
+                if step == parent || chain.len() > reached.len() + 1 {
+                    break;
+                }
+                at = reached.get(&step).cloned();
+            }
+            chain.reverse();
+            return Some(chain);
+        }
+        let Some(w) = workflows.get(name.as_str()) else {
+            continue;
+        };
+        for next in automatic_spawns(w) {
+            if !reached.contains_key(&next) {
+                reached.insert(next.clone(), name.clone());
+                queue.push_back(next);
+            }
+        }
+    }
+    None
+}
+
 fn string_literal(source: &str) -> Option<String> {
     let s = source.trim();
     let quote = s.chars().next().filter(|c| *c == '\'' || *c == '"')?;
@@ -1929,6 +2004,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Regression: a workflow whose deadline spawned cases of itself (or of
+    /// a workflow whose deadline spawned it back) validated, and each case
+    /// started more without end until the disk was full. Such a loop is
+    /// refused; one an agency drives is not.
+    #[test]
+    fn spawns_that_deadlines_fire_may_not_loop() {
+        let workflow = |name: &str, child: &str, roles: &str| {
+            format!(
+                r#"Workflow(name: "{name}", title: "派生", roles: [Role(name: "clerk", binding: Starter)], start: "open", states: [
+                    State(name: "open", title: "受理", deadline: Deadline(within: Hours(1), on_expiry: "fork"), transitions: [
+                        Transition(event: "fork", to: "waiting", roles: [{roles}], spawn: Spawn(for_each: "[1]", workflow: "'{child}'", bindings: {{"clerk": Fixed("k")}})),
+                    ]),
+                    State(name: "waiting", title: "等待", children: AwaitChildren(wait: All, to: "done")),
+                    State(name: "done", title: "完成", outcome: "done"),
+                ])"#
+            )
+        };
+        let cycles = |texts: Vec<(String, String)>| {
+            let mut all = vec![(
+                "agencies.ron".to_owned(),
+                "Agencies(agencies: [Agency(id: \"k\", name: \"县\", level: County)])".to_owned(),
+            )];
+            all.extend(texts);
+            let sources = crate::lang::load::from_texts(
+                all.into_iter().map(|(f, t)| (f.into(), t)).collect(),
+                None,
+            );
+            validate(&sources)
+                .diagnostics
+                .into_iter()
+                .filter(|d| d.code == "spawn-cycle")
+                .map(|d| d.message)
+                .collect::<Vec<_>>()
+        };
+        let both = cycles(vec![
+            ("a.ron".into(), workflow("a", "b", "")),
+            ("b.ron".into(), workflow("b", "a", "")),
+        ]);
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(both[0].contains("(a → b → a)"), "{both:?}");
+        // The same loop with an agency firing one of its spawns.
+        let driven = cycles(vec![
+            ("a.ron".into(), workflow("a", "b", "\"clerk\"")),
+            ("b.ron".into(), workflow("b", "a", "")),
+        ]);
+        assert_eq!(driven, Vec::<String>::new());
     }
 
     /// A version stored before a rule was added still compiles (its cases
