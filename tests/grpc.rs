@@ -1053,6 +1053,18 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
                 reason(&s),
                 s.message()
             )),
+            // Regression: a payload's refusal named its field only in words;
+            // a BadRequest violation names it for clients that read details.
+            Err(s) if why == "invalid-payload" => {
+                let fields: Vec<String> = s
+                    .get_error_details()
+                    .bad_request()
+                    .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+                    .unwrap_or_default();
+                if fields.len() != 1 || !fields[0].starts_with("payload.") {
+                    failures.push(format!("{what}: field violations {fields:?}"));
+                }
+            }
             Err(_) => {}
         }
     }

@@ -144,6 +144,14 @@ fn diagnostics_status(diagnostics: &[Diagnostic]) -> Status {
     error_status(Code::InvalidArgument, &message, details)
 }
 
+/// The payload field an `invalid-payload` refusal names: the engine says
+/// "unknown field `x`", "missing required field `x`" or "field `x`: …".
+fn payload_field(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("field `")?;
+    let (name, _) = rest.split_once('`')?;
+    (!name.is_empty()).then_some(name)
+}
+
 /// How an engine error reaches a client.
 pub fn engine_status(e: EngineError) -> Status {
     match e {
@@ -164,6 +172,13 @@ pub fn engine_status(e: EngineError) -> Status {
                 | RejectCode::TimerNotDue
                 | RejectCode::VersionUnavailable => Code::FailedPrecondition,
             };
+            // A payload's refusal names its field (`… field `x`: …`): as a
+            // BadRequest violation too, for clients that read details.
+            if r.code == RejectCode::InvalidPayload
+                && let Some(field) = payload_field(&r.message)
+            {
+                return invalid(r.code.as_str(), &format!("payload.{field}"), r.message);
+            }
             status(code, r.code.as_str(), r.message, &[])
         }
         EngineError::NotFound(id) => status(
