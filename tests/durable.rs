@@ -1051,6 +1051,71 @@ async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() 
     );
 }
 
+/// Regression: a case that settled while its children ran (a withdrawal)
+/// left them running for ever in their agencies' inboxes, and no rule could
+/// reach them. Each running child is now told (`parent-settled`, with the
+/// parent's outcome), in the same request, level by level down a chain as
+/// deep as one built up: without recursion, which a deep chain would
+/// overflow.
+#[tokio::test]
+async fn a_settled_case_tells_its_running_children_level_by_level_down() {
+    let (_dir, _clock, engine) = fresh_engine();
+    let depth = env_or("GOVFLOW_NEST_DEPTH", 1000usize);
+    engine
+        .start(start_handled("nest", "w", CITY))
+        .await
+        .expect("start");
+    let mut ids = vec!["w".to_owned()];
+    for level in 0..depth {
+        let handed = engine
+            .fire(fire(
+                ids.last().expect("an id"),
+                &format!("h{level}"),
+                "hand_down",
+                CITY,
+                json!({}),
+            ))
+            .await
+            .expect("hand down");
+        ids.push(handed.children.first().expect("a child").case_id.clone());
+    }
+    let withdrawn = engine
+        .fire(fire("w", "withdraw", "withdraw", CITY, json!({})))
+        .await
+        .expect("the top level withdraws");
+    assert_eq!(withdrawn.outcome, "withdrawn");
+    for id in &ids {
+        let case = engine.case(id).expect("case");
+        assert_eq!(
+            (case.state.as_str(), case.outcome.as_str()),
+            ("withdrawn", "withdrawn"),
+            "{id}"
+        );
+    }
+    // The deepest's last step is the engine's, with the parent's outcome.
+    let last = engine
+        .history(ids.last().expect("deepest"))
+        .expect("history")
+        .pop()
+        .expect("an entry");
+    assert_eq!(last.event, "parent-settled");
+    assert_eq!(
+        records::from_struct(last.payload.as_ref())["outcome"],
+        json!("withdrawn")
+    );
+    // The steps replay as stored: the outcome each child was told is in
+    // its entry.
+    let replayed = govflow::audit::replay_all(
+        &govflow::audit::StoreSource(engine.store().as_ref()),
+        &engine.library(),
+        &govflow::audit::VerifyScope::All,
+        None,
+    )
+    .expect("replays");
+    assert!(replayed.matches(), "{:#?}", replayed.divergences);
+    assert_eq!(replayed.cases, ids.len() as u64);
+}
+
 /// An expression as deep as the length limit allows is checked, and refused
 /// or run, on the writer thread. Deep member chains (`vars.a.a.a…`) are what
 /// recursion goes deepest on: with a thread's default stack, one 5,000 deep

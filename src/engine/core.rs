@@ -33,6 +33,7 @@ use crate::lang::value::{self, Directory, ron_to_json};
 pub const START_EVENT: &str = "start";
 /// The event name of the entry recording that a child case settled.
 pub const CHILD_SETTLED_EVENT: &str = "child-settled";
+pub use crate::lang::model::{PARENT_OUTCOME_FIELD, PARENT_SETTLED_EVENT};
 /// Prefix of the event name of a reminder entry: `reminder:<deadline event>`.
 pub const REMINDER_PREFIX: &str = "reminder:";
 /// Payload key of the entry recording a deadline that came due when no
@@ -135,6 +136,10 @@ pub enum Input {
     },
     ChildSettled {
         child_id: String,
+        outcome: String,
+    },
+    /// The case's parent settled with `outcome` (see [`tell_child`]).
+    ParentSettled {
         outcome: String,
     },
 }
@@ -300,6 +305,9 @@ impl Entry {
             }),
             Actor::Timer(id) => Some(Input::Timer {
                 timer_id: id.clone(),
+            }),
+            Actor::Engine if self.event == PARENT_SETTLED_EVENT => Some(Input::ParentSettled {
+                outcome: self.payload.get(PARENT_OUTCOME_FIELD)?.as_str()?.to_owned(),
             }),
             Actor::Engine => Some(Input::ChildSettled {
                 child_id: self.payload.get("child")?.as_str()?.to_owned(),
@@ -781,6 +789,101 @@ pub fn apply(
         Input::ChildSettled { child_id, outcome } => {
             child_settled(lib, wf, case, state, child_id, outcome, now)
         }
+        Input::ParentSettled { outcome } => parent_settled(lib, wf, case, state, outcome, now),
+    }
+}
+
+/// The step a running child takes when its parent settles with
+/// `parent_outcome`: `None` when it takes none (it is closed, or its state
+/// has no transition on [`PARENT_SETTLED_EVENT`]: it goes on as it was).
+pub fn tell_child(
+    lib: &Library,
+    child: &Case,
+    parent_outcome: &str,
+    now: DateTime<Utc>,
+) -> Option<Result<Step, Rejection>> {
+    if child.outcome.is_some() {
+        return None;
+    }
+    let input = Input::ParentSettled {
+        outcome: parent_outcome.to_owned(),
+    };
+    match apply(lib, child, &input, now) {
+        // No transition on the event, or none whose guard holds for this
+        // outcome: the child is not concerned.
+        Err(r) if matches!(r.code, RejectCode::UnknownEvent | RejectCode::GuardFalse) => None,
+        other => Some(other),
+    }
+}
+
+/// The ids of the children of `case` that have not settled.
+pub fn running_children(case: &Case) -> impl Iterator<Item = &str> {
+    case.children
+        .iter()
+        .filter(|c| c.outcome.is_none())
+        .map(|c| c.id.as_str())
+}
+
+/// [`Input::ParentSettled`]: the state's transitions on
+/// [`PARENT_SETTLED_EVENT`], each taking the parent's outcome as its
+/// `outcome` field whether or not it declares one (the entry records it, so
+/// that replay gives it again).
+fn parent_settled(
+    lib: &Library,
+    wf: &Arc<CompiledWorkflow>,
+    case: &Case,
+    state: &State,
+    outcome: &str,
+    now: DateTime<Utc>,
+) -> Result<Step, Rejection> {
+    let candidates: Vec<Transition> = state
+        .transitions
+        .iter()
+        .filter(|t| t.event == PARENT_SETTLED_EVENT)
+        .map(|t| {
+            let mut t = t.clone();
+            if !t.payload.iter().any(|f| f.name == PARENT_OUTCOME_FIELD) {
+                t.payload.push(parent_outcome_field());
+            }
+            t
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(reject(
+            RejectCode::UnknownEvent,
+            format!(
+                "state `{}` has no transition on `{PARENT_SETTLED_EVENT}`",
+                state.name
+            ),
+        ));
+    }
+    let mut payload = JsonMap::new();
+    payload.insert(
+        PARENT_OUTCOME_FIELD.to_owned(),
+        Json::String(outcome.to_owned()),
+    );
+    let candidates: Vec<&Transition> = candidates.iter().collect();
+    transition_path(
+        lib,
+        wf,
+        case,
+        state,
+        &candidates,
+        Actor::Engine,
+        PARENT_SETTLED_EVENT,
+        &payload,
+        &[],
+        now,
+    )
+}
+
+/// The field a transition on [`PARENT_SETTLED_EVENT`] takes, declared or not.
+pub fn parent_outcome_field() -> Field {
+    Field {
+        name: PARENT_OUTCOME_FIELD.to_owned(),
+        ty: Type::String,
+        title: "上级案件的结果".to_owned(),
+        required: true,
     }
 }
 

@@ -1503,27 +1503,35 @@ impl Batch<'_> {
         None
     }
 
-    /// Records a step and everything it sets off: children started, and
-    /// parents told, level by level up a chain of nested cases. Up the chain
-    /// is a loop, not recursion: a chain may be thousands of cases deep, and
-    /// recursion overflowed the writer's stack, taking the process down.
+    /// Records a step and everything it sets off: children started, parents
+    /// told that a child settled, level by level up a chain of nested cases,
+    /// and the running children of a case that settled told so, level by
+    /// level down. Each is a notice taken in turn from a queue, not
+    /// recursion: a chain may be thousands of cases deep, and recursion
+    /// overflowed the writer's stack, taking the process down. A notice is
+    /// applied to the case as it is when its turn comes.
     fn cascade(&mut self, step: Step, request_id: &str) -> Result<Arc<proto::Case>, Rejection> {
-        let (record, mut told) = self.record_and_spawn(step, request_id)?;
-        while let Some(parent_step) = told {
-            told = self.record_and_spawn(parent_step, request_id)?.1;
+        let mut notices = std::collections::VecDeque::new();
+        let record = self.record_and_spawn(step, request_id, &mut notices)?;
+        while let Some(notice) = notices.pop_front() {
+            if let Some(step) = self.noticed(notice) {
+                self.record_and_spawn(step, request_id, &mut notices)?;
+            }
         }
         Ok(record)
     }
 
     /// Records one step and starts the children it spawns (each through
     /// [`Batch::cascade`]: a child that settles at once tells this case);
-    /// then, if the case settled, gives the step its parent makes on being
-    /// told. Start steps spawn nothing, so this recurses one level at most.
+    /// then, if the case settled, queues the notices to its parent and its
+    /// running children. Start steps spawn nothing, so this recurses one
+    /// level at most.
     fn record_and_spawn(
         &mut self,
         step: Step,
         request_id: &str,
-    ) -> Result<(Arc<proto::Case>, Option<Step>), Rejection> {
+        notices: &mut std::collections::VecDeque<Notice>,
+    ) -> Result<Arc<proto::Case>, Rejection> {
         let library = Arc::clone(&self.rules.library);
         let record = self.record(&step, request_id);
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
@@ -1550,21 +1558,60 @@ impl Batch<'_> {
             }
             self.cascade(child, request_id)?;
         }
-        let (Some(outcome), Some(parent_id)) = (&step.settled, &step.case.parent) else {
-            return Ok((record, None));
-        };
-        let Some(parent) = self.case(parent_id).ok().flatten() else {
-            return Ok((record, None));
-        };
-        let input = Input::ChildSettled {
-            child_id: step.case.id.clone(),
-            outcome: outcome.clone(),
-        };
-        match core::apply(&library, &records::from_case(&parent), &input, self.now) {
-            Ok(parent_step) => Ok((record, Some(parent_step))),
-            Err(r) => {
-                tracing::warn!(parent = %parent_id, child = %step.case.id, "parent not told of settled child: {r}");
-                Ok((record, None))
+        if let Some(outcome) = &step.settled {
+            if let Some(parent_id) = &step.case.parent {
+                notices.push_back(Notice::Parent {
+                    parent_id: parent_id.clone(),
+                    child_id: step.case.id.clone(),
+                    outcome: outcome.clone(),
+                });
+            }
+            notices.extend(
+                core::running_children(&step.case).map(|child_id| Notice::Child {
+                    child_id: child_id.to_owned(),
+                    parent_outcome: outcome.clone(),
+                }),
+            );
+        }
+        Ok(record)
+    }
+
+    /// The step a notice makes, if any. A parent already closed (a child
+    /// settling after its parent was withdrawn) is not told; a child takes a
+    /// step only if its state reacts to its parent settling. A notice the
+    /// rules refuse is logged, and the step that caused it stands.
+    fn noticed(&mut self, notice: Notice) -> Option<Step> {
+        let library = Arc::clone(&self.rules.library);
+        match notice {
+            Notice::Parent {
+                parent_id,
+                child_id,
+                outcome,
+            } => {
+                let parent = records::from_case(&*self.case(&parent_id).ok().flatten()?);
+                if parent.outcome.is_some() {
+                    return None;
+                }
+                let input = Input::ChildSettled {
+                    child_id: child_id.clone(),
+                    outcome,
+                };
+                core::apply(&library, &parent, &input, self.now)
+                    .inspect_err(|r| {
+                        tracing::warn!(parent = %parent_id, child = %child_id, "parent not told of settled child: {r}");
+                    })
+                    .ok()
+            }
+            Notice::Child {
+                child_id,
+                parent_outcome,
+            } => {
+                let child = records::from_case(&*self.case(&child_id).ok().flatten()?);
+                core::tell_child(&library, &child, &parent_outcome, self.now)?
+                    .inspect_err(|r| {
+                        tracing::warn!(child = %child_id, "child not told its parent settled: {r}");
+                    })
+                    .ok()
             }
         }
     }
@@ -1926,6 +1973,22 @@ enum Reply {
     ),
     Count(oneshot::Sender<Result<usize>>, Result<usize>),
     Deployed(oneshot::Sender<Result<Deployed>>, Result<Deployed>),
+}
+
+/// What a settled case's relatives are told, in their turn (see
+/// [`Batch::cascade`]).
+enum Notice {
+    /// A child settled with `outcome`.
+    Parent {
+        parent_id: String,
+        child_id: String,
+        outcome: String,
+    },
+    /// The child's parent settled with `parent_outcome`.
+    Child {
+        child_id: String,
+        parent_outcome: String,
+    },
 }
 
 /// The refusal of a request whose commit, or an earlier one, failed.

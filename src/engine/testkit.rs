@@ -95,7 +95,8 @@ pub const PERMIT: &str = r#"Workflow(
             countersign: Countersign(roles: ["amr", "tax"], approved: "approved", rejected: "refused"),
             deadline: Deadline(within: WorkingDays("days"), on_expiry: "timeout", reminders: [WorkingDays(1)]),
             transitions: [Transition(event: "timeout", to: "refused")]),
-        State(name: "waiting", title: "等待子件", children: AwaitChildren(wait: All, to: "approved")),
+        State(name: "waiting", title: "等待子件", children: AwaitChildren(wait: All, to: "approved"),
+            transitions: [Transition(event: "withdraw", to: "withdrawn", roles: ["applicant"])]),
         State(name: "approved", title: "已批准", outcome: "approved"),
         State(name: "refused", title: "不予批准", outcome: "refused"),
         State(name: "withdrawn", title: "已撤回", outcome: "withdrawn"),
@@ -112,9 +113,12 @@ pub const CHILD: &str = r#"Workflow(
         State(name: "check", title: "审查", transitions: [
             Transition(event: "issue", to: "issued", roles: ["dept"]),
             Transition(event: "deny", to: "denied", roles: ["dept"]),
+            Transition(event: "parent-settled", to: "cancelled", roles: [],
+                guard: "payload.outcome == 'withdrawn'"),
         ]),
         State(name: "issued", title: "发证", outcome: "issued"),
         State(name: "denied", title: "不予发证", outcome: "denied"),
+        State(name: "cancelled", title: "随申请撤回", outcome: "cancelled"),
     ],
 )"#;
 

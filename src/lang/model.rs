@@ -149,6 +149,14 @@ fn yes() -> bool {
     true
 }
 
+/// The event the engine fires on each running child of a case that settles:
+/// a child workflow reacts to it with transitions on this event (no role
+/// fires them), whose payload holds the parent's `outcome`.
+pub const PARENT_SETTLED_EVENT: &str = "parent-settled";
+/// The payload field of [`PARENT_SETTLED_EVENT`]: the parent's outcome, a
+/// string, given to its transitions whether they declare it or not.
+pub const PARENT_OUTCOME_FIELD: &str = "outcome";
+
 /// A state of the graph.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

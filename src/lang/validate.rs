@@ -158,7 +158,8 @@ pub fn validate(sources: &Sources) -> Validated {
 /// repeated key's last value), so a stored version that breaks only these
 /// still compiles: its running cases must go on moving, and its histories
 /// replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 10] = [
+pub const LATER_RULES: [&str; 11] = [
+    "parent-settled",
     "spawn-cycle",
     "unset-binding",
     "separated-roles",
@@ -1355,7 +1356,11 @@ impl WorkflowChecker<'_> {
                     Some("only a transition back to its own state can keep the deadline".into()),
                 );
             }
-            if t.roles.is_empty() && expiry != Some(t.event.as_str()) {
+            let on_parent_settled = t.event == super::model::PARENT_SETTLED_EVENT;
+            if on_parent_settled {
+                check_parent_settled(r, &tp, t);
+            }
+            if t.roles.is_empty() && expiry != Some(t.event.as_str()) && !on_parent_settled {
                 r.error(
                     "unfireable-transition",
                     &tp.field("event"),
@@ -1720,10 +1725,20 @@ impl WorkflowChecker<'_> {
     }
 
     fn transition_scope(&self, t: &super::model::Transition) -> Scope {
-        self.base_scope().with(
-            "payload",
-            Ty::record(t.payload.iter().map(|f| (f.name.clone(), Ty::of(&f.ty)))),
-        )
+        let mut fields: Vec<(String, Ty)> = t
+            .payload
+            .iter()
+            .map(|f| (f.name.clone(), Ty::of(&f.ty)))
+            .collect();
+        // The parent's outcome, given whether declared or not.
+        if t.event == super::model::PARENT_SETTLED_EVENT
+            && !fields
+                .iter()
+                .any(|(name, _)| name == super::model::PARENT_OUTCOME_FIELD)
+        {
+            fields.push((super::model::PARENT_OUTCOME_FIELD.to_owned(), Ty::String));
+        }
+        self.base_scope().with("payload", Ty::record(fields))
     }
 
     fn check_graph(&self, r: &mut Reporter) {
@@ -1878,6 +1893,37 @@ fn check_enum_values(r: &mut Reporter, path: &DocPath, ty: &Type, what: &str) {
 }
 
 /// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
+/// A transition on [`super::model::PARENT_SETTLED_EVENT`]: the engine takes
+/// it, with the parent's outcome as its only payload field.
+fn check_parent_settled(r: &mut Reporter, tp: &DocPath, t: &super::model::Transition) {
+    use super::model::{PARENT_OUTCOME_FIELD, PARENT_SETTLED_EVENT};
+    if !t.roles.is_empty() {
+        r.error(
+            "parent-settled",
+            &tp.field("roles"),
+            format!(
+                "`{PARENT_SETTLED_EVENT}` is taken by the engine when the case's parent settles: no role fires it"
+            ),
+            Some("write `roles: []`".into()),
+        );
+    }
+    for (k, f) in t.payload.iter().enumerate() {
+        if f.name != PARENT_OUTCOME_FIELD || f.ty != super::model::Type::String {
+            r.error(
+                "parent-settled",
+                &tp.field("payload").index(k),
+                format!(
+                    "`{PARENT_SETTLED_EVENT}` carries one payload field, `{PARENT_OUTCOME_FIELD}` (String, the parent's outcome): `{}` would never be given",
+                    f.name
+                ),
+                Some(format!(
+                    "leave `payload` out: `payload.{PARENT_OUTCOME_FIELD}` is there without it"
+                )),
+            );
+        }
+    }
+}
+
 /// The workflows `w` spawns by name (a literal `workflow:`) on transitions
 /// no agency fires: those its deadlines fire, which run by themselves.
 fn automatic_spawns(w: &Workflow) -> impl Iterator<Item = String> + '_ {

@@ -423,7 +423,10 @@ impl Driver<'_> {
             };
             self.commit(child)?;
         }
-        if let (Some(outcome), Some(parent_id)) = (settled, parent) {
+        let Some(outcome) = settled else {
+            return Ok(());
+        };
+        if let Some(parent_id) = parent {
             let Some(parent_case) = self.cases.get(&parent_id) else {
                 return Err(format!(
                     "case `{id}` settled, but its parent `{parent_id}` is unknown"
@@ -431,7 +434,7 @@ impl Driver<'_> {
             };
             let input = Input::ChildSettled {
                 child_id: id.clone(),
-                outcome,
+                outcome: outcome.clone(),
             };
             match core::apply(self.lib, parent_case, &input, self.clock) {
                 Ok(step) => self.commit(step)?,
@@ -439,6 +442,22 @@ impl Driver<'_> {
                 Err(r) => {
                     return Err(format!(
                         "telling case `{parent_id}` that child `{id}` settled: rejected: {r}"
+                    ));
+                }
+            }
+        }
+        // Its running children are told, and those whose state reacts move.
+        let running: Vec<String> = core::running_children(self.case(&id)?)
+            .map(str::to_owned)
+            .collect();
+        for child_id in running {
+            let told = core::tell_child(self.lib, self.case(&child_id)?, &outcome, self.clock);
+            match told {
+                None => {}
+                Some(Ok(step)) => self.commit(step)?,
+                Some(Err(r)) => {
+                    return Err(format!(
+                        "telling child `{child_id}` that case `{id}` settled: rejected: {r}"
                     ));
                 }
             }
@@ -759,6 +778,34 @@ mod tests {
         };
         assert!(of("permit").contains("waiting --child-settled--> approved"));
         assert!(of("child").contains("check --issue--> issued"));
+    }
+
+    /// Regression: a case withdrawn while its children ran left them
+    /// running. Each is told its parent settled, and a child whose state
+    /// reacts to that outcome moves; one whose guard does not hold stays.
+    #[test]
+    fn a_withdrawn_case_tells_its_running_children() {
+        let start = START.replace(
+            r#"{"county": "k"}"#,
+            r#"{"county": "k", "permits": ["P1", "P2"]}"#,
+        );
+        let steps = r#"
+            Fire(event: "submit", by: "ent", payload: {"amount": 1}),
+            Fire(event: "route", by: "k"),
+            Expect(Expect(case: Child(0), state: "check")),
+            Fire(event: "withdraw", by: "ent"),
+            Expect(Expect(state: "withdrawn", outcome: "withdrawn")),
+            Expect(Expect(case: Child(0), state: "cancelled", outcome: "cancelled",
+                fired: ["parent-settled"])),
+        "#;
+        let run = run_docs(&[("w.ron", scenario("withdrawn", "permit", &start, steps))]);
+        assert_eq!(run.scenarios[0].failure, None);
+        let child = run.coverage.iter().find(|c| c.workflow == "child");
+        let covered = child.map(|c| c.covered.clone()).unwrap_or_default();
+        assert!(
+            covered.contains("check --parent-settled--> cancelled"),
+            "{covered:?}"
+        );
     }
 
     #[test]
