@@ -737,3 +737,52 @@ fn serve_locates_a_mistake_in_the_agency_directory() {
     assert!(stderr.contains("agencies.ron:"), "{stderr}");
     assert!(stderr.contains("idd"), "{stderr}");
 }
+
+/// Regression: `govflow validate` passed a scenario with a misspelt event,
+/// state, variable, role or agency, and `govflow test` then failed it by
+/// step number. Each is now a located error of `validate`, and `test` still
+/// runs the other scenarios.
+#[test]
+fn validate_locates_the_misspelt_names_of_a_scenario() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let workflows = dir.path().join("workflows");
+    crate::common::copy_tree(&root().join("workflows"), &workflows);
+    let good = workflows.join("scenarios/gaozhi/conditions_rectified_may_operate.ron");
+    let text = std::fs::read_to_string(&good).expect("read");
+    let typos = text
+        .replacen("Fire(event: \"apply\"", "Fire(event: \"aply\"", 1)
+        .replacen("\"hebei.sjz.culture\"", "\"hebei.sjz.cultur\"", 1)
+        .replacen("\"enterprise_name\":", "\"enterprise_nam\":", 1);
+    std::fs::write(workflows.join("scenarios/gaozhi/typos.ron"), typos).expect("write");
+    let out = govflow()
+        .arg("validate")
+        .arg(&workflows)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let said = format!("{stdout}{stderr}");
+    for expected in [
+        "typos.ron:20:69: error[unknown-agency]: no agency `hebei.sjz.cultur` in the directory",
+        "typos.ron:24:31: error[unknown-variable]: workflow `gaozhi_chengnuo` has no variable `enterprise_nam`",
+        "typos.ron:29:21: error[unknown-event]: workflow `gaozhi_chengnuo` has no event `aply`",
+    ] {
+        assert!(said.contains(expected), "{expected}:\n{said}");
+    }
+    let tested = govflow()
+        .arg("test")
+        .arg(&workflows)
+        .output()
+        .expect("runs");
+    let report = String::from_utf8_lossy(&tested.stdout);
+    assert_eq!(tested.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("ok   "),
+        "the other scenarios run:\n{report}"
+    );
+    assert!(
+        report.contains("FAIL ") && report.contains("typos.ron"),
+        "{report}"
+    );
+}

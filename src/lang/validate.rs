@@ -257,12 +257,27 @@ fn validate_demoting(sources: &Sources, demoted: &[&str]) -> Validated {
             }),
         );
     }
+    check_scenarios(
+        sources,
+        &all_workflows,
+        directory.as_ref(),
+        &mut diagnostics,
+    );
     diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
     diagnostics.dedup();
     for d in diagnostics.iter_mut().filter(|d| demoted.contains(&d.code)) {
         d.severity = super::diag::Severity::Warning;
     }
-    let library = (!diagnostics.iter().any(Diagnostic::is_error)).then(|| Library {
+    // A mistake in a scenario is an error of `validate`, but the workflows
+    // compile all the same: `govflow test` runs the other scenarios.
+    let scenario_files: BTreeSet<String> = sources
+        .scenarios()
+        .map(|(f, _)| f.path.display().to_string())
+        .collect();
+    let library = (!diagnostics
+        .iter()
+        .any(|d| d.is_error() && !scenario_files.contains(&d.file)))
+    .then(|| Library {
         versions: workflows
             .values()
             .map(|w| (w.digest.clone(), Arc::clone(w)))
@@ -1893,6 +1908,132 @@ fn check_enum_values(r: &mut Reporter, path: &DocPath, ty: &Type, what: &str) {
 }
 
 /// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
+/// Checks the names a scenario uses against its workflow and the directory,
+/// so that a misspelt event, state, role, variable or agency is told at its
+/// place by `govflow validate`, not by `govflow test` as a failure of some
+/// step. Steps on a child case are not checked (its workflow may be chosen
+/// at run time), nor the event of a `Reject` expecting `unknown-event`.
+/// Scenarios whose workflow is not loaded are left to `govflow test`, which
+/// says how to pass it.
+fn check_scenarios(
+    sources: &Sources,
+    workflows: &BTreeMap<&str, &Workflow>,
+    directory: Option<&Directory>,
+    out: &mut Vec<Diagnostic>,
+) {
+    use crate::scenario::model::{Step, Target};
+    for (file, scenario) in sources.scenarios() {
+        let mut r = Reporter::new(&file.path, &file.map, out);
+        let Some(w) = workflows.get(scenario.workflow.as_str()) else {
+            if !workflows.is_empty() {
+                r.error(
+                    "unknown-workflow",
+                    &DocPath::root().field("workflow"),
+                    format!("no workflow `{}` is loaded", scenario.workflow),
+                    hint_for(&scenario.workflow, "workflows", workflows.keys().copied()),
+                );
+            }
+            continue;
+        };
+        let mut events: BTreeSet<&str> = w
+            .states
+            .iter()
+            .flat_map(|s| s.transitions.iter().map(|t| t.event.as_str()))
+            .collect();
+        for cs in w.states.iter().filter_map(|s| s.countersign.as_ref()) {
+            events.insert(&cs.sign_event);
+            events.insert(&cs.reject_event);
+        }
+        let agency = |r: &mut Reporter, path: &DocPath, id: &str| {
+            if let Some(dir) = directory
+                && !dir.contains(id)
+            {
+                r.error(
+                    "unknown-agency",
+                    path,
+                    format!("no agency `{id}` in the directory"),
+                    super::diag::did_you_mean(id, dir.ids()),
+                );
+            }
+        };
+        let start = DocPath::root().field("start");
+        agency(&mut r, &start.field("by"), &scenario.start.by);
+        for (role, id) in &scenario.start.bindings {
+            let path = start.field("bindings").key(role);
+            if !w.roles.iter().any(|x| x.name == *role) {
+                r.error(
+                    "unknown-role",
+                    &path,
+                    format!("workflow `{}` has no role `{role}`", w.name),
+                    hint_for(role, "roles", w.roles.iter().map(|x| x.name.as_str())),
+                );
+            }
+            agency(&mut r, &path, id);
+        }
+        let variable = |r: &mut Reporter, path: &DocPath, name: &str| {
+            if !w.variables.iter().any(|v| v.name == *name) {
+                r.error(
+                    "unknown-variable",
+                    path,
+                    format!("workflow `{}` has no variable `{name}`", w.name),
+                    hint_for(
+                        name,
+                        "variables",
+                        w.variables.iter().map(|v| v.name.as_str()),
+                    ),
+                );
+            }
+        };
+        for name in scenario.start.variables.keys() {
+            variable(&mut r, &start.field("variables").key(name), name);
+        }
+        for (i, step) in scenario.steps.iter().enumerate() {
+            let sp = DocPath::root().field("steps").index(i);
+            let (event, by, case, unknown_expected) = match step {
+                Step::Fire {
+                    event, by, case, ..
+                } => (event, by, case, false),
+                Step::Reject {
+                    event,
+                    by,
+                    case,
+                    reason,
+                    ..
+                } => (event, by, case, reason == "unknown-event"),
+                Step::Expect(expect) => {
+                    if expect.case != Target::Main {
+                        continue;
+                    }
+                    if let Some(state) = &expect.state
+                        && !w.states.iter().any(|s| s.name == *state)
+                    {
+                        r.error(
+                            "unknown-state",
+                            &sp.field("state"),
+                            format!("workflow `{}` has no state `{state}`", w.name),
+                            hint_for(state, "states", w.states.iter().map(|s| s.name.as_str())),
+                        );
+                    }
+                    for name in expect.variables.keys() {
+                        variable(&mut r, &sp.field("variables").key(name), name);
+                    }
+                    continue;
+                }
+                Step::Advance(_) => continue,
+            };
+            agency(&mut r, &sp.field("by"), by);
+            if *case == Target::Main && !unknown_expected && !events.contains(event.as_str()) {
+                r.error(
+                    "unknown-event",
+                    &sp.field("event"),
+                    format!("workflow `{}` has no event `{event}`", w.name),
+                    hint_for(event, "events", events.iter().copied()),
+                );
+            }
+        }
+    }
+}
+
 /// A transition on [`super::model::PARENT_SETTLED_EVENT`]: the engine takes
 /// it, with the parent's outcome as its only payload field.
 fn check_parent_settled(r: &mut Reporter, tp: &DocPath, t: &super::model::Transition) {
