@@ -164,17 +164,18 @@ pub fn check(value: &Json, ty: &Type, directory: Option<&Directory>) -> Result<J
         },
         (Type::Decimal, Json::String(s)) => decimal(s),
         (Type::Date, Json::String(s)) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
-            .map(|d| Json::String(d.to_string()))
-            .map_err(|_| format!("expected a date YYYY-MM-DD, found `{s}`")),
+            .map_err(|_| format!("expected a date YYYY-MM-DD, found `{s}`"))
+            .and_then(|d| {
+                within_years(s, chrono::Datelike::year(&d)).map(|()| Json::String(d.to_string()))
+            }),
         (Type::Time, Json::String(s)) => DateTime::parse_from_rfc3339(s)
-            .map(|t| {
-                Json::String(
-                    t.to_utc()
-                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                )
-            })
             .map_err(|_| {
                 format!("expected a time in RFC 3339 (2020-06-01T09:00:00+08:00), found `{s}`")
+            })
+            .and_then(|t| {
+                let t = t.to_utc();
+                within_years(s, chrono::Datelike::year(&t))
+                    .map(|()| Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
             }),
         (Type::Enum(allowed), Json::String(s)) => {
             if allowed.iter().any(|a| a == s) {
@@ -240,6 +241,20 @@ pub fn type_name(ty: &Type) -> String {
                 .trim_start_matches("a ")
                 .trim_start_matches("an ")
         ),
+    }
+}
+
+/// Dates and times are kept within the years 0001–9999 (in UTC): the range of
+/// RFC 3339 and of `google.protobuf.Timestamp`, in which they are written and
+/// read back (a time of 9999-12-31 at UTC−23:59 is in the year 10000 in UTC,
+/// and was stored as `+10000-…`, which no reader takes).
+fn within_years(written: &str, year: i32) -> Result<(), String> {
+    if (1..=9999).contains(&year) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{written}` falls in the year {year} (in UTC): dates and times must fall within the years 0001–9999"
+        ))
     }
 }
 
@@ -352,6 +367,20 @@ mod tests {
             Ok(json!("2020-06-01T01:00:00Z"))
         );
         assert!(check(&json!("2020-13-01"), &Type::Date, None).is_err());
+        // Regression: a time in the year 10000 in UTC was stored as
+        // `+10000-…`, which no reader takes; years 0 and -1 were kept too.
+        for (time, ty) in [
+            ("9999-12-31T23:59:59-23:59", Type::Time),
+            ("0000-01-01T00:00:00Z", Type::Time),
+            ("0000-06-01", Type::Date),
+        ] {
+            let refused = check(&json!(time), &ty, None).expect_err(time);
+            assert!(refused.contains("within the years 0001–9999"), "{refused}");
+        }
+        assert_eq!(
+            check(&json!("9999-12-31T23:59:59Z"), &Type::Time, None),
+            Ok(json!("9999-12-31T23:59:59Z"))
+        );
         let level = Type::Enum(vec!["county".into(), "city".into()]);
         assert_eq!(
             check(&json!("town"), &level, None),
