@@ -1015,6 +1015,16 @@ async fn deployed_version(
         .unwrap_or_default())
 }
 
+/// A workflow file's source as a deploy or a migration check sends it: one
+/// that is no UTF-8 text is refused here, located, as `govflow validate`
+/// refuses it.
+fn source_of(file: &std::path::Path) -> Result<String> {
+    match govflow::lang::load::read_text(file)? {
+        Ok(text) => Ok(text),
+        Err(diagnostic) => anyhow::bail!("{diagnostic}"),
+    }
+}
+
 pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Result<ExitCode> {
     let client = Client::connect(&connection).await?;
     let mut definitions = DefinitionsServiceClient::new(client.channel.clone());
@@ -1024,8 +1034,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
             file,
             require_migration_check,
         } => {
-            let source = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let source = source_of(&file)?;
             match definitions
                 .deploy_workflow(client.request(proto::DeployWorkflowRequest {
                     source,
@@ -1076,8 +1085,7 @@ pub async fn workflow(connection: Connection, command: WorkflowCommand) -> Resul
             }
         }
         WorkflowCommand::CheckMigration { file } => {
-            let source = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let source = source_of(&file)?;
             let mut audit = AuditServiceClient::new(client.channel.clone());
             let r = match audit
                 .check_migration(client.request(proto::CheckMigrationRequest { source })?)
@@ -1311,6 +1319,22 @@ fn print_source_violations(details: &tonic_types::ErrorDetails, file: &std::path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: deploying a file saved as GBK said only "stream did not
+    /// contain valid UTF-8", with no place and no hint, where `govflow
+    /// validate` located it and said how to convert it.
+    #[test]
+    fn a_source_that_is_not_utf8_is_refused_located_before_it_is_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("gbk.ron");
+        // `Workflow(title: "中` with 中 in GBK (D6 D0).
+        std::fs::write(&file, b"Workflow(\n    title: \"\xd6\xd0\",\n)\n").expect("write");
+        let refused = source_of(&file).expect_err("not UTF-8").to_string();
+        assert!(
+            refused.contains("gbk.ron:2:13: error[not-utf8]"),
+            "{refused}"
+        );
+    }
 
     /// A change whose answer was lost on the way tells how to find out
     /// whether it was made; a refusal is only itself.

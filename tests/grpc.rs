@@ -1196,6 +1196,28 @@ async fn bad_input_gets_the_right_status_and_a_reason_every_time() {
         "{:?}",
         nested.diagnostics
     );
+    // Regression: a source with a NUL byte inside a string deployed, where
+    // `govflow validate` refused the same file as not text.
+    let filing = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/zzfl_filing.ron"),
+    )
+    .expect("read")
+    .replacen("title: \"", "title: \"\0", 1);
+    let nul = definitions
+        .deploy_workflow(authed(
+            Some(&server.token("admin")),
+            proto::DeployWorkflowRequest {
+                source: filing,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("a source with a NUL byte is no text");
+    assert_eq!(
+        (nul.code(), reason(&nul)),
+        (Code::InvalidArgument, "workflow-invalid".to_owned())
+    );
+    assert!(nul.message().contains("is NUL"), "{}", nul.message());
     // Regression: every problem of a large source was answered, each hint
     // listing every declared name: hundreds of megabytes for a request of a
     // few hundred kilobytes. At most 1,000 are, then how many more there are.

@@ -161,21 +161,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     let mut texts = Vec::new();
     let mut read_diagnostics = Vec::new();
     for path in ron_files {
-        let bytes = fs::read(&path).map_err(|error| LoadError::Io {
-            path: path.clone(),
-            error,
-        })?;
-        if let Some(encoding) = wide_encoding(&bytes) {
-            read_diagnostics.push(not_utf8_but(&path, encoding));
-            continue;
-        }
-        if let Some(binary) = not_text(&path, &bytes) {
-            read_diagnostics.push(binary);
-            continue;
-        }
-        match String::from_utf8(bytes) {
+        match read_text(&path)? {
             Ok(text) => texts.push((path, text)),
-            Err(e) => read_diagnostics.push(not_utf8(&path, e.as_bytes(), e.utf8_error())),
+            Err(diagnostic) => read_diagnostics.push(diagnostic),
         }
     }
     let mut calendar_diagnostics = Vec::new();
@@ -202,6 +190,23 @@ pub fn load(paths: &[PathBuf]) -> Result<Sources, LoadError> {
     sources.diagnostics.extend(read_diagnostics);
     sources.diagnostics.extend(calendar_diagnostics);
     Ok(sources)
+}
+
+/// A source file's text, or, when it is no UTF-8 text (another encoding, a
+/// binary file), the located diagnostic that says so: what `load` reads,
+/// and what `govflow workflow deploy` sends.
+pub fn read_text(path: &Path) -> Result<Result<String, Diagnostic>, LoadError> {
+    let bytes = fs::read(path).map_err(|error| LoadError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    if let Some(encoding) = wide_encoding(&bytes) {
+        return Ok(Err(not_utf8_but(path, encoding)));
+    }
+    if let Some(binary) = not_text(path, &bytes) {
+        return Ok(Err(binary));
+    }
+    Ok(String::from_utf8(bytes).map_err(|e| not_utf8(path, e.as_bytes(), e.utf8_error())))
 }
 
 /// A file that is not UTF-8 (older Chinese editors save GBK or GB18030),
@@ -307,6 +312,11 @@ pub fn from_texts(files: Vec<(PathBuf, String)>, calendar: Option<(PathBuf, Cale
     };
     let mut have_agencies = false;
     for (path, text) in files {
+        // A source sent as text (a deploy) is checked as a file read is.
+        if let Some(binary) = not_text(&path, text.as_bytes()) {
+            sources.diagnostics.push(binary);
+            continue;
+        }
         // Kept as read, so that the map's positions index into it.
         let text = source_text(&text).to_owned();
         let (map, document) = read_source(&path, &text, &mut sources.diagnostics);
