@@ -2115,7 +2115,15 @@ impl Progress {
 
 /// A storage failure stops all writing: what sled holds in memory may no
 /// longer be what is on disk, so nothing more may be acknowledged.
-type Failure = Arc<Mutex<Option<String>>>;
+type Failure = Arc<FailureState>;
+
+/// Whether storage has failed, and why. The flag is what every read and
+/// every stage checks, without a lock; the cause is read only once it is set.
+#[derive(Default)]
+struct FailureState {
+    failed: std::sync::atomic::AtomicBool,
+    cause: Mutex<Option<String>>,
+}
 
 /// The engine's store, which refuses every read once storage has failed:
 /// sled then holds in memory the batch that failed to reach the disk, and
@@ -2469,11 +2477,22 @@ fn store_call(what: &str, call: impl FnOnce() -> Result<(), StoreError>) -> Resu
 fn fail(failure: &Failure, e: StoreError) {
     let error = e.to_string();
     tracing::error!("storage failed; writing stops: {error}");
-    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    let mut cause = failure.cause.lock().unwrap_or_else(|e| e.into_inner());
+    cause.get_or_insert(error);
+    failure
+        .failed
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 fn failed(failure: &Failure) -> Option<String> {
-    failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    if !failure.failed.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
+    failure
+        .cause
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
 }
 
 /// Writes the batches waiting into the store in order, writes them out to
