@@ -455,11 +455,16 @@ impl Driver<'_> {
             match told {
                 None => {}
                 Some(Ok(step)) => self.commit(step)?,
-                Some(Err(r)) => {
-                    return Err(format!(
-                        "telling child `{child_id}` that case `{id}` settled: rejected: {r}"
-                    ));
-                }
+                // As on a server: the parent's step stands, the child stays
+                // as it was, and the refusal is shown among the events fired.
+                Some(Err(r)) => self.fired.push((
+                    child_id,
+                    format!(
+                        "{} (refused: {})",
+                        core::PARENT_SETTLED_EVENT,
+                        r.code.as_str()
+                    ),
+                )),
             }
         }
         Ok(())
@@ -793,6 +798,8 @@ mod tests {
             Fire(event: "submit", by: "ent", payload: {"amount": 1}),
             Fire(event: "route", by: "k"),
             Expect(Expect(case: Child(0), state: "check")),
+            Reject(event: "parent-settled", by: "amr", case: Child(0), reason: "role-not-allowed",
+                mentions: "fired by the engine when the case's parent settles, never by an agency"),
             Fire(event: "withdraw", by: "ent"),
             Expect(Expect(state: "withdrawn", outcome: "withdrawn")),
             Expect(Expect(case: Child(0), state: "cancelled", outcome: "cancelled",
@@ -806,6 +813,50 @@ mod tests {
             covered.contains("check --parent-settled--> cancelled"),
             "{covered:?}"
         );
+    }
+
+    /// Regression: a child whose reaction to its parent settling was refused
+    /// (an effect that failed) refused the parent's own step in `govflow
+    /// test`, while a server took it: a child's workflow could keep its
+    /// parent from being withdrawn. The parent's step stands, as on a
+    /// server, and the child's refusal is shown among the events fired.
+    #[test]
+    fn a_child_refusing_its_parents_settling_does_not_hold_the_parent() {
+        let parent = r#"Workflow(name: "top", title: "上级", roles: [Role(name: "clerk", binding: Starter)],
+            start: "open", states: [
+                State(name: "open", title: "办理", transitions: [
+                    Transition(event: "split", to: "waiting", roles: ["clerk"],
+                        spawn: Spawn(for_each: "[1]", workflow: "'fussy'", bindings: {"clerk": Starter})),
+                ]),
+                State(name: "waiting", title: "等待", children: AwaitChildren(wait: All, to: "done"),
+                    transitions: [Transition(event: "refuse", to: "refused", roles: ["clerk"])]),
+                State(name: "done", title: "完成", outcome: "done"),
+                State(name: "refused", title: "不予", outcome: "refused"),
+            ])"#;
+        let child = r#"Workflow(name: "fussy", title: "下级", roles: [Role(name: "clerk", binding: Given)],
+            variables: [Variable(name: "why", type: Enum(["withdrawn"]), title: "原因")],
+            start: "working", states: [
+                State(name: "working", title: "办理", transitions: [
+                    Transition(event: "finish", to: "finished", roles: ["clerk"]),
+                    Transition(event: "parent-settled", to: "finished", roles: [],
+                        effects: [Set(var: "why", value: "payload.outcome")]),
+                ]),
+                State(name: "finished", title: "办结", outcome: "finished"),
+            ])"#;
+        let steps = r#"
+            Fire(event: "split", by: "k"),
+            Fire(event: "refuse", by: "k"),
+            Expect(Expect(state: "refused", outcome: "refused")),
+            Expect(Expect(case: Child(0), state: "working",
+                fired: ["parent-settled (refused: effect-failed)"])),
+        "#;
+        let start = r#"start: Start(at: "2020-09-21T09:00:00+08:00", by: "k")"#;
+        let run = run_docs(&[
+            ("top.ron", parent.to_owned()),
+            ("fussy.ron", child.to_owned()),
+            ("s.ron", scenario("refused", "top", start, steps)),
+        ]);
+        assert_eq!(run.scenarios[0].failure, None);
     }
 
     #[test]
