@@ -754,6 +754,13 @@ fn validate_locates_the_misspelt_names_of_a_scenario() {
         .replacen("\"hebei.sjz.culture\"", "\"hebei.sjz.cultur\"", 1)
         .replacen("\"enterprise_name\":", "\"enterprise_nam\":", 1);
     std::fs::write(workflows.join("scenarios/gaozhi/typos.ron"), typos).expect("write");
+    // And one that does not parse (a comma left out): it stopped every
+    // scenario, blamed on the workflows.
+    std::fs::write(
+        workflows.join("scenarios/gaozhi/broken.ron"),
+        "Scenario(name: \"坏\" workflow: \"gaozhi_chengnuo\")\n",
+    )
+    .expect("write");
     let out = govflow()
         .arg("validate")
         .arg(&workflows)
@@ -780,6 +787,12 @@ fn validate_locates_the_misspelt_names_of_a_scenario() {
     assert!(
         report.contains("ok   "),
         "the other scenarios run:\n{report}"
+    );
+    assert!(report.contains("broken.ron:1:"), "{report}");
+    assert!(!report.contains("no scenario was run"), "{report}");
+    assert!(
+        report.contains("2 scenario files with mistakes"),
+        "{report}"
     );
     assert!(
         report.contains("FAIL ") && report.contains("typos.ron"),

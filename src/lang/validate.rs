@@ -270,9 +270,13 @@ fn validate_demoting(sources: &Sources, demoted: &[&str]) -> Validated {
     }
     // A mistake in a scenario is an error of `validate`, but the workflows
     // compile all the same: `govflow test` runs the other scenarios.
+    // (By the name the file starts with, so that one that does not parse
+    // counts too.)
     let scenario_files: BTreeSet<String> = sources
-        .scenarios()
-        .map(|(f, _)| f.path.display().to_string())
+        .files
+        .iter()
+        .filter(|f| f.map.root_name() == Some("Scenario"))
+        .map(|f| f.path.display().to_string())
         .collect();
     let library = (!diagnostics
         .iter()
@@ -2053,10 +2057,17 @@ fn check_parent_settled(r: &mut Reporter, tp: &DocPath, t: &super::model::Transi
             r.error(
                 "parent-settled",
                 &tp.field("payload").index(k),
-                format!(
-                    "`{PARENT_SETTLED_EVENT}` carries one payload field, `{PARENT_OUTCOME_FIELD}` (String, the parent's outcome): `{}` would never be given",
-                    f.name
-                ),
+                if f.name == PARENT_OUTCOME_FIELD {
+                    format!(
+                        "`{PARENT_OUTCOME_FIELD}` of `{PARENT_SETTLED_EVENT}` is the parent's outcome, a String, not {}",
+                        super::value::type_name(&f.ty)
+                    )
+                } else {
+                    format!(
+                        "`{PARENT_SETTLED_EVENT}` carries one payload field, `{PARENT_OUTCOME_FIELD}` (String, the parent's outcome): `{}` would never be given",
+                        f.name
+                    )
+                },
                 Some(format!(
                     "leave `payload` out: `payload.{PARENT_OUTCOME_FIELD}` is there without it"
                 )),
