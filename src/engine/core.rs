@@ -927,7 +927,11 @@ fn fire(
             }
         }
         let holds = describe_held(agency, &actor_roles);
-        let message = if allowed.is_empty() {
+        let message = if event == PARENT_SETTLED_EVENT {
+            format!(
+                "`{event}` is fired by the engine when the case's parent settles, never by an agency; {holds}"
+            )
+        } else if allowed.is_empty() {
             format!(
                 "`{event}` in state `{}` is fired only by the state's deadline; {holds}",
                 state.name
