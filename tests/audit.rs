@@ -2071,7 +2071,7 @@ async fn a_corrupt_store_is_reported_once_in_plain_words() {
 fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_checks_the_rest() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/export");
     // (file, options, exit code, the lines printed: each line starts with its item)
-    let cases: [(&str, &[&str], i32, &[&str]); 16] = [
+    let cases: [(&str, &[&str], i32, &[&str]); 17] = [
         (
             "sound.jsonl",
             &["--quiet"],
@@ -2240,6 +2240,19 @@ fn the_python_verifier_names_the_line_of_unreadable_and_misplaced_lines_and_chec
             &[
                 "SHA-256 of the export before its end line: 6815dea0497bfcfe",
                 "all 4 entries in 2 cases verified",
+            ],
+        ),
+        // An export that left a record out is incomplete, however sound
+        // what it holds.
+        (
+            "left_out.jsonl",
+            &["--quiet"],
+            1,
+            &[
+                "BAD  export (line 11): missing: the exporter left out 1 record(s) it could not \
+                 read, so the export is incomplete",
+                "SHA-256 of the export before its end line: c5fa070560a303ad",
+                "1 problem(s) in 0 case(s); 7 entries in 3 cases checked",
             ],
         ),
         (

@@ -41,8 +41,9 @@ two would see different entries.
 
 The export ends with one end line, {"end_of_export": true, "cases",
 "entries", "left_out", "sha256"}: how many cases and entry lines come before
-it, how many records the exporter could not read and left out, and the
-SHA-256 (hex) of every byte before it. An export without one was cut short
+it, how many records the exporter could not read and left out (an export
+that left any out is incomplete, a problem), and the SHA-256 (hex) of every
+byte before it. An export without one was cut short
 (even at a case boundary); one whose counts or digest do not match had lines
 removed, added or changed, whole cases included. The digest it computes is
 printed with the summary: compare it with the one `govflow audit export`
@@ -323,8 +324,12 @@ def check_end(end, cases, entry_lines, without_end, problems, notes):
                                 "the end line seals: lines were changed, removed or added"
                                 % (end.computed, fields["sha256"])))
     if fields["left_out"]:
-        notes.append("the exporter left out %d record(s) it could not read (`govflow audit "
-                     "verify` on the store names them)" % fields["left_out"])
+        # The export is knowingly incomplete: its chains may all check, but
+        # what was left out (a whole case, perhaps its only one) is unverified.
+        problems.append(Problem(None, None, end.line, "missing",
+                                "the exporter left out %d record(s) it could not read, so the "
+                                "export is incomplete (`govflow audit verify` on the store names "
+                                "them)" % fields["left_out"]))
 
 
 def check_layout(layout, cases, heads, problems):
@@ -559,6 +564,12 @@ def main(argv):
         return 2
 
     if not cases and not problems and not allow_empty:
+        if end is not None and end.fields.get("left_out"):
+            print("verify_export.py: the export holds no entries, and its end line says %d "
+                  "record(s) were left out because they could not be read: nothing was verified "
+                  "(`govflow audit verify` on the store names them)" % end.fields["left_out"],
+                  file=sys.stderr)
+            return 1
         if end is not None:
             print("verify_export.py: the export holds no entries (its end line says the export's "
                   "filters selected none): nothing was verified; pass --allow-empty if no entries "

@@ -128,3 +128,5 @@ write("case_removed.jsonl", A + C + [end(A + B + C)], sealed=False)
 write("case_removed_resealed.jsonl", A + C)
 # A line added after the end line.
 write("after_end.jsonl", A + B + C + [end(A + B + C)] + C[:1], sealed=False)
+# The exporter said it left a record out: complete chains, incomplete export.
+write("left_out.jsonl", A + B + C + [end(A + B + C, left_out=1)], sealed=False)
