@@ -637,6 +637,28 @@ async fn a_flipped_byte_is_named_whether_or_not_the_record_still_decodes() {
     );
 }
 
+/// Regression: a child case taken out of the store whole (its record and
+/// its one entry) left no chain to break, and verify said every chain was
+/// intact. Its parent lists it: it is named as missing.
+#[tokio::test]
+async fn a_child_case_taken_out_whole_is_named_by_its_parent() {
+    let built = build().await;
+    tamper(&built, |db| {
+        db.remove(ckey("p/1")).expect("remove");
+        db.remove(hkey("p/1", 1)).expect("remove");
+    });
+    let src = source(&built);
+    let report = verify_all(&src);
+    assert_findings(&report, &[("p/1", None, FindingKind::Missing)]);
+    assert!(
+        report.findings[0]
+            .detail
+            .contains("case `p` lists `p/1` as its child"),
+        "{}",
+        report.findings[0].detail
+    );
+}
+
 #[tokio::test]
 async fn a_deleted_entry_is_named_in_the_middle_and_at_the_end() {
     let built = build().await;

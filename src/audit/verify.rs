@@ -202,7 +202,12 @@ struct Worker<'s> {
     findings: Vec<Finding>,
     /// For the workflow scope: digests of its versions.
     digests: Option<&'s BTreeSet<String>>,
+    /// For each child a checked case record lists: each must be in the store.
+    children: Vec<ParentAndChild>,
 }
+
+/// A case id, and the id of a child its record lists.
+type ParentAndChild = (String, String);
 
 fn finding(
     case_id: &str,
@@ -275,6 +280,11 @@ impl Worker<'_> {
                         ),
                     ));
                 }
+                self.children.extend(
+                    case.children
+                        .iter()
+                        .map(|child| (id.to_owned(), child.case_id.clone())),
+                );
                 Some(case)
             }
             unreadable_or_missing => {
@@ -683,7 +693,7 @@ pub fn verify(
         }
     };
     let in_scope = AtomicU64::new(0);
-    let results: Mutex<Vec<Finding>> = Mutex::new(Vec::new());
+    let results: Mutex<(Vec<Finding>, Vec<ParentAndChild>)> = Mutex::default();
     let entries = in_parts(
         source,
         &reach,
@@ -694,6 +704,7 @@ pub fn verify(
             sound: Vec::new(),
             findings: Vec::new(),
             digests: digests.as_ref(),
+            children: Vec::new(),
         },
         |worker, walk| {
             let mut entries = 0;
@@ -730,13 +741,33 @@ pub fn verify(
             Ok((cases, entries))
         },
         |mut worker| {
-            results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .append(&mut worker.findings)
+            let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
+            results.0.append(&mut worker.findings);
+            results.1.append(&mut worker.children);
         },
     )?;
-    let mut findings = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    let (mut findings, children) = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    // A case taken out of the store whole (record and history) leaves no
+    // chain to break: the parent that lists it tells.
+    for (parent, child) in children {
+        if source.case_record(&child)?.is_none() {
+            let mut has_history = false;
+            source.visit_history(&child, &mut |_| {
+                has_history = true;
+                ControlFlow::Break(())
+            })?;
+            if !has_history {
+                findings.push(finding(
+                    &child,
+                    None,
+                    FindingKind::Missing,
+                    format!(
+                        "case `{parent}` lists `{child}` as its child, and the store holds neither its record nor its history: it was taken out"
+                    ),
+                ));
+            }
+        }
+    }
     // By case, then position (unpositioned first), then kind: a stable report.
     findings.sort_by(|a, b| {
         (&a.case_id, a.sequence, a.kind, &a.detail)
