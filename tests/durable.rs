@@ -1116,6 +1116,57 @@ async fn a_settled_case_tells_its_running_children_level_by_level_down() {
     assert_eq!(replayed.cases, ids.len() as u64);
 }
 
+/// Regression: the engine's step on a related case was held to the record
+/// limit as part of the request that caused it: an agency that filled its
+/// child case to the limit kept another agency's parent case from being
+/// withdrawn, and the refusal named the child's variables and their sizes to
+/// an agency that cannot see it. The parent's step stands; the related
+/// case's step is not taken (and logged).
+#[tokio::test]
+async fn a_related_case_at_the_record_limit_never_holds_up_the_callers_step() {
+    let (_dir, _clock, engine) = fresh_engine();
+    let mut start = start_handled("holder", "h", CITY);
+    start.bindings.insert("agent".to_owned(), COUNTY.to_owned());
+    engine.start(start).await.expect("start");
+    let delegated = engine
+        .fire(fire("h", "h-delegate", "delegate", CITY, json!({})))
+        .await
+        .expect("delegate");
+    let child = delegated.children.first().expect("a child").case_id.clone();
+    // The agent fills its case until a note no longer fits: big notes, then
+    // small ones, so that it ends within a few bytes of the limit.
+    let mut n = 0;
+    for size in [1_000, 10] {
+        loop {
+            n += 1;
+            let note = json!({"text": "x".repeat(size)});
+            match engine
+                .fire(fire(&child, &format!("add-{n}"), "add", COUNTY, note))
+                .await
+            {
+                Ok(_) => {}
+                Err(EngineError::BadField {
+                    reason: "case-too-large",
+                    ..
+                }) => break,
+                Err(e) => panic!("add {n}: {e:?}"),
+            }
+        }
+    }
+    let before = engine.case(&child).expect("child");
+    let withdrawn = engine
+        .fire(fire("h", "h-withdraw", "withdraw", CITY, json!({})))
+        .await
+        .expect("the parent is withdrawn whatever its child holds");
+    assert_eq!(withdrawn.outcome, "withdrawn");
+    let after = engine.case(&child).expect("child");
+    assert_eq!(
+        (after.sequence, after.state.as_str()),
+        (before.sequence, "open"),
+        "the child's step, over the limit, is not taken"
+    );
+}
+
 /// An expression as deep as the length limit allows is checked, and refused
 /// or run, on the writer thread. Deep member chains (`vars.a.a.a…`) are what
 /// recursion goes deepest on: with a thread's default stack, one 5,000 deep

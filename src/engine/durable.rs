@@ -1579,8 +1579,31 @@ impl Batch<'_> {
     /// The step a notice makes, if any. A parent already closed (a child
     /// settling after its parent was withdrawn) is not told; a child takes a
     /// step only if its state reacts to its parent settling. A notice the
-    /// rules refuse is logged, and the step that caused it stands.
+    /// rules refuse, or whose step would leave a record over the store's
+    /// limit, is logged, and the step that caused it stands: the relative
+    /// may belong to another agency, which must not be able to block the
+    /// caller's step (by filling its case to the limit), nor be described
+    /// to it in a refusal.
     fn noticed(&mut self, notice: Notice) -> Option<Step> {
+        let step = self.notice_step(notice)?;
+        // The request id and previous hash the step will be recorded with
+        // are not known yet: a margin stands for them.
+        let entry = records::entry(&step.case.id, &step.entry, "", Vec::new());
+        let case = records::case(&step.case, 0, entry.hash.clone());
+        let size = entry.encoded_len().max(case.encoded_len());
+        if size + NOTICE_MARGIN > MAX_RECORD_BYTES {
+            tracing::warn!(
+                case = %step.case.id,
+                event = %step.entry.event,
+                size,
+                "the engine's step on a related case is not taken: its record would be over the limit of {MAX_RECORD_BYTES} bytes"
+            );
+            return None;
+        }
+        Some(step)
+    }
+
+    fn notice_step(&mut self, notice: Notice) -> Option<Step> {
         let library = Arc::clone(&self.rules.library);
         match notice {
             Notice::Parent {
@@ -1974,6 +1997,10 @@ enum Reply {
     Count(oneshot::Sender<Result<usize>>, Result<usize>),
     Deployed(oneshot::Sender<Result<Deployed>>, Result<Deployed>),
 }
+
+/// Room kept in a notice's records for what is added when they are recorded
+/// (a request id of up to 256 bytes, a previous hash).
+const NOTICE_MARGIN: usize = 512;
 
 /// What a settled case's relatives are told, in their turn (see
 /// [`Batch::cascade`]).
