@@ -148,14 +148,21 @@ pub fn did_you_mean<'c>(
     }
     let best = candidates
         .into_iter()
+        .take(MAX_COMPARED)
         .map(|c| (strsim::jaro_winkler(name, c), c))
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))?;
     Some(format!("did you mean `{}`?", best.1))
 }
 
-/// Names longer than this (in bytes) get no "did you mean".
-const MAX_SUGGESTED_NAME: usize = 256;
+/// Names longer than this (in bytes) get no "did you mean": no name is
+/// written that long, and each comparison costs the product of the lengths.
+const MAX_SUGGESTED_NAME: usize = 96;
+
+/// At most this many candidates are compared with an unknown name: a source
+/// of thousands of unknown names among thousands of declared ones took a
+/// minute of CPU to validate.
+const MAX_COMPARED: usize = 2000;
 
 /// At most this many names are listed in a hint: a file declaring thousands
 /// would otherwise repeat them all in each diagnostic.

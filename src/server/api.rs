@@ -992,15 +992,20 @@ impl DefinitionsService for Api {
         // A source of a megabyte can take seconds to check: checks run one
         // at a time, off the threads that answer other calls, so that a few
         // at once cannot hold up every agency's calls.
-        let _turn = VALIDATIONS
+        let turn = VALIDATIONS
             .acquire()
             .await
             .map_err(|e| status(Code::Unavailable, "stopped", e.to_string(), &[]))?;
         let engine = self.engine.clone();
         let source = request.into_inner().source;
-        let diagnostics = tokio::task::spawn_blocking(move || engine.check_source(&source))
-            .await
-            .map_err(|e| status(Code::Internal, "validate-panicked", e.to_string(), &[]))?;
+        // The turn goes with the check, not with the call: a client that
+        // cancels does not end the check, and must not free its turn.
+        let diagnostics = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            engine.check_source(&source)
+        })
+        .await
+        .map_err(|e| status(Code::Internal, "validate-panicked", e.to_string(), &[]))?;
         let valid = !diagnostics.iter().any(Diagnostic::is_error);
         let total = diagnostics.len();
         let mut diagnostics: Vec<proto::Diagnostic> = diagnostics
