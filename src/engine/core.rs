@@ -31,11 +31,9 @@ use crate::lang::value::{self, Directory, ron_to_json};
 
 /// The event name of the first entry of every case.
 pub const START_EVENT: &str = "start";
-/// The event name of the entry recording that a child case settled.
-pub const CHILD_SETTLED_EVENT: &str = "child-settled";
-pub use crate::lang::model::{PARENT_OUTCOME_FIELD, PARENT_SETTLED_EVENT};
-/// Prefix of the event name of a reminder entry: `reminder:<deadline event>`.
-pub const REMINDER_PREFIX: &str = "reminder:";
+pub use crate::lang::model::{
+    CHILD_SETTLED_EVENT, PARENT_OUTCOME_FIELD, PARENT_SETTLED_EVENT, REMINDER_PREFIX,
+};
 /// Payload key of the entry recording a deadline that came due when no
 /// transition applied: the rejection that stopped it.
 pub const SPENT_KEY: &str = "no_transition";

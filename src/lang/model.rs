@@ -149,6 +149,10 @@ fn yes() -> bool {
     true
 }
 
+/// The event name of the entry recording that a child case settled.
+pub const CHILD_SETTLED_EVENT: &str = "child-settled";
+/// Prefix of the event name of a reminder entry: `reminder:<deadline event>`.
+pub const REMINDER_PREFIX: &str = "reminder:";
 /// The event the engine fires on each running child of a case that settles:
 /// a child workflow reacts to it with transitions on this event (no role
 /// fires them), whose payload holds the parent's `outcome`.

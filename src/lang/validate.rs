@@ -158,7 +158,8 @@ pub fn validate(sources: &Sources) -> Validated {
 /// repeated key's last value), so a stored version that breaks only these
 /// still compiles: its running cases must go on moving, and its histories
 /// replaying. A new deploy is held to them.
-pub const LATER_RULES: [&str; 11] = [
+pub const LATER_RULES: [&str; 12] = [
+    "reserved-event",
     "parent-settled",
     "spawn-cycle",
     "unset-binding",
@@ -1234,6 +1235,8 @@ impl WorkflowChecker<'_> {
                     None,
                 );
             }
+            reserved_event(r, &cp.field("sign_event"), &cs.sign_event, false);
+            reserved_event(r, &cp.field("reject_event"), &cs.reject_event, false);
             self.check_state_ref(r, &cp.field("approved"), &cs.approved);
             self.check_state_ref(r, &cp.field("rejected"), &cs.rejected);
             for (j, t) in state.transitions.iter().enumerate() {
@@ -1255,8 +1258,19 @@ impl WorkflowChecker<'_> {
         if let Some(children) = &state.children {
             self.check_state_ref(r, &sp.field("children").field("to"), &children.to);
         }
+        for (j, t) in state.transitions.iter().enumerate() {
+            reserved_event(
+                r,
+                &sp.field("transitions").index(j).field("event"),
+                &t.event,
+                true,
+            );
+        }
         if let Some(deadline) = &state.deadline {
             let dp = sp.field("deadline");
+            if let Some(event) = &deadline.on_expiry {
+                reserved_event(r, &dp.field("on_expiry"), event, false);
+            }
             self.check_amount(r, &dp.field("within"), &deadline.within);
             self.check_anchor(r, &dp.field("within"), &deadline.within, false);
             // `Days(0)` and `WorkingDays(0)` are the end of the day the
@@ -2035,6 +2049,28 @@ fn check_scenarios(
                 );
             }
         }
+    }
+}
+
+/// An event named as the engine names its own steps: `child-settled` and
+/// `reminder:…` only the engine records, and `parent-settled` only the
+/// engine fires (a transition on it is allowed where `on_transition`, and
+/// checked apart). A countersign or a deadline firing one would put steps in
+/// histories that an auditor reads as the engine's.
+fn reserved_event(r: &mut Reporter, path: &DocPath, event: &str, on_transition: bool) {
+    use super::model::{CHILD_SETTLED_EVENT, PARENT_SETTLED_EVENT, REMINDER_PREFIX};
+    let reserved = event == CHILD_SETTLED_EVENT
+        || event.starts_with(REMINDER_PREFIX)
+        || (event == PARENT_SETTLED_EVENT && !on_transition);
+    if reserved {
+        r.error(
+            "reserved-event",
+            path,
+            format!(
+                "`{event}` names the engine's own steps (`child-settled`, `parent-settled`, `reminder:…`): an event of this workflow cannot be called that"
+            ),
+            Some("give the event a name of its own".to_owned()),
+        );
     }
 }
 
