@@ -754,13 +754,27 @@ struct Watch {
     durable: tokio::sync::watch::Receiver<u64>,
     stopping: tokio::sync::watch::Receiver<bool>,
     cutoff: std::time::Duration,
-    /// For an agency: each case's bindings after the last step of it read
-    /// (its sequence, the bindings), so that each step is read once.
-    bindings: HashMap<String, (u64, HashMap<String, String>)>,
+    /// For an agency: each case's bindings after the last step of it read,
+    /// so that each step is read once.
+    bindings: HashMap<String, KeptBindings>,
+    /// Counts uses of `bindings`, to forget the one used least lately.
+    used: u64,
 }
 
-/// How many cases' bindings a watch keeps; past it they are forgotten, and
-/// a case is read again from its start when it next moves.
+/// A case's bindings as a watch last folded them.
+struct KeptBindings {
+    /// The sequence of the last step folded.
+    through: u64,
+    bindings: HashMap<String, String>,
+    /// When it was last used ([`Watch::used`]).
+    used: u64,
+}
+
+/// History entries a watch reads at once.
+const WATCH_READ_CHUNK: usize = 64;
+
+/// How many cases' bindings a watch keeps; past it the one used least lately
+/// is forgotten, and read again from its start when it next moves.
 const WATCH_BINDINGS_KEPT: usize = 4096;
 
 impl Watch {
@@ -870,34 +884,43 @@ impl Watch {
                 Some(_) => self
                     .bindings
                     .remove(id)
+                    .map(|kept| (kept.through, kept.bindings))
                     .filter(|(through, _)| *through < first)
                     .unwrap_or_default(),
                 None => (first - 1, HashMap::new()),
             };
-            let from = folded + 1;
-            let steps = usize::try_from(last - folded).unwrap_or(usize::MAX);
             let mut found = BTreeSet::new();
-            for entry in self.engine.store().history(id, from, steps)? {
-                if entry.sequence > last {
+            // Read a chunk at a time: a long history of large steps is never
+            // held whole.
+            let mut from = folded + 1;
+            while from <= last {
+                let chunk = usize::try_from(last - from + 1)
+                    .unwrap_or(usize::MAX)
+                    .min(WATCH_READ_CHUNK);
+                let read = self.engine.store().history(id, from, chunk)?;
+                let Some(end) = read.last().map(|e| e.sequence) else {
                     break;
-                }
-                let seen = agency.is_none_or(|agency| {
-                    let held_before = bindings.values().any(|b| b == agency);
-                    bindings.extend(entry.bindings_changed.clone());
-                    held_before || bindings.values().any(|b| b == agency)
-                });
-                if sequences.contains(&entry.sequence) {
-                    found.insert(entry.sequence);
-                    if seen {
-                        entries.insert((id.to_owned(), entry.sequence), entry);
+                };
+                for entry in read {
+                    if entry.sequence > last {
+                        break;
+                    }
+                    let seen = agency.is_none_or(|agency| {
+                        let held_before = bindings.values().any(|b| b == agency);
+                        bindings.extend(entry.bindings_changed.clone());
+                        held_before || bindings.values().any(|b| b == agency)
+                    });
+                    if sequences.contains(&entry.sequence) {
+                        found.insert(entry.sequence);
+                        if seen {
+                            entries.insert((id.to_owned(), entry.sequence), entry);
+                        }
                     }
                 }
+                from = end + 1;
             }
             if agency.is_some() {
-                if self.bindings.len() >= WATCH_BINDINGS_KEPT {
-                    self.bindings.clear();
-                }
-                self.bindings.insert(id.to_owned(), (last, bindings));
+                self.keep_bindings(id, last, bindings);
             }
             if let Some(missing) = sequences.iter().find(|s| !found.contains(*s)) {
                 return Err(EngineError::Store(crate::store::StoreError::Corrupt(
@@ -908,6 +931,31 @@ impl Watch {
             }
         }
         Ok(entries)
+    }
+
+    /// Keeps a case's folded bindings for its next steps. Past
+    /// [`WATCH_BINDINGS_KEPT`] cases the one used least lately is forgotten:
+    /// a burst of steps on many small cases (one agency's own) must not make
+    /// every watch fold a long case again.
+    fn keep_bindings(&mut self, id: &str, through: u64, bindings: HashMap<String, String>) {
+        self.used += 1;
+        if self.bindings.len() >= WATCH_BINDINGS_KEPT
+            && let Some(oldest) = self
+                .bindings
+                .iter()
+                .min_by_key(|(_, kept)| kept.used)
+                .map(|(id, _)| id.clone())
+        {
+            self.bindings.remove(&oldest);
+        }
+        self.bindings.insert(
+            id.to_owned(),
+            KeptBindings {
+                through,
+                bindings,
+                used: self.used,
+            },
+        );
     }
 
     fn stopping_status(&self) -> Status {
@@ -1284,6 +1332,7 @@ impl CasesService for Api {
             stopping: self.stopping.clone(),
             cutoff: self.watch_cutoff,
             bindings: HashMap::new(),
+            used: 0,
         };
         let running = Counted::new(&self.watchers.tasks);
         let (caller, started) = (watch.principal.name().to_owned(), std::time::Instant::now());
@@ -1537,6 +1586,20 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
     }
 }
 
+/// Audits (verify, replay, time travel, export, migration check) running at
+/// once. Each may read whole histories, which any agency can make large: a
+/// bound on how many run together bounds the memory they take.
+static AUDITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// A turn to run an audit, held by the blocking task that runs it (a client
+/// that cancels does not end that task).
+async fn audit_turn() -> Result<tokio::sync::SemaphorePermit<'static>, Status> {
+    AUDITS
+        .acquire()
+        .await
+        .map_err(|e| status(Code::Unavailable, "stopped", e.to_string(), &[]))
+}
+
 /// Runs an audit over the engine's store off the async threads.
 async fn audit_blocking<T: Send + 'static>(
     engine: &Engine,
@@ -1548,7 +1611,9 @@ async fn audit_blocking<T: Send + 'static>(
     + 'static,
 ) -> Result<T, Status> {
     let engine = engine.clone();
+    let turn = audit_turn().await?;
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let library = engine.library();
         work(
             &crate::audit::StoreSource(engine.store().as_ref()),
@@ -1584,6 +1649,10 @@ const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
 /// Where `audit::export` writes when it serves ExportHistory: complete
 /// lines are gathered into messages and sent down the stream. A client that
 /// goes away, or the server stopping, ends the export (as a write error).
+/// How long an export waits for its client to read before it gives up (the
+/// stream then ends without the export's end line, which shows it cut short).
+const EXPORT_UNREAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 struct ExportStream {
     tx: tokio::sync::mpsc::Sender<Result<proto::ExportHistoryResponse, Status>>,
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -1594,13 +1663,36 @@ struct ExportStream {
 }
 
 impl ExportStream {
+    /// Queues a message for the client, waiting at most
+    /// [`EXPORT_UNREAD_WAIT`] for room: an export holds one of the few audit
+    /// turns, and a client that stops reading must not keep it.
     fn send(
         &mut self,
         message: Result<proto::ExportHistoryResponse, Status>,
     ) -> std::io::Result<()> {
-        self.tx.blocking_send(message).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })
+        let give_up = std::time::Instant::now() + EXPORT_UNREAD_WAIT;
+        let mut message = message;
+        loop {
+            match self.tx.try_send(message) {
+                Ok(()) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "the client went away",
+                    ));
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Full(unsent)) => {
+                    if std::time::Instant::now() > give_up {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the client left the export unread",
+                        ));
+                    }
+                    message = unsent;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
     }
 
     fn send_lines(&mut self, skipped_records: Vec<proto::SkippedRecord>) -> std::io::Result<()> {
@@ -1718,21 +1810,23 @@ impl AuditService for Api {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut out = ExportStream {
-            tx: tx.clone(),
+            tx,
             stopping: self.stopping.clone(),
             partial: Vec::new(),
             lines: Vec::new(),
             bytes: 0,
         };
         let engine = self.engine.clone();
+        let turn = audit_turn().await?;
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let source = crate::audit::StoreSource(engine.store().as_ref());
             match crate::audit::export(&source, &filter, &mut out) {
                 Ok(summary) => out.finish(summary.skipped),
                 // The client went away, or the server is stopping (said).
                 Err(crate::audit::AuditError::Write(_)) => {}
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(audit_status(e)));
+                    let _ = out.send(Err(audit_status(e)));
                 }
             }
         });
@@ -1764,7 +1858,9 @@ impl AuditService for Api {
             return Err(invalid("missing-field", "source", "source is required"));
         }
         let engine = self.engine.clone();
+        let turn = audit_turn().await?;
         let report = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             engine.migration_check(&source, &|case: &proto::Case| sees(&principal, case))
         })
         .await
