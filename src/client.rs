@@ -162,7 +162,7 @@ pub enum WorkflowCommand {
         require_migration_check: bool,
     },
     /// Check which running cases a new version of a workflow would break,
-    /// without deploying it (an agency is told only of its own cases).
+    /// without deploying it (auditors and the admin).
     /// Exits 1 when some would.
     CheckMigration {
         /// The new version's RON file.

@@ -85,14 +85,14 @@ enum Command {
     /// Audit a store folder (offline): replay, verify, at, export, migration-check.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
-    /// Cases on a server: start, fire, show, list, inbox.
+    /// Cases on a server: start, fire, show, list, inbox, watch.
     Case {
         #[command(flatten)]
         connection: client::Connection,
         #[command(subcommand)]
         command: client::CaseCommand,
     },
-    /// Workflows on a server: deploy, check-migration, list, show, graph.
+    /// Workflows on a server: deploy, check-migration, list, show, events, graph.
     Workflow {
         #[command(flatten)]
         connection: client::Connection,
