@@ -1020,7 +1020,7 @@ async fn a_panic_inside_a_request_undoes_its_steps_whole() {
 #[tokio::test]
 async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() {
     let (_dir, _clock, engine) = fresh_engine();
-    let depth = env_or("GOVFLOW_NEST_DEPTH", 1000usize);
+    let depth = env_or("GOVFLOW_NEST_DEPTH", 500usize);
     engine
         .start(start_handled("nest", "n", CITY))
         .await
@@ -1060,7 +1060,7 @@ async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() 
 #[tokio::test]
 async fn a_settled_case_tells_its_running_children_level_by_level_down() {
     let (_dir, _clock, engine) = fresh_engine();
-    let depth = env_or("GOVFLOW_NEST_DEPTH", 1000usize);
+    let depth = env_or("GOVFLOW_NEST_DEPTH", 500usize);
     engine
         .start(start_handled("nest", "w", CITY))
         .await
@@ -1114,6 +1114,125 @@ async fn a_settled_case_tells_its_running_children_level_by_level_down() {
     .expect("replays");
     assert!(replayed.matches(), "{:#?}", replayed.divergences);
     assert_eq!(replayed.cases, ids.len() as u64);
+}
+
+/// Regression: a chain of nested cases could be handed down until a child's
+/// id was over the 1,024 bytes a request may name, and that child could then
+/// never be read or moved. The spawn that would make it is refused.
+#[tokio::test]
+async fn a_child_whose_id_no_request_could_name_is_not_spawned() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine
+        .start(start_handled("nest", "deep", CITY))
+        .await
+        .expect("start");
+    let mut id = "deep".to_owned();
+    let refused = loop {
+        match engine
+            .fire(fire(
+                &id,
+                &format!("h-{}", id.len()),
+                "hand_down",
+                CITY,
+                json!({}),
+            ))
+            .await
+        {
+            Ok(handed) => id = handed.children.first().expect("a child").case_id.clone(),
+            Err(e) => break e,
+        }
+    };
+    assert!(id.len() <= 1024, "{}", id.len());
+    assert!(id.len() > 1020, "{}", id.len());
+    match refused {
+        EngineError::Rejected(r) => {
+            assert_eq!(r.code, RejectCode::EffectFailed);
+            assert!(r.message.contains("over 1024 bytes"), "{}", r.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Regression: a workflow whose cases, told their parent settled, spawn more
+/// of their kind ran on inside one request: a server grew to 15 GB and wrote
+/// 14 GB in 38 s, every other request waiting. One request makes at most
+/// 10,000 steps; a relative's step past them is not taken, and the caller's
+/// own step stands.
+#[tokio::test]
+async fn one_request_sets_off_a_bounded_number_of_steps() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine
+        .start(start_handled("relay_down", "r", CITY))
+        .await
+        .expect("start");
+    engine
+        .fire(fire("r", "r-fan", "fan", CITY, json!({})))
+        .await
+        .expect("fan");
+    let withdrawn = engine
+        .fire(fire("r", "r-withdraw", "withdraw", CITY, json!({})))
+        .await
+        .expect("the caller's step stands");
+    assert_eq!(withdrawn.outcome, "done");
+    let cases = engine.list(&CaseFilter::default(), "", 1000).expect("list");
+    assert!(!cases.cases.is_empty());
+    // The store holds the steps of that one request, at most 10,000.
+    let mut total = 0;
+    let mut token = String::new();
+    loop {
+        let page = engine
+            .list(&CaseFilter::default(), &token, 1000)
+            .expect("list");
+        total += page.cases.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(total > 1000 && total <= 10_001, "{total} cases");
+}
+
+/// Regression: a case could spawn more children than its record had room
+/// to record the outcomes of; past the room each child-settled step was
+/// dropped, and a wait for all of them never ended. Such a spawn is refused.
+#[tokio::test]
+async fn a_case_never_spawns_more_children_than_it_can_record_the_outcomes_of() {
+    let (_dir, _clock, engine) = fresh_engine();
+    engine
+        .start(start_batch("start-wide", "wide"))
+        .await
+        .expect("start");
+    let items: Vec<String> = (0..3000).map(|i| format!("{i:04}")).collect();
+    let refused = engine
+        .fire(fire(
+            "wide",
+            "wide-dispatch",
+            "dispatch",
+            CITY,
+            json!({"items": items}),
+        ))
+        .await
+        .err()
+        .map(|e| format!("{e:?}"))
+        .unwrap_or_else(|| "accepted".to_owned());
+    assert!(
+        refused.contains("whose outcomes could not all be recorded"),
+        "{}",
+        &refused[..refused.len().min(300)]
+    );
+    assert!(refused.contains("EffectFailed"), "{refused:.300}");
+    // A fan with room for its outcomes goes ahead.
+    let items: Vec<String> = (0..500).map(|i| format!("{i:04}")).collect();
+    engine
+        .fire(fire(
+            "wide",
+            "wide-dispatch-2",
+            "dispatch",
+            CITY,
+            json!({"items": items}),
+        ))
+        .await
+        .expect("room enough");
 }
 
 /// Regression: the engine's step on a related case was held to the record

@@ -1431,7 +1431,15 @@ impl Batch<'_> {
     /// Undoes the steps the request under way recorded; `feed_len` is the
     /// feed's length before it.
     fn roll_back(&mut self, feed_len: usize) {
-        while let Some((id, was)) = self.undo.pop() {
+        self.roll_back_to(0, feed_len);
+    }
+
+    /// Undoes the steps recorded since the request under way had recorded
+    /// `undo_len` of them and the feed was `feed_len` long.
+    fn roll_back_to(&mut self, undo_len: usize, feed_len: usize) {
+        while self.undo.len() > undo_len
+            && let Some((id, was)) = self.undo.pop()
+        {
             match was {
                 None => {
                     self.cases.remove(&id);
@@ -1514,8 +1522,18 @@ impl Batch<'_> {
         let mut notices = std::collections::VecDeque::new();
         let record = self.record_and_spawn(step, request_id, &mut notices)?;
         while let Some(notice) = notices.pop_front() {
-            if let Some(step) = self.noticed(notice) {
-                self.record_and_spawn(step, request_id, &mut notices)?;
+            let Some(step) = self.noticed(notice) else {
+                continue;
+            };
+            // A relative's step that cannot be taken whole (a child it would
+            // spawn cannot start, the request has made too many steps) is
+            // not taken, and logged: the caller's own step stands.
+            let (undo_len, feed_len, queued) = (self.undo.len(), self.feed.len(), notices.len());
+            let (id, event) = (step.case.id.clone(), step.entry.event.clone());
+            if let Err(r) = self.record_and_spawn(step, request_id, &mut notices) {
+                tracing::warn!(case = %id, %event, "the engine's step on a related case is not taken: {r}");
+                self.roll_back_to(undo_len, feed_len);
+                notices.truncate(queued);
             }
         }
         Ok(record)
@@ -1532,12 +1550,36 @@ impl Batch<'_> {
         request_id: &str,
         notices: &mut std::collections::VecDeque<Notice>,
     ) -> Result<Arc<proto::Case>, Rejection> {
+        // A workflow whose children, told their parent settled, spawn and
+        // settle again would go on without end inside one commit.
+        if self.undo.len() >= MAX_STEPS_PER_REQUEST {
+            return Err(Rejection {
+                code: core::RejectCode::EffectFailed,
+                message: format!(
+                    "this request sets off more than {MAX_STEPS_PER_REQUEST} steps (children started, and the cases told that a relative settled, level by level): it is refused, so that no request holds the engine without end"
+                ),
+            });
+        }
         let library = Arc::clone(&self.rules.library);
         let record = self.record(&step, request_id);
         let starter = core::spawn_starter(&step.entry.actor).to_owned();
+        if !step.spawn.is_empty() {
+            outcomes_fit(&library, &record)?;
+        }
         for request in &step.spawn {
             let child = core::start_child(&library, &step.case, request, &starter, self.now)?;
             core::admit_spawn(&library, &child, request)?;
+            // Requests name cases by ids of at most this length: a child
+            // beyond it could never be read or moved.
+            if child.case.id.len() > MAX_CASE_ID_BYTES {
+                return Err(Rejection {
+                    code: core::RejectCode::EffectFailed,
+                    message: format!(
+                        "cannot spawn a child here: its id would be over {MAX_CASE_ID_BYTES} bytes (cases nested {} levels deep), and no request could name it",
+                        step.case.id.matches('/').count() + 1
+                    ),
+                });
+            }
             // Started cases cannot take a child's id, but a store written
             // before that rule may hold one: never write a child over it.
             let taken = self.case(&child.case.id).map_err(|e| Rejection {
@@ -1996,6 +2038,53 @@ enum Reply {
     ),
     Count(oneshot::Sender<Result<usize>>, Result<usize>),
     Deployed(oneshot::Sender<Result<Deployed>>, Result<Deployed>),
+}
+
+/// The most steps one request may make, its children and the relatives told
+/// included (a registration spawning 540 permits makes 541).
+const MAX_STEPS_PER_REQUEST: usize = 10_000;
+
+/// The longest case id a request may name; a child's id may not be longer.
+pub const MAX_CASE_ID_BYTES: usize = 1024;
+
+/// Whether `parent`'s record, listing its children, has room for the
+/// outcome of each one still running (each `child-settled` step writes it
+/// there): otherwise the last of them could not be recorded, and a wait for
+/// all of them would never end.
+fn outcomes_fit(lib: &Library, parent: &proto::Case) -> Result<(), Rejection> {
+    let longest_outcome = |workflow: &str| {
+        lib.workflows.get(workflow).map_or(64, |w| {
+            w.def
+                .states
+                .iter()
+                .filter_map(|s| s.outcome.as_ref())
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+    };
+    let running: Vec<&proto::ChildCase> = parent
+        .children
+        .iter()
+        .filter(|c| c.outcome.is_empty())
+        .collect();
+    // An outcome takes its length and a field's tag and length in the record.
+    let room: usize = running
+        .iter()
+        .map(|c| longest_outcome(&c.workflow) + 3)
+        .sum();
+    let size = parent.encoded_len() + room + NOTICE_MARGIN;
+    if size > MAX_RECORD_BYTES {
+        return Err(Rejection {
+            code: core::RejectCode::EffectFailed,
+            message: format!(
+                "case `{}` would wait on {} children whose outcomes could not all be recorded in it ({size} bytes, over the limit of {MAX_RECORD_BYTES}): spawn fewer at once",
+                parent.id,
+                running.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Room kept in a notice's records for what is added when they are recorded

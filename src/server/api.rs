@@ -379,7 +379,7 @@ fn case_id(name: &str, field: &str) -> Result<String, Status> {
 }
 
 /// The longest case id a request may name (see [`case_id`]).
-const MAX_CASE_NAME_BYTES: usize = 1024;
+const MAX_CASE_NAME_BYTES: usize = crate::engine::durable::MAX_CASE_ID_BYTES;
 
 /// A filter naming a workflow, state or variable that no version of the
 /// library knows can never match: it is refused, naming the field, so that
