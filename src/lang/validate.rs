@@ -1530,12 +1530,12 @@ impl WorkflowChecker<'_> {
                         &spp.field("workflow"),
                         if child.name == self.w.name {
                             format!(
-                                "this spawn, which a deadline fires, starts a case of `{}` itself, whose deadline will spawn again: each case starts more, without end",
+                                "this spawn, on a step no agency takes (a deadline's, or the engine's), starts a case of `{}` itself, which will spawn again: each case starts more, without end",
                                 child.name
                             )
                         } else {
                             format!(
-                                "this spawn, which a deadline fires, starts a case of `{}`, and spawns that deadlines fire go round to `{}` again ({}): each case of the loop starts another, without end",
+                                "this spawn, on a step no agency takes (a deadline's, or the engine's), starts a case of `{}`, and such spawns go round to `{}` again ({}): each case of the loop starts another, without end",
                                 child.name,
                                 self.w.name,
                                 cycle.join(" → ")
