@@ -535,11 +535,17 @@ async fn an_untampered_store_verifies_clean_and_so_does_its_export() {
     assert!(report.is_clean(), "{:#?}", report.findings);
     assert_eq!(report.cases, 6);
     assert_eq!(report.entries, total_entries());
-    let last = *seen
-        .lock()
-        .expect("lock")
-        .last()
-        .expect("progress reported");
+    // Regression: parts finishing together reported their counts apart, so
+    // a later report could say less than an earlier one (a progress bar
+    // going backwards, and this test failing now and then).
+    let reports = seen.lock().expect("lock").clone();
+    assert!(
+        reports
+            .windows(2)
+            .all(|w| w[0].cases_done <= w[1].cases_done && w[0].parts_done < w[1].parts_done),
+        "{reports:?}"
+    );
+    let last = *reports.last().expect("progress reported");
     assert_eq!(last.cases_done, 6);
     assert!(
         last.parts_total > 0 && last.parts_done == last.parts_total,

@@ -585,9 +585,14 @@ pub(crate) fn in_parts<S>(
         Reach::Parts(cuts) => cuts.len() + 1,
     };
     let next = AtomicUsize::new(0);
-    let parts_done = AtomicU64::new(0);
-    let cases_done = AtomicU64::new(0);
-    let entries_done = AtomicU64::new(0);
+    // Counted and reported under one lock, so that the reports come in
+    // order and each is whole (reported apart, they went backwards).
+    let done_so_far = Mutex::new(Progress {
+        cases_done: 0,
+        entries_checked: 0,
+        parts_done: 0,
+        parts_total: parts as u64,
+    });
     let first_error: Mutex<Option<AuditError>> = Mutex::new(None);
     let work = || {
         let mut state = start();
@@ -606,16 +611,12 @@ pub(crate) fn in_parts<S>(
             };
             match part(&mut state, &mut walk) {
                 Ok((cases, entries)) => {
-                    let done = cases_done.fetch_add(cases, Ordering::Relaxed) + cases;
-                    let checked = entries_done.fetch_add(entries, Ordering::Relaxed) + entries;
-                    let parts_so_far = parts_done.fetch_add(1, Ordering::Relaxed) + 1;
+                    let mut so_far = done_so_far.lock().unwrap_or_else(|e| e.into_inner());
+                    so_far.cases_done += cases;
+                    so_far.entries_checked += entries;
+                    so_far.parts_done += 1;
                     if let Some(progress) = progress {
-                        progress(Progress {
-                            cases_done: done,
-                            entries_checked: checked,
-                            parts_done: parts_so_far,
-                            parts_total: parts as u64,
-                        });
+                        progress(*so_far);
                     }
                 }
                 Err(e) => {
@@ -651,7 +652,10 @@ pub(crate) fn in_parts<S>(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    Ok(entries_done.into_inner())
+    Ok(done_so_far
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .entries_checked)
 }
 
 /// Verifies the hash chains of the cases in `scope`. `progress` is called
