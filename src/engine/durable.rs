@@ -1672,9 +1672,10 @@ impl Batch<'_> {
                 parent_outcome,
             } => {
                 let child = records::from_case(&*self.case(&child_id).ok().flatten()?);
+                let parent = child.parent.clone().unwrap_or_default();
                 core::tell_child(&library, &child, &parent_outcome, self.now)?
                     .inspect_err(|r| {
-                        tracing::warn!(child = %child_id, "child not told its parent settled: {r}");
+                        tracing::warn!(child = %child_id, %parent, outcome = %parent_outcome, "child not told its parent settled: {r}");
                     })
                     .ok()
             }
