@@ -457,7 +457,7 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
     let passed = run.scenarios.iter().filter(|r| r.passed()).count();
     // A scenario file with a mistake validation found (one that does not
     // parse runs not at all) fails the run too.
-    let unreadable = validated
+    let with_mistakes = validated
         .diagnostics
         .iter()
         .filter(|d| d.is_error())
@@ -466,11 +466,11 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
         .len();
     let failed = run.scenarios.len() - passed;
     writeln!(out, "\n{passed} passed, {failed} failed")?;
-    if unreadable > 0 {
+    if with_mistakes > 0 {
         writeln!(
             out,
             "{} with mistakes (above)",
-            count(unreadable as u64, "scenario file", "scenario files")
+            count(with_mistakes as u64, "scenario file", "scenario files")
         )?;
     }
     if below > 0 {
@@ -481,7 +481,7 @@ fn test_command(paths: &[PathBuf], min_coverage: Option<f64>) -> Result<ExitCode
             min_coverage.unwrap_or(0.0)
         )?;
     }
-    Ok(if failed == 0 && below == 0 && unreadable == 0 {
+    Ok(if failed == 0 && below == 0 && with_mistakes == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

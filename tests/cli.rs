@@ -228,7 +228,11 @@ fn serve_from_another_folder_says_where_it_looked_for_the_workflows_and_how_to_n
 /// unless `args` say where (the port is bound first: a default port taken
 /// on this machine would be the refusal).
 fn serve_refused(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let workflows = root().join("workflows");
+    serve_refused_on(dir, &root().join("workflows"), args)
+}
+
+/// [`serve_refused`] on the workflows folder `workflows`.
+fn serve_refused_on(dir: &Path, workflows: &Path, args: &[&str]) -> (Option<i32>, String) {
     let listen: &[&str] = if args.contains(&"--listen") {
         &[]
     } else {
@@ -237,7 +241,7 @@ fn serve_refused(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = govflow()
         .current_dir(dir)
         .args(["serve", "--data", "data", "--workflows"])
-        .arg(&workflows)
+        .arg(workflows)
         .args(listen)
         .args(args)
         .output()
@@ -347,21 +351,8 @@ fn serve_refuses_a_taken_port_or_unusable_tls_before_it_says_it_serves() {
         std::fs::copy(root().join("workflows").join(file), broken.join(file)).expect("copy");
     }
     std::fs::write(broken.join("bad.ron"), "Workflow(name: \"bad\")").expect("write");
-    let out = govflow()
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-            "--workflows",
-        ])
-        .arg(&broken)
-        .output()
-        .expect("runs");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{text}");
+    let (code, text) = serve_refused_on(dir.path(), &broken, &[]);
+    assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("the workflows do not validate"), "{text}");
     assert!(
         !dir.path().join("data").exists(),
@@ -718,21 +709,8 @@ fn serve_locates_a_mistake_in_the_agency_directory() {
     let directory = workflows.join("agencies.ron");
     let text = std::fs::read_to_string(&directory).expect("read");
     std::fs::write(&directory, text.replacen("Agency(id", "Agency(idd", 1)).expect("write");
-    let out = govflow()
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-            "--workflows",
-        ])
-        .arg(&workflows)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) = serve_refused_on(dir.path(), &workflows, &[]);
+    assert_ne!(code, Some(0), "{stderr}");
     assert!(!stderr.contains("define no agency directory"), "{stderr}");
     assert!(stderr.contains("agencies.ron:"), "{stderr}");
     assert!(stderr.contains("idd"), "{stderr}");

@@ -1013,6 +1013,30 @@ async fn a_panic_inside_a_request_undoes_its_steps_whole() {
     );
 }
 
+/// Starts `nest` case `root` and hands it down `depth` levels; the ids of
+/// the chain, the root's first.
+async fn nested_chain(engine: &Engine, root: &str, depth: usize) -> Vec<String> {
+    engine
+        .start(start_handled("nest", root, CITY))
+        .await
+        .expect("start");
+    let mut ids = vec![root.to_owned()];
+    for level in 0..depth {
+        let handed = engine
+            .fire(fire(
+                ids.last().expect("an id"),
+                &format!("h{level}"),
+                "hand_down",
+                CITY,
+                json!({}),
+            ))
+            .await
+            .expect("hand down");
+        ids.push(handed.children.first().expect("a child").case_id.clone());
+    }
+    ids
+}
+
 /// When the deepest of a chain of nested cases settles, every level above
 /// settles in the same request. The writer told each parent by recursion,
 /// so a deep enough chain (300 levels in a debug build) overflowed its
@@ -1021,26 +1045,10 @@ async fn a_panic_inside_a_request_undoes_its_steps_whole() {
 async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() {
     let (_dir, _clock, engine) = fresh_engine();
     let depth = env_or("GOVFLOW_NEST_DEPTH", 500usize);
-    engine
-        .start(start_handled("nest", "n", CITY))
-        .await
-        .expect("start");
-    let mut id = "n".to_owned();
-    for level in 0..depth {
-        let handed = engine
-            .fire(fire(
-                &id,
-                &format!("h{level}"),
-                "hand_down",
-                CITY,
-                json!({}),
-            ))
-            .await
-            .expect("hand down");
-        id = handed.children.first().expect("a child").case_id.clone();
-    }
+    let ids = nested_chain(&engine, "n", depth).await;
+    let deepest = ids.last().expect("the deepest");
     let done = engine
-        .fire(fire(&id, "finish", "finish", CITY, json!({})))
+        .fire(fire(deepest, "finish", "finish", CITY, json!({})))
         .await
         .expect("the deepest finishes");
     assert_eq!(done.state, "done");
@@ -1061,24 +1069,7 @@ async fn a_deep_chain_of_child_cases_settles_level_by_level_without_recursion() 
 async fn a_settled_case_tells_its_running_children_level_by_level_down() {
     let (_dir, _clock, engine) = fresh_engine();
     let depth = env_or("GOVFLOW_NEST_DEPTH", 500usize);
-    engine
-        .start(start_handled("nest", "w", CITY))
-        .await
-        .expect("start");
-    let mut ids = vec!["w".to_owned()];
-    for level in 0..depth {
-        let handed = engine
-            .fire(fire(
-                ids.last().expect("an id"),
-                &format!("h{level}"),
-                "hand_down",
-                CITY,
-                json!({}),
-            ))
-            .await
-            .expect("hand down");
-        ids.push(handed.children.first().expect("a child").case_id.clone());
-    }
+    let ids = nested_chain(&engine, "w", depth).await;
     let withdrawn = engine
         .fire(fire("w", "withdraw", "withdraw", CITY, json!({})))
         .await

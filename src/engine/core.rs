@@ -31,6 +31,7 @@ use crate::lang::value::{self, Directory, ron_to_json};
 
 /// The event name of the first entry of every case.
 pub const START_EVENT: &str = "start";
+use crate::lang::model::parent_outcome_field;
 pub use crate::lang::model::{
     CHILD_SETTLED_EVENT, PARENT_OUTCOME_FIELD, PARENT_SETTLED_EVENT, REMINDER_PREFIX,
 };
@@ -873,16 +874,6 @@ fn parent_settled(
         &[],
         now,
     )
-}
-
-/// The field a transition on [`PARENT_SETTLED_EVENT`] takes, declared or not.
-pub fn parent_outcome_field() -> Field {
-    Field {
-        name: PARENT_OUTCOME_FIELD.to_owned(),
-        ty: Type::String,
-        title: "上级案件的结果".to_owned(),
-        required: true,
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

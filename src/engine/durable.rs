@@ -2253,7 +2253,7 @@ struct Guarded {
 }
 
 impl Guarded {
-    fn readable(&self) -> std::result::Result<(), StoreError> {
+    fn readable(&self) -> crate::store::Result<()> {
         match failed(&self.failure) {
             Some(cause) => Err(StoreError::Failed(cause)),
             None => Ok(()),
@@ -2262,16 +2262,16 @@ impl Guarded {
 }
 
 impl Store for Guarded {
-    fn apply_all(&self, commits: &[&Commit]) -> std::result::Result<(), StoreError> {
+    fn apply_all(&self, commits: &[&Commit]) -> crate::store::Result<()> {
         self.inner.apply_all(commits)
     }
-    fn write_out(&self) -> std::result::Result<(), StoreError> {
+    fn write_out(&self) -> crate::store::Result<()> {
         self.inner.write_out()
     }
-    fn sync(&self) -> std::result::Result<(), StoreError> {
+    fn sync(&self) -> crate::store::Result<()> {
         self.inner.sync()
     }
-    fn case(&self, id: &str) -> std::result::Result<Option<proto::Case>, StoreError> {
+    fn case(&self, id: &str) -> crate::store::Result<Option<proto::Case>> {
         self.readable()?;
         self.inner.case(id)
     }
@@ -2280,14 +2280,11 @@ impl Store for Guarded {
         id: &str,
         from_sequence: u64,
         limit: usize,
-    ) -> std::result::Result<Vec<proto::HistoryEntry>, StoreError> {
+    ) -> crate::store::Result<Vec<proto::HistoryEntry>> {
         self.readable()?;
         self.inner.history(id, from_sequence, limit)
     }
-    fn scan_requests(
-        &self,
-        each: &mut dyn FnMut(&str, u64),
-    ) -> std::result::Result<u64, StoreError> {
+    fn scan_requests(&self, each: &mut dyn FnMut(&str, u64)) -> crate::store::Result<u64> {
         self.readable()?;
         self.inner.scan_requests(each)
     }
@@ -2295,11 +2292,11 @@ impl Store for Guarded {
         &self,
         number: u64,
         request_id: &str,
-    ) -> std::result::Result<Option<proto::RequestOutcome>, StoreError> {
+    ) -> crate::store::Result<Option<proto::RequestOutcome>> {
         self.readable()?;
         self.inner.request_outcome(number, request_id)
     }
-    fn workflow_versions(&self) -> std::result::Result<Vec<proto::WorkflowVersion>, StoreError> {
+    fn workflow_versions(&self) -> crate::store::Result<Vec<proto::WorkflowVersion>> {
         self.readable()?;
         self.inner.workflow_versions()
     }
@@ -2309,7 +2306,7 @@ impl Store for Guarded {
         after: Option<&DueTimer>,
         limit: usize,
         skip: &dyn Fn(&DueTimer) -> bool,
-    ) -> std::result::Result<Vec<DueTimer>, StoreError> {
+    ) -> crate::store::Result<Vec<DueTimer>> {
         self.readable()?;
         self.inner.due_timers(until, after, limit, skip)
     }
@@ -2318,7 +2315,7 @@ impl Store for Guarded {
         filter: &CaseFilter,
         page_token: &str,
         page_size: usize,
-    ) -> std::result::Result<Page, StoreError> {
+    ) -> crate::store::Result<Page> {
         self.readable()?;
         self.inner.list(filter, page_token, page_size)
     }
@@ -2327,19 +2324,19 @@ impl Store for Guarded {
         agency: &str,
         page_token: &str,
         page_size: usize,
-    ) -> std::result::Result<Page, StoreError> {
+    ) -> crate::store::Result<Page> {
         self.readable()?;
         self.inner.inbox(agency, page_token, page_size)
     }
-    fn case_ids(&self, after: &str, limit: usize) -> std::result::Result<Vec<String>, StoreError> {
+    fn case_ids(&self, after: &str, limit: usize) -> crate::store::Result<Vec<String>> {
         self.readable()?;
         self.inner.case_ids(after, limit)
     }
-    fn feed(&self, after: u64, limit: usize) -> std::result::Result<Vec<FeedItem>, StoreError> {
+    fn feed(&self, after: u64, limit: usize) -> crate::store::Result<Vec<FeedItem>> {
         self.readable()?;
         self.inner.feed(after, limit)
     }
-    fn last_position(&self) -> std::result::Result<u64, StoreError> {
+    fn last_position(&self) -> crate::store::Result<u64> {
         self.readable()?;
         self.inner.last_position()
     }

@@ -161,6 +161,16 @@ pub const PARENT_SETTLED_EVENT: &str = "parent-settled";
 /// string, given to its transitions whether they declare it or not.
 pub const PARENT_OUTCOME_FIELD: &str = "outcome";
 
+/// The field a transition on [`PARENT_SETTLED_EVENT`] takes, declared or not.
+pub fn parent_outcome_field() -> Field {
+    Field {
+        name: PARENT_OUTCOME_FIELD.to_owned(),
+        ty: Type::String,
+        title: "上级案件的结果".to_owned(),
+        required: true,
+    }
+}
+
 /// A state of the graph.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

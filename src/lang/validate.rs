@@ -963,18 +963,7 @@ impl WorkflowChecker<'_> {
                 );
             }
             Binding::Starter => {}
-            Binding::Fixed(id) => {
-                if let Some(dir) = self.directory
-                    && !dir.contains(id)
-                {
-                    r.error(
-                        "unknown-agency",
-                        path,
-                        format!("no agency `{id}` in the directory"),
-                        super::diag::did_you_mean(id, dir.ids()),
-                    );
-                }
-            }
+            Binding::Fixed(id) => known_agency(r, path, self.directory, id),
             Binding::Variable(var) => match self.w.variables.iter().find(|v| v.name == *var) {
                 None => self.unknown_variable(r, path, var, None),
                 Some(v) if v.ty != Type::Agency => r.error(
@@ -1769,7 +1758,8 @@ impl WorkflowChecker<'_> {
                 .iter()
                 .any(|(name, _)| name == super::model::PARENT_OUTCOME_FIELD)
         {
-            fields.push((super::model::PARENT_OUTCOME_FIELD.to_owned(), Ty::String));
+            let outcome = super::model::parent_outcome_field();
+            fields.push((outcome.name, Ty::of(&outcome.ty)));
         }
         self.base_scope().with("payload", Ty::record(fields))
     }
@@ -1926,6 +1916,20 @@ fn check_enum_values(r: &mut Reporter, path: &DocPath, ty: &Type, what: &str) {
 }
 
 /// The text of a CEL string literal (`'city'` or `"city"`), if `source` is just one.
+/// An agency id written in a file must be in the directory, when one is loaded.
+fn known_agency(r: &mut Reporter, path: &DocPath, directory: Option<&Directory>, id: &str) {
+    if let Some(dir) = directory
+        && !dir.contains(id)
+    {
+        r.error(
+            "unknown-agency",
+            path,
+            format!("no agency `{id}` in the directory"),
+            super::diag::did_you_mean(id, dir.ids()),
+        );
+    }
+}
+
 /// Checks the names a scenario uses against its workflow and the directory,
 /// so that a misspelt event, state, role, variable or agency is told at its
 /// place by `govflow validate`, not by `govflow test` as a failure of some
@@ -1962,18 +1966,8 @@ fn check_scenarios(
             events.insert(&cs.sign_event);
             events.insert(&cs.reject_event);
         }
-        let agency = |r: &mut Reporter, path: &DocPath, id: &str| {
-            if let Some(dir) = directory
-                && !dir.contains(id)
-            {
-                r.error(
-                    "unknown-agency",
-                    path,
-                    format!("no agency `{id}` in the directory"),
-                    super::diag::did_you_mean(id, dir.ids()),
-                );
-            }
-        };
+        let agency =
+            |r: &mut Reporter, path: &DocPath, id: &str| known_agency(r, path, directory, id);
         let start = DocPath::root().field("start");
         agency(&mut r, &start.field("by"), &scenario.start.by);
         for (role, id) in &scenario.start.bindings {

@@ -753,12 +753,17 @@ mod tests {
         assert!(covered.contains("joint --timeout--> refused"));
     }
 
-    #[test]
-    fn children_start_settle_and_tell_their_parent() {
-        let start = START.replace(
+    /// [`START`] with two permits, which `route` spawns as children.
+    fn start_with_two_permits() -> String {
+        START.replace(
             r#"{"county": "k"}"#,
             r#"{"county": "k", "permits": ["P1", "P2"]}"#,
-        );
+        )
+    }
+
+    #[test]
+    fn children_start_settle_and_tell_their_parent() {
+        let start = start_with_two_permits();
         let steps = r#"
             Fire(event: "submit", by: "ent", payload: {"amount": 1}),
             Fire(event: "route", by: "k"),
@@ -790,10 +795,7 @@ mod tests {
     /// reacts to that outcome moves; one whose guard does not hold stays.
     #[test]
     fn a_withdrawn_case_tells_its_running_children() {
-        let start = START.replace(
-            r#"{"county": "k"}"#,
-            r#"{"county": "k", "permits": ["P1", "P2"]}"#,
-        );
+        let start = start_with_two_permits();
         let steps = r#"
             Fire(event: "submit", by: "ent", payload: {"amount": 1}),
             Fire(event: "route", by: "k"),

@@ -870,16 +870,14 @@ impl Watch {
                 .insert(item.sequence);
         }
         let mut entries = HashMap::new();
+        // An agency's view needs the bindings before each step: they are
+        // folded from the case's first step, and kept for its next ones.
+        let principal = self.principal.clone();
+        let agency = principal.agency().filter(|_| !principal.reads_all());
         for (id, sequences) in wanted {
             let (Some(&first), Some(&last)) = (sequences.first(), sequences.last()) else {
                 continue;
             };
-            // An agency's view needs the bindings before each step: they are
-            // folded from the case's first step, and kept for its next ones.
-            let agency = self
-                .principal
-                .agency()
-                .filter(|_| !self.principal.reads_all());
             let (folded, mut bindings) = match agency {
                 Some(_) => self
                     .bindings
@@ -1040,10 +1038,7 @@ impl DefinitionsService for Api {
         // A source of a megabyte can take seconds to check: checks run one
         // at a time, off the threads that answer other calls, so that a few
         // at once cannot hold up every agency's calls.
-        let turn = VALIDATIONS
-            .acquire()
-            .await
-            .map_err(|e| status(Code::Unavailable, "stopped", e.to_string(), &[]))?;
+        let turn = turn(&VALIDATIONS).await?;
         let engine = self.engine.clone();
         let source = request.into_inner().source;
         // The turn goes with the check, not with the call: a client that
@@ -1591,10 +1586,12 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
 /// bound on how many run together bounds the memory they take.
 static AUDITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
-/// A turn to run an audit, held by the blocking task that runs it (a client
-/// that cancels does not end that task).
-async fn audit_turn() -> Result<tokio::sync::SemaphorePermit<'static>, Status> {
-    AUDITS
+/// A turn of `limit` (validations, audits), to be held by the blocking task
+/// that does the work: a client that cancels does not end that task.
+async fn turn(
+    limit: &'static tokio::sync::Semaphore,
+) -> Result<tokio::sync::SemaphorePermit<'static>, Status> {
+    limit
         .acquire()
         .await
         .map_err(|e| status(Code::Unavailable, "stopped", e.to_string(), &[]))
@@ -1611,7 +1608,7 @@ async fn audit_blocking<T: Send + 'static>(
     + 'static,
 ) -> Result<T, Status> {
     let engine = engine.clone();
-    let turn = audit_turn().await?;
+    let turn = turn(&AUDITS).await?;
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
         let library = engine.library();
@@ -1817,7 +1814,7 @@ impl AuditService for Api {
             bytes: 0,
         };
         let engine = self.engine.clone();
-        let turn = audit_turn().await?;
+        let turn = turn(&AUDITS).await?;
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let source = crate::audit::StoreSource(engine.store().as_ref());
@@ -1858,7 +1855,7 @@ impl AuditService for Api {
             return Err(invalid("missing-field", "source", "source is required"));
         }
         let engine = self.engine.clone();
-        let turn = audit_turn().await?;
+        let turn = turn(&AUDITS).await?;
         let report = tokio::task::spawn_blocking(move || {
             let _turn = turn;
             engine.migration_check(&source, &|case: &proto::Case| sees(&principal, case))
